@@ -1,0 +1,118 @@
+"""Tiny Hugging Face checkpoints made locally (no model can be downloaded here): a byte-level BPE
+tokenizer trained on the synthetic arithmetic corpus, with a Qwen-style chat template, and a
+randomly initialised Qwen2 / Llama / Qwen3 model saved as safetensors.
+
+Used by the tests, the benchmarks and the embedded `tiny` default."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ARCHITECTURES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+
+def _tokenizer_corpus(seed: int = 0, lines: int = 4000) -> list[str]:
+    rng = random.Random(seed)
+    words = ("Let's think step by step and output the final answer within \\boxed{}. "
+             "What is the sum of and the product minus plus times divided by equals answer "
+             "question system user assistant The result is so therefore first then next").split()
+    corpus = []
+    for _ in range(lines):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        op = rng.choice("+-*")
+        corpus.append(f"What is {a} {op} {b}? {' '.join(rng.choices(words, k=8))} "
+                      f"\\boxed{{{eval(f'{a}{op}{b}')}}}")
+    return corpus
+
+
+def make_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE `PreTrainedTokenizerFast` with Qwen-style special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", bos_token=None)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    arch: str = "qwen2",
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 256,
+    vocab_size: Optional[int] = None,
+    tie_word_embeddings: bool = True,
+    max_position_embeddings: int = 1024,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    tokenizer_vocab_size: int = 512,
+    init_std: float = 0.02,
+) -> Path:
+    """Write a randomly initialised HF checkpoint (config, safetensors, tokenizer) to `out_dir`.
+
+    `vocab_size` (the lm_head width) defaults to the tokenizer's size and may exceed it, as in
+    Qwen2.5 (151936 columns for 151665 tokens). head_dim = hidden/heads must be >= 32 for vLLM's
+    CPU attention kernels.
+    """
+    import transformers
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny-model arch {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(tokenizer_vocab_size)
+    vocab = vocab_size or len(tokenizer)
+    if vocab < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)})")
+    config_cls, model_cls = (getattr(transformers, name) for name in ARCHITECTURES[arch])
+    extra = {}
+    if arch == "llama":
+        extra["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": max_position_embeddings // 4}
+        extra["rope_theta"] = 500000.0
+    if arch == "qwen3":
+        extra["head_dim"] = hidden_size // num_heads
+    config = config_cls(
+        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings, rms_norm_eps=1e-6, initializer_range=init_std,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **extra,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype)
+    with torch.no_grad():  # non-trivial norms and biases so a mapping error cannot hide
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

