@@ -1,0 +1,232 @@
+"""INTUITOR / GRPO algorithm: sequence rewards, group-normalised advantages, PPO and KL losses.
+
+Pure tensor functions: no Ray, no config, no parallel state. The semantics follow verl's
+`core_algos` (which the INTUITOR reference implementation runs on) so that curves compare:
+GRPO z-scores with the unbiased `torch.std` and `eps` added to the std, the PPO ratio's log is
+clamped to [-20, 20], dual-clip for negative advantages, k3 KL clamped to [-10, 10].
+
+Token tensors are `[batch, response_len]` with a 0/1 response mask. Token-mean losses divide the
+masked sum by `num_tokens`, which defaults to this call's mask sum. To get the token mean of a
+whole mini-batch under gradient accumulation (and data parallelism), pass the mini-batch's total
+response-token count as `num_tokens` in every micro-batch: the per-micro-batch losses then add up
+to the mini-batch token mean (a caller whose framework averages rather than sums over micro-batches
+or DP ranks multiplies by that count to undo it).
+"""
+from __future__ import annotations
+
+from typing import Hashable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+GroupIndex = Union[torch.Tensor, Sequence[Hashable]]
+
+KL_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+
+# verl's numerical guards: exp() of a log-ratio beyond +-20 overflows fp16/bf16 ranges.
+_MAX_LOG_RATIO = 20.0
+_MAX_K3 = 10.0
+
+
+class PolicyLossStats(NamedTuple):
+    """Detached scalars of one `ppo_clip_loss` call (token means over its mask)."""
+
+    clipfrac: torch.Tensor  # fraction of tokens where the clipped term was the active one
+    clipfrac_lower: torch.Tensor  # fraction where dual-clip bounded a negative-advantage token
+    approx_kl: torch.Tensor  # mean of old_log_prob - log_prob (k1 estimate of KL(old || new))
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"shape mismatch: {shapes}")
+
+
+def masked_token_mean(values: torch.Tensor, mask: torch.Tensor,
+                      num_tokens: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
+    """sum(values * mask) / num_tokens, `num_tokens` defaulting to mask.sum() (at least 1)."""
+    _check_same_shape(values=values, mask=mask)
+    mask = mask.to(values.dtype)
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1.0)
+    return (values * mask).sum() / num_tokens
+
+
+def masked_mean_per_sequence(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` [b, s] over each row's masked positions -> [b]."""
+    _check_same_shape(values=values, mask=mask)
+    mask = mask.to(values.dtype)
+    counts = mask.sum(dim=-1)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"rows {empty} have no response tokens in the mask: no mean exists")
+    return (values * mask).sum(dim=-1) / counts
+
+
+def sequence_rewards_from_self_certainty(token_self_certainty: torch.Tensor,
+                                         response_mask: torch.Tensor) -> torch.Tensor:
+    """INTUITOR's reward: each response's self-certainty averaged over its tokens -> [b]."""
+    return masked_mean_per_sequence(token_self_certainty.detach(), response_mask)
+
+
+def _group_ids(group_index: GroupIndex, batch: int) -> tuple[torch.Tensor, list[Hashable]]:
+    """Map prompt ids (tensor, ints or strings such as uuids) to 0..G-1 per response; also
+    return the distinct ids in order of first appearance."""
+    keys = group_index.flatten().tolist() if isinstance(group_index, torch.Tensor) \
+        else list(group_index)
+    if len(keys) != batch:
+        raise ValueError(f"group_index has {len(keys)} entries for {batch} rewards")
+    ids: dict[Hashable, int] = {}
+    dense = torch.tensor([ids.setdefault(key, len(ids)) for key in keys], dtype=torch.long)
+    return dense, list(ids)
+
+
+@torch.no_grad()
+def grpo_advantages(rewards: torch.Tensor, group_index: GroupIndex,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: z-score each reward within its prompt's group, (r - mean) / (std + eps) -> [b].
+
+    `group_index[i]` identifies the prompt response i answers. std is unbiased (as verl's
+    `torch.std`); a group of one response has no z-score and raises (rollout n must be >= 2).
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [batch], got shape {tuple(rewards.shape)}")
+    ids, keys = _group_ids(group_index, rewards.numel())
+    ids = ids.to(rewards.device)
+    values = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+    num_groups = len(keys)
+    counts = torch.bincount(ids, minlength=num_groups)
+    if (counts < 2).any():
+        single = [keys[g] for g in (counts < 2).nonzero().flatten().tolist()]
+        raise ValueError(
+            f"GRPO needs at least 2 responses per prompt (rollout n >= 2); groups {single[:10]} "
+            f"have a single response, which has no z-score")
+    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
+    mean = sums.index_add(0, ids, values) / counts
+    centred = values - mean[ids]
+    var = sums.index_add(0, ids, centred.square()) / (counts - 1)
+    return centred / (var.sqrt()[ids] + eps)
+
+
+@torch.no_grad()
+def hybrid_advantages(components: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+                      group_index: GroupIndex, eps: float = 1e-6) -> torch.Tensor:
+    """Weighted sum of separately group-normalised advantages, e.g. INTUITOR's self-certainty
+    plus a verifiable reward: sum_k weights[k] * grpo_advantages(components[k]) -> [b]."""
+    if not components:
+        raise ValueError("hybrid_advantages needs at least one reward component")
+    if set(components) != set(weights):
+        raise ValueError(f"reward components {sorted(components)} and weights {sorted(weights)} "
+                         f"must name the same rewards")
+    return sum(weights[name] * grpo_advantages(rewards, group_index, eps)
+               for name, rewards in components.items())
+
+
+def token_advantages(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Broadcast one advantage per response [b] to its response tokens [b, s] (0 elsewhere)."""
+    if advantages.dim() != 1 or advantages.shape[0] != response_mask.shape[0]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be [batch] for a response "
+                         f"mask of shape {tuple(response_mask.shape)}")
+    return advantages.unsqueeze(-1) * response_mask.to(advantages.dtype)
+
+
+@torch.no_grad()
+def tis_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor,
+                cap: float) -> torch.Tensor:
+    """Truncated importance sampling: min(pi_old / pi_rollout, cap) per token, detached.
+
+    Corrects for the rollout engine sampling from a slightly different distribution (other
+    kernels, precision) than the trainer's policy that scores the same tokens."""
+    _check_same_shape(old_log_probs=old_log_probs, rollout_log_probs=rollout_log_probs)
+    if cap <= 0:
+        raise ValueError(f"truncated importance sampling cap must be > 0, got {cap}")
+    log_ratio = (old_log_probs - rollout_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return log_ratio.exp().clamp(max=cap)
+
+
+def ppo_clip_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    dual_clip_ratio: Optional[float] = 3.0,
+    tis_weights: Optional[torch.Tensor] = None,
+    num_tokens: Optional[Union[float, torch.Tensor]] = None,
+) -> tuple[torch.Tensor, PolicyLossStats]:
+    """PPO clipped surrogate, token-mean over `mask` -> (loss, stats).
+
+    Per token: max(-A r, -A clip(r, 1 - low, 1 + high)) with r = exp(log_probs - old_log_probs);
+    for A < 0 additionally bounded by -A * dual_clip_ratio (dual-clip PPO; None disables it).
+    `advantages` is [b] (broadcast over tokens) or [b, s]; `tis_weights` [b, s] multiplies the
+    per-token loss. See the module docstring for `num_tokens`.
+    """
+    _check_same_shape(log_probs=log_probs, old_log_probs=old_log_probs, mask=mask)
+    if advantages.dim() == 1:
+        advantages = token_advantages(advantages, mask)
+    _check_same_shape(log_probs=log_probs, advantages=advantages)
+    if dual_clip_ratio is not None and dual_clip_ratio <= 1.0:
+        raise ValueError(f"dual_clip_ratio must be > 1 (or None), got {dual_clip_ratio}")
+
+    log_ratio = (log_probs - old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    losses = torch.maximum(unclipped, clipped)
+    if dual_clip_ratio is not None:
+        dual_bound = -advantages * dual_clip_ratio
+        losses_dual = torch.where(advantages < 0, torch.minimum(losses, dual_bound), losses)
+    else:
+        losses_dual = losses
+    if tis_weights is not None:
+        _check_same_shape(log_probs=log_probs, tis_weights=tis_weights)
+        losses_dual = losses_dual * tis_weights
+    loss = masked_token_mean(losses_dual, mask, num_tokens)
+
+    with torch.no_grad():
+        clipfrac = masked_token_mean((clipped > unclipped).to(log_probs.dtype), mask)
+        if dual_clip_ratio is not None:
+            lower = (losses > dual_bound) & (advantages < 0)
+            clipfrac_lower = masked_token_mean(lower.to(log_probs.dtype), mask)
+        else:
+            clipfrac_lower = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
+        approx_kl = masked_token_mean(-log_ratio, mask)
+    return loss, PolicyLossStats(clipfrac, clipfrac_lower, approx_kl)
+
+
+def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
+               kind: str = "low_var_kl") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs (Schulman's
+    k1/k2/k3, http://joschu.net/blog/kl-approx.html):
+
+    - "kl"/"k1": log p - log p_ref
+    - "abs": |log p - log p_ref|
+    - "mse"/"k2": 0.5 (log p - log p_ref)^2
+    - "low_var_kl"/"k3": exp(d) - d - 1 with d = log p_ref - log p, clamped to [-10, 10]
+      (non-negative and unbiased; INTUITOR's choice).
+    """
+    _check_same_shape(log_probs=log_probs, ref_log_probs=ref_log_probs)
+    diff = log_probs - ref_log_probs
+    if kind in ("kl", "k1"):
+        return diff
+    if kind == "abs":
+        return diff.abs()
+    if kind in ("mse", "k2"):
+        return 0.5 * diff.square()
+    if kind in ("low_var_kl", "k3"):
+        d = (-diff).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        return (d.exp() - d - 1.0).clamp(-_MAX_K3, _MAX_K3)
+    raise ValueError(f"unknown KL kind {kind!r}; choose one of {list(KL_KINDS)}")
+
+
+def kl_loss(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, mask: torch.Tensor,
+            kind: str = "low_var_kl",
+            num_tokens: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
+    """Token-mean of `kl_penalty` over `mask` (the coefficient is applied by the caller)."""
+    return masked_token_mean(kl_penalty(log_probs, ref_log_probs, kind), mask, num_tokens)
+
+
+def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor,
+                 num_tokens: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
+    """Token-mean entropy over `mask`; the caller subtracts coefficient * this from the loss."""
+    return masked_token_mean(entropy, mask, num_tokens)

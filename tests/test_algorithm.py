@@ -1,0 +1,198 @@
+"""Algorithm functions against hand-computed values (expected numbers written from the formulas
+with plain Python floats)."""
+import math
+
+import pytest
+import torch
+
+from megatron_intuitor import algorithm as alg
+
+EPS = 1e-6
+
+
+def test_sequence_reward_is_masked_mean_of_self_certainty():
+    sc = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    rewards = alg.sequence_rewards_from_self_certainty(sc, mask)
+    assert rewards.tolist() == pytest.approx([1.5, 4.0])
+    assert not rewards.requires_grad  # a reward is a constant for the policy gradient
+
+
+def test_sequence_reward_rejects_empty_response():
+    with pytest.raises(ValueError, match=r"rows \[1\] have no response tokens"):
+        alg.sequence_rewards_from_self_certainty(torch.ones(2, 3), torch.tensor([[1, 0, 0],
+                                                                                 [0, 0, 0]]))
+
+
+def test_grpo_z_scores_within_interleaved_groups():
+    # group "a": 1, 2, 3 (mean 2, unbiased std 1); group "b": 4, 8 (mean 6, std sqrt(8))
+    rewards = torch.tensor([1.0, 4.0, 2.0, 8.0, 3.0])
+    adv = alg.grpo_advantages(rewards, ["a", "b", "a", "b", "a"], eps=EPS)
+    sb = math.sqrt(8.0)
+    expected = [-1 / (1 + EPS), -2 / (sb + EPS), 0.0, 2 / (sb + EPS), 1 / (1 + EPS)]
+    assert adv.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_grpo_tensor_index_int_rewards_and_constant_group():
+    adv = alg.grpo_advantages(torch.tensor([0, 1, 1, 1]), torch.tensor([7, 7, 3, 3]))
+    assert adv.dtype == torch.float32
+    half = 0.5 / (math.sqrt(0.5) + EPS)  # [0, 1]: mean 0.5, std sqrt(0.5)
+    assert adv.tolist() == pytest.approx([-half, half, 0.0, 0.0], rel=1e-6)
+
+
+def test_grpo_single_response_group_is_an_error():
+    with pytest.raises(ValueError, match=r"at least 2 responses per prompt.*\['p2'\]"):
+        alg.grpo_advantages(torch.tensor([1.0, 2.0, 3.0]), ["p1", "p1", "p2"])
+
+
+def test_grpo_index_length_mismatch():
+    with pytest.raises(ValueError, match="group_index has 2 entries for 3 rewards"):
+        alg.grpo_advantages(torch.tensor([1.0, 2.0, 3.0]), [0, 0])
+
+
+def test_hybrid_is_weighted_sum_of_separately_normalised_advantages():
+    groups = [0, 0, 1, 1]
+    components = {"self_certainty": torch.tensor([1.0, 2.0, 3.0, 4.0]),
+                  "accuracy": torch.tensor([0.0, 1.0, 1.0, 1.0])}
+    adv = alg.hybrid_advantages(components, {"self_certainty": 1.0, "accuracy": 0.5}, groups)
+    a = 0.5 / (math.sqrt(0.5) + EPS)  # z-score of a two-element group with a gap of 1
+    expected = [-a - 0.5 * a, a + 0.5 * a, -a + 0.0, a + 0.0]
+    assert adv.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_hybrid_weights_must_match_components():
+    with pytest.raises(ValueError, match="must name the same rewards"):
+        alg.hybrid_advantages({"a": torch.ones(2)}, {"b": 1.0}, [0, 0])
+
+
+def test_token_advantages_broadcast_over_response_mask():
+    out = alg.token_advantages(torch.tensor([2.0, -1.0]), torch.tensor([[1, 1, 0], [0, 1, 1]]))
+    assert out.tolist() == [[2.0, 2.0, 0.0], [0.0, -1.0, -1.0]]
+
+
+# Six tokens, old log-prob 0 so the ratio r = exp(log_prob). With clip 0.2 and dual clip 3:
+#  1: A=+1, r=1.5 -> max(-1.5, -1.2) = -1.2 (clipped)
+#  2: A=+1, r=0.5 -> max(-0.5, -0.8) = -0.5
+#  3: A=-1, r=1.5 -> max( 1.5,  1.2) =  1.5
+#  4: A=-1, r=0.5 -> max( 0.5,  0.8) =  0.8 (clipped)
+#  5: A=-1, r=5.0 -> max( 5.0,  1.2) =  5.0, dual clip -> min(5, 3) = 3 (lower-clipped)
+#  6: masked out
+RATIOS = [1.5, 0.5, 1.5, 0.5, 5.0, 10.0]
+ADVS = [1.0, 1.0, -1.0, -1.0, -1.0, 1.0]
+MASK = [1, 1, 1, 1, 1, 0]
+
+
+def _ppo_inputs():
+    log_probs = torch.tensor([math.log(r) for r in RATIOS], dtype=torch.float64).view(2, 3)
+    log_probs.requires_grad_(True)
+    return (log_probs, torch.zeros(2, 3, dtype=torch.float64),
+            torch.tensor(ADVS, dtype=torch.float64).view(2, 3), torch.tensor(MASK).view(2, 3))
+
+
+def test_ppo_clip_loss_regions_and_stats():
+    log_probs, old, adv, mask = _ppo_inputs()
+    loss, stats = alg.ppo_clip_loss(log_probs, old, adv, mask, 0.2, 0.2, dual_clip_ratio=3.0)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.5 + 0.8 + 3.0) / 5)
+    assert stats.clipfrac.item() == pytest.approx(2 / 5)
+    assert stats.clipfrac_lower.item() == pytest.approx(1 / 5)
+    assert stats.approx_kl.item() == pytest.approx(
+        -(math.log(1.5) + math.log(0.5) + math.log(1.5) + math.log(0.5) + math.log(5.0)) / 5)
+    loss.backward()
+    # d/dlogp of -A r is -A r where the unclipped term is active, 0 where clipped or masked
+    expected_grad = [0.0, -1 * 0.5 / 5, 1 * 1.5 / 5, 0.0, 0.0, 0.0]
+    assert log_probs.grad.flatten().tolist() == pytest.approx(expected_grad)
+
+
+def test_ppo_clip_loss_without_dual_clip_and_asymmetric_range():
+    log_probs, old, adv, mask = _ppo_inputs()
+    loss, stats = alg.ppo_clip_loss(log_probs, old, adv, mask, dual_clip_ratio=None)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.5 + 0.8 + 5.0) / 5)
+    assert stats.clipfrac_lower.item() == 0.0
+    loss, _ = alg.ppo_clip_loss(log_probs, old, adv, mask, clip_ratio_low=0.2,
+                                clip_ratio_high=0.28)
+    assert loss.item() == pytest.approx((-1.28 - 0.5 + 1.5 + 0.8 + 3.0) / 5)
+
+
+def test_ppo_tis_weights_scale_token_losses():
+    log_probs, old, adv, mask = _ppo_inputs()
+    weights = torch.tensor([2.0, 1.0, 1.0, 1.0, 0.5, 7.0], dtype=torch.float64).view(2, 3)
+    loss, _ = alg.ppo_clip_loss(log_probs, old, adv, mask, tis_weights=weights)
+    assert loss.item() == pytest.approx((-1.2 * 2 - 0.5 + 1.5 + 0.8 + 3.0 * 0.5) / 5)
+
+
+def test_ppo_global_token_count_makes_micro_batches_add_up():
+    log_probs, old, adv, mask = _ppo_inputs()
+    full, _ = alg.ppo_clip_loss(log_probs, old, adv, mask)
+    assert alg.ppo_clip_loss(log_probs, old, adv, mask, num_tokens=10)[0].item() == \
+        pytest.approx((-1.2 - 0.5 + 1.5 + 0.8 + 3.0) / 10)
+    # two micro-batches of one row each (3 and 2 real tokens), normalised by the 5 in total
+    parts = [alg.ppo_clip_loss(log_probs[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1],
+                               num_tokens=5)[0] for i in range(2)]
+    assert (parts[0] + parts[1]).item() == pytest.approx(full.item())
+    # whereas averaging per-micro-batch token means weights the 2-token row too much
+    means = [alg.ppo_clip_loss(log_probs[i:i + 1], old[i:i + 1], adv[i:i + 1],
+                               mask[i:i + 1])[0].item() for i in range(2)]
+    assert (means[0] + means[1]) / 2 != pytest.approx(full.item())
+
+
+def test_ppo_sequence_advantages_broadcast():
+    log_probs = torch.log(torch.tensor([[1.1, 0.9], [1.5, 1.0]]))
+    old = torch.zeros(2, 2)
+    mask = torch.ones(2, 2)
+    per_seq, _ = alg.ppo_clip_loss(log_probs, old, torch.tensor([1.0, -2.0]), mask)
+    # tokens: -1.1, -0.9, A=-2 r=1.5 -> max(3.0, 2.4) = 3.0, A=-2 r=1 -> 2.0
+    assert per_seq.item() == pytest.approx((-1.1 - 0.9 + 3.0 + 2.0) / 4)
+
+
+def test_ppo_shape_and_dual_clip_errors():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        alg.ppo_clip_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3),
+                          torch.ones(2, 3))
+    with pytest.raises(ValueError, match="dual_clip_ratio must be > 1"):
+        alg.ppo_clip_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2),
+                          torch.ones(1, 2), dual_clip_ratio=0.5)
+
+
+def test_kl_kinds_by_hand():
+    lp = torch.tensor([[-1.0, -2.0, 0.0, -30.0]])
+    ref = torch.tensor([[-2.0, -1.0, 30.0, 0.0]])
+    e = math.e
+    assert alg.kl_penalty(lp, ref, "kl").tolist() == [[1.0, -1.0, -30.0, -30.0]]
+    assert alg.kl_penalty(lp, ref, "k1").tolist() == [[1.0, -1.0, -30.0, -30.0]]
+    assert alg.kl_penalty(lp, ref, "abs").tolist() == [[1.0, 1.0, 30.0, 30.0]]
+    assert alg.kl_penalty(lp, ref, "mse").tolist() == [[0.5, 0.5, 450.0, 450.0]]
+    assert alg.kl_penalty(lp, ref, "k2").tolist() == [[0.5, 0.5, 450.0, 450.0]]
+    # k3 = exp(d) - d - 1, d = ref - lp: d=-1 -> 1/e; d=1 -> e - 2; |d| large -> clamped at 10
+    k3 = alg.kl_penalty(lp, ref, "low_var_kl")
+    assert k3.tolist()[0] == pytest.approx([1 / e, e - 2, 10.0, 10.0], rel=1e-6)
+    assert alg.kl_penalty(lp, ref, "k3").tolist() == k3.tolist()
+
+
+def test_k3_gradient_is_finite_when_clamped():
+    lp = torch.tensor([0.0, -1.0], requires_grad=True)
+    alg.kl_penalty(lp, torch.tensor([30.0, -2.0])).sum().backward()
+    # clamped token: no gradient; other: d/dlp [exp(ref - lp) - (ref - lp) - 1] = 1 - exp(ref-lp)
+    assert lp.grad.tolist() == pytest.approx([0.0, 1 - math.exp(-1.0)])
+
+
+def test_kl_loss_masked_token_mean_and_unknown_kind():
+    lp = torch.tensor([[-1.0, -2.0, 5.0]])
+    ref = torch.tensor([[-2.0, -1.0, 0.0]])
+    loss = alg.kl_loss(lp, ref, torch.tensor([[1, 1, 0]]))
+    assert loss.item() == pytest.approx((1 / math.e + math.e - 2) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown KL kind 'full'"):
+        alg.kl_penalty(lp, ref, "full")
+
+
+def test_entropy_loss_token_mean():
+    ent = torch.tensor([[1.0, 3.0], [5.0, 100.0]])
+    assert alg.entropy_loss(ent, torch.tensor([[1, 1], [1, 0]])).item() == pytest.approx(3.0)
+    assert alg.entropy_loss(ent, torch.tensor([[1, 1], [1, 0]]), num_tokens=6).item() == \
+        pytest.approx(1.5)
+
+
+def test_tis_weights_truncate_ratio():
+    w = alg.tis_weights(torch.tensor([-1.0, -2.0, -1.0]), torch.tensor([-2.0, -1.0, -1.0]), cap=2.0)
+    assert w.tolist() == pytest.approx([2.0, math.exp(-1.0), 1.0])
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        alg.tis_weights(torch.zeros(1), torch.zeros(1), cap=0.0)
