@@ -18,6 +18,8 @@ from typing import Hashable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from megatron_intuitor import scoring
+
 GroupIndex = Union[torch.Tensor, Sequence[Hashable]]
 
 KL_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
@@ -45,27 +47,18 @@ def masked_token_mean(values: torch.Tensor, mask: torch.Tensor,
                       num_tokens: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
     """sum(values * mask) / num_tokens, `num_tokens` defaulting to mask.sum() (at least 1)."""
     _check_same_shape(values=values, mask=mask)
-    mask = mask.to(values.dtype)
+    mask = mask.bool()
     if num_tokens is None:
-        num_tokens = mask.sum().clamp(min=1.0)
-    return (values * mask).sum() / num_tokens
-
-
-def masked_mean_per_sequence(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` [b, s] over each row's masked positions -> [b]."""
-    _check_same_shape(values=values, mask=mask)
-    mask = mask.to(values.dtype)
-    counts = mask.sum(dim=-1)
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"rows {empty} have no response tokens in the mask: no mean exists")
-    return (values * mask).sum(dim=-1) / counts
+        num_tokens = mask.sum().clamp(min=1).to(values.dtype)
+    # where(), not a product: NaN/inf at padded positions must not leak into the mean
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype,
+                                                 device=values.device)).sum() / num_tokens
 
 
 def sequence_rewards_from_self_certainty(token_self_certainty: torch.Tensor,
                                          response_mask: torch.Tensor) -> torch.Tensor:
     """INTUITOR's reward: each response's self-certainty averaged over its tokens -> [b]."""
-    return masked_mean_per_sequence(token_self_certainty.detach(), response_mask)
+    return scoring.masked_mean_per_sequence(token_self_certainty.detach(), response_mask)
 
 
 def _group_ids(group_index: GroupIndex, batch: int) -> tuple[torch.Tensor, list[Hashable]]:
@@ -158,11 +151,12 @@ def ppo_clip_loss(
 
     Per token: max(-A r, -A clip(r, 1 - low, 1 + high)) with r = exp(log_probs - old_log_probs);
     for A < 0 additionally bounded by -A * dual_clip_ratio (dual-clip PPO; None disables it).
-    `advantages` is [b] (broadcast over tokens) or [b, s]; `tis_weights` [b, s] multiplies the
+    `advantages` is per token (shaped like `log_probs`: [b, s], or [t] for packed sequences) or
+    per response ([b], broadcast over [b, s] tokens); `tis_weights` per token multiplies the
     per-token loss. See the module docstring for `num_tokens`.
     """
     _check_same_shape(log_probs=log_probs, old_log_probs=old_log_probs, mask=mask)
-    if advantages.dim() == 1:
+    if advantages.dim() == log_probs.dim() - 1:
         advantages = token_advantages(advantages, mask)
     _check_same_shape(log_probs=log_probs, advantages=advantages)
     if dual_clip_ratio is not None and dual_clip_ratio <= 1.0:

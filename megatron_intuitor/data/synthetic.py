@@ -1,0 +1,31 @@
+"""The embedded default's task: synthetic arithmetic prompts ("What is 12 + 7?") made by our own
+code, deterministic by seed. The answers are kept for validation only: INTUITOR trains on the
+model's self-certainty, never on them."""
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+from megatron_intuitor.data.datasets import TASK_MATH, PromptRecord
+
+OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def arithmetic_records(size: int, seed: int = 0, max_operand: int = 99,
+                       operators: str = "+-*",
+                       name: Optional[str] = None) -> list[PromptRecord]:
+    """`size` prompts "What is a <op> b?" with 0 <= a, b <= max_operand; ground truth a <op> b."""
+    unknown = set(operators) - set(OPERATORS)
+    if unknown or not operators:
+        raise ValueError(f"operators {operators!r}: choose from {''.join(OPERATORS)}")
+    rng = random.Random(seed)
+    source = name or "synthetic_arithmetic"
+    records = []
+    for number in range(size):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        op = rng.choice(operators)
+        records.append(PromptRecord(
+            messages=[{"role": "user", "content": f"What is {a} {op} {b}?"}],
+            ground_truth=str(OPERATORS[op](a, b)), data_source=source, task=TASK_MATH,
+            location=f"{source}(seed={seed}) #{number}"))
+    return records
