@@ -1,0 +1,213 @@
+"""The pytest for the distributed self-certainty: vocab-parallel log-prob, entropy and
+self-certainty (megatron_intuitor.scoring) against naive single-process formulas in float64.
+
+Each TP world size runs every case once (one spawn per world size); the tests below then check
+one property each on the collected results.
+"""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_intuitor.scoring import (masked_mean_per_packed_sequence, masked_mean_per_sequence,
+                                       vocab_parallel_token_scores)
+from megatron_intuitor.testing import run_distributed
+
+# Megatron pads the vocabulary to a multiple of 128 * TP.
+def _padded(vocab_size: int, tp: int) -> int:
+    multiple = 128 * tp
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def _case(name, *, vocab, tp, shape, dtype=torch.float32, temperature=1.0, chunk=None,
+          backward="both", scale=3.0, extreme=False, seed=0):
+    """Full padded logits (padding filled with large garbage that must be ignored), targets and
+    upstream gradients for log_probs / entropy."""
+    gen = torch.Generator().manual_seed(seed)
+    width = _padded(vocab, tp)
+    logits = torch.randn(*shape, width, generator=gen, dtype=torch.float64) * scale
+    if extreme:  # peaked and flat rows at +-1e4: exp under- and overflow without the max shift
+        signs = torch.randint(0, 2, (*shape, width), generator=gen) * 2 - 1
+        logits = signs * 1e4 + logits
+        logits[..., 0, :vocab] = -1e4
+        logits[..., 0, 7] = 1e4
+    logits[..., vocab:] = 50.0  # padded columns: far above every real logit
+    targets = torch.randint(0, vocab, shape, generator=gen)
+    targets.view(-1)[0] = vocab - 1  # the last real column, next to the padding
+    return dict(name=name, vocab=vocab, logits=logits.to(dtype), targets=targets,
+                temperature=temperature, chunk=chunk, backward=backward,
+                grad_log_probs=torch.randn(shape, generator=gen),
+                grad_entropy=torch.randn(shape, generator=gen))
+
+
+def _cases(tp: int) -> list[dict]:
+    return [
+        _case("v1003_batch", vocab=1003, tp=tp, shape=(3, 5), chunk=4),
+        _case("v1003_packed_temperature", vocab=1003, tp=tp, shape=(13,), temperature=0.7,
+              chunk=5, seed=1),
+        _case("v32000_temperature", vocab=32000, tp=tp, shape=(2, 6), temperature=1.3, seed=2),
+        _case("v32000_chunk7", vocab=32000, tp=tp, shape=(2, 6), chunk=7, seed=2),
+        _case("v1003_entropy_only", vocab=1003, tp=tp, shape=(4, 3), chunk=3,
+              backward="entropy", seed=3),
+        _case("v1003_log_probs_only", vocab=1003, tp=tp, shape=(4, 3), chunk=3,
+              backward="log_probs", seed=3),
+        _case("v1003_extreme", vocab=1003, tp=tp, shape=(3, 4), chunk=5, extreme=True, seed=4),
+        _case("v1003_bf16", vocab=1003, tp=tp, shape=(4, 5), dtype=torch.bfloat16,
+              temperature=0.9, chunk=6, seed=5),
+        _case("v32000_bf16_no_grad", vocab=32000, tp=tp, shape=(2, 3), dtype=torch.bfloat16,
+              backward=None, seed=6),
+    ]
+
+
+def _score_shard(case: dict, rank: int, tp: int, tp_group) -> dict:
+    full = case["logits"]
+    width = full.shape[-1] // tp
+    shard = full[..., rank * width:(rank + 1) * width].clone()
+    before = shard.clone()
+    shard.requires_grad_(case["backward"] is not None)
+    with torch.set_grad_enabled(case["backward"] is not None):
+        scores = vocab_parallel_token_scores(
+            shard, case["targets"], temperature=case["temperature"], vocab_size=case["vocab"],
+            tp_group=tp_group, chunk_size=case["chunk"])
+    if case["backward"] is not None:
+        loss = 0.0
+        if case["backward"] in ("both", "log_probs"):
+            loss = loss + (scores.log_probs * case["grad_log_probs"]).sum()
+        if case["backward"] in ("both", "entropy"):
+            loss = loss + (scores.entropy * case["grad_entropy"]).sum()
+        loss.backward()
+    return dict(values=[v.detach() for v in scores],
+                grad=None if shard.grad is None else shard.grad.float(),
+                unchanged=torch.equal(shard.detach(), before),
+                self_certainty_requires_grad=scores.self_certainty.requires_grad)
+
+
+def _score_cases_on_rank(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    return [_score_shard(case, rank, world_size, dist.group.WORLD) for case in cases]
+
+
+def _naive(case: dict) -> dict:
+    """The formulas as written, in float64 over the real vocabulary, with autograd."""
+    logits = case["logits"].double().requires_grad_()
+    z = logits[..., :case["vocab"]] / case["temperature"]
+    log_softmax = torch.log_softmax(z, dim=-1)
+    log_probs = log_softmax.gather(-1, case["targets"][..., None]).squeeze(-1)
+    entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    self_certainty = torch.logsumexp(z, dim=-1) - z.mean(dim=-1)
+    loss = (log_probs * case["grad_log_probs"] * (case["backward"] in ("both", "log_probs"))
+            + entropy * case["grad_entropy"] * (case["backward"] in ("both", "entropy"))).sum()
+    loss.backward()
+    return dict(values=[log_probs.detach(), entropy.detach(), self_certainty.detach()],
+                grad=logits.grad)
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda tp: f"tp{tp}")
+def scored(request):
+    """(tp, cases, per-rank results) for one tensor-parallel size."""
+    tp = request.param
+    cases = _cases(tp)
+    return tp, cases, run_distributed(_score_cases_on_rank, tp, cases)
+
+
+def _tolerance(case: dict) -> dict:
+    if case["name"].endswith("extreme"):  # values ~1e4: fp32 relative precision
+        return dict(rtol=2e-6, atol=1e-3)
+    return dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_values_equal_naive_reference(scored):
+    tp, cases, results = scored
+    for index, case in enumerate(cases):
+        reference = _naive(case)["values"]
+        for rank_results in results:
+            for name, got, want in zip(("log_probs", "entropy", "self_certainty"),
+                                       rank_results[index]["values"], reference):
+                assert got.dtype == torch.float32 and got.shape == case["targets"].shape
+                torch.testing.assert_close(got.double(), want, **_tolerance(case),
+                                           msg=lambda m: f"{case['name']} {name} tp={tp}: {m}")
+
+
+@pytest.mark.slow
+def test_gradients_equal_naive_autograd(scored):
+    tp, cases, results = scored
+    for index, case in enumerate(cases):
+        if case["backward"] is None:
+            assert all(r[index]["grad"] is None for r in results)
+            continue
+        got = torch.cat([r[index]["grad"] for r in results], dim=-1).double()
+        want = _naive(case)["grad"]
+        assert torch.all(got[..., case["vocab"]:] == 0), "padded columns must get no gradient"
+        low_precision = case["logits"].dtype == torch.bfloat16
+        tolerance = dict(rtol=1.6e-2, atol=1e-3) if low_precision else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, **tolerance,
+                                   msg=lambda m: f"{case['name']} tp={tp}: {m}")
+
+
+@pytest.mark.slow
+def test_inputs_unchanged_and_self_certainty_has_no_gradient(scored):
+    _, cases, results = scored
+    for index, case in enumerate(cases):
+        for rank_results in results:
+            assert rank_results[index]["unchanged"], case["name"]
+            assert not rank_results[index]["self_certainty_requires_grad"], case["name"]
+
+
+@pytest.mark.slow
+def test_extreme_logits_are_finite(scored):
+    _, cases, results = scored
+    [index] = [i for i, case in enumerate(cases) if case["name"].endswith("extreme")]
+    for rank_results in results:
+        assert all(torch.isfinite(v).all() for v in rank_results[index]["values"])
+        assert torch.isfinite(rank_results[index]["grad"]).all()
+
+
+def test_without_group_equals_reference_and_chunking_does_not_matter():
+    case = _case("local", vocab=1003, tp=1, shape=(5, 7), temperature=0.8)
+    reference = _naive(case)["values"]
+    for chunk in (None, 1, 3, 35, 100):
+        scores = vocab_parallel_token_scores(case["logits"], case["targets"], temperature=0.8,
+                                             vocab_size=1003, chunk_size=chunk)
+        for got, want in zip(scores, reference):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_fail_clearly():
+    logits, targets = torch.zeros(2, 3, 128), torch.zeros(2, 3, dtype=torch.long)
+    score = lambda lg, tg, **kw: vocab_parallel_token_scores(
+        lg, tg, **{"temperature": 1.0, "vocab_size": 100, **kw})
+    with pytest.raises(ValueError, match="target_ids shape"):
+        score(logits, targets[:, :2])
+    with pytest.raises(ValueError, match=r"target_ids must lie in \[0, vocab_size=100\)"):
+        score(logits, targets + 100)
+    with pytest.raises(ValueError, match="vocab_size 129"):
+        score(logits, targets, vocab_size=129)
+    with pytest.raises(ValueError, match="temperature"):
+        score(logits, targets, temperature=0.0)
+    with pytest.raises(TypeError, match="target_ids must be an integer"):
+        score(logits, targets.float())
+
+
+def test_masked_mean_per_sequence():
+    values = torch.tensor([[1.0, 2.0, 3.0, float("nan")], [5.0, 6.0, 7.0, 8.0],
+                           [float("inf"), 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 1, 1]])
+    means = masked_mean_per_sequence(values, mask)
+    assert means.tolist() == [2.0, 0.0, 1.0]  # fully masked row: 0, masked NaN/inf never leak
+
+
+def test_masked_mean_per_packed_sequence_equals_padded():
+    gen = torch.Generator().manual_seed(0)
+    lengths = [4, 0, 1, 6]
+    values = [torch.randn(n, generator=gen) for n in lengths]
+    masks = [torch.rand(n, generator=gen) > 0.4 for n in lengths]
+    masks[3][:] = False  # a fully masked response
+    padded_values = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)
+    padded_masks = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    packed = masked_mean_per_packed_sequence(torch.cat(values), torch.cat(masks), cu_seqlens)
+    torch.testing.assert_close(packed, masked_mean_per_sequence(padded_values, padded_masks))
+    assert packed[3] == 0 and packed[1] == 0
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        masked_mean_per_packed_sequence(torch.cat(values), torch.cat(masks), cu_seqlens[:-1])
