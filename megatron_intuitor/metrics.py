@@ -1,0 +1,204 @@
+"""Training metrics: the names the trainer logs, a logger that writes every step to the console,
+a JSONL file, a log file and W&B, and `plot_curves` for a PNG of the main curves at the end."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+# Metric names (verl's where verl has one, so dashboards carry over).
+SELF_CERTAINTY_MEAN = "intuitor/self_certainty/mean"  # the INTUITOR reward, per response
+SELF_CERTAINTY_STD = "intuitor/self_certainty/std"
+ENTROPY = "actor/entropy"  # token-mean policy entropy over response tokens
+ADVANTAGES_MEAN = "critic/advantages/mean"
+THROUGHPUT = "perf/throughput"  # tokens (prompt + response) per second of step time
+PG_LOSS = "actor/pg_loss"
+KL_LOSS = "actor/kl_loss"
+GRAD_NORM = "actor/grad_norm"
+LR = "actor/lr"
+PG_CLIPFRAC = "actor/pg_clipfrac"
+PG_CLIPFRAC_LOWER = "actor/pg_clipfrac_lower"  # dual-clip bound active
+PPO_KL = "actor/ppo_kl"  # approx KL(old || new) over the update
+SKIPPED_STEPS = "actor/skipped_steps"  # optimizer steps skipped for a non-finite loss/grad norm
+RESPONSE_LENGTH_MEAN = "response_length/mean"
+ROLLOUT_LOGPROB_DIFF = "rollout/logprob_diff"  # |rollout engine - Megatron| log-prob, token mean
+
+
+def timing(phase: str) -> str:
+    """Seconds spent in a step phase (rollout, old_log_prob, ref, update, weight_sync, ...)."""
+    return f"timing/{phase}"
+
+
+def val_accuracy(dataset: str) -> str:
+    return f"val/{dataset}/acc"
+
+
+MAIN_CURVES = (SELF_CERTAINTY_MEAN, ENTROPY, RESPONSE_LENGTH_MEAN, PG_LOSS, KL_LOSS, GRAD_NORM,
+               PG_CLIPFRAC, THROUGHPUT)
+# Console columns: (metric, short label); every metric goes to the JSONL, log file and W&B.
+CONSOLE_COLUMNS = ((SELF_CERTAINTY_MEAN, "self_cert"), (ENTROPY, "entropy"),
+                   (RESPONSE_LENGTH_MEAN, "resp_len"), (PG_LOSS, "pg_loss"), (KL_LOSS, "kl"),
+                   (GRAD_NORM, "grad_norm"), (PG_CLIPFRAC, "clipfrac"), (THROUGHPUT, "tok/s"))
+BACKENDS = ("console", "jsonl", "wandb")
+
+_PACKAGE_LOGGER = "megatron_intuitor"
+log = logging.getLogger(__name__)
+
+
+def _number(name: str, value: Any) -> float:
+    """A metric value (Python or numpy number, one-element tensor) as a float."""
+    try:
+        return float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {name!r} is not a number: {value!r:.80}") from None
+
+
+def _json_value(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None  # JSON has no NaN / inf
+
+
+class MetricsLogger:
+    """Writes each step's metrics to the chosen backends:
+
+    - console: one compact rich line per step (the `CONSOLE_COLUMNS` present, plus val/*);
+    - jsonl: `<run_dir>/metrics.jsonl`, {"step": n, name: value} per step (non-finite -> null),
+      appended to, so a resumed run continues the file;
+    - wandb: offline unless WANDB_API_KEY is set (WANDB_MODE, when set, wins), files under
+      `<run_dir>/wandb`, the run id kept in `<run_dir>/wandb_run_id` so a resumed run continues
+      the same W&B run.
+    Always: `<log_dir>/<experiment>_<timestamp>.log`, a python-logging file that takes every
+    `megatron_intuitor.*` log record, each step's full metrics included.
+    """
+
+    def __init__(self, run_dir: str | Path, experiment: str,
+                 config: Optional[Mapping[str, Any]] = None,
+                 backends: Sequence[str] = BACKENDS, wandb_project: str = "megatron-intuitor",
+                 log_dir: str | Path = "logs"):
+        unknown = set(backends) - set(BACKENDS)
+        if unknown:
+            raise ValueError(f"unknown logger backends {sorted(unknown)}; choose from {BACKENDS}")
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.experiment = experiment
+        self.log_path = Path(log_dir) / f"{experiment}_{time.strftime('%Y%m%d_%H%M%S')}.log"
+        self._file_handler = self._attach_log_file(self.log_path)
+        self.jsonl_path = self.run_dir / "metrics.jsonl" if "jsonl" in backends else None
+        self._console = None
+        if "console" in backends:
+            from rich.console import Console
+
+            self._console = Console(highlight=False)
+        self._wandb_run = self._start_wandb(config, wandb_project) if "wandb" in backends \
+            else None
+        log.info("experiment %s: metrics to %s, log file %s", experiment,
+                 self.jsonl_path or "(no jsonl)", self.log_path)
+
+    @staticmethod
+    def _attach_log_file(path: Path) -> logging.Handler:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package = logging.getLogger(_PACKAGE_LOGGER)
+        if package.level == logging.NOTSET or package.level > logging.INFO:
+            package.setLevel(logging.INFO)
+        package.addHandler(handler)
+        return handler
+
+    def _start_wandb(self, config: Optional[Mapping[str, Any]], project: str):
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or \
+            ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        id_file = self.run_dir / "wandb_run_id"
+        run = wandb.init(project=project, name=self.experiment,
+                         id=id_file.read_text().strip() if id_file.exists() else None,
+                         resume="allow", dir=str(self.run_dir), mode=mode,
+                         config=dict(config) if config is not None else None,
+                         settings=wandb.Settings(console="off", quiet=True))
+        id_file.write_text(run.id)
+        return run
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        values = {name: _number(name, value) for name, value in metrics.items()}
+        if self.jsonl_path is not None:
+            row = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
+            with open(self.jsonl_path, "a", encoding="utf-8") as out:
+                out.write(json.dumps(row) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log(values, step=step)
+        log.info("step %d %s", step, " ".join(f"{k}={v:.6g}" for k, v in values.items()))
+        if self._console is not None:
+            self._console.print(self.console_line(step, values))
+
+    @staticmethod
+    def console_line(step: int, values: Mapping[str, float]) -> str:
+        columns = [(label, values[name]) for name, label in CONSOLE_COLUMNS if name in values]
+        columns += [(name[len("val/"):], v) for name, v in values.items()
+                    if name.startswith("val/")]
+        step_time = sum(v for name, v in values.items() if name.startswith("timing/"))
+        if step_time:
+            columns.append(("s", step_time))
+        return f"[bold cyan]step {step}[/] " + "  ".join(
+            f"[dim]{label}[/] {value:.4g}" for label, value in columns)
+
+    def close(self) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+        logging.getLogger(_PACKAGE_LOGGER).removeHandler(self._file_handler)
+        self._file_handler.close()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(jsonl_path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """{metric: [(step, value), ...]} from a metrics JSONL; a step logged again (a resumed run
+    repeating steps after its checkpoint) keeps its last value."""
+    by_step: dict[str, dict[int, float]] = {}
+    with open(jsonl_path, encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                row = json.loads(line)
+                step = row.pop("step")
+                for name, value in row.items():
+                    if value is not None:
+                        by_step.setdefault(name, {})[step] = value
+    return {name: sorted(points.items()) for name, points in by_step.items()}
+
+
+def plot_curves(jsonl_path: str | Path, png_path: str | Path,
+                keys: Optional[Iterable[str]] = None) -> Path:
+    """Draw one panel per metric (default: `MAIN_CURVES` and every val/*/acc) against the step
+    into a PNG; metrics absent from the file are skipped, none present is an error."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = read_metrics(jsonl_path)
+    if keys is None:
+        keys = list(MAIN_CURVES) + sorted(k for k in series if k.startswith("val/"))
+    keys = [k for k in keys if k in series]
+    if not keys:
+        raise ValueError(f"{jsonl_path}: none of the metrics to plot has a value")
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    figure = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    for index, key in enumerate(keys):
+        axes = figure.add_subplot(rows, cols, index + 1)
+        steps, values = zip(*series[key])
+        axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
+        axes.set_title(key, fontsize=10)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png_path, dpi=100)
+    return png_path
