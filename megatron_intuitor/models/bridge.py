@@ -1,0 +1,407 @@
+"""The exact HF <-> Megatron-Core weight bridge.
+
+One table (`weight_mappings`) says, for every HF tensor, which Megatron parameter holds it and how
+it is laid out across tensor-parallel ranks; `load_hf_weights` reads it one way (each rank reads
+only the rows/columns it owns, through safetensors' lazy slices) and `export_hf_weights` the
+other (TP all-gather, PP broadcast, one Megatron parameter at a time).
+
+Layouts (TP rank r of T):
+- REPLICATED: norms; every rank holds the full tensor.
+- ROW: `linear_proj` / `linear_fc2`, split on dim 1 (the input features).
+- VOCAB: embedding / output layer, rows split over a vocabulary padded to a multiple of 128 * T;
+  the padded rows are zero and never exported.
+- QKV: `linear_qkv` (weight and bias) interleaves q, k, v per query group,
+  `[q_1 .. q_{heads/groups}, k, v]` for each group, and each rank holds whole groups.
+- GATE_UP: `linear_fc1` on rank r is `cat(gate_shard_r, up_shard_r)` (not a chunk of
+  `cat(gate, up)`).
+"""
+from __future__ import annotations
+
+import enum
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import transformers
+
+from megatron_intuitor.models.config import architecture_features, padded_vocab_size
+
+
+class Layout(enum.Enum):
+    REPLICATED = "replicated"
+    ROW = "row"
+    VOCAB = "vocab"
+    QKV = "qkv"
+    GATE_UP = "gate_up"
+
+
+@dataclass(frozen=True)
+class TensorMapping:
+    """One Megatron parameter <-> one or more HF tensors.
+
+    `megatron`: the parameter's names relative to its layer (per-layer rows) or to the model.
+    Every name present in a model chunk holds the tensor: alternatives (local-spec norm vs
+    Transformer Engine's fused `layer_norm_weight`) and copies (a tied output layer on the last
+    pipeline stage). Export reads it from the lowest pipeline stage that holds it.
+    `hf`: HF names, `{layer}` standing for the global layer index; `hf_shapes`: their full shapes.
+    """
+
+    megatron: tuple[str, ...]
+    hf: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    layout: Layout
+    per_layer: bool
+
+    def hf_names(self, layer: int | None) -> list[str]:
+        return [name.format(layer=layer) for name in self.hf]
+
+
+@dataclass(frozen=True)
+class _Dims:
+    hidden: int
+    ffn: int
+    heads: int
+    groups: int
+    head_dim: int
+    vocab: int
+    layers: int
+
+    @classmethod
+    def of(cls, hf_config: transformers.PretrainedConfig) -> "_Dims":
+        return cls(hidden=hf_config.hidden_size, ffn=hf_config.intermediate_size,
+                   heads=hf_config.num_attention_heads, groups=hf_config.num_key_value_heads,
+                   head_dim=architecture_features(hf_config).head_dim,
+                   vocab=hf_config.vocab_size, layers=hf_config.num_hidden_layers)
+
+
+def weight_mappings(hf_config: transformers.PretrainedConfig) -> list[TensorMapping]:
+    """The mapping table of this model, in HF module order (embeddings, layer, final norm, head)."""
+    features = architecture_features(hf_config)
+    d = _Dims.of(hf_config)
+    q_rows, kv_rows = d.heads * d.head_dim, d.groups * d.head_dim
+    layer = "model.layers.{layer}."
+    tied_output = ("output_layer.weight",) if features.tied_embeddings else ()
+
+    def per_layer(megatron, hf, shapes, layout):
+        return TensorMapping(tuple(megatron), tuple(layer + name for name in hf), tuple(shapes),
+                             layout, per_layer=True)
+
+    def model_level(megatron, hf, shapes, layout):
+        return TensorMapping(tuple(megatron), tuple(hf), tuple(shapes), layout, per_layer=False)
+
+    attention = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    rows = [
+        model_level(("embedding.word_embeddings.weight", *tied_output),
+                    ["model.embed_tokens.weight"], [(d.vocab, d.hidden)], Layout.VOCAB),
+        per_layer(["self_attention.linear_qkv.weight"], [p + ".weight" for p in attention],
+                  [(q_rows, d.hidden), (kv_rows, d.hidden), (kv_rows, d.hidden)], Layout.QKV),
+    ]
+    if features.qkv_bias:
+        rows.append(per_layer(["self_attention.linear_qkv.bias"], [p + ".bias" for p in attention],
+                              [(q_rows,), (kv_rows,), (kv_rows,)], Layout.QKV))
+    if features.qk_norm:
+        rows += [per_layer(["self_attention.q_layernorm.weight"], ["self_attn.q_norm.weight"],
+                           [(d.head_dim,)], Layout.REPLICATED),
+                 per_layer(["self_attention.k_layernorm.weight"], ["self_attn.k_norm.weight"],
+                           [(d.head_dim,)], Layout.REPLICATED)]
+    rows += [
+        per_layer(["self_attention.linear_proj.weight"], ["self_attn.o_proj.weight"],
+                  [(d.hidden, q_rows)], Layout.ROW),
+        per_layer(["mlp.linear_fc1.weight"], ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+                  [(d.ffn, d.hidden), (d.ffn, d.hidden)], Layout.GATE_UP),
+        per_layer(["mlp.linear_fc2.weight"], ["mlp.down_proj.weight"], [(d.hidden, d.ffn)],
+                  Layout.ROW),
+        per_layer(["input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"],
+                  ["input_layernorm.weight"], [(d.hidden,)], Layout.REPLICATED),
+        per_layer(["pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"],
+                  ["post_attention_layernorm.weight"], [(d.hidden,)], Layout.REPLICATED),
+        model_level(["decoder.final_layernorm.weight"], ["model.norm.weight"], [(d.hidden,)],
+                    Layout.REPLICATED),
+    ]
+    if not features.tied_embeddings:
+        rows.append(model_level(["output_layer.weight"], ["lm_head.weight"],
+                                [(d.vocab, d.hidden)], Layout.VOCAB))
+    return rows
+
+
+def expected_hf_tensors(hf_config: transformers.PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name of this model with its shape, in export order."""
+    expected = {}
+    for mapping, layer in _hf_order(weight_mappings(hf_config), hf_config.num_hidden_layers):
+        expected.update(zip(mapping.hf_names(layer), mapping.hf_shapes))
+    return expected
+
+
+def _hf_order(mappings: Sequence[TensorMapping], num_layers: int):
+    """(mapping, layer) in HF module order: model-level rows listed before the per-layer rows
+    (embeddings), every layer, then the model-level rows after them (final norm, lm_head)."""
+    first_layer_row = next(i for i, m in enumerate(mappings) if m.per_layer)
+    yield from ((m, None) for m in mappings[:first_layer_row])
+    for layer in range(num_layers):
+        yield from ((m, layer) for m in mappings if m.per_layer)
+    yield from ((m, None) for m in mappings[first_layer_row:] if not m.per_layer)
+
+
+# --- which Megatron parameter is which ------------------------------------------------------
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(chunk)
+
+
+def _mapped_parameters(chunk: torch.nn.Module, mappings: Sequence[TensorMapping]):
+    """(mapping, global layer index or None, parameter) for every parameter of a GPTModel chunk."""
+    by_layer_name = {name: m for m in mappings if m.per_layer for name in m.megatron}
+    by_model_name = {name: m for m in mappings if not m.per_layer for name in m.megatron}
+    for name, param in chunk.named_parameters():
+        if name.startswith("decoder.layers."):
+            local, suffix = name[len("decoder.layers."):].split(".", 1)
+            mapping = by_layer_name.get(suffix)
+            # layer_number is global and 1-based, whatever the pipeline / virtual stage.
+            layer = chunk.decoder.layers[int(local)].layer_number - 1
+        else:
+            mapping, layer = by_model_name.get(name), None
+        if mapping is None:
+            raise RuntimeError(f"Megatron parameter {name!r} has no HF mapping in the bridge table")
+        yield mapping, layer, param
+
+
+def _tp_rank_world() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())
+
+
+# --- HF -> Megatron ---------------------------------------------------------------------------
+
+# Buffers some HF checkpoints carry that are not weights.
+_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class _SafetensorsCheckpoint:
+    """The tensors of an HF model directory, opened lazily (nothing is read until sliced)."""
+
+    def __init__(self, model_dir: Path, stack: ExitStack):
+        from safetensors import safe_open
+
+        self.model_dir = model_dir
+        self._handles: dict[str, object] = {}
+        self._files: dict[str, Path] = {}
+        for file in self._files_of(model_dir):
+            try:
+                handle = stack.enter_context(safe_open(str(file), framework="pt"))
+                names = list(handle.keys())
+            except Exception as err:  # safetensors raises its own error types for bad headers
+                raise ValueError(f"cannot read safetensors file {file}: {err}") from err
+            for name in names:
+                if name in self._handles:
+                    raise ValueError(f"tensor {name!r} is stored twice: in {self._files[name]} "
+                                     f"and {file}")
+                self._handles[name], self._files[name] = handle, file
+
+    @staticmethod
+    def _files_of(model_dir: Path) -> list[Path]:
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(f"cannot read safetensors index {index}: {err!r}") from err
+            files = [model_dir / name for name in sorted(set(weight_map.values()))]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists missing files: {', '.join(missing)}")
+            return files
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+        return files
+
+    def names(self) -> set[str]:
+        return set(self._handles)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[name].get_slice(name).get_shape())
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim 0: only those bytes are read."""
+        return self._read(name, lambda view: view[start:stop])
+
+    def columns(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._read(name, lambda view: view[:, start:stop])
+
+    def full(self, name: str) -> torch.Tensor:
+        return self._read(name, lambda view: view[:])
+
+    def _read(self, name: str, take) -> torch.Tensor:
+        try:
+            return take(self._handles[name].get_slice(name))
+        except Exception as err:
+            raise ValueError(f"cannot read tensor {name!r} from {self._files[name]}: {err}") from err
+
+    def check(self, expected: dict[str, tuple[int, ...]], tied_embeddings: bool) -> None:
+        """Missing, unexpected or misshapen tensors: a ValueError naming them, before any read."""
+        found = self.names()
+        missing = [name for name in expected if name not in found]
+        ignorable = {"lm_head.weight"} if tied_embeddings else set()  # a redundant tied copy
+        extra = sorted(name for name in found - set(expected)
+                       if name not in ignorable and not name.endswith(_IGNORED_HF_SUFFIXES))
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {', '.join(missing)}")
+        if extra:
+            problems.append(f"unexpected tensors: {', '.join(extra)}")
+        for name, shape in expected.items():
+            if name in found and self.shape(name) != shape:
+                problems.append(f"tensor {name!r} in {self._files[name]} has shape "
+                                f"{list(self.shape(name))}, expected {list(shape)}")
+        if problems:
+            raise ValueError(f"checkpoint {self.model_dir} does not match the model config: "
+                             + "; ".join(problems))
+
+
+def _read_shard(checkpoint: _SafetensorsCheckpoint, mapping: TensorMapping, layer: int | None,
+                dims: _Dims, tp_rank: int, tp: int) -> torch.Tensor:
+    """This TP rank's shard of one Megatron parameter, read from the HF checkpoint."""
+    names = mapping.hf_names(layer)
+    if mapping.layout is Layout.REPLICATED:
+        return checkpoint.full(names[0])
+    if mapping.layout is Layout.ROW:
+        width = mapping.hf_shapes[0][1] // tp
+        return checkpoint.columns(names[0], tp_rank * width, (tp_rank + 1) * width)
+    if mapping.layout is Layout.VOCAB:
+        rows = padded_vocab_size(dims.vocab, tp) // tp
+        start, stop = tp_rank * rows, (tp_rank + 1) * rows
+        real = checkpoint.rows(names[0], min(start, dims.vocab), min(stop, dims.vocab))
+        shard = real.new_zeros((rows, dims.hidden))
+        shard[: real.shape[0]] = real
+        return shard
+    if mapping.layout is Layout.GATE_UP:
+        rows = dims.ffn // tp
+        return torch.cat([checkpoint.rows(name, tp_rank * rows, (tp_rank + 1) * rows)
+                          for name in names])
+    if mapping.layout is Layout.QKV:
+        groups = dims.groups // tp
+        q_per_group = dims.heads // dims.groups
+        first_group = tp_rank * groups
+        q_rows, kv_rows = q_per_group * dims.head_dim, dims.head_dim
+        q = checkpoint.rows(names[0], first_group * q_rows, (first_group + groups) * q_rows)
+        k, v = (checkpoint.rows(name, first_group * kv_rows, (first_group + groups) * kv_rows)
+                for name in names[1:])
+        tail = q.shape[1:]
+        return torch.cat([q.reshape(groups, q_rows, *tail), k.reshape(groups, kv_rows, *tail),
+                          v.reshape(groups, kv_rows, *tail)], dim=1).reshape(-1, *tail)
+    raise AssertionError(mapping.layout)
+
+
+def load_hf_weights(model_chunks: Sequence[torch.nn.Module], model_dir: str | Path,
+                    hf_config: transformers.PretrainedConfig) -> None:
+    """Copy an HF safetensors checkpoint into this rank's Megatron chunks.
+
+    Each rank reads only the slices it owns. The checkpoint's names and shapes are checked
+    against `hf_config` first: a missing, unexpected or misshapen tensor is a ValueError naming
+    it, and so is an unreadable or truncated file.
+    """
+    model_dir = Path(model_dir)
+    mappings = weight_mappings(hf_config)
+    dims = _Dims.of(hf_config)
+    tp_rank, tp = _tp_rank_world()
+    with ExitStack() as stack:
+        checkpoint = _SafetensorsCheckpoint(model_dir, stack)
+        checkpoint.check(expected_hf_tensors(hf_config),
+                         architecture_features(hf_config).tied_embeddings)
+        for chunk in model_chunks:
+            for mapping, layer, param in _mapped_parameters(_unwrap(chunk), mappings):
+                shard = _read_shard(checkpoint, mapping, layer, dims, tp_rank, tp)
+                if shard.shape != param.shape:
+                    raise ValueError(f"{', '.join(mapping.hf_names(layer))} give a shard of shape "
+                                     f"{list(shard.shape)}, Megatron parameter expects "
+                                     f"{list(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(shard)
+
+
+# --- Megatron -> HF ---------------------------------------------------------------------------
+
+def _gather_tp(shard: torch.Tensor, tp: int) -> list[torch.Tensor]:
+    from megatron.core import parallel_state
+
+    if tp == 1:
+        return [shard]
+    shards = [torch.empty_like(shard) for _ in range(tp)]
+    dist.all_gather(shards, shard.contiguous(),
+                    group=parallel_state.get_tensor_model_parallel_group())
+    return shards
+
+
+def _to_hf(param: torch.Tensor, mapping: TensorMapping, dims: _Dims, tp: int) -> list[torch.Tensor]:
+    """Full HF tensors (new storage) from this rank's shard of `param` and its TP peers'."""
+    shard = param.detach()
+    if mapping.layout is Layout.REPLICATED:
+        return [shard.clone()]
+    shards = _gather_tp(shard, tp)
+    if mapping.layout is Layout.ROW:
+        return [torch.cat(shards, dim=1)]
+    if mapping.layout is Layout.VOCAB:
+        return [torch.cat(shards)[: dims.vocab].clone()]
+    if mapping.layout is Layout.GATE_UP:
+        gates, ups = zip(*(s.chunk(2) for s in shards))
+        return [torch.cat(gates), torch.cat(ups)]
+    if mapping.layout is Layout.QKV:
+        q_rows = dims.heads // dims.groups * dims.head_dim
+        tail = shard.shape[1:]
+        grouped = torch.cat(shards).reshape(dims.groups, q_rows + 2 * dims.head_dim, *tail)
+        q, k, v = grouped.split([q_rows, dims.head_dim, dims.head_dim], dim=1)
+        return [part.reshape(-1, *tail) for part in (q, k, v)]
+    raise AssertionError(mapping.layout)
+
+
+def export_hf_weights(model_chunks: Sequence[torch.nn.Module],
+                      hf_config: transformers.PretrainedConfig
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, full tensor)` for every HF tensor of the model, on every rank.
+
+    Every rank yields the same sequence (embeddings, layers in order, final norm, lm_head if
+    untied), one Megatron parameter's tensors at a time, in the model's `params_dtype`, with
+    the padded vocabulary trimmed. Collectives run inside: all ranks must drain the generator.
+    """
+    from megatron.core import parallel_state
+
+    mappings = weight_mappings(hf_config)
+    dims = _Dims.of(hf_config)
+    _, tp = _tp_rank_world()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    key_of = {id(m): i for i, m in enumerate(mappings)}
+    local = {}
+    for chunk in model_chunks:
+        for mapping, layer, param in _mapped_parameters(_unwrap(chunk), mappings):
+            local.setdefault((key_of[id(mapping)], layer), param)
+    # The declared parameter dtype: Megatron's local-spec norms are torch norms that stay fp32
+    # whatever `params_dtype` says, while HF (and the TE spec) keep them in the model dtype.
+    dtype = _unwrap(model_chunks[0]).config.params_dtype
+    held_by_stage = [set(local)]
+    if pp > 1:
+        held_by_stage = [None] * pp
+        dist.all_gather_object(held_by_stage, set(local),
+                               group=parallel_state.get_pipeline_model_parallel_group())
+    for mapping, layer in _hf_order(mappings, dims.layers):
+        key = (key_of[id(mapping)], layer)
+        owners = [stage for stage, held in enumerate(held_by_stage) if key in held]
+        if not owners:
+            raise RuntimeError(f"no pipeline stage holds {mapping.hf_names(layer)}")
+        if owners[0] == pp_rank:
+            tensors = [t.to(dtype) for t in _to_hf(local[key], mapping, dims, tp)]
+        else:
+            tensors = [torch.empty(shape, dtype=dtype) for shape in mapping.hf_shapes]
+        for name, tensor in zip(mapping.hf_names(layer), tensors):
+            if pp > 1:
+                dist.broadcast(tensor, group=parallel_state.get_pipeline_model_parallel_group(),
+                               group_src=owners[0])
+            yield name, tensor

@@ -1,0 +1,273 @@
+"""Hugging Face model directory -> Megatron-Core `TransformerConfig` -> `GPTModel` chunks.
+
+Supported: Qwen2 / Qwen2.5 (GQA, qkv bias, tied or untied embeddings), Llama 3 (rope scaling
+"llama3"), Qwen3 (qk-norm, explicit head_dim). Everything the bridge and the model builder need
+to know about an architecture is in `ArchitectureFeatures`; anything outside what is listed here
+is refused with a ValueError before a model is built.
+
+On CPU the model uses Megatron's local layer spec (torch norms, no fusions); on GPU the
+Transformer Engine spec (imported lazily: the CPU environment has no Transformer Engine).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from megatron_intuitor.parallel import ParallelSizes
+from megatron_intuitor.platform import on_gpu
+
+# HF `architectures[0]` -> the features that differ between the supported families.
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM")
+# Rope types whose inverse frequencies are static (no attention scaling, no sequence-length
+# dependence), so they are exactly a different `inv_freq` in Megatron's rotary embedding.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+FP8_FORMATS = ("e4m3", "hybrid")
+
+
+@dataclass(frozen=True)
+class ArchitectureFeatures:
+    """What the Megatron model and the weight mapping depend on, read from an HF config."""
+
+    architecture: str
+    head_dim: int
+    qkv_bias: bool
+    qk_norm: bool
+    tied_embeddings: bool
+
+
+def architecture_features(hf_config: transformers.PretrainedConfig) -> ArchitectureFeatures:
+    architecture = _architecture(hf_config)
+    head_dim = getattr(hf_config, "head_dim", None) or (
+        hf_config.hidden_size // hf_config.num_attention_heads)
+    return ArchitectureFeatures(
+        architecture=architecture,
+        head_dim=head_dim,
+        # Qwen2 always has q/k/v biases (and never an o_proj bias); the others follow
+        # `attention_bias`, which for them would also add an o_proj bias (refused below).
+        qkv_bias=architecture == "Qwen2ForCausalLM" or bool(getattr(hf_config, "attention_bias",
+                                                                    False)),
+        qk_norm=architecture == "Qwen3ForCausalLM",
+        tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+    )
+
+
+def _architecture(hf_config: transformers.PretrainedConfig) -> str:
+    architectures = getattr(hf_config, "architectures", None) or []
+    if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {architectures or hf_config.model_type!r}; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return architectures[0]
+
+
+def _rope_parameters(hf_config: transformers.PretrainedConfig) -> dict:
+    # transformers 5 keeps rope_theta and the scaling in `rope_parameters`.
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    return params
+
+
+def _check_supported(hf_config: transformers.PretrainedConfig, where: str) -> None:
+    features = architecture_features(hf_config)
+    problems = []
+    if hf_config.hidden_act != "silu":
+        problems.append(f"hidden_act={hf_config.hidden_act!r} (only 'silu' / SwiGLU)")
+    if getattr(hf_config, "mlp_bias", False):
+        problems.append("mlp_bias=True (MLP biases are not supported)")
+    if features.architecture != "Qwen2ForCausalLM" and getattr(hf_config, "attention_bias", False):
+        problems.append("attention_bias=True (adds an o_proj bias, not supported)")
+    if getattr(hf_config, "use_sliding_window", False):
+        problems.append("use_sliding_window=True (sliding-window attention is not supported)")
+    rope_type = _rope_parameters(hf_config)["rope_type"]
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        problems.append(f"rope_type={rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    if problems:
+        raise ValueError(f"{where}: unsupported {features.architecture} config: "
+                         + "; ".join(problems))
+
+
+def load_hf_config(model_dir: str | Path) -> transformers.PretrainedConfig:
+    """Read `<model_dir>/config.json`; ValueError if the architecture or a feature is unsupported."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no HF config at {config_file}")
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    # Checked before AutoConfig, which fails obscurely on model types it does not know.
+    if not architectures or len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{config_file}: unsupported architecture {architectures!r}; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    hf_config = transformers.AutoConfig.from_pretrained(model_dir)
+    _check_supported(hf_config, str(config_file))
+    return hf_config
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Megatron's embedding/output width: `vocab_size` rounded up to a multiple of 128 * tp."""
+    multiple = 128 * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def _check_parallel_sizes(hf_config: transformers.PretrainedConfig, sizes: ParallelSizes) -> None:
+    tp, pp, vpp = sizes.tensor, sizes.pipeline, sizes.virtual_pipeline or 1
+    layers = hf_config.num_hidden_layers
+    divisible = {
+        "num_attention_heads": hf_config.num_attention_heads,
+        "num_key_value_heads": hf_config.num_key_value_heads,
+        "intermediate_size": hf_config.intermediate_size,
+    }
+    for key, value in divisible.items():
+        if value % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide {key}={value}")
+    if pp > layers:
+        raise ValueError(f"pipeline parallel size {pp} is larger than num_hidden_layers={layers}")
+    if sizes.virtual_pipeline is not None and pp == 1:
+        raise ValueError("virtual pipeline stages need pipeline parallel size > 1")
+    if layers % (pp * vpp):
+        raise ValueError(f"num_hidden_layers={layers} is not divisible by pipeline parallel size "
+                         f"{pp} x virtual pipeline stages {vpp}")
+
+
+def transformer_config_from_hf(
+    hf_config: transformers.PretrainedConfig,
+    sizes: ParallelSizes,
+    params_dtype: torch.dtype = torch.float32,
+    fp8: Optional[str] = None,
+    recompute: bool = False,
+):
+    """The Megatron `TransformerConfig` of an HF model at the given parallel sizes.
+
+    `fp8` ("e4m3" or "hybrid") turns on Transformer Engine FP8 (GPU only) with Megatron's default
+    recipe; `recompute` recomputes every layer's activations in the backward pass.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    _check_supported(hf_config, "transformer_config_from_hf")
+    _check_parallel_sizes(hf_config, sizes)
+    if fp8 is not None:
+        if fp8 not in FP8_FORMATS:
+            raise ValueError(f"fp8={fp8!r}: choose one of {FP8_FORMATS} or None")
+        if not on_gpu():
+            raise ValueError(f"fp8={fp8!r} needs Transformer Engine on a GPU; this machine has none")
+    features = architecture_features(hf_config)
+    gpu = on_gpu()
+    recompute_options = (dict(recompute_granularity="full", recompute_method="uniform",
+                              recompute_num_layers=1) if recompute else {})
+    return TransformerConfig(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=features.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=features.qkv_bias,
+        qk_layernorm=features.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
+        init_method_std=hf_config.initializer_range,
+        tensor_model_parallel_size=sizes.tensor,
+        pipeline_model_parallel_size=sizes.pipeline,
+        virtual_pipeline_model_parallel_size=sizes.virtual_pipeline,
+        # Sequence parallelism needs TE/apex norms (CPU: never) and sequence lengths divisible
+        # by TP, which the callers do not guarantee yet.
+        sequence_parallel=False,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        fp8=fp8,
+        # Fused kernels exist only with CUDA (and apex/TE); the local spec on CPU runs unfused.
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        # CPU initialisation makes weights independent of TP (the same seeded full tensor is
+        # split), which is also what the tests rely on.
+        use_cpu_initialization=not gpu,
+        **recompute_options,
+    )
+
+
+def _hf_inv_freq(hf_config: transformers.PretrainedConfig, head_dim: int) -> torch.Tensor:
+    """The rotary inverse frequencies HF uses for this config (float32, [head_dim / 2])."""
+    rope = _rope_parameters(hf_config)
+    base = float(rope["rope_theta"])
+    # The same expression as HF's `compute_default_rope_parameters` and Megatron's RotaryEmbedding.
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope["rope_type"] == "default":
+        return inv_freq
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, attention_scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config, device="cpu")
+    if attention_scaling != 1.0:
+        raise ValueError(f"rope_type={rope['rope_type']!r} scales attention by "
+                         f"{attention_scaling}; not supported")
+    return scaled.float()
+
+
+def build_model(hf_config: transformers.PretrainedConfig, transformer_config) -> list:
+    """This rank's `GPTModel` chunks (one per virtual pipeline stage), randomly initialised.
+
+    Vocabulary padded to a multiple of 128 * TP; tied embeddings share the output weight (a copy
+    on the last stage when PP > 1). Load weights with `bridge.load_hf_weights`.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    _check_supported(hf_config, "build_model")
+    features = architecture_features(hf_config)
+    if on_gpu():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=features.qk_norm)
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        layer_spec = get_gpt_layer_local_spec(qk_layernorm=features.qk_norm,
+                                              normalization="RMSNorm")
+    rope = _rope_parameters(hf_config)
+    # Megatron's own llama3 scaling hard-codes original_max_position_embeddings=8192 and the
+    # low/high frequency factors 1 and 4; the flag is kept for its metadata, and the exact
+    # frequencies of this config are installed below.
+    llama3 = rope["rope_type"] == "llama3"
+    inv_freq = _hf_inv_freq(hf_config, features.head_dim)
+    vpp = transformer_config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for stage in (range(vpp) if vpp else [None]):
+        model = GPTModel(
+            config=transformer_config,
+            transformer_layer_spec=layer_spec,
+            vocab_size=padded_vocab_size(hf_config.vocab_size,
+                                         transformer_config.tensor_model_parallel_size),
+            max_sequence_length=hf_config.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                                vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                               vp_stage=stage),
+            share_embeddings_and_output_weights=features.tied_embeddings,
+            position_embedding_type="rope",
+            rotary_base=float(rope["rope_theta"]),
+            rope_scaling=llama3,
+            rope_scaling_factor=float(rope.get("factor", 8.0)),
+            vp_stage=stage,
+        )
+        model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+        chunks.append(model)
+    return chunks
