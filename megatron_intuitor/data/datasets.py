@@ -23,7 +23,7 @@ import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 # The grader a record needs (the evaluation module dispatches on it).
 TASK_MATH = "math"
@@ -290,9 +290,7 @@ def detect_format(row: dict, location: str) -> str:
 _PARSERS = {"gsm8k": _gsm8k, "math": _math, "arc": _arc, "humaneval": _humaneval}
 
 
-def _default_name(spec: DatasetSpec, path: Path, fmt: str) -> str:
-    if spec.name:
-        return spec.name
+def _default_name(spec: DatasetSpec, path: Path) -> str:
     if spec.format == "humaneval" and spec.path is None:
         return "humaneval"
     stem = path.name.split(".")[0]
@@ -314,20 +312,26 @@ def _record_parts(row: dict, fmt: str, spec: DatasetSpec) -> tuple[list, Optiona
 
 def read_records(spec: DatasetSpec) -> tuple[list[PromptRecord], list[RowProblem]]:
     """Read every row of `spec`; rows that cannot be used come back as problems, not records."""
-    fmt = FORMAT_ALIASES.get(spec.format, spec.format)
     if spec.format not in FORMATS:
         raise DataError(f"unknown dataset format {spec.format!r}; choose one of {list(FORMATS)}")
-    if fmt == "synthetic":
+    if spec.format == "synthetic":
         from megatron_intuitor.data.synthetic import arithmetic_records
 
         if not spec.size:
             raise DataError("synthetic dataset needs size > 0")
         return arithmetic_records(spec.size, seed=spec.seed, name=spec.name), []
-
     path = _resolve_path(spec)
+    return parse_rows(read_rows(path), spec, spec.name or _default_name(spec, path))
+
+
+def parse_rows(rows: Iterable[tuple[str, Any]], spec: DatasetSpec,
+               name: str) -> tuple[list[PromptRecord], list[RowProblem]]:
+    """Turn (location, row) pairs (from `read_rows`, or rows of a hub dataset) into records of
+    `spec.format`, named `name` (a prompt-format row's own `data_source` wins unless `spec.name`
+    is set); unusable rows come back as problems."""
+    fmt = FORMAT_ALIASES.get(spec.format, spec.format)
     records, problems = [], []
-    name = None
-    for location, row in read_rows(path):
+    for location, row in rows:
         if spec.max_rows is not None and len(records) + len(problems) >= spec.max_rows:
             break
         if isinstance(row, RowProblem):
@@ -338,8 +342,6 @@ def read_records(spec: DatasetSpec) -> tuple[list[PromptRecord], list[RowProblem
             continue
         if fmt == "auto":
             fmt = detect_format(row, location)
-        if name is None:
-            name = _default_name(spec, path, fmt)
         try:
             messages, ground_truth, task, extra = _record_parts(row, fmt, spec)
         except _RowError as err:
