@@ -1,0 +1,313 @@
+"""The rollout engine: vLLM generating `n` responses per prompt, taking new weights in place.
+
+One engine per rollout data-parallel replica, colocated with the Megatron workers. It starts
+from the actor's HF config and tokenizer with dummy weights (no disk round trip of weights); the
+trainer streams the real weights in right after (`rollout.weight_sync.sync_weights`).
+
+vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): its worker, and so its model,
+live here, and new weights are handed to the in-place reload by reference. Inside a training
+rank, build the engine after `torch.distributed` is initialised, on every rank (vLLM adopts the
+default group and creates its own sub-groups on it); rollout TP > 1 uses vLLM's
+`external_launcher` backend, one engine shard per rank.
+
+Log-probs: vLLM is asked for `processed_logprobs`, the log-probabilities of the sampled token
+under the distribution it was actually drawn from: logits / temperature, then top-k / top-p
+filtering (renormalised). With top-k and top-p off this is `log_softmax(logits / T)` over the
+vocabulary, what the trainer's scoring computes at the same temperature; with them on it is the
+truncated behaviour policy. Greedy requests (temperature 0) get `log_softmax(logits)`.
+
+vllm is imported lazily: importing this module costs nothing on machines without it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_intuitor.platform import on_gpu
+
+LOGPROBS_MODE = "processed_logprobs"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample responses. temperature 0 is greedy; top_k 0 and top_p 1.0 are off."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"sampling n must be >= 1, got {self.n}")
+        if self.max_tokens < 1:
+            raise ValueError(f"sampling max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class RolloutSample:
+    """One response: `log_probs[i]` is the sampled `response_token_ids[i]`'s log-probability."""
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop token) or "length" (max_tokens reached)
+    log_probs: list[float]
+
+
+def fit_prompts(prompts: Sequence[Sequence[int]], max_model_len: int, max_tokens: int,
+                vocab_size: int, truncate: bool) -> list[list[int]]:
+    """Check every prompt leaves room for `max_tokens` response tokens within `max_model_len`.
+
+    A prompt that is too long raises (naming its index) unless `truncate`, which keeps its last
+    tokens: they hold the chat template's generation prompt. Token ids must lie in the vocab.
+    """
+    budget = max_model_len - max_tokens
+    if budget < 1:
+        raise ValueError(f"max_tokens {max_tokens} leaves no room for a prompt within the "
+                         f"engine's max_model_len {max_model_len}")
+    fitted = []
+    for index, prompt in enumerate(prompts):
+        ids = [int(token) for token in prompt]
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            bad = next(token for token in ids if not 0 <= token < vocab_size)
+            raise ValueError(f"prompt {index} holds token id {bad}, outside the model's "
+                             f"vocabulary [0, {vocab_size})")
+        if len(ids) > budget:
+            if not truncate:
+                raise ValueError(
+                    f"prompt {index} has {len(ids)} tokens; at most {budget} fit "
+                    f"(max_model_len {max_model_len} - max_tokens {max_tokens}); shorten it, "
+                    f"raise max_model_len or configure prompt truncation")
+            ids = ids[-budget:]
+        fitted.append(ids)
+    return fitted
+
+
+def _request_seeds(seed: Optional[int], count: int) -> list[Optional[int]]:
+    """One seed per prompt: vLLM seeds each request on its own, so a single seed shared by
+    all prompts would draw the same noise for every prompt."""
+    if seed is None:
+        return [None] * count
+    return [int(s) for s in np.random.SeedSequence(seed).generate_state(count) >> 1]
+
+
+def _import_vllm():
+    """Import vllm for an in-process engine (the weight sync hands tensors over by reference)."""
+    mode = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if mode != "0":
+        raise RuntimeError(
+            f"VLLM_ENABLE_V1_MULTIPROCESSING={mode}: the rollout engine needs vLLM in-process "
+            f"(set it to 0) so that weights can be reloaded in place")
+    import vllm
+
+    return vllm
+
+
+class RolloutEngine:
+    """vLLM on this rank: `generate` rollouts, `load_weights` in place, `sleep` / `wake_up`."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        max_model_len: int,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        seed: int = 0,
+        truncate_long_prompts: bool = False,
+        cpu_kv_cache_gib: float = 1.0,
+        enforce_eager: Optional[bool] = None,
+        engine_kwargs: Optional[dict[str, Any]] = None,
+    ) -> None:
+        """`model_dir` holds the HF config and tokenizer (weights there are not read).
+
+        `gpu_memory_utilization` bounds the GPU share of vLLM (weights + KV cache);
+        `cpu_kv_cache_gib` sizes the KV cache on CPU. `enforce_eager` defaults to eager on CPU
+        and CUDA graphs on GPU. `engine_kwargs` go to `vllm.LLM` unchanged.
+        """
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"rollout engine: no config.json in {model_dir}")
+        vllm = _import_vllm()
+        self.model_dir = model_dir
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.truncate_long_prompts = truncate_long_prompts
+        gpu = on_gpu()
+        options: dict[str, Any] = dict(
+            load_format="dummy",
+            dtype=dtype,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            enforce_eager=(not gpu) if enforce_eager is None else enforce_eager,
+            logprobs_mode=LOGPROBS_MODE,
+            enable_sleep_mode=gpu,  # frees GPU memory for the training phase; no-op on CPU
+        )
+        if not gpu:
+            options["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
+        if tensor_parallel_size > 1:
+            # one shard per training rank, each in its own process: no worker processes
+            options["distributed_executor_backend"] = "external_launcher"
+        options.update(engine_kwargs or {})
+        self._vllm = vllm
+        self._llm = vllm.LLM(str(model_dir), **options)
+        self._failed_sync: Optional[str] = None
+
+    # ----------------------------------------------------------------------------- generation
+
+    @property
+    def hf_config(self):
+        return self._llm.llm_engine.model_config.hf_config
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]],
+                 params: SamplingConfig) -> list[RolloutSample]:
+        """`params.n` responses for each prompt, grouped by prompt in prompt order."""
+        if self._failed_sync is not None:
+            raise RuntimeError(
+                f"rollout engine holds a mix of old and new weights: the last weight sync "
+                f"failed part-way ({self._failed_sync}); run a complete sync before generating")
+        prompts = fit_prompts(prompt_token_ids, self.max_model_len, params.max_tokens,
+                              self.vocab_size, self.truncate_long_prompts)
+        sampling = [self._vllm.SamplingParams(
+            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            max_tokens=params.max_tokens, stop_token_ids=list(params.stop_token_ids),
+            ignore_eos=params.ignore_eos, seed=seed, logprobs=0)
+            for seed in _request_seeds(params.seed, len(prompts))]
+        outputs = self._llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling,
+                                     use_tqdm=False)
+        samples = []
+        for index, (ids, output) in enumerate(zip(prompts, outputs)):
+            for completion in sorted(output.outputs, key=lambda c: c.index):
+                tokens = list(completion.token_ids)
+                # logprobs=0 returns exactly the sampled token's entry at each position
+                log_probs = [step[token].logprob for step, token in zip(completion.logprobs,
+                                                                       tokens)]
+                samples.append(RolloutSample(index, ids, tokens, completion.text,
+                                             completion.finish_reason, log_probs))
+        return samples
+
+    # ----------------------------------------------------------------------- weights in place
+
+    @cached_property
+    def checkpoint_shapes(self) -> dict[str, torch.Size]:
+        """HF checkpoint names and shapes the engine takes, from the HF model built on meta."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            reference = AutoModelForCausalLM.from_config(self.hf_config)
+        return {name: tensor.shape for name, tensor in reference.state_dict().items()}
+
+    @cached_property
+    def tied_checkpoint_names(self) -> frozenset[str]:
+        """Checkpoint names that alias another tensor here (the LM head of tied embeddings)."""
+        tied = getattr(self.hf_config, "tie_word_embeddings", False)
+        return frozenset({"lm_head.weight"} if tied else ())
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Reload every weight in place from one pass over `weights`, then reset the prefix
+        cache (its KV entries belong to the old weights).
+
+        One pass, not one reload per bucket: vLLM fuses q/k/v and gate/up into one layer and
+        processes a layer only once all of its parts arrived; a reload that ends with a layer
+        half loaded fills the rest with uninitialised memory. If `weights` raises part-way,
+        layers not yet complete keep their old weights, complete ones have the new: the engine
+        then refuses to generate until a complete load succeeds.
+        """
+        consumed = _CountingIterator(weights)
+        try:
+            self._llm.collective_rpc(_reload_in_place, args=(consumed,))
+        except BaseException as error:
+            if consumed.count:
+                self._failed_sync = f"after {consumed.count} tensors: {error}"
+            raise
+        self._failed_sync = None
+        if not self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update "
+                               "(requests still running?)")
+
+    # ---------------------------------------------------------------------- memory (GPU only)
+
+    def sleep(self, level: int = 1) -> None:
+        """Free GPU memory for the training phase (level 1 keeps weights in host memory,
+        level 2 drops them: a weight sync follows anyway). A no-op on CPU."""
+        if on_gpu():
+            self._llm.sleep(level=level)
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Take the memory back (`tags`: "weights" before a sync, "kv_cache" after)."""
+        if on_gpu():
+            self._llm.wake_up(tags)
+
+
+class _CountingIterator:
+    """Counts how many (name, tensor) pairs the engine pulled: 0 means nothing changed."""
+
+    def __init__(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._weights = iter(weights)
+        self.count = 0
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        item = next(self._weights)
+        self.count += 1
+        return item
+
+
+def _reload_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Runs on the vLLM worker (this process): checkpoint-format reload, with two repairs."""
+    model = worker.model_runner.get_model()
+    try:
+        worker.reload_weights(weights_iterator=weights)
+    except BaseException:
+        _restore_incomplete_layers(model, worker.vllm_config.model_config)
+        raise
+    finally:
+        _repack_tied_lm_head(model)
+
+
+def _restore_incomplete_layers(model: torch.nn.Module, model_config) -> None:
+    """After a reload that stopped part-way, put the old weights back on every layer still
+    waiting for some of its tensors (vLLM left them on the meta device)."""
+    from vllm.model_executor.model_loader.reload.layerwise import (
+        finalize_layerwise_reload, get_layerwise_info)
+
+    for layer in model.modules():
+        info = get_layerwise_info(layer)
+        if info.can_load():  # loading started but never completed: drop the buffered parts
+            info.loaded_weights.clear()
+            info.load_numel = 0
+    finalize_layerwise_reload(model, model_config)  # restores layers that loaded nothing
+
+
+def _repack_tied_lm_head(model: torch.nn.Module) -> None:
+    """vLLM-CPU packs the LM head's weight into a private GEMM layout when the model loads.
+    With tied embeddings the reload updates the shared tensor through the embedding layer
+    only, so the head would keep computing logits from the old packed copy: repack it.
+    (On GPU the head reads the shared tensor directly and this is a no-op.)"""
+    head = getattr(model, "lm_head", None)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
