@@ -357,7 +357,8 @@ def load_records(spec: DatasetSpec, max_listed: int = 20) -> list[PromptRecord]:
     records, problems = read_records(spec)
     if problems:
         listed = "\n  ".join(str(p) for p in problems[:max_listed])
-        more = f"\n  ... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
+        hidden = len(problems) - max_listed
+        more = f"\n  ... and {hidden} more" if hidden > 0 else ""
         raise DataError(f"{len(problems)} bad row(s) in {spec.path or spec.format}:\n  "
                         f"{listed}{more}")
     if not records:
