@@ -1,0 +1,503 @@
+"""Checkpoints: Megatron distributed checkpoints written atomically, exact resume, HF export.
+
+A training checkpoint is the directory `<root>/step_<N>`:
+
+    *.distcp, .metadata, common.pt,   Megatron `dist_checkpointing` (torch_dist): the model chunks
+    metadata.json                     (global, TP/PP-independent keys: loads at any TP/PP/VPP) and
+                                      the distributed optimizer state (`dp_reshardable`: same
+                                      TP/PP only, any DP)
+    trainer_state.json                step, the parallel layout it was written at, caller's `extra`
+    rank_states/rank_<r>.pt           what is per rank and outside the sharded dict: python,
+                                      numpy, torch and Megatron-tracker RNG states, Adam's step
+    hf/                               optional: the HF config and tokenizer, so that
+                                      tools/convert_ckpt.py can rebuild the model and export it
+
+Every rank writes into `<root>/.tmp_step_<N>`; after a barrier rank 0 renames it to `step_<N>`
+(one atomic rename), so a save killed at any point leaves only a `.tmp_*` directory, which
+`latest_checkpoint` ignores and the next save removes.
+
+`save_hf_checkpoint` streams the bridge's `(hf_name, tensor)` pairs into safetensors shards of
+bounded size (same temporary-name-then-rename rule), for the final policy and the converter.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE_FILE = "trainer_state.json"
+RANK_STATES_DIR = "rank_states"
+HF_ASSETS_DIR = "hf"
+FORMAT_VERSION = 1
+# The one distributed-optimizer format that both saves and loads on this Megatron-Core (0.16.1):
+# `fully_sharded_model_space` and `fully_reshardable` failed to load here.
+OPTIMIZER_SHARDING_TYPE = "dp_reshardable"
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp_"
+_OLD_PREFIX = ".old_"
+# Files of an HF model directory that are weights (re-created by the exporter, never copied).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Public API: training checkpoints
+# --------------------------------------------------------------------------------------------
+
+def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn.Module],
+                    optimizer: Any = None, extra: Optional[dict] = None, *,
+                    keep_last: Optional[int] = None,
+                    hf_assets_dir: Optional[str | Path] = None) -> Path:
+    """Write `<root>/step_<step>` atomically on every rank (collective); return its path.
+
+    `extra` (same on every rank, JSON-serialisable: data position, scheduler state, ...) comes
+    back from `load_checkpoint` together with `step`. `keep_last` keeps that many newest
+    checkpoints. `hf_assets_dir` (an HF model directory) has its config and tokenizer copied
+    into the checkpoint so it can later be exported to HF without the original directory.
+    """
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (or None to keep all), got {keep_last}")
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"checkpoint root {root} exists and is not a directory")
+    state = _trainer_state(step, model_chunks, optimizer, extra)
+    final = root / f"step_{step}"
+    _save_atomically(final, model_chunks, optimizer, state, hf_assets_dir)
+    if keep_last is not None and _rank() == 0:
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def save_model_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module], *,
+                          hf_assets_dir: Optional[str | Path] = None,
+                          overwrite: bool = False) -> Path:
+    """Write a model-only checkpoint (step 0) at `path` itself (the HF -> Megatron converter's
+    output); `load_checkpoint` reads it like a training checkpoint. Collective."""
+    path = Path(path)
+    if not overwrite and path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"output directory {path} is not empty (pass overwrite=True)")
+    state = _trainer_state(0, model_chunks, None, None)
+    _save_atomically(path, model_chunks, None, state, hf_assets_dir)
+    return path
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    """The complete `step_<N>` directory with the largest N under `root`, or None.
+
+    Temporary (`.tmp_*`) and displaced (`.old_*`) directories never match; a `step_<N>` without
+    its trainer state is not a checkpoint this module wrote and is skipped with a warning."""
+    candidates = []
+    for step, path in _step_dirs(Path(root)):
+        if (path / TRAINER_STATE_FILE).is_file():
+            candidates.append((step, path))
+        else:
+            logger.warning("ignoring %s: no %s in it", path, TRAINER_STATE_FILE)
+    return max(candidates)[1] if candidates else None
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    """The trainer state of checkpoint `path` (step, layout, extra), with a clear error if
+    `path` is not a complete checkpoint."""
+    path = Path(path)
+    state_file = path / TRAINER_STATE_FILE
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not state_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a complete checkpoint: {TRAINER_STATE_FILE} is missing")
+    state = json.loads(state_file.read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{state_file}: format_version {state.get('format_version')} is not "
+                         f"the supported {FORMAT_VERSION}")
+    return state
+
+
+def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
+                    optimizer: Any = None, *, load_rng: bool = True) -> dict:
+    """Load checkpoint `path` into this rank's model chunks (any TP/PP/VPP) and, if given, the
+    optimizer (same TP/PP as saved; DP may differ). Collective. Returns the saved `extra` with
+    `step` added.
+
+    RNG states are restored only when the parallel layout equals the saved one (then every rank
+    continues its own streams exactly); otherwise they are left alone with a warning."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    path = Path(path)
+    state = read_trainer_state(path)
+    layout = _layout(len(model_chunks))
+    saved = state["layout"]
+    same_model_parallel = (saved["tensor"], saved["pipeline"]) == (layout["tensor"],
+                                                                   layout["pipeline"])
+    if optimizer is not None:
+        if not state["has_optimizer"]:
+            raise ValueError(f"checkpoint {path} holds no optimizer state (model-only); "
+                             "load it with optimizer=None")
+        if not same_model_parallel:
+            raise ValueError(
+                f"optimizer state in {path} was saved at TP={saved['tensor']} "
+                f"PP={saved['pipeline']} and the '{OPTIMIZER_SHARDING_TYPE}' format only "
+                f"reshards over DP; this run has TP={layout['tensor']} PP={layout['pipeline']}. "
+                "Load the model alone (optimizer=None) to change TP/PP.")
+
+    sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
+    # Optimizer state loading must not be recorded by autograd (FACTS: dp_reshardable needs it).
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(sharded, str(path),
+                                         strict=StrictHandling.RAISE_UNEXPECTED)
+        for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+            _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
+
+    rank_state = _read_rank_state(path) if (load_rng or optimizer is not None) else None
+    if optimizer is not None:
+        _set_adam_steps(optimizer, rank_state["adam_steps"], path)
+    if load_rng:
+        if layout == {k: saved[k] for k in layout}:
+            _set_rng_states(rank_state["rng"])
+        else:
+            logger.warning("not restoring RNG states of %s: saved at layout %s, loading at %s",
+                           path, saved, layout)
+    _barrier()
+    return {**state["extra"], "step": state["step"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Public API: HF export
+# --------------------------------------------------------------------------------------------
+
+def save_hf_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path,
+                       *, assets_dir: Optional[str | Path] = None,
+                       max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+                       write: bool = True, progress: bool = False) -> Optional[Path]:
+    """Write `(hf_name, tensor)` pairs as HF safetensors shards plus
+    `model.safetensors.index.json`, and copy config/tokenizer files from `assets_dir`.
+
+    `named_tensors` is typically `export_hf_weights(model_chunks, hf_config)`, which every rank
+    must consume (it is collective): ranks with `write=False` only drain it. Memory held: one
+    shard (<= `max_shard_bytes`, or one tensor if larger). Output appears under its final name
+    only when complete.
+    """
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    if write:
+        _check_output_dir(out_dir, overwrite)
+    tensors = tqdm(named_tensors, desc="export", unit="tensor", disable=not (write and progress))
+    if not write:
+        for _ in tensors:
+            pass
+        return None
+
+    tmp = _fresh_tmp_dir(out_dir)
+    shard_files: list[str] = []
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        name = f"model-{len(shard_files) + 1:05d}.safetensors"
+        save_file(pending, str(tmp / name), metadata={"format": "pt"})
+        shard_files.append(name)
+        weight_map.update({key: name for key in pending})
+        pending, pending_bytes = {}, 0
+
+    for name, tensor in tensors:
+        if name in weight_map or name in pending:
+            raise ValueError(f"exporter yielded tensor {name!r} twice")
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        # Own contiguous copy: the exporter may reuse or free its buffer after yielding.
+        pending[name] = tensor.detach().to("cpu").contiguous().clone()
+        pending_bytes += size
+        total_bytes += size
+    if pending:
+        flush()
+    if not shard_files:
+        raise ValueError("the exporter yielded no tensors")
+
+    # HF shard names carry the shard count, known only now.
+    final_names = {old: f"model-{i:05d}-of-{len(shard_files):05d}.safetensors"
+                   for i, old in enumerate(shard_files, start=1)}
+    for old, new in final_names.items():
+        (tmp / old).rename(tmp / new)
+    index = {"metadata": {"total_size": total_bytes},
+             "weight_map": {key: final_names[file] for key, file in sorted(weight_map.items())}}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if assets_dir is not None:
+        copy_hf_assets(assets_dir, tmp)
+    _publish(tmp, out_dir)
+    return out_dir
+
+
+def copy_hf_assets(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
+    """Copy the non-weight files of an HF model directory (config, generation config,
+    tokenizer, chat template) into `dst_dir`; return the copied names."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    if not (src_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{src_dir} has no config.json: not an HF model directory")
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for item in sorted(src_dir.iterdir()):
+        if not item.is_file() or item.name.endswith(_WEIGHT_SUFFIXES + _WEIGHT_INDEX_SUFFIXES):
+            continue
+        shutil.copy2(item, dst_dir / item.name)
+        copied.append(item.name)
+    return copied
+
+
+def hf_assets_of(checkpoint: str | Path) -> Path:
+    """The HF config/tokenizer directory stored inside a checkpoint (clear error if absent)."""
+    assets = Path(checkpoint) / HF_ASSETS_DIR
+    if not (assets / "config.json").is_file():
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} carries no HF config ({assets}/config.json); it was saved "
+            "without hf_assets_dir: pass the original HF model directory explicitly")
+    return assets
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+def _save_atomically(final: Path, model_chunks: Sequence[torch.nn.Module], optimizer: Any,
+                     state: dict, hf_assets_dir: Optional[str | Path]) -> None:
+    """Write into `.tmp_<name>` next to `final`, then rename it to `final` (replacing it)."""
+    from megatron.core import dist_checkpointing
+
+    if hf_assets_dir is not None and not (Path(hf_assets_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"hf_assets_dir {hf_assets_dir} has no config.json")
+    tmp = final.parent / f"{_TMP_PREFIX}{final.name}"
+    if _rank() == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that was killed
+            shutil.rmtree(tmp)
+        (tmp / RANK_STATES_DIR).mkdir(parents=True)
+    _barrier()
+
+    sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
+    dist_checkpointing.save(sharded, str(tmp),
+                            content_metadata={"distrib_optim_sharding_type":
+                                              OPTIMIZER_SHARDING_TYPE})
+    torch.save({"rng": _rng_states(), "adam_steps": _adam_steps(optimizer)},
+               tmp / RANK_STATES_DIR / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        if hf_assets_dir is not None:
+            copy_hf_assets(hf_assets_dir, tmp / HF_ASSETS_DIR)
+        # Written last: its presence is what marks a directory as a complete checkpoint.
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        _publish(tmp, final)
+    _barrier()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Give the finished `tmp` directory its final name. An existing `final` is first moved to
+    `.old_<name>` (so the name never points at a half-written directory), then deleted."""
+    old = final.parent / f"{_OLD_PREFIX}{final.name}"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fresh_tmp_dir(final: Path) -> Path:
+    tmp = final.parent / f"{_TMP_PREFIX}{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output {out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} is not empty (pass --overwrite)")
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints and any leftover temporary dirs."""
+    for _, path in sorted(_step_dirs(root))[:-keep_last]:
+        shutil.rmtree(path)
+    for path in root.iterdir():
+        if path.is_dir() and path.name.startswith((_TMP_PREFIX + "step_", _OLD_PREFIX + "step_")):
+            shutil.rmtree(path)
+
+
+def _step_dirs(root: Path) -> Iterator[tuple[int, Path]]:
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            yield int(match.group(1)), path
+
+
+# --------------------------------------------------------------------------------------------
+# State dicts
+# --------------------------------------------------------------------------------------------
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    # DDP / Float16Module wrappers would prefix every key with "module."; unwrapped keys are the
+    # same for the trainer's wrapped chunks and the converter's bare ones.
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(chunk)
+
+
+def _model_keys(num_chunks: int) -> list[str]:
+    # Megatron's convention; the ShardedTensor keys inside are global, so a checkpoint saved
+    # with one chunk loads into several (VPP) and back.
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def _sharded_state_dict(model_chunks: Sequence[torch.nn.Module], optimizer: Any,
+                        is_loading: bool) -> dict:
+    if not model_chunks:
+        raise ValueError("model_chunks is empty")
+    sharded = {key: _unwrap(chunk).sharded_state_dict()
+               for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks)}
+    if optimizer is not None:
+        model_sharded: dict = {}
+        for key in _model_keys(len(model_chunks)):
+            model_sharded.update(sharded[key])
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            model_sharded, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING_TYPE})
+    return sharded
+
+
+def _trainer_state(step: int, model_chunks: Sequence[torch.nn.Module], optimizer: Any,
+                   extra: Optional[dict]) -> dict:
+    extra = dict(extra or {})
+    if "step" in extra:
+        raise ValueError("extra must not contain 'step': it is the checkpoint's own field")
+    try:
+        json.dumps(extra)
+    except TypeError as err:
+        bad = [key for key, value in extra.items() if not _json_ok(value)]
+        raise TypeError(f"checkpoint extra values must be JSON-serialisable; bad keys: {bad}") \
+            from err
+    return {"format_version": FORMAT_VERSION, "step": step, "layout": _layout(len(model_chunks)),
+            "has_optimizer": optimizer is not None, "extra": extra}
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
+
+
+def _layout(num_chunks: int) -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tensor": ps.get_tensor_model_parallel_world_size(),
+            "pipeline": ps.get_pipeline_model_parallel_world_size(),
+            "data": ps.get_data_parallel_world_size(),
+            "virtual_pipeline": num_chunks,
+            "world": dist.get_world_size()}
+
+
+# --------------------------------------------------------------------------------------------
+# Per-rank state: RNG and Adam step
+# --------------------------------------------------------------------------------------------
+
+def _rng_states() -> dict:
+    from megatron.core import tensor_parallel
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state(),
+              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
+
+
+def _read_rank_state(path: Path) -> dict:
+    rank_file = path / RANK_STATES_DIR / f"rank_{_rank():05d}.pt"
+    if not rank_file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no per-rank state {rank_file.name} "
+                                f"for rank {_rank()}")
+    # Our own file with python/numpy RNG tuples in it: not loadable with weights_only.
+    return torch.load(rank_file, weights_only=False)
+
+
+def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a Megatron optimizer (chained or not)."""
+    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _adam_steps(optimizer: Any) -> Optional[list[Optional[float]]]:
+    """Adam's step per inner torch optimizer (None: no step taken yet). Megatron's
+    `dp_reshardable` format does not restore it (FACTS), so it travels in the rank state."""
+    if optimizer is None:
+        return None
+    steps = []
+    for opt in _torch_optimizers(optimizer):
+        values = {float(s["step"]) for s in opt.state.values() if "step" in s}
+        if len(values) > 1:
+            raise RuntimeError(f"inner optimizer has parameters at different Adam steps {values}")
+        steps.append(values.pop() if values else None)
+    return steps
+
+
+def _set_adam_steps(optimizer: Any, steps: Optional[list[Optional[float]]], path: Path) -> None:
+    inner = _torch_optimizers(optimizer)
+    if steps is None or len(steps) != len(inner):
+        raise ValueError(f"checkpoint {path} has Adam steps for {None if steps is None else len(steps)} "
+                         f"optimizers, this run has {len(inner)}")
+    for opt, step in zip(inner, steps):
+        if step is None:
+            continue
+        for param_state in opt.state.values():
+            # One tensor per parameter: torch's Adam increments each state's step in place, so a
+            # tensor shared between parameters would advance once per parameter per step.
+            old = param_state.get("step")
+            param_state["step"] = torch.tensor(
+                step, dtype=old.dtype if isinstance(old, torch.Tensor) else torch.float32,
+                device=old.device if isinstance(old, torch.Tensor) else "cpu")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,273 @@
+"""Distributed checkpoints: TP/PP resharding of the model, exact resume (optimizer state, Adam
+step, RNG, extra), atomic publication and retention."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_intuitor.testing import run_distributed
+
+VOCAB = 300  # padded to 384 at TP=1 and 512 at TP=2: loading across TP must cope with both
+SEQ = 16
+
+
+def _padded(vocab: int, tp: int) -> int:
+    multiple = 128 * tp
+    return (vocab + multiple - 1) // multiple * multiple
+
+
+def _build(tp: int, pp: int, seed: int, with_optimizer: bool):
+    """A GPTModel chunk (optionally DDP + distributed Adam) on this rank."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
+
+    init_model_parallel(ParallelSizes(tp, pp), seed=seed)
+    config = TransformerConfig(num_layers=4, hidden_size=64, num_attention_heads=4,
+                               num_query_groups=2, ffn_hidden_size=128,
+                               tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                               use_cpu_initialization=True, pipeline_dtype=torch.float32,
+                               hidden_dropout=0.0, attention_dropout=0.0)
+    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=_padded(VOCAB, tp),
+                     max_sequence_length=SEQ, share_embeddings_and_output_weights=False,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage())
+    if not with_optimizer:
+        return [model], None
+    config.finalize_model_grads_func = finalize_model_grads
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1,
+                        use_distributed_optimizer=True), [ddp])
+    return [ddp], optimizer
+
+
+def _batch(step: int):
+    gen = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
+    return ids, torch.arange(SEQ).unsqueeze(0).expand(2, -1)
+
+
+def _run(chunks, ids, positions, train: bool):
+    """One forward(+backward) through the pipeline; returns the full-vocab logits on the last
+    stage (None elsewhere) when not training."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    captured = []
+
+    def forward_step(_, chunk):
+        if train:
+            out = chunk(ids, positions, None, labels=ids)
+            return out, lambda o: (o.float().mean(), {})
+        out = chunk(ids, positions, None)
+
+        def keep(o):
+            captured.append(gather_from_tensor_model_parallel_region(o)[..., :VOCAB].detach())
+            return o.float().sum() * 0, {}
+        return out, keep
+
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]),
+                                model=chunks, num_microbatches=1, seq_length=SEQ,
+                                micro_batch_size=2, forward_only=not train)
+    return captured[0] if captured else None
+
+
+def _train_step(chunks, optimizer, step):
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    _run(chunks, *_batch(step), train=True)
+    ok, grad_norm, _ = optimizer.step()
+    assert ok
+    return grad_norm
+
+
+def _local_params(chunks):
+    from megatron.core.utils import unwrap_model
+
+    return {name: p.detach().clone() for chunk in chunks
+            for name, p in unwrap_model(chunk).named_parameters()}
+
+
+def _random_draws():
+    return [random.random(), float(np.random.rand()), float(torch.rand(()))]
+
+
+def _switch_layout(tp, pp, seed, with_optimizer):
+    """Rebuild the model-parallel groups in this process at another TP/PP, then the model."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    return _build(tp, pp, seed, with_optimizer)
+
+
+def _resume_in_place(rank, world, root):
+    """TP=2: train 2 steps with checkpoints (keep_last=2), then step 3 uninterrupted; then a
+    second model + optimizer (other init, one step of its own) loads the latest checkpoint and
+    takes step 3 too. Returns both step-3 results and the RNG draws after save/after load."""
+    from megatron_intuitor.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    chunks, optimizer = _build(2, 1, seed=1, with_optimizer=True)
+    for step in (1, 2):
+        _train_step(chunks, optimizer, step)
+        save_checkpoint(root, step, chunks, optimizer, extra={"data_position": 10 * step},
+                        keep_last=2)
+    draws = _random_draws()
+    grad_norm = _train_step(chunks, optimizer, 3)
+    uninterrupted = (_local_params(chunks), grad_norm, draws)
+
+    chunks, optimizer = _build(2, 1, seed=99, with_optimizer=True)
+    _train_step(chunks, optimizer, 0)  # Adam state and step exist already (to be overwritten)
+    extra = load_checkpoint(latest_checkpoint(root), chunks, optimizer)
+    draws = _random_draws()
+    grad_norm = _train_step(chunks, optimizer, 3)
+    resumed = (_local_params(chunks), grad_norm, draws)
+    save_checkpoint(root, 3, chunks, optimizer, keep_last=2)
+    return uninterrupted, resumed, extra
+
+
+def _reshard_logits(rank, world, root):
+    """Save at TP=2, then load the model at PP=2 and at TP=1 (DP=2) in the same processes."""
+    from megatron_intuitor.checkpoint import load_checkpoint, save_checkpoint
+
+    chunks, _ = _build(2, 1, seed=5, with_optimizer=False)
+    path = save_checkpoint(root, 1, chunks)
+    results = {"saved": _run(chunks, *_batch(0), train=False)}
+    for tp, pp in ((1, 2), (1, 1)):
+        chunks, _ = _switch_layout(tp, pp, seed=123, with_optimizer=False)
+        before = _run(chunks, *_batch(0), train=False)
+        extra = load_checkpoint(path, chunks)
+        results[f"tp{tp}pp{pp}"] = (before, _run(chunks, *_batch(0), train=False), extra)
+    return results
+
+
+@pytest.mark.slow
+def test_tp2_checkpoint_loads_at_pp2_and_tp1_with_same_logits(tmp_path):
+    ranks = run_distributed(_reshard_logits, 2, str(tmp_path))
+    reference = ranks[0]["saved"]
+    assert torch.equal(ranks[1]["saved"], reference)
+    for layout in ("tp1pp2", "tp1pp1"):
+        last_stage = [r[layout] for r in ranks if r[layout][1] is not None]
+        assert len(last_stage) == (1 if layout == "tp1pp2" else 2)
+        for before, after, extra in last_stage:
+            assert extra == {"step": 1}
+            assert (before - reference).abs().max() > 0.1  # the load is what makes them equal
+            torch.testing.assert_close(after, reference, rtol=0, atol=1e-5,
+                                       msg=f"logits after loading at {layout}")
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_and_keeps_last(tmp_path):
+    root = tmp_path / "ckpts"
+    (root / ".tmp_step_7").mkdir(parents=True)  # a save killed earlier: ignored, then removed
+    ranks = run_distributed(_resume_in_place, 2, str(root))
+    for rank, (uninterrupted, resumed, extra) in enumerate(ranks):
+        params, grad_norm, draws = uninterrupted
+        params_r, grad_norm_r, draws_r = resumed
+        assert extra == {"data_position": 20, "step": 2}
+        assert draws_r == draws, f"rank {rank}: RNG streams differ after resume"
+        assert grad_norm_r == pytest.approx(grad_norm, rel=1e-6)
+        assert params.keys() == params_r.keys()
+        for name in params:
+            torch.testing.assert_close(params_r[name], params[name], rtol=0, atol=1e-7,
+                                       msg=f"rank {rank} {name} after step 3")
+    assert sorted(p.name for p in root.iterdir()) == ["step_2", "step_3"]
+
+
+def _complete(path):
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"format_version": 1, "step": 0}))
+
+
+def test_latest_checkpoint_ignores_temporary_and_incomplete_dirs(tmp_path):
+    from megatron_intuitor.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "nothing_yet") is None
+    _complete(tmp_path / "step_3")
+    _complete(tmp_path / "step_12")
+    _complete(tmp_path / ".tmp_step_40")  # killed mid-save (even if it got far)
+    _complete(tmp_path / ".old_step_41")  # displaced by a re-save
+    (tmp_path / "step_30").mkdir()  # no trainer state: not written by us
+    (tmp_path / "step_50").write_text("a file")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_12"  # 12 > 3: numeric, not lexical
+
+
+def test_bad_checkpoint_inputs_fail_clearly(tmp_path):
+    from megatron_intuitor.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_trainer_state(tmp_path / "step_1")
+    (tmp_path / "step_2").mkdir()
+    with pytest.raises(FileNotFoundError, match="trainer_state.json is missing"):
+        load_checkpoint(tmp_path / "step_2", [torch.nn.Linear(1, 1)])
+    with pytest.raises(TypeError, match=r"bad keys: \['sampler'\]"):
+        save_checkpoint(tmp_path, 1, [torch.nn.Linear(1, 1)],
+                        extra={"data_position": 3, "sampler": object()})
+    with pytest.raises(ValueError, match="non-negative"):
+        save_checkpoint(tmp_path, -1, [torch.nn.Linear(1, 1)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]  # nothing was written
+
+
+def _named_tensors():
+    gen = torch.Generator().manual_seed(0)
+    yield "model.embed_tokens.weight", torch.randn(50, 8, generator=gen).to(torch.bfloat16)
+    yield "model.norm.weight", torch.randn(8, generator=gen)
+    yield "lm_head.weight", torch.randn(50, 8, generator=gen, dtype=torch.float64)
+    yield "model.layers.0.mlp.up_proj.weight", torch.randn(16, 8, generator=gen)
+
+
+def test_save_hf_checkpoint_shards_index_and_assets(tmp_path, tiny_qwen2):
+    from safetensors import safe_open
+
+    from megatron_intuitor.checkpoint import save_hf_checkpoint
+
+    out = tmp_path / "hf"
+    # 1 KiB shards: the 800-byte bf16 embedding fits, then each bigger tensor opens a new shard.
+    save_hf_checkpoint(_named_tensors(), out, assets_dir=tiny_qwen2, max_shard_bytes=1024)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    expected = dict(_named_tensors())
+    assert set(index["weight_map"]) == set(expected)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in expected.values())
+    shards = sorted({*index["weight_map"].values()})
+    assert shards == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+    for name, tensor in expected.items():
+        with safe_open(out / index["weight_map"][name], "pt") as handle:
+            assert handle.metadata() == {"format": "pt"}
+            loaded = handle.get_tensor(name)
+        assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor), name
+    for asset in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / asset).read_bytes() == (tiny_qwen2 / asset).read_bytes()
+    assert not any(p.name.startswith(".tmp_") for p in tmp_path.iterdir())
+
+
+def test_save_hf_checkpoint_refuses_nonempty_output_and_leaves_nothing_when_killed(tmp_path):
+    from megatron_intuitor.checkpoint import save_hf_checkpoint
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_hf_checkpoint(_named_tensors(), out)
+    assert (out / "keep.txt").read_text() == "user data"
+
+    def dies_half_way():
+        yield from list(_named_tensors())[:2]
+        raise KeyboardInterrupt  # the conversion is killed
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        save_hf_checkpoint(dies_half_way(), fresh, max_shard_bytes=1)
+    assert not fresh.exists()
+    save_hf_checkpoint(_named_tensors(), out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
