@@ -211,3 +211,132 @@ def test_masked_mean_per_packed_sequence_equals_padded():
     assert packed[3] == 0 and packed[1] == 0
     with pytest.raises(ValueError, match="cu_seqlens"):
         masked_mean_per_packed_sequence(torch.cat(values), torch.cat(masks), cu_seqlens[:-1])
+
+
+# --- End to end: a tiny HF Qwen2 converted to Megatron, scored through the pipeline ----------
+
+E2E_TEMPERATURE = 0.7
+E2E_MICRO_BATCH = 2
+E2E_ENTROPY_WEIGHT = 0.3
+
+
+def _e2e_batch(vocab_size: int) -> dict:
+    """Right-padded [prompt, response, padding] rows; the second response is empty."""
+    gen = torch.Generator().manual_seed(0)
+    prompt_lengths, response_lengths = [3, 5, 2, 4], [6, 0, 9, 4]
+    seq = max(p + r for p, r in zip(prompt_lengths, response_lengths)) + 2
+    input_ids = torch.randint(0, vocab_size, (len(prompt_lengths), seq), generator=gen)
+    positions = torch.arange(seq)
+    attention_mask = torch.stack([positions < p + r
+                                  for p, r in zip(prompt_lengths, response_lengths)]).long()
+    response_mask = torch.stack([(positions >= p) & (positions < p + r)
+                                 for p, r in zip(prompt_lengths, response_lengths)]).long()
+    return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
+
+
+def _score_and_grad_on_rank(rank, world_size, tp, pp, model_dir, batch):
+    """score_batch on every rank, then one forward+backward of a log-prob/entropy loss through
+    run_pipeline: the final norm's gradient on the last stage."""
+    from megatron.core import parallel_state
+
+    from megatron_intuitor.models.bridge import load_hf_weights
+    from megatron_intuitor.models.config import (build_model, load_hf_config,
+                                                 transformer_config_from_hf)
+    from megatron_intuitor.models.forward import run_pipeline, score_batch, shifted_token_scores
+    from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
+
+    sizes = ParallelSizes(tp, pp)
+    init_model_parallel(sizes, seed=1)
+    hf_config = load_hf_config(model_dir)
+    chunks = build_model(hf_config, transformer_config_from_hf(hf_config, sizes))
+    load_hf_weights(chunks, model_dir, hf_config)
+    scores = score_batch(chunks, **batch, temperature=E2E_TEMPERATURE,
+                         vocab_size=hf_config.vocab_size, micro_batch_size=E2E_MICRO_BATCH)
+
+    def loss_head(logits_shard, micro_batch):
+        token = shifted_token_scores(logits_shard, micro_batch["input_ids"],
+                                     temperature=E2E_TEMPERATURE, vocab_size=hf_config.vocab_size)
+        mask = micro_batch["response_mask"]
+        loss = ((token.log_probs + E2E_ENTROPY_WEIGHT * token.entropy) * mask).sum()
+        return loss, {"loss": loss.detach()}
+
+    run_pipeline(chunks, {"input_ids": batch["input_ids"], "response_mask": batch["response_mask"]},
+                 loss_head, micro_batch_size=E2E_MICRO_BATCH, forward_only=False)
+    norm_grad = (chunks[-1].decoder.final_layernorm.weight.grad.clone()
+                 if parallel_state.is_pipeline_last_stage() else None)
+    return {"scores": scores, "norm_grad": norm_grad}
+
+
+def _hf_reference(model_dir, batch: dict) -> dict:
+    """The naive formulas on transformers' logits: entry t scores token t from logits at t-1."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids, response = batch["input_ids"], batch["response_mask"].bool()
+    z = model(ids, attention_mask=batch["attention_mask"]).logits[:, :-1] / E2E_TEMPERATURE
+    log_softmax = torch.log_softmax(z, dim=-1)
+    per_token = {
+        "log_probs": log_softmax.gather(-1, ids[:, 1:, None]).squeeze(-1),
+        "entropy": -(log_softmax.exp() * log_softmax).sum(-1),
+        "self_certainty": torch.logsumexp(z, dim=-1) - z.mean(dim=-1),
+    }
+    per_token = {k: torch.where(response, torch.nn.functional.pad(v, (1, 0)), 0.0)
+                 for k, v in per_token.items()}
+    # run_pipeline's schedule divides each micro-batch's loss by the number of micro-batches.
+    num_micro_batches = ids.shape[0] // E2E_MICRO_BATCH
+    loss = ((per_token["log_probs"] + E2E_ENTROPY_WEIGHT * per_token["entropy"])
+            * response).sum() / num_micro_batches
+    loss.backward()
+    return {"scores": {k: v.detach() for k, v in per_token.items()},
+            "norm_grad": model.model.norm.weight.grad}
+
+
+def _check_end_to_end(model_dir, tp, pp):
+    from megatron_intuitor.models.config import load_hf_config
+
+    batch = _e2e_batch(load_hf_config(model_dir).vocab_size)
+    ranks = run_distributed(_score_and_grad_on_rank, tp * pp, tp, pp, str(model_dir), batch)
+    reference = _hf_reference(model_dir, batch)
+    response = batch["response_mask"]
+    want_sentence = masked_mean_per_sequence(reference["scores"]["self_certainty"], response)
+    assert want_sentence[1] == 0 and torch.all(want_sentence[[0, 2, 3]] > 0)
+    for rank, result in enumerate(ranks):
+        for name, want in reference["scores"].items():
+            torch.testing.assert_close(result["scores"][name], want, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
+        got_sentence = masked_mean_per_sequence(result["scores"]["self_certainty"], response)
+        assert torch.isfinite(got_sentence).all()
+        torch.testing.assert_close(got_sentence, want_sentence, rtol=1e-5, atol=2e-5)
+    norm_grads = [r["norm_grad"] for r in ranks if r["norm_grad"] is not None]
+    assert len(norm_grads) == tp
+    for grad in norm_grads:
+        torch.testing.assert_close(grad, reference["norm_grad"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_end_to_end_tensor_parallel_2(tiny_qwen2):
+    _check_end_to_end(tiny_qwen2, tp=2, pp=1)
+
+
+@pytest.mark.slow
+def test_end_to_end_tensor_2_pipeline_2(tiny_qwen2):
+    _check_end_to_end(tiny_qwen2, tp=2, pp=2)
+
+
+def test_score_batch_refuses_layouts_it_cannot_score():
+    from megatron_intuitor.models.forward import check_batch
+
+    batch = _e2e_batch(1003)
+    ids, attention, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    with pytest.raises(ValueError, match="row 0 is not right-padded"):
+        check_batch(ids, attention.flip(1), torch.zeros_like(response), 2)
+    with pytest.raises(ValueError, match="micro_batch_size 3"):
+        check_batch(ids, attention, response, 3)
+    with pytest.raises(ValueError, match="response_mask row 0 marks padding"):
+        check_batch(ids, attention, torch.ones_like(response), 2)
+    response_at_0 = response.clone()
+    response_at_0[:, 0] = 1
+    with pytest.raises(ValueError, match="position 0"):
+        check_batch(ids, attention, response_at_0, 2)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        check_batch(ids, attention[:, 1:], response, 2)
