@@ -1,0 +1,113 @@
+"""The training batch: rollouts as right-padded token tensors, and how it is cut into
+data-parallel shards and micro-batches.
+
+Layout, row i = prompt_i + response_i then padding: position t holds token t; a response token at
+t is scored by the logits at t-1 (the scoring shifts). `response_mask[i, t]` is True where token t
+is a response token, so every per-token tensor here is aligned on token positions.
+Right padding keeps causal attention exact for the real tokens without an attention mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class TrainingBatch:
+    input_ids: torch.Tensor  # [B, L] long, pad-filled after the last real token
+    response_mask: torch.Tensor  # [B, L] bool: token t is a response token
+    lengths: torch.Tensor  # [B] long: prompt + response tokens
+    group_index: torch.Tensor  # [B] long: the prompt a response answers (GRPO group)
+    rollout_log_probs: torch.Tensor  # [B, L] float: engine log-prob of token t (0 off-response)
+    # Filled in by the controller before the update:
+    advantages: Optional[torch.Tensor] = None  # [B]
+    old_log_probs: Optional[torch.Tensor] = None  # [B, L] the rollout-time policy
+    ref_log_probs: Optional[torch.Tensor] = None  # [B, L] the reference model
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    def _map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> "TrainingBatch":
+        return TrainingBatch(**{f.name: None if getattr(self, f.name) is None
+                                else fn(f.name, getattr(self, f.name)) for f in fields(self)})
+
+    def select(self, index: torch.Tensor | slice) -> "TrainingBatch":
+        return self._map(lambda _, tensor: tensor[index])
+
+    def trimmed(self) -> "TrainingBatch":
+        """Drop the padding columns no row needs (after selecting a subset of rows)."""
+        width = int(self.lengths.max())
+        return self._map(lambda name, tensor: tensor[:, :width] if name in _TOKEN_FIELDS
+                         else tensor)
+
+
+_TOKEN_FIELDS = {"input_ids", "response_mask", "rollout_log_probs", "old_log_probs",
+                 "ref_log_probs"}
+
+
+def batch_from_rollouts(samples: Sequence, pad_token_id: int) -> TrainingBatch:
+    """Pack `RolloutSample`s (prompt/response ids, per-token log-probs) into a TrainingBatch."""
+    if not samples:
+        raise ValueError("no rollouts to train on")
+    lengths = [len(s.prompt_token_ids) + len(s.response_token_ids) for s in samples]
+    batch, width = len(samples), max(lengths)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((batch, width), dtype=torch.bool)
+    rollout_log_probs = torch.zeros((batch, width), dtype=torch.float32)
+    for row, sample in enumerate(samples):
+        prompt_len, end = len(sample.prompt_token_ids), lengths[row]
+        input_ids[row, :end] = torch.tensor(sample.prompt_token_ids + sample.response_token_ids)
+        response_mask[row, prompt_len:end] = True
+        rollout_log_probs[row, prompt_len:end] = torch.tensor(sample.log_probs,
+                                                              dtype=torch.float32)
+    return TrainingBatch(input_ids=input_ids, response_mask=response_mask,
+                         lengths=torch.tensor(lengths),
+                         group_index=torch.tensor([s.prompt_index for s in samples]),
+                         rollout_log_probs=rollout_log_probs)
+
+
+def data_parallel_shard(batch: TrainingBatch, dp_rank: int, dp_size: int) -> TrainingBatch:
+    """This DP rank's contiguous share of the rows (the controller checks divisibility)."""
+    if len(batch) % dp_size:
+        raise ValueError(f"batch of {len(batch)} rollouts does not split over {dp_size} "
+                         f"data-parallel ranks")
+    share = len(batch) // dp_size
+    return batch.select(slice(dp_rank * share, (dp_rank + 1) * share))
+
+
+def partition_rows(batch: TrainingBatch, micro_batch_size: int = 0,
+                   max_tokens: int = 0) -> list[torch.Tensor]:
+    """Row indices of each micro-batch: fixed `micro_batch_size` rows in order, or (dynamic
+    batching, `max_tokens` > 0) rows sorted by length and grouped greedily so that each
+    micro-batch's padded size (rows x longest row) stays within `max_tokens`.
+
+    Sorting by length keeps padding small; a row longer than the budget gets a micro-batch of
+    its own (a sequence cannot be split). Callers scatter results back through these indices."""
+    if max_tokens > 0:
+        groups: list[list[int]] = []
+        for row in torch.argsort(batch.lengths, descending=True, stable=True).tolist():
+            longest = int(batch.lengths[groups[-1][0]]) if groups else 0
+            if groups and (len(groups[-1]) + 1) * longest <= max_tokens:
+                groups[-1].append(row)
+            else:
+                groups.append([row])
+        return [torch.tensor(rows) for rows in groups]
+    if micro_batch_size <= 0:
+        raise ValueError("give a micro-batch size or a token budget (max_tokens)")
+    return list(torch.arange(len(batch)).split(micro_batch_size))
+
+
+def group_mini_batches(batch: TrainingBatch, prompts_per_mini_batch: int,
+                       generator: torch.Generator) -> list[torch.Tensor]:
+    """Row indices of the PPO mini-batches: whole prompt groups (a group's responses share one
+    z-score), in a seeded random order, `prompts_per_mini_batch` groups each."""
+    groups = batch.group_index.unique(sorted=True)
+    order = groups[torch.randperm(len(groups), generator=generator)]
+    return [torch.isin(batch.group_index, chosen).nonzero().squeeze(-1)
+            for chosen in order.split(prompts_per_mini_batch)]

@@ -1,0 +1,89 @@
+"""The PPO forward/backward of one mini-batch on Megatron: a loss head on the vocab-parallel
+logits (clipped surrogate + KL to the reference - entropy bonus), run through the pipeline
+schedule, with its statistics reduced to token means over the whole mini-batch.
+
+The head returns the loss *summed* over its response tokens together with their count, and the
+model config has `calculate_per_token_loss`: Megatron then divides the gradients by the token
+count summed over micro-batches and data-parallel ranks, so the update is the exact token mean
+of the mini-batch however it is cut.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_intuitor import algorithm, metrics
+from megatron_intuitor.batch import TrainingBatch
+from megatron_intuitor.models.forward import run_pipeline, shifted_token_scores
+
+# Per-micro-batch sums the head reports, reduced over micro-batches and DP, then / tokens.
+_SUMMED = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC, metrics.PG_CLIPFRAC_LOWER,
+           metrics.PPO_KL)
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    temperature: float
+    vocab_size: int
+    clip_ratio: float
+    kl_coef: float
+    kl_type: str
+    entropy_coef: float
+    tis_cap: Optional[float]
+
+
+def _ppo_head(settings: PPOSettings):
+    def head(logits_shard: torch.Tensor, micro_batch: dict) -> tuple:
+        scores = shifted_token_scores(logits_shard, micro_batch["input_ids"],
+                                      temperature=settings.temperature,
+                                      vocab_size=settings.vocab_size)
+        mask = micro_batch["response_mask"]
+        tokens = mask.sum()
+        tis = None
+        if settings.tis_cap:
+            tis = algorithm.tis_weights(micro_batch["old_log_probs"],
+                                        micro_batch["rollout_log_probs"], settings.tis_cap)
+        pg_sum, stats = algorithm.ppo_clip_loss(
+            scores.log_probs, micro_batch["old_log_probs"], micro_batch["advantages"], mask,
+            clip_ratio_low=settings.clip_ratio, clip_ratio_high=settings.clip_ratio,
+            tis_weights=tis, num_tokens=1.0)
+        loss = pg_sum
+        kl_sum = torch.zeros(())
+        if settings.kl_coef > 0:
+            kl_sum = algorithm.kl_loss(scores.log_probs, micro_batch["ref_log_probs"], mask,
+                                       settings.kl_type, num_tokens=1.0)
+            loss = loss + settings.kl_coef * kl_sum
+        if settings.entropy_coef > 0:
+            loss = loss - settings.entropy_coef * algorithm.entropy_loss(scores.entropy, mask,
+                                                                         num_tokens=1.0)
+        sums = torch.stack([pg_sum.detach(), kl_sum.detach(), stats.clipfrac * tokens,
+                            stats.clipfrac_lower * tokens, stats.approx_kl * tokens,
+                            tokens.to(torch.float32)])
+        return loss, tokens.to(torch.int), {"sums": sums}
+    return head
+
+
+def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, micro_batch_size: int,
+                         settings: PPOSettings) -> dict[str, float]:
+    """Accumulate this DP rank's gradients for one mini-batch (its share `shard`); returns the
+    mini-batch's token-mean loss statistics, identical on every rank."""
+    from megatron.core import parallel_state
+
+    columns = {"input_ids": shard.input_ids, "response_mask": shard.response_mask,
+               "advantages": shard.advantages, "old_log_probs": shard.old_log_probs,
+               "rollout_log_probs": shard.rollout_log_probs}
+    if settings.kl_coef > 0:
+        columns["ref_log_probs"] = shard.ref_log_probs
+    stats = run_pipeline(model_chunks, columns, _ppo_head(settings),
+                         micro_batch_size=micro_batch_size, forward_only=False)
+    # Only the last stage's first TP rank contributes, so the world sum counts each DP shard once.
+    reporting = (parallel_state.is_pipeline_last_stage()
+                 and parallel_state.get_tensor_model_parallel_rank() == 0)
+    sums = torch.stack([item["sums"] for item in stats]).sum(0) if reporting \
+        else torch.zeros(len(_SUMMED) + 1)
+    dist.all_reduce(sums)
+    tokens = max(float(sums[-1]), 1.0)
+    return {name: float(value) / tokens for name, value in zip(_SUMMED, sums[:-1])}

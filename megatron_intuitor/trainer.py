@@ -1,0 +1,258 @@
+"""The INTUITOR training loop, top to bottom: the single controller.
+
+    for each step:
+        rollout      n responses per prompt from the current policy (vLLM, one engine per rank)
+        score        old log-probs, entropy and self-certainty: the pre-update policy, one forward
+        reference    reference log-probs for the KL loss
+        advantage    reward = sentence-mean self-certainty, z-scored within each prompt's group
+        update       PPO clipped loss + KL to the reference, Megatron distributed optimizer
+        sync         stream the new weights from the Megatron shards into every engine
+    then metrics, validation every k steps, checkpoint every k steps.
+
+The controller holds no model: it owns the data, the advantages and the bookkeeping; the ranks
+(workers/actor.py) own the tensors.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_intuitor import algorithm, metrics
+from megatron_intuitor.batch import TrainingBatch, batch_from_rollouts
+from megatron_intuitor.config import Layout, Schedule, derive_layout, training_schedule
+from megatron_intuitor.data.datasets import DatasetSpec, load_records
+from megatron_intuitor.data.loader import PromptLoader
+from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
+from megatron_intuitor.evaluation.registry import grade_record, validation_metrics
+from megatron_intuitor.rollout.engine import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- the run's inputs
+
+
+def prepare_model_dir(cfg: DictConfig) -> Path:
+    """The policy's HF checkpoint: `model.path`, or a tiny Qwen2 made once in the run dir."""
+    if cfg.model.path:
+        path = Path(cfg.model.path)
+        if path.exists():
+            return path
+        from huggingface_hub import snapshot_download  # a hub id, where the machine has internet
+
+        return Path(snapshot_download(cfg.model.path))
+    from megatron_intuitor.models.tiny import make_tiny_model
+
+    tiny_dir = Path(cfg.trainer.output_dir) / "tiny_model"
+    if not (tiny_dir / "config.json").is_file():
+        make_tiny_model(tiny_dir, **OmegaConf.to_container(cfg.model.tiny))
+    return tiny_dir
+
+
+def _dataset_spec(cfg: DictConfig, path: Optional[str], fmt: str, name: Optional[str],
+                  split: str) -> DatasetSpec:
+    synthetic = cfg.data.synthetic
+    return DatasetSpec(path=path, format=fmt, name=name, prompt_key=cfg.data.prompt_key,
+                       answer_key=cfg.data.answer_key,
+                       size=synthetic[f"{split}_size"],
+                       seed=cfg.data.seed + (0 if split == "train" else 1))
+
+
+def load_prompt_sets(cfg: DictConfig, tokenizer) -> tuple[PromptSet, list[PromptSet]]:
+    """Training prompts and one prompt set per validation dataset, chat-templated and filtered."""
+    data = cfg.data
+    if data.format == "synthetic":
+        train_specs = [_dataset_spec(cfg, None, "synthetic", None, "train")]
+        val_entries = data.val_files or [{"name": "synthetic_arithmetic", "format": "synthetic",
+                                          "path": ""}]
+    else:
+        train_specs = [_dataset_spec(cfg, path, data.format, None, "train")
+                       for path in data.train_files]
+        val_entries = data.val_files
+    records = [record for spec in train_specs for record in load_records(spec)]
+    train = build_prompts(records, tokenizer, data.system_prompt, data.max_prompt_length,
+                          name="data.train_files")
+    val_sets = [build_prompts(load_records(_dataset_spec(cfg, entry["path"] or None,
+                                                         entry["format"], entry["name"], "val")),
+                              tokenizer, data.system_prompt, data.max_prompt_length,
+                              name=f"validation set {entry['name']}")
+                for entry in val_entries]
+    return train, val_sets
+
+
+# --------------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, layout: Layout, schedule: Schedule, actor,
+                 loader: PromptLoader, val_sets: list[PromptSet], logger: metrics.MetricsLogger,
+                 tokenizer) -> None:
+        self.cfg, self.layout, self.schedule = cfg, layout, schedule
+        self.actor, self.loader, self.val_sets = actor, loader, val_sets
+        self.logger, self.tokenizer = logger, tokenizer
+        self.checkpoint_root = Path(cfg.trainer.output_dir) / "checkpoints"
+        stop_ids = tuple(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}))
+        self.sampling = SamplingConfig(
+            n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            top_k=max(cfg.rollout.top_k, 0), max_tokens=cfg.data.max_response_length,
+            stop_token_ids=stop_ids)
+        self.greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=cfg.data.max_response_length,
+                                     stop_token_ids=stop_ids)
+
+    def train_step(self, step: int, prompts: list[Prompt]) -> dict[str, float]:
+        """One INTUITOR step: rollout -> score -> advantage -> update -> sync."""
+        cfg, timings = self.cfg, {}
+        step_start = time.perf_counter()
+        with _timed(timings, "rollout"):
+            samples = self.actor.generate([p.token_ids for p in prompts], self.sampling,
+                                          seed=cfg.trainer.seed * 1_000_003 + step)
+            batch = batch_from_rollouts(samples, self.tokenizer.pad_token_id)
+        with _timed(timings, "old_log_prob"):  # the rollout-time policy: never a frozen scorer
+            scores = self.actor.compute_log_probs(batch)
+        with _timed(timings, "ref"):
+            ref_log_probs = self.actor.compute_ref_log_probs(batch) \
+                if cfg.algorithm.kl_coef > 0 else None
+        with _timed(timings, "advantage"):
+            self_certainty = algorithm.sequence_rewards_from_self_certainty(
+                scores["self_certainty"], batch.response_mask)
+            advantages = self._advantages(self_certainty, samples, prompts, batch)
+        with _timed(timings, "update"):
+            batch.advantages, batch.old_log_probs = advantages, scores["log_probs"]
+            batch.ref_log_probs = ref_log_probs
+            update_metrics = self.actor.update_policy(batch, step)
+        with _timed(timings, "weight_sync"):
+            self.actor.sync_weights()
+        elapsed = time.perf_counter() - step_start
+        mask = batch.response_mask
+        logprob_diff = (scores["log_probs"] - batch.rollout_log_probs).abs()
+        return {
+            metrics.SELF_CERTAINTY_MEAN: self_certainty.mean(),
+            metrics.SELF_CERTAINTY_STD: self_certainty.std(),
+            metrics.ENTROPY: algorithm.masked_token_mean(scores["entropy"], mask),
+            metrics.ADVANTAGES_MEAN: advantages.mean(),
+            metrics.RESPONSE_LENGTH_MEAN: mask.sum(-1).float().mean(),
+            metrics.ROLLOUT_LOGPROB_DIFF: algorithm.masked_token_mean(logprob_diff, mask),
+            metrics.THROUGHPUT: float(batch.lengths.sum()) / elapsed,
+            **update_metrics,
+            **{metrics.timing(phase): seconds for phase, seconds in timings.items()},
+            metrics.timing("step"): elapsed,
+        }
+
+    def _advantages(self, self_certainty: torch.Tensor, samples, prompts: list[Prompt],
+                    batch: TrainingBatch) -> torch.Tensor:
+        """Per-response advantages for `algorithm.name`: intuitor (self-certainty), grpo
+        (verifiable 0/1 reward) or hybrid (weighted sum of the separately z-scored two)."""
+        name, group = self.cfg.algorithm.name, batch.group_index
+        if name == "intuitor":
+            return algorithm.grpo_advantages(self_certainty, group)
+        correct = torch.tensor([float(grade_record(prompts[s.prompt_index].record, s.text))
+                                for s in samples])
+        if name == "grpo":
+            return algorithm.grpo_advantages(correct, group)
+        weights = self.cfg.algorithm.hybrid_weights
+        return algorithm.hybrid_advantages(
+            {"self_certainty": self_certainty, "verifiable": correct},
+            {"self_certainty": weights.self_certainty, "verifiable": weights.verifiable}, group)
+
+    def validate(self) -> dict[str, float]:
+        """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`."""
+        result = {}
+        for prompt_set in self.val_sets:
+            samples = self.actor.generate([p.token_ids for p in prompt_set.prompts], self.greedy,
+                                          seed=0)
+            result.update(validation_metrics([p.record for p in prompt_set.prompts],
+                                             [s.text for s in samples]))
+        return result
+
+    def save(self, step: int) -> None:
+        self.actor.save_checkpoint(str(self.checkpoint_root), step,
+                                   {"data": self.loader.state_dict()},
+                                   keep_last=self.cfg.trainer.keep_last)
+
+    def resume(self) -> int:
+        """The step to continue after (0 for a fresh run), per `trainer.resume`."""
+        from megatron_intuitor.checkpoint import latest_checkpoint
+
+        setting = self.cfg.trainer.resume
+        if setting == "disable":
+            return 0
+        path = latest_checkpoint(self.checkpoint_root) if setting == "auto" else Path(setting)
+        if path is None:
+            return 0
+        extra = self.actor.load_checkpoint(str(path))
+        self.loader.load_state_dict(extra["data"])
+        log.info("resumed from %s (step %d)", path, extra["step"])
+        return int(extra["step"])
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg.trainer
+        start = self.resume()
+        last: dict[str, float] = {}
+        if cfg.val_before_train and start == 0 and self.val_sets:
+            self.logger.log(0, self.validate())
+        for step in range(start + 1, self.schedule.training_steps + 1):
+            last = self.train_step(step, self.loader.next_batch())
+            final = step == self.schedule.training_steps
+            if self.val_sets and (final or (cfg.val_every and step % cfg.val_every == 0)):
+                last.update(self.validate())
+            self.logger.log(step, last)
+            if final or (cfg.save_every and step % cfg.save_every == 0):
+                self.save(step)
+        return last
+
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[phase] = time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Run the configured job (the config resolved and validated by `config.load`)."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from megatron_intuitor.workers.actor import ActorGroup
+
+    layout = derive_layout(cfg)
+    output_dir = Path(cfg.trainer.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_model_dir(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_set, val_sets = load_prompt_sets(cfg, tokenizer)
+    if train_set.num_dropped:
+        log.warning("dropped %d training prompts longer than data.max_prompt_length=%d",
+                    train_set.num_dropped, cfg.data.max_prompt_length)
+    schedule = training_schedule(cfg, len(train_set.prompts))
+    loader = PromptLoader(train_set.prompts, cfg.data.prompts_per_step, cfg.data.seed,
+                          shuffle=cfg.data.shuffle)
+    logger = metrics.MetricsLogger(output_dir, cfg.trainer.experiment_name,
+                                   config=OmegaConf.to_container(cfg),
+                                   backends=list(cfg.logger.backends),
+                                   wandb_project=cfg.logger.wandb_project,
+                                   log_dir=cfg.logger.log_dir)
+    if not ray.is_initialized():
+        ray.init(address=cfg.trainer.ray_address, include_dashboard=False,
+                 **({} if cfg.trainer.ray_address else {"num_cpus": max(os.cpu_count() or 1,
+                                                                         layout.world_size)}))
+    actor = ActorGroup(cfg, layout, schedule, model_dir)
+    try:
+        trainer = Trainer(cfg, layout, schedule, actor, loader, val_sets, logger, tokenizer)
+        final = trainer.fit()
+        actor.export_hf(str(output_dir / "hf_final"))
+    finally:
+        actor.shutdown()
+        logger.close()
+    metrics.plot_curves(logger.jsonl_path, output_dir / "curves.png")
+    return final

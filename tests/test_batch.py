@@ -1,0 +1,74 @@
+"""Rollouts -> padded training tensors, DP shards and micro-batch partitions."""
+import torch
+
+from megatron_intuitor.batch import (batch_from_rollouts, data_parallel_shard,
+                                     group_mini_batches, partition_rows)
+from megatron_intuitor.rollout.engine import RolloutSample
+
+
+def _sample(prompt_index, prompt, response):
+    return RolloutSample(prompt_index, prompt, response, "", "stop",
+                         [-0.5 * (i + 1) for i in range(len(response))])
+
+
+def test_rollouts_become_right_padded_rows_aligned_on_token_positions():
+    batch = batch_from_rollouts([_sample(0, [5, 6], [7, 8, 9]), _sample(1, [5], [4])],
+                                pad_token_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 4, 0, 0, 0]]
+    assert batch.response_mask.tolist() == [[False, False, True, True, True],
+                                            [False, True, False, False, False]]
+    assert batch.rollout_log_probs[0].tolist() == [0.0, 0.0, -0.5, -1.0, -1.5]
+    assert batch.lengths.tolist() == [5, 2]
+    assert batch.group_index.tolist() == [0, 1]
+    assert batch.num_response_tokens == 4
+
+
+def test_data_parallel_shards_are_contiguous_and_trimmed_on_request():
+    samples = [_sample(i // 2, [1] * (i + 1), [2]) for i in range(4)]
+    batch = batch_from_rollouts(samples, pad_token_id=0)
+    first, second = (data_parallel_shard(batch, r, 2) for r in range(2))
+    assert first.group_index.tolist() == [0, 0] and second.group_index.tolist() == [1, 1]
+    assert first.trimmed().input_ids.shape == (2, 3)
+    try:
+        data_parallel_shard(batch, 0, 3)
+    except ValueError as error:
+        assert "3 data-parallel ranks" in str(error)
+    else:
+        raise AssertionError("4 rows over 3 ranks must fail")
+
+
+def test_token_budget_partition_bounds_padded_tokens_and_covers_every_row_once():
+    lengths = [7, 3, 12, 5, 5, 9, 2, 11]
+    batch = batch_from_rollouts([_sample(i, [1] * (n - 1), [2]) for i, n in enumerate(lengths)],
+                                pad_token_id=0)
+    parts = partition_rows(batch, max_tokens=20)
+    rows = sorted(int(r) for part in parts for r in part)
+    assert rows == list(range(len(lengths)))
+    for part in parts:
+        padded = len(part) * max(lengths[int(r)] for r in part)
+        assert padded <= 20 or len(part) == 1
+    fixed = partition_rows(batch, micro_batch_size=3)
+    assert [p.tolist() for p in fixed] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
+def test_mini_batches_hold_whole_prompt_groups_in_a_seeded_order():
+    samples = [_sample(i // 4, [1], [2]) for i in range(12)]
+    batch = batch_from_rollouts(samples, pad_token_id=0)
+    runs = [group_mini_batches(batch, 2, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert [r.tolist() for r in runs[0]] == [r.tolist() for r in runs[1]]
+    assert [len(r) for r in runs[0]] == [8, 4]
+    for rows in runs[0]:
+        groups = batch.group_index[rows]
+        for group in groups.unique():
+            assert int((batch.group_index == group).sum()) == int((groups == group).sum())
+    assert sorted(torch.cat(runs[0]).tolist()) == list(range(12))
+
+
+def test_select_and_trim_carry_the_update_columns():
+    batch = batch_from_rollouts([_sample(0, [5, 6], [7, 8, 9]), _sample(0, [5], [4])], 0)
+    batch.advantages = torch.tensor([1.0, -1.0])
+    batch.old_log_probs = torch.arange(10.0).view(2, 5)
+    second = batch.select(torch.tensor([1])).trimmed()
+    assert second.advantages.tolist() == [-1.0]
+    assert second.old_log_probs.tolist() == [[5.0, 6.0]]
+    assert second.ref_log_probs is None
