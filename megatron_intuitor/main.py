@@ -1,0 +1,30 @@
+"""The command line: `megatron-intuitor [task=<name>] [key=value ...]`, or
+`python -m megatron_intuitor.main ...`. Without arguments it runs the tiny embedded default.
+
+Hydra composes the config from `conf/` (`--cfg job` prints it and runs nothing, `--help` lists
+the groups); it is resolved and validated before the trainer, Ray or any model is touched.
+"""
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from megatron_intuitor.config import CONF_DIR, ConfigError, resolve, validate
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        cfg = resolve(cfg)
+        validate(cfg)
+    except ConfigError as error:
+        print(f"megatron-intuitor: {error}", file=sys.stderr)
+        sys.exit(2)
+    # Imported only now: the trainer pulls in Ray, Megatron-Core and vLLM.
+    from megatron_intuitor import trainer
+
+    trainer.run(cfg)
+
+
+if __name__ == "__main__":
+    main()
