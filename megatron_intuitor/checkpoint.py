@@ -216,6 +216,7 @@ def save_hf_checkpoint(named_tensors: Iterable[tuple[str, torch.Tensor]], out_di
         nonlocal pending, pending_bytes
         name = f"model-{len(shard_files) + 1:05d}.safetensors"
         save_file(pending, str(tmp / name), metadata={"format": "pt"})
+        (tmp / name).chmod(0o644)  # safetensors creates its files owner-only
         shard_files.append(name)
         weight_map.update({key: name for key in pending})
         pending, pending_bytes = {}, 0
@@ -291,13 +292,14 @@ def _save_atomically(final: Path, model_chunks: Sequence[torch.nn.Module], optim
         final.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a save that was killed
             shutil.rmtree(tmp)
-        (tmp / RANK_STATES_DIR).mkdir(parents=True)
+        tmp.mkdir(parents=True)  # dist_checkpointing.save needs it to exist (and be empty)
     _barrier()
 
     sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
     dist_checkpointing.save(sharded, str(tmp),
                             content_metadata={"distrib_optim_sharding_type":
                                               OPTIMIZER_SHARDING_TYPE})
+    (tmp / RANK_STATES_DIR).mkdir(exist_ok=True)
     torch.save({"rng": _rng_states(), "adam_steps": _adam_steps(optimizer)},
                tmp / RANK_STATES_DIR / f"rank_{_rank():05d}.pt")
     _barrier()
