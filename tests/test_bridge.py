@@ -1,8 +1,8 @@
 """The HF <-> Megatron bridge is exact: Megatron logits equal transformers' logits (fp32) at every
 parallel layout, and HF -> Megatron -> HF gives back every tensor bit for bit.
 
-Each layout is one multi-rank run that loads several tiny models in turn (spawning ranks costs
-more than the models); the transformers reference runs in the test process."""
+All layouts run in one 4-rank spawn that re-initialises Megatron's parallel groups per layout and
+loads several tiny models in each; the transformers reference runs in the test process."""
 import json
 import shutil
 
@@ -45,34 +45,59 @@ def _pipeline_logits(chunks, ids):
     return torch.cat([item["logits"] for item in store])
 
 
-def _load_score_export(rank, world_size, tp, pp, vpp, model_dirs, bad_dirs):
-    """Per model: logits shard and the full export of this rank; per bad checkpoint: the error."""
+# name -> (tensor, pipeline, virtual pipeline) sizes and the models checked at that layout
+LAYOUTS = {
+    "tp1": ((1, 1, None), ("qwen2", "qwen2_untied", "llama", "qwen3", "qwen2_bf16")),
+    "tp2": ((2, 1, None), ("qwen2", "llama", "qwen3")),
+    # tied embeddings at PP=2: the last stage holds a copy of the embedding as output layer
+    "pp2": ((1, 2, None), ("qwen2", "qwen2_untied", "llama")),
+    "tp2_pp2": ((2, 2, None), ("qwen2", "llama", "qwen3")),
+    "pp2_vpp2": ((1, 2, 2), ("qwen2_4layers",)),
+}
+WORLD_SIZE = 4  # every layout runs on the same 4 ranks, the rest being data parallel
+
+
+def _every_layout(rank, world_size, model_dirs, bad_dirs):
+    """Per layout and model: this rank's logits shard and a bit-exact comparison of its export
+    with the checkpoint; per bad checkpoint: the error. One spawn for all layouts: starting
+    ranks costs far more than the tiny models."""
     from megatron.core import parallel_state
+    from safetensors.torch import load_file
 
     from megatron_intuitor.models.bridge import export_hf_weights, load_hf_weights
     from megatron_intuitor.models.config import (
         build_model, load_hf_config, transformer_config_from_hf)
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
 
-    sizes = ParallelSizes(tp, pp, vpp)
-    init_model_parallel(sizes, seed=1)
-    results = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(), "models": {},
-               "errors": {}}
-    for name, model_dir in model_dirs.items():
-        hf_config = load_hf_config(model_dir)
-        chunks = build_model(hf_config, transformer_config_from_hf(
-            hf_config, sizes, params_dtype=hf_config.dtype))
-        load_hf_weights(chunks, model_dir, hf_config)
-        logits = (_pipeline_logits(chunks, _token_ids(hf_config.vocab_size))
-                  if hf_config.dtype == torch.float32 else None)
-        results["models"][name] = {"logits": logits,
-                                   "export": list(export_hf_weights(chunks, hf_config))}
-    for name, bad_dir in bad_dirs.items():
-        try:
-            load_hf_weights(chunks, bad_dir, hf_config)
-            results["errors"][name] = None
-        except ValueError as err:
-            results["errors"][name] = str(err)
+    results = {"errors": {}}
+    for layout, (sizes, models) in LAYOUTS.items():
+        sizes = ParallelSizes(*sizes)
+        init_model_parallel(sizes, seed=1)
+        results[layout] = {}
+        for name in models:
+            hf_config = load_hf_config(model_dirs[name])
+            chunks = build_model(hf_config, transformer_config_from_hf(
+                hf_config, sizes, params_dtype=hf_config.dtype))
+            load_hf_weights(chunks, model_dirs[name], hf_config)
+            logits = (_pipeline_logits(chunks, _token_ids(hf_config.vocab_size))
+                      if hf_config.dtype == torch.float32 else None)
+            checkpoint = load_file(f"{model_dirs[name]}/model.safetensors")
+            export = [(hf_name, str(tensor.dtype), str(checkpoint[hf_name].dtype)
+                       if hf_name in checkpoint else None,
+                       hf_name in checkpoint and torch.equal(tensor, checkpoint[hf_name]))
+                      for hf_name, tensor in export_hf_weights(chunks, hf_config)]
+            results[layout][name] = {
+                "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+                "dp_rank": parallel_state.get_data_parallel_rank(),
+                "logits": logits, "export": export, "checkpoint": sorted(checkpoint)}
+        if layout == "tp1":
+            for bad, bad_dir in bad_dirs.items():
+                try:
+                    load_hf_weights(chunks, bad_dir, hf_config)
+                    results["errors"][bad] = None
+                except ValueError as err:
+                    results["errors"][bad] = str(err)
+        parallel_state.destroy_model_parallel()
     return results
 
 
@@ -82,47 +107,6 @@ def _hf_logits(model_dir) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         return model(_token_ids(model.config.vocab_size)).logits
-
-
-def _check_layout(tp, pp, model_dirs, vpp=None, bad_dirs=None):
-    ranks = run_distributed(_load_score_export, tp * pp, tp, pp, vpp,
-                            {k: str(v) for k, v in model_dirs.items()},
-                            {k: str(v) for k, v in (bad_dirs or {}).items()})
-    for name, model_dir in model_dirs.items():
-        checkpoint = load_file(str(model_dir / "model.safetensors"))
-        for rank, result in enumerate(ranks):
-            exported = result["models"][name]["export"]
-            names = [hf_name for hf_name, _ in exported]
-            assert sorted(names) == sorted(checkpoint), f"{name} rank {rank}: exported names"
-            assert len(names) == len(set(names)), f"{name} rank {rank}: a tensor exported twice"
-            for hf_name, tensor in exported:
-                expected = checkpoint[hf_name]
-                assert tensor.dtype == expected.dtype, f"{name} rank {rank}: {hf_name} dtype"
-                assert torch.equal(tensor, expected), f"{name} rank {rank}: {hf_name} differs"
-        if next(iter(checkpoint.values())).dtype != torch.float32:
-            continue
-        shards = {r["tp_rank"]: r["models"][name]["logits"] for r in ranks
-                  if r["models"][name]["logits"] is not None}
-        assert sorted(shards) == list(range(tp))
-        reference = _hf_logits(model_dir)
-        megatron = torch.cat([shards[t] for t in range(tp)], dim=-1)
-        padded = megatron[..., reference.shape[-1]:]
-        assert megatron.shape[-1] % (128 * tp) == 0 and torch.all(padded == 0)
-        diff = (megatron[..., : reference.shape[-1]] - reference).abs().max().item()
-        assert diff <= ATOL, f"{name} at TP={tp} PP={pp} VPP={vpp}: max |logit diff| {diff}"
-    return ranks[0]["errors"]
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2_bf16(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("qwen2_bf16"), arch="qwen2", vocab_size=1003,
-                           dtype=torch.bfloat16)
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2_4layers(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("qwen2_4l"), arch="qwen2", vocab_size=1003,
-                           num_layers=4)
 
 
 def _corrupt_copies(model_dir, root):
@@ -145,41 +129,78 @@ def _corrupt_copies(model_dir, root):
     return dirs
 
 
+@pytest.fixture(scope="module")
+def model_dirs(tiny_qwen2, tiny_qwen2_untied, tiny_llama, tiny_qwen3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bridge_models")
+    return {
+        "qwen2": tiny_qwen2, "qwen2_untied": tiny_qwen2_untied, "llama": tiny_llama,
+        "qwen3": tiny_qwen3,
+        "qwen2_bf16": make_tiny_model(root / "qwen2_bf16", arch="qwen2", vocab_size=1003,
+                                      dtype=torch.bfloat16),
+        "qwen2_4layers": make_tiny_model(root / "qwen2_4layers", arch="qwen2", vocab_size=1003,
+                                         num_layers=4),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_dirs(tiny_qwen2, tmp_path_factory):
+    return _corrupt_copies(tiny_qwen2, tmp_path_factory.mktemp("bad_checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def every_layout(model_dirs, bad_dirs):
+    return run_distributed(_every_layout, WORLD_SIZE,
+                           {name: str(path) for name, path in model_dirs.items()},
+                           {name: str(path) for name, path in bad_dirs.items()})
+
+
 @pytest.mark.slow
-def test_single_rank_logits_round_trip_and_bad_checkpoints(
-        tiny_qwen2, tiny_qwen2_untied, tiny_llama, tiny_qwen3, tiny_qwen2_bf16, tmp_path):
-    errors = _check_layout(
-        1, 1, {"qwen2": tiny_qwen2, "qwen2_untied": tiny_qwen2_untied, "llama": tiny_llama,
-               "qwen3": tiny_qwen3, "qwen2_bf16": tiny_qwen2_bf16},
-        bad_dirs=_corrupt_copies(tiny_qwen2, tmp_path))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_export_round_trip_is_bit_identical(every_layout, layout):
+    for name in LAYOUTS[layout][1]:
+        for rank, result in enumerate(every_layout):
+            model = result[layout][name]
+            names = [hf_name for hf_name, *_ in model["export"]]
+            where = f"{name} at {layout}, rank {rank}"
+            assert sorted(names) == model["checkpoint"], f"{where}: exported names"
+            assert len(names) == len(set(names)), f"{where}: a tensor exported twice"
+            for hf_name, dtype, checkpoint_dtype, equal in model["export"]:
+                assert dtype == checkpoint_dtype, f"{where}: {hf_name} is {dtype}"
+                assert equal, f"{where}: {hf_name} differs from the checkpoint"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_logits_equal_transformers(every_layout, model_dirs, layout):
+    (tp, pp, vpp), models = LAYOUTS[layout]
+    for name in models:
+        if name == "qwen2_bf16":
+            continue
+        reference = _hf_logits(model_dirs[name])
+        replicas = {}
+        for result in every_layout:
+            model = result[layout][name]
+            if model["logits"] is not None:
+                replicas.setdefault(model["dp_rank"], {})[model["tp_rank"]] = model["logits"]
+        assert len(replicas) == WORLD_SIZE // (tp * pp)
+        for shards in replicas.values():
+            assert sorted(shards) == list(range(tp))
+            megatron = torch.cat([shards[t] for t in range(tp)], dim=-1)
+            assert megatron.shape[-1] % (128 * tp) == 0
+            assert torch.all(megatron[..., reference.shape[-1]:] == 0)  # padded vocab
+            diff = (megatron[..., : reference.shape[-1]] - reference).abs().max().item()
+            assert diff <= ATOL, f"{name} at {layout}: max |logit diff| {diff}"
+
+
+@pytest.mark.slow
+def test_bad_checkpoints_are_refused_by_name(every_layout):
+    errors = every_layout[0]["errors"]
     assert "missing tensors: model.layers.1.mlp.down_proj.weight" in errors["missing"]
     assert "unexpected tensors: model.layers.0.self_attn.o_proj.bias" in errors["extra"]
     assert ("'model.layers.0.mlp.up_proj.weight'" in errors["shape"]
             and "[255, 128], expected [256, 128]" in errors["shape"])
     assert "cannot read safetensors file" in errors["truncated"]
-    assert "truncated" in errors["truncated"]  # the directory of the bad file is named
-
-
-@pytest.mark.slow
-def test_tensor_parallel_2(tiny_qwen2, tiny_llama, tiny_qwen3):
-    _check_layout(2, 1, {"qwen2": tiny_qwen2, "llama": tiny_llama, "qwen3": tiny_qwen3})
-
-
-@pytest.mark.slow
-def test_pipeline_parallel_2(tiny_qwen2, tiny_qwen2_untied, tiny_llama):
-    # Tied embeddings at PP=2: the last stage holds a copy of the embedding as its output layer.
-    _check_layout(1, 2, {"qwen2": tiny_qwen2, "qwen2_untied": tiny_qwen2_untied,
-                         "llama": tiny_llama})
-
-
-@pytest.mark.slow
-def test_tensor_2_x_pipeline_2(tiny_qwen2, tiny_llama, tiny_qwen3):
-    _check_layout(2, 2, {"qwen2": tiny_qwen2, "llama": tiny_llama, "qwen3": tiny_qwen3})
-
-
-@pytest.mark.slow
-def test_virtual_pipeline(tiny_qwen2_4layers):
-    _check_layout(1, 2, {"qwen2_4layers": tiny_qwen2_4layers}, vpp=2)
+    assert "truncated/model.safetensors" in errors["truncated"]
 
 
 # --- configuration errors (no ranks needed) ---------------------------------------------------

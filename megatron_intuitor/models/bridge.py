@@ -29,6 +29,7 @@ import torch.distributed as dist
 import transformers
 
 from megatron_intuitor.models.config import architecture_features, padded_vocab_size
+from megatron_intuitor.platform import device
 
 
 class Layout(enum.Enum):
@@ -243,7 +244,8 @@ class _SafetensorsCheckpoint:
         try:
             return take(self._handles[name].get_slice(name))
         except Exception as err:
-            raise ValueError(f"cannot read tensor {name!r} from {self._files[name]}: {err}") from err
+            raise ValueError(f"cannot read tensor {name!r} from {self._files[name]}: "
+                             f"{err}") from err
 
     def check(self, expected: dict[str, tuple[int, ...]], tied_embeddings: bool) -> None:
         """Missing, unexpected or misshapen tensors: a ValueError naming them, before any read."""
@@ -369,7 +371,8 @@ def export_hf_weights(model_chunks: Sequence[torch.nn.Module],
 
     Every rank yields the same sequence (embeddings, layers in order, final norm, lm_head if
     untied), one Megatron parameter's tensors at a time, in the model's `params_dtype`, with
-    the padded vocabulary trimmed. Collectives run inside: all ranks must drain the generator.
+    the padded vocabulary trimmed, on the model's device (`.cpu()` them to save). Collectives
+    run inside: every rank must drain the generator.
     """
     from megatron.core import parallel_state
 
@@ -399,7 +402,8 @@ def export_hf_weights(model_chunks: Sequence[torch.nn.Module],
         if owners[0] == pp_rank:
             tensors = [t.to(dtype) for t in _to_hf(local[key], mapping, dims, tp)]
         else:
-            tensors = [torch.empty(shape, dtype=dtype) for shape in mapping.hf_shapes]
+            tensors = [torch.empty(shape, dtype=dtype, device=device())
+                       for shape in mapping.hf_shapes]
         for name, tensor in zip(mapping.hf_names(layer), tensors):
             if pp > 1:
                 dist.broadcast(tensor, group=parallel_state.get_pipeline_model_parallel_group(),

@@ -22,7 +22,6 @@ import transformers
 from megatron_intuitor.parallel import ParallelSizes
 from megatron_intuitor.platform import on_gpu
 
-# HF `architectures[0]` -> the features that differ between the supported families.
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM")
 # Rope types whose inverse frequencies are static (no attention scaling, no sequence-length
 # dependence), so they are exactly a different `inv_freq` in Megatron's rotary embedding.
@@ -42,7 +41,7 @@ class ArchitectureFeatures:
 
 
 def architecture_features(hf_config: transformers.PretrainedConfig) -> ArchitectureFeatures:
-    architecture = _architecture(hf_config)
+    architecture = _checked_architecture(getattr(hf_config, "architectures", None), "HF config")
     head_dim = getattr(hf_config, "head_dim", None) or (
         hf_config.hidden_size // hf_config.num_attention_heads)
     return ArchitectureFeatures(
@@ -57,10 +56,10 @@ def architecture_features(hf_config: transformers.PretrainedConfig) -> Architect
     )
 
 
-def _architecture(hf_config: transformers.PretrainedConfig) -> str:
-    architectures = getattr(hf_config, "architectures", None) or []
-    if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {architectures or hf_config.model_type!r}; "
+def _checked_architecture(architectures: Optional[list], where: str) -> str:
+    if not architectures or len(architectures) != 1 or (
+            architectures[0] not in SUPPORTED_ARCHITECTURES):
+        raise ValueError(f"{where}: unsupported architecture {architectures!r}; "
                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return architectures[0]
 
@@ -93,7 +92,7 @@ def _check_supported(hf_config: transformers.PretrainedConfig, where: str) -> No
 
 
 def load_hf_config(model_dir: str | Path) -> transformers.PretrainedConfig:
-    """Read `<model_dir>/config.json`; ValueError if the architecture or a feature is unsupported."""
+    """Read `<model_dir>/config.json`; ValueError on an unsupported architecture or feature."""
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no HF config at {config_file}")
@@ -102,9 +101,7 @@ def load_hf_config(model_dir: str | Path) -> transformers.PretrainedConfig:
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file} is not valid JSON: {err}") from err
     # Checked before AutoConfig, which fails obscurely on model types it does not know.
-    if not architectures or len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{config_file}: unsupported architecture {architectures!r}; "
-                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    _checked_architecture(architectures, str(config_file))
     hf_config = transformers.AutoConfig.from_pretrained(model_dir)
     _check_supported(hf_config, str(config_file))
     return hf_config
@@ -156,7 +153,8 @@ def transformer_config_from_hf(
         if fp8 not in FP8_FORMATS:
             raise ValueError(f"fp8={fp8!r}: choose one of {FP8_FORMATS} or None")
         if not on_gpu():
-            raise ValueError(f"fp8={fp8!r} needs Transformer Engine on a GPU; this machine has none")
+            raise ValueError(f"fp8={fp8!r} needs Transformer Engine on a GPU; "
+                             "this machine has none")
     features = architecture_features(hf_config)
     gpu = on_gpu()
     recompute_options = (dict(recompute_granularity="full", recompute_method="uniform",

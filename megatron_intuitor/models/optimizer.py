@@ -41,9 +41,10 @@ def build_optimizer(
                                           disable_bucketing=index > 0)
                   for index, chunk in enumerate(model_chunks)]
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=betas[0],
-                        adam_beta2=betas[1], adam_eps=eps, clip_grad=clip_grad, bf16=config.bf16,
-                        fp16=config.fp16, params_dtype=config.params_dtype,
+        OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+                        adam_beta1=betas[0], adam_beta2=betas[1], adam_eps=eps,
+                        clip_grad=clip_grad, bf16=config.bf16, fp16=config.fp16,
+                        params_dtype=config.params_dtype,
                         use_distributed_optimizer=use_distributed_optimizer),
         ddp_chunks)
     # Without this Megatron's schedules never reduce gradients across data-parallel ranks (and
