@@ -44,7 +44,7 @@ def _lr_scheduler(optimizer, actor: DictConfig, schedule: Schedule):
         wd_incr_style="constant")
 
 
-def _guarded_optimizer_step(optimizer, grad_clip: float) -> tuple[bool, float]:
+def guarded_optimizer_step(optimizer, grad_clip: float) -> tuple[bool, float]:
     """Step unless the gradient norm is not finite; then the step is skipped and the weights
     stay untouched. Returns (stepped, grad_norm)."""
     found_inf = optimizer.prepare_grads()
@@ -172,7 +172,7 @@ class ActorWorker(Worker):
                                               actor.ppo_micro_batch_size_per_gpu,
                                               self.ppo_settings)
                 finite_loss = all(math.isfinite(v) for v in losses.values())
-                stepped, grad_norm = _guarded_optimizer_step(self.optimizer, actor.grad_clip) \
+                stepped, grad_norm = guarded_optimizer_step(self.optimizer, actor.grad_clip) \
                     if finite_loss else (False, float("nan"))
                 if not finite_loss:
                     self.optimizer.zero_grad()
