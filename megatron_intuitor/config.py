@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from megatron_intuitor.data.datasets import FORMATS as DATA_FORMATS
+from megatron_intuitor.workers.group import PLACEMENT_STRATEGIES
 
 if TYPE_CHECKING:
     from megatron_intuitor.parallel import ParallelSizes
@@ -33,7 +34,6 @@ PRECISIONS = ("fp32", "bf16")
 FP8_RECIPES = (None, "hybrid", "e4m3")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
-PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb")
 HYBRID_WEIGHT_KEYS = ("self_certainty", "verifiable")
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")  # what data.datasets.read_rows reads
@@ -322,7 +322,8 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.nnodes", _positive_int, "a positive integer"),
     ("trainer.n_gpus_per_node", _positive_int, "a positive integer"),
     ("trainer.cpus_per_worker", lambda v: _is_number(v) and v > 0, "a number > 0"),
-    ("trainer.placement", _one_of(PLACEMENTS), f"one of {', '.join(PLACEMENTS)}"),
+    ("trainer.placement", _one_of(PLACEMENT_STRATEGIES),
+     f"one of {', '.join(PLACEMENT_STRATEGIES)}"),
     ("trainer.device", _one_of(DEVICES), f"one of {', '.join(DEVICES)}"),
     ("trainer.total_epochs", _positive_int, "a positive integer"),
     ("trainer.total_steps", lambda v: v is None or _positive_int(v), "null or a positive integer"),

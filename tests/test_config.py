@@ -78,6 +78,12 @@ def test_default_task_is_tiny():
 
 
 def test_custom_config_reads_environment_variables(monkeypatch, tmp_path):
+    for name in ("DATA_FORMAT", "ANSWER_KEY", "TRAIN_BATCH_SIZE", "ROLLOUT_N"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = resolve(compose(["task=custom_config"]))  # prepare_data's parquet layout
+    assert (defaults.data.format, defaults.data.answer_key) == ("auto", None)
+    assert defaults.data.prompts_per_step == 128 and defaults.rollout.n == 8
+    assert defaults.data.train_files[0].endswith("data/math/train.parquet")
     monkeypatch.setenv("MODEL_PATH", "org/some-model")
     monkeypatch.setenv("TRAIN_DATA", str(tmp_path / "train.parquet"))
     monkeypatch.setenv("TRAIN_BATCH_SIZE", "64")
@@ -86,7 +92,10 @@ def test_custom_config_reads_environment_variables(monkeypatch, tmp_path):
     monkeypatch.setenv("TP_SIZE", "4")
     monkeypatch.setenv("USE_REMOVE_PADDING", "false")
     monkeypatch.setenv("EXPERIMENT_NAME", "from_env")
+    monkeypatch.setenv("DATA_FORMAT", "math")
+    monkeypatch.setenv("ANSWER_KEY", "answer")
     cfg = resolve(compose(["task=custom_config"]))
+    assert cfg.data.format == "math" and cfg.data.answer_key == "answer"
     assert cfg.model.path == "org/some-model"
     assert list(cfg.data.train_files) == [str(tmp_path / "train.parquet")]
     assert cfg.data.prompts_per_step == 64 and cfg.actor.ppo_mini_batch_size == 64
@@ -161,6 +170,7 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["logger.backends=[console,tensorboard]"], "logger.backends="),
     (["trainer.resume=/no/such/checkpoint"], "trainer.resume=/no/such/checkpoint does not exist"),
     (["trainer.experiment_name=a/b"], "trainer.experiment_name='a/b'"),
+    (["trainer.placement=RANDOM"], "trainer.placement='RANDOM': expected one of PACK"),
     (["actor.lr=abc"], "actor.lr='abc': expected a number > 0"),
 ])
 def test_validation_names_the_key(overrides, message):

@@ -66,9 +66,10 @@ def ray_cluster():
 
 
 @pytest.mark.slow
-def test_two_ranks_form_a_gloo_world(ray_cluster):
-    with WorkerGroup(_Probe, 2, num_cpus_per_worker=1, env={"PROBE_ENV": "passed"},
-                     args=("hello",)) as group:
+def test_two_ranks_form_a_gloo_world_and_failures_name_the_rank(ray_cluster):
+    group = WorkerGroup(_Probe, 2, num_cpus_per_worker=1, env={"PROBE_ENV": "passed"},
+                        args=("hello",))
+    try:
         # all_reduce of (rank + 1) over ranks 0 and 1: 1 + 2 on every rank.
         assert group.execute_all("all_reduce_rank") == [3.0, 3.0]
         envs = group.execute_all("environment")
@@ -85,16 +86,13 @@ def test_two_ranks_form_a_gloo_world(ray_cluster):
         assert envs[0]["MASTER_ADDR"] == ray.util.get_node_ip_address()
         assert group.execute_rank0("echo", "x") == (0, "x")
         assert group.execute_per_rank("echo", [("a",), ("b",)]) == [(0, "a"), (1, "b")]
+
         with pytest.raises(WorkerDiedError, match=r"worker rank 1 raised in worker\.raise_on: "
                                                   r"(.|\n)*bad batch on rank 1"):
             group.execute_all("raise_on", 1)
         assert group.execute_all("echo", 7) == [(0, 7), (1, 7)]  # still usable afterwards
 
-
-@pytest.mark.slow
-def test_killed_worker_is_named(ray_cluster):
-    group = WorkerGroup(_Probe, 2, num_cpus_per_worker=1)
-    try:
+        # Rank 1 is killed while rank 0 waits for it in an all_reduce.
         with pytest.raises(WorkerDiedError, match=r"^worker rank 1 died: "):
             group.execute_all("die_or_all_reduce", 1)
     finally:
@@ -140,3 +138,20 @@ def test_local_rank_is_the_assigned_gpu(monkeypatch, visible, assigned, expected
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     monkeypatch.setattr(group_module.ray, "get_gpu_ids", lambda: assigned)
     assert group_module._assigned_cuda_index() == expected
+
+
+def test_failure_messages_put_dead_ranks_first():
+    from ray.exceptions import ActorDiedError, OutOfMemoryError, RayTaskError
+
+    group = WorkerGroup.__new__(WorkerGroup)  # only the message formatting, no Ray actors
+    group.name = "actor"
+    message = group._describe({
+        0: RayTaskError("train_step", "Traceback ...", RuntimeError("Connection closed by peer")),
+        2: OutOfMemoryError("node memory 95% used"),
+        1: ActorDiedError(),
+    }, "train_step")
+    lines = message.splitlines()
+    assert lines[0].startswith("worker rank 1 died: The actor died unexpectedly")
+    assert lines[1].startswith("worker rank 2 died (killed by Ray's out-of-memory monitor): "
+                               "node memory 95% used")
+    assert lines[2].startswith("worker rank 0 raised in actor.train_step: ")

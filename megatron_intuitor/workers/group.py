@@ -17,7 +17,7 @@ import time
 from typing import Any, Optional, Sequence
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import OutOfMemoryError, RayError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
                                             PlacementGroupSchedulingStrategy)
@@ -35,8 +35,10 @@ class WorkerDiedError(RuntimeError):
 
 class Worker:
     """Base of every rank. The environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
-    LOCAL_RANK) comes from WorkerGroup; constructing the worker joins the default process group
-    through `megatron_intuitor.parallel`."""
+    LOCAL_RANK, LOCAL_WORLD_SIZE) comes from WorkerGroup; constructing the worker joins the
+    default process group through `megatron_intuitor.parallel`. On GPU, LOCAL_RANK becomes the
+    index of the GPU Ray assigned to this rank among the node's visible GPUs (torchrun's
+    meaning), so `torch.cuda.set_device(LOCAL_RANK)` selects it."""
 
     def __init__(self) -> None:
         import torch
@@ -88,7 +90,8 @@ class WorkerGroup:
     the node. A bundle is {CPU: num_cpus_per_worker} plus {GPU: 1} with num_gpus_per_worker=1.
 
     env: extra environment of every worker process (e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0);
-    OMP_NUM_THREADS defaults to 1. args/kwargs go to every rank's constructor.
+    OMP_NUM_THREADS defaults to 1. args/kwargs go to every rank's constructor. name appears in
+    actor names and messages; ready_timeout_s bounds the wait for the placement group.
     """
 
     def __init__(self, worker_cls: type, world_size: int, *, placement: str = "PACK",
@@ -113,8 +116,8 @@ class WorkerGroup:
         if num_gpus_per_worker:
             bundle["GPU"] = num_gpus_per_worker
         self._check_fits(bundle)
-        self._placement_group = placement_group([dict(bundle)] * world_size, strategy=placement,
-                                                name=f"{name}_pg")
+        # Unnamed: placement group names must be unique, and groups may share a name.
+        self._placement_group = placement_group([dict(bundle)] * world_size, strategy=placement)
         self.actors: list = []
         try:
             self._start(worker_cls, bundle, env or {}, args, kwargs or {}, ready_timeout_s)
@@ -195,7 +198,7 @@ class WorkerGroup:
         """Call `method` on rank 0 only (not for collectives: the other ranks would not join)."""
         return self._gather([getattr(self.actors[0], method).remote(*args, **kwargs)], method)[0]
 
-    def _gather(self, refs: list, method: str, grace_s: float = 5.0) -> list:
+    def _gather(self, refs: list, method: str, grace_s: float = 10.0) -> list:
         """Results of `refs` (one per rank, in rank order). When a rank fails, its peers are
         typically stuck in a collective with it, so do not wait for them: collect what else
         fails within `grace_s` (a death makes the peers' collectives fail too) and raise,
@@ -209,7 +212,7 @@ class WorkerGroup:
             for ref in done:
                 try:
                     ray.get(ref)
-                except (RayActorError, RayTaskError) as error:
+                except RayError as error:
                     failures[rank_of[ref]] = error
                     deadline = deadline or time.monotonic() + grace_s
         if failures:
@@ -218,11 +221,12 @@ class WorkerGroup:
         return ray.get(refs)
 
     def _describe(self, failures: dict[int, Exception], method: str) -> str:
+        # RayTaskError: the method raised; any other RayError (actor died, killed by Ray's
+        # out-of-memory monitor, node lost) means the process is gone.
         died = sorted(rank for rank, error in failures.items()
-                      if isinstance(error, RayActorError))
+                      if not isinstance(error, RayTaskError))
         raised = sorted(rank for rank in failures if rank not in died)
-        lines = [f"worker rank {rank} "
-                 f"{'failed to start' if failures[rank].actor_init_failed else 'died'}: "
+        lines = [f"worker rank {rank} {_how_it_died(failures[rank])}: "
                  f"{_first_lines(failures[rank])}" for rank in died]
         lines += [f"worker rank {rank} raised in {self.name}.{method}: "
                   f"{_first_lines(failures[rank])}" for rank in raised]
@@ -242,6 +246,14 @@ class WorkerGroup:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _how_it_died(error: Exception) -> str:
+    if getattr(error, "actor_init_failed", False):
+        return "failed to start"
+    if isinstance(error, OutOfMemoryError):
+        return "died (killed by Ray's out-of-memory monitor)"
+    return "died"
 
 
 def _first_lines(error: Exception, limit: int = 30) -> str:
