@@ -1,5 +1,6 @@
 """DP=2 with Megatron DDP + the distributed optimizer takes the same step as one process running
-plain autograd + torch Adam on the same global batch: same gradient norm, same updated weights."""
+plain autograd + torch Adam on the same global batch: same gradient norm, same updated weights.
+The one-process run also checks that full activation recomputation leaves the gradients exact."""
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,7 +19,7 @@ def _batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _loaded_model(model_dir):
+def _loaded_model(model_dir, recompute=False):
     from megatron_intuitor.models.bridge import load_hf_weights
     from megatron_intuitor.models.config import (
         build_model, load_hf_config, transformer_config_from_hf)
@@ -26,7 +27,8 @@ def _loaded_model(model_dir):
 
     init_model_parallel(ParallelSizes(), seed=1)
     hf_config = load_hf_config(model_dir)
-    chunks = build_model(hf_config, transformer_config_from_hf(hf_config, ParallelSizes()))
+    chunks = build_model(hf_config, transformer_config_from_hf(hf_config, ParallelSizes(),
+                                                               recompute=recompute))
     load_hf_weights(chunks, model_dir, hf_config)
     return hf_config, chunks
 
@@ -66,18 +68,27 @@ def _reference_step(rank, world_size, model_dir):
     """The same step without Megatron's DDP/optimizer: autograd on the whole batch, torch Adam."""
     from megatron_intuitor.models.bridge import export_hf_weights
 
+    def gradients(chunk):
+        ids, labels = _batch(hf_config.vocab_size)
+        chunk(ids, torch.arange(SEQ).unsqueeze(0), None, labels=labels).mean().backward()
+        return [param.grad for param in chunk.parameters()]
+
     hf_config, chunks = _loaded_model(model_dir)
-    ids, labels = _batch(hf_config.vocab_size)
+    # Full activation recomputation (the backward re-runs each layer) changes no gradient.
+    recomputed = gradients(_loaded_model(model_dir, recompute=True)[1][0])
+    grads = gradients(chunks[0])
+    recompute_diff = max((a - b).abs().max().item() for a, b in zip(grads, recomputed))
     params = list(chunks[0].parameters())
-    chunks[0](ids, torch.arange(SEQ).unsqueeze(0), None, labels=labels).mean().backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, CLIP).item()
     torch.optim.Adam(params, lr=LR, betas=BETAS, eps=EPS).step()
-    return grad_norm, dict(export_hf_weights(chunks, hf_config))
+    return grad_norm, dict(export_hf_weights(chunks, hf_config)), recompute_diff
 
 
 @pytest.mark.slow
 def test_data_parallel_2_distributed_optimizer_equals_one_process(tiny_qwen2):
-    [(reference_norm, reference_weights)] = run_distributed(_reference_step, 1, str(tiny_qwen2))
+    [(reference_norm, reference_weights, recompute_diff)] = run_distributed(
+        _reference_step, 1, str(tiny_qwen2))
+    assert recompute_diff == 0.0
     ranks = run_distributed(_megatron_step, 2, str(tiny_qwen2))
     assert reference_norm > CLIP  # the clipping path is exercised too
     for grad_norm, weights in ranks:

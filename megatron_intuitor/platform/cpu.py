@@ -38,6 +38,9 @@ def _to_cpu_device(value: Any) -> Any:
 
 
 _TENSOR_NOOPS = {torch.Tensor.cuda, torch.Tensor.pin_memory}
+# A mode is popped while its __torch_function__ runs, so everything a backward pass executes in
+# Python (activation recomputation under `recompute=True`, gradient hooks) would run without it.
+_AUTOGRAD_ENTRY_POINTS = {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
 
 
 class CudaToCpuMode(TorchFunctionMode):
@@ -47,6 +50,9 @@ class CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _TENSOR_NOOPS:
             return args[0]
+        if func in _AUTOGRAD_ENTRY_POINTS:
+            with self:  # keep the mode on for the backward pass itself (torch's documented way)
+                return torch.overrides.redispatch_function(func, types, args, kwargs)
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         kwargs.pop("pin_memory", None)
