@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig, fit_prompts
 from megatron_intuitor.rollout.weight_sync import sync_weights
+from megatron_intuitor.testing import run_distributed
 
 MAX_MODEL_LEN = 512
 NEW_TOKENS = 12
@@ -18,7 +19,9 @@ LOGPROB_ATOL = 1e-4  # fp32 engine vs fp32 transformers; measured ~1e-6
 @pytest.fixture(scope="module")
 def engine(tiny_qwen2):
     torch.set_num_threads(1)  # before vLLM: its CPU worker pins the thread count afterwards
-    return RolloutEngine(tiny_qwen2, dtype=torch.float32, max_model_len=MAX_MODEL_LEN, seed=0)
+    engine = RolloutEngine(tiny_qwen2, dtype=torch.float32, max_model_len=MAX_MODEL_LEN, seed=0)
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +252,28 @@ def test_failure_in_a_later_bucket_blocks_generation_until_a_full_sync(engine, w
     updated = _perturbed(weights, seed=11)
     sync_weights(engine, updated.items(), bucket_bytes=1)
     assert _greedy(engine, prompts)[0] == _hf_greedy(_with_weights(reference, updated), prompts)
+
+
+def _untied_rollout(rank, world_size, model_dir, weights, prompts):
+    engine = RolloutEngine(model_dir, dtype=torch.float32, max_model_len=128)
+    sync_weights(engine, weights.items(), bucket_bytes=64 * 1024)
+    result = _greedy(engine, prompts)
+    engine.shutdown()
+    return result
+
+
+def test_untied_head_syncs_too(tiny_qwen2_untied):
+    """The LM head is a weight of its own here: reloaded and repacked with the rest. (Own
+    process: a second engine's shutdown would tear down the module engine's groups.)"""
+    from transformers import AutoModelForCausalLM
+
+    weights = _perturbed(load_file(tiny_qwen2_untied / "model.safetensors"), seed=12)
+    reference = _with_weights(AutoModelForCausalLM.from_pretrained(
+        tiny_qwen2_untied, dtype=torch.float32).eval(), weights)
+    prompts = _prompts([5, 30])
+    [(tokens, log_probs)] = run_distributed(_untied_rollout, 1, tiny_qwen2_untied, weights,
+                                            prompts)
+    assert tokens == _hf_greedy(reference, prompts)
+    torch.testing.assert_close(torch.tensor(log_probs[1], dtype=torch.float64),
+                               _hf_log_probs(reference, prompts[1], tokens[1]),
+                               atol=LOGPROB_ATOL, rtol=0)

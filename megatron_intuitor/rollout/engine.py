@@ -246,6 +246,13 @@ class RolloutEngine:
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update "
                                "(requests still running?)")
 
+    def shutdown(self) -> None:
+        """Stop vLLM. Its teardown destroys torch.distributed's default group (which vLLM
+        adopted in a training rank): call it last, before `parallel.destroy()`, never
+        mid-training. Without it vLLM tears down at interpreter exit, after the group is gone,
+        and prints a harmless 'Invalid process group' traceback."""
+        self._llm.llm_engine.engine_core.shutdown()
+
     # ---------------------------------------------------------------------- memory (GPU only)
 
     def sleep(self, level: int = 1) -> None:
@@ -279,13 +286,14 @@ class _CountingIterator:
 def _reload_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Runs on the vLLM worker (this process): checkpoint-format reload, with two repairs."""
     model = worker.model_runner.get_model()
+    _drop_vocab_gemms(model)
     try:
         worker.reload_weights(weights_iterator=weights)
     except BaseException:
         _restore_incomplete_layers(model, worker.vllm_config.model_config)
         raise
     finally:
-        _repack_tied_lm_head(model)
+        _restore_vocab_gemms(model)
 
 
 def _restore_incomplete_layers(model: torch.nn.Module, model_config) -> None:
@@ -302,12 +310,37 @@ def _restore_incomplete_layers(model: torch.nn.Module, model_config) -> None:
     finalize_layerwise_reload(model, model_config)  # restores layers that loaded nothing
 
 
-def _repack_tied_lm_head(model: torch.nn.Module) -> None:
-    """vLLM-CPU packs the LM head's weight into a private GEMM layout when the model loads.
-    With tied embeddings the reload updates the shared tensor through the embedding layer
-    only, so the head would keep computing logits from the old packed copy: repack it.
-    (On GPU the head reads the shared tensor directly and this is a no-op.)"""
+def _vocab_gemm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The embedding and the LM head (in that order), where this rank holds them."""
+    embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
     head = getattr(model, "lm_head", None)
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if tied and hasattr(head, "quant_method"):
-        head.quant_method.process_weights_after_loading(head)
+    return [layer for layer in (embedding, head) if hasattr(layer, "quant_method")]
+
+
+def _drop_vocab_gemms(model: torch.nn.Module) -> None:
+    """vLLM-CPU packs the vocabulary into a private GEMM layout (`cpu_linear`) for the
+    embedding and the LM head. A reload repacks every layer it loads; freeing the old packs
+    first keeps one vocabulary-sized copy less alive at the peak of the reload."""
+    for layer in _vocab_gemm_layers(model):
+        if hasattr(layer, "cpu_linear"):
+            del layer.cpu_linear
+
+
+def _restore_vocab_gemms(model: torch.nn.Module) -> None:
+    """After a reload, give a GEMM back to each vocabulary layer the reload did not repack: the
+    LM head of tied embeddings (the reload updates the shared tensor through the embedding
+    only; without this the head would compute logits from stale packed weights), and any layer
+    a reload stopped part-way never reached. A tied head shares the embedding's new pack rather
+    than packing the vocabulary a second time. On GPU nothing is packed: nothing to do."""
+    if on_gpu():
+        return
+    layers = _vocab_gemm_layers(model)
+    for layer in layers:
+        if hasattr(layer, "cpu_linear"):
+            continue
+        source = next((other for other in layers if other is not layer
+                       and other.weight is layer.weight and hasattr(other, "cpu_linear")), None)
+        if source is not None:
+            layer.cpu_linear = source.cpu_linear
+        else:
+            layer.quant_method.process_weights_after_loading(layer)
