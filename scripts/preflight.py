@@ -11,7 +11,8 @@ for checkpoints. The report goes to stderr; exit status 1 if anything must be fi
 
 --dry-run: stdout gets the command (a comment) and the resolved config, valid YAML.
 --log-path-out FILE: creates <logger.log_dir>/<experiment>_<timestamp>.log, starting with the
-command and the resolved config, and writes its path into FILE (the script appends the run).
+command, this report and the resolved config, and writes its path into FILE (the script appends
+the run's output).
 """
 from __future__ import annotations
 
