@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 import json
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -186,25 +185,29 @@ _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class _SafetensorsCheckpoint:
-    """The tensors of an HF model directory, opened lazily (nothing is read until sliced)."""
+    """The tensors of an HF model directory: names and shapes from the headers, data read slice
+    by slice. safetensors hands out views of a memory map that lives as long as its file is
+    open, so each read opens the file and the pages it touched are released with the slice:
+    a load holds one tensor's pages at a time, not the whole checkpoint's."""
 
-    def __init__(self, model_dir: Path, stack: ExitStack):
+    def __init__(self, model_dir: Path):
         from safetensors import safe_open
 
         self.model_dir = model_dir
-        self._handles: dict[str, object] = {}
         self._files: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for file in self._files_of(model_dir):
             try:
-                handle = stack.enter_context(safe_open(str(file), framework="pt"))
-                names = list(handle.keys())
+                with safe_open(str(file), framework="pt") as handle:
+                    shapes = {name: tuple(handle.get_slice(name).get_shape())
+                              for name in handle.keys()}
             except Exception as err:  # safetensors raises its own error types for bad headers
                 raise ValueError(f"cannot read safetensors file {file}: {err}") from err
-            for name in names:
-                if name in self._handles:
+            for name, shape in shapes.items():
+                if name in self._files:
                     raise ValueError(f"tensor {name!r} is stored twice: in {self._files[name]} "
                                      f"and {file}")
-                self._handles[name], self._files[name] = handle, file
+                self._files[name], self._shapes[name] = file, shape
 
     @staticmethod
     def _files_of(model_dir: Path) -> list[Path]:
@@ -225,10 +228,10 @@ class _SafetensorsCheckpoint:
         return files
 
     def names(self) -> set[str]:
-        return set(self._handles)
+        return set(self._files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[name].get_slice(name).get_shape())
+        return self._shapes[name]
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of dim 0: only those bytes are read."""
@@ -241,8 +244,11 @@ class _SafetensorsCheckpoint:
         return self._read(name, lambda view: view[:])
 
     def _read(self, name: str, take) -> torch.Tensor:
+        from safetensors import safe_open
+
         try:
-            return take(self._handles[name].get_slice(name))
+            with safe_open(str(self._files[name]), framework="pt") as handle:
+                return take(handle.get_slice(name))
         except Exception as err:
             raise ValueError(f"cannot read tensor {name!r} from {self._files[name]}: "
                              f"{err}") from err
@@ -314,19 +320,19 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], model_dir: str | Pa
     mappings = weight_mappings(hf_config)
     dims = _Dims.of(hf_config)
     tp_rank, tp = _tp_rank_world()
-    with ExitStack() as stack:
-        checkpoint = _SafetensorsCheckpoint(model_dir, stack)
-        checkpoint.check(expected_hf_tensors(hf_config),
-                         architecture_features(hf_config).tied_embeddings)
-        for chunk in model_chunks:
-            for mapping, layer, param in _mapped_parameters(_unwrap(chunk), mappings):
-                shard = _read_shard(checkpoint, mapping, layer, dims, tp_rank, tp)
-                if shard.shape != param.shape:
-                    raise ValueError(f"{', '.join(mapping.hf_names(layer))} give a shard of shape "
-                                     f"{list(shard.shape)}, Megatron parameter expects "
-                                     f"{list(param.shape)}")
-                with torch.no_grad():
-                    param.copy_(shard)
+    checkpoint = _SafetensorsCheckpoint(model_dir)
+    checkpoint.check(expected_hf_tensors(hf_config),
+                     architecture_features(hf_config).tied_embeddings)
+    for chunk in model_chunks:
+        for mapping, layer, param in _mapped_parameters(_unwrap(chunk), mappings):
+            shard = _read_shard(checkpoint, mapping, layer, dims, tp_rank, tp)
+            if shard.shape != param.shape:
+                raise ValueError(f"{', '.join(mapping.hf_names(layer))} give a shard of shape "
+                                 f"{list(shard.shape)}, Megatron parameter expects "
+                                 f"{list(param.shape)}")
+            with torch.no_grad():
+                param.copy_(shard)
+            del shard  # releases the file pages it maps before the next read
 
 
 # --- Megatron -> HF ---------------------------------------------------------------------------
