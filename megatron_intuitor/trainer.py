@@ -243,9 +243,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                    wandb_project=cfg.logger.wandb_project,
                                    log_dir=cfg.logger.log_dir)
     if not ray.is_initialized():
-        ray.init(address=cfg.trainer.ray_address, include_dashboard=False,
-                 **({} if cfg.trainer.ray_address else {"num_cpus": max(os.cpu_count() or 1,
-                                                                         layout.world_size)}))
+        if cfg.trainer.ray_address:  # join the cluster started with `ray start` on every node
+            ray.init(address=cfg.trainer.ray_address)
+        else:  # a fresh local cluster, never one that happens to run on this machine
+            ray.init(address="local", include_dashboard=False,
+                     num_cpus=max(os.cpu_count() or 1, layout.world_size))
     actor = ActorGroup(cfg, layout, schedule, model_dir)
     try:
         trainer = Trainer(cfg, layout, schedule, actor, loader, val_sets, logger, tokenizer)
