@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import ray
 import torch
@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_intuitor import metrics
 from megatron_intuitor.batch import TrainingBatch, data_parallel_shard, group_mini_batches
 from megatron_intuitor.config import Layout, Schedule
+from megatron_intuitor.platform import on_gpu
 from megatron_intuitor.ppo import PPOSettings
 from megatron_intuitor.rollout.engine import RolloutSample, SamplingConfig
 from megatron_intuitor.workers.group import Worker, WorkerGroup
@@ -105,7 +106,11 @@ class ActorWorker(Worker):
             clip_ratio=cfg.algorithm.clip_ratio, kl_coef=cfg.algorithm.kl_coef,
             kl_type=cfg.algorithm.kl_type, entropy_coef=cfg.algorithm.entropy_coef,
             tis_cap=cfg.rollout.tis_cap)
+        self.ref_offload = bool(actor.ref_offload) and on_gpu()
+        if self.ref_offload:
+            self._move_reference("cpu")
         self.engine = self._build_engine()
+        self.engine_asleep = False
         self.sync_weights()
 
     # ------------------------------------------------------------------------------- rollout
@@ -124,13 +129,30 @@ class ActorWorker(Worker):
         return self.engine.generate(prompts, sampling) if prompts else []
 
     def sync_weights(self) -> dict[str, float]:
-        """Stream the policy's weights (HF names, full tensors) into this rank's engine."""
+        """Stream the policy's weights (HF names, full tensors) into this rank's engine; on GPU
+        the engine's weight memory comes back first and its KV cache after the sync."""
         from megatron_intuitor.models.bridge import export_hf_weights
         from megatron_intuitor.rollout.weight_sync import sync_weights
 
+        if self.engine_asleep:
+            self.engine.wake_up(["weights"])
         report = sync_weights(self.engine, export_hf_weights(self.policy, self.hf_config),
                               bucket_bytes=int(self.cfg.rollout.weight_sync_bucket_mb * 2**20))
+        if self.engine_asleep:
+            self.engine.wake_up(["kv_cache"])
+            self.engine_asleep = False
         return {"bytes": report.bytes, "seconds": report.seconds}
+
+    def _release_rollout_memory(self) -> None:
+        """Colocation on GPU: the engine frees its weights and KV cache for the training phase
+        (level 2 drops the weights, the sync after the update brings new ones). A no-op on CPU."""
+        if not self.engine_asleep:
+            self.engine.sleep(level=2)
+            self.engine_asleep = True
+
+    def _move_reference(self, device: str) -> None:
+        for chunk in self.reference:
+            chunk.to(device)
 
     # ------------------------------------------------------------------------------- scoring
 
@@ -147,10 +169,20 @@ class ActorWorker(Worker):
 
     def compute_log_probs(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
         """log_probs, entropy, self_certainty per token of this rank's DP share (pre-update)."""
+        self._release_rollout_memory()
         return self._score(self.policy, batch)
 
     def compute_ref_log_probs(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
-        return {"log_probs": self._score(self.reference, batch)["log_probs"]}
+        """The reference model's log-probs; with `actor.ref_offload` on GPU its weights live in
+        host memory except during this forward."""
+        self._release_rollout_memory()
+        if self.ref_offload:
+            self._move_reference("cuda")
+        try:
+            return {"log_probs": self._score(self.reference, batch)["log_probs"]}
+        finally:
+            if self.ref_offload:
+                self._move_reference("cpu")
 
     # -------------------------------------------------------------------------------- update
 
