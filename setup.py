@@ -1,5 +1,8 @@
 """megatron-intuitor: INTUITOR (self-certainty RL) on Megatron-Core.
 
+Install from a clone, editable (`pip install -e .`): the Hydra configs live in the top-level
+`conf/` and are found next to the package.
+
 Install torch first (`pip install torch==2.13.0` on CPU, a CUDA build on GPU): a bare `torch`
 requirement would pull a multi-GB CUDA build onto CPU machines.
 """
@@ -10,7 +13,6 @@ setup(
     version="0.1.0",
     description="INTUITOR reinforcement learning (self-certainty reward) on Megatron-Core",
     packages=find_packages(include=["megatron_intuitor", "megatron_intuitor.*"]),
-    package_data={"megatron_intuitor": ["conf/**/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.9,<2.15",
@@ -30,6 +32,7 @@ setup(
         "rich==15.0.0",
         "matplotlib==3.11.2",
         "numpy==2.3.5",
+        "packaging==26.3",  # scripts/preflight.py reads the pins below
     ],
     extras_require={
         # CPU face: vLLM's CPU build. Afterwards `pip uninstall -y torchvision torchaudio torchcodec`
@@ -38,6 +41,8 @@ setup(
         # GPU face. Never install transformer-engine without CUDA: it breaks `import megatron.core`.
         "gpu": ["vllm==0.32.0", "transformer-engine[pytorch]==2.20.2"],
         "dev": ["pytest==9.0.3", "pytest-timeout==2.4.0"],
+        # tools/prepare_data.py --from-hub (machines with internet)
+        "hub": ["datasets"],
     },
     entry_points={"console_scripts": ["megatron-intuitor=megatron_intuitor.main:main"]},
 )
