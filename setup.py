@@ -42,7 +42,7 @@ setup(
         "gpu": ["vllm==0.32.0", "transformer-engine[pytorch]==2.20.2"],
         "dev": ["pytest==9.0.3", "pytest-timeout==2.4.0"],
         # tools/prepare_data.py --from-hub (machines with internet)
-        "hub": ["datasets"],
+        "hub": ["datasets==5.2.0"],
     },
     entry_points={"console_scripts": ["megatron-intuitor=megatron_intuitor.main:main"]},
 )
