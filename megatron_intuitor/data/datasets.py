@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-# The grader a record needs (the evaluation module dispatches on it).
-TASK_MATH = "math"
-TASK_MULTIPLE_CHOICE = "multiple_choice"
-TASK_CODE = "code"
+from megatron_intuitor.evaluation.math import gsm8k_ground_truth, last_boxed
+# A record's `task` picks its grader (the evaluation registry dispatches on it).
+from megatron_intuitor.evaluation.registry import TASK_CODE, TASK_MATH, TASK_MULTIPLE_CHOICE
 
 FORMAT_ALIASES = {"math500": "math", "arc_challenge": "arc"}
 FORMATS = ("auto", "gsm8k", "math", "math500", "arc", "arc_challenge", "humaneval", "prompt",
@@ -167,38 +166,19 @@ def _messages(value: Any, key: str) -> list[dict[str, str]]:
     raise _RowError(f"field {key!r} must be text or a list of {{role, content}} messages")
 
 
-def gsm8k_ground_truth(answer: str) -> str:
-    """The number after GSM8K's final `####`, without thousands separators."""
-    if "####" not in answer:
-        raise _RowError("field 'answer' has no '#### <answer>' line")
-    value = answer.rsplit("####", 1)[1].strip().replace(",", "")
-    if not value:
-        raise _RowError("field 'answer' has nothing after '####'")
-    return value
-
-
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last `\\boxed{...}` in `text` (braces matched), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for pos in range(begin - 1, len(text)):
-        if text[pos] == "{":
-            depth += 1
-        elif text[pos] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[begin:pos]
-    return None
-
-
 def render_multiple_choice(question: str, labels: list[str], texts: list[str]) -> str:
     return question.strip() + "\n\n" + "\n".join(f"{lab}. {txt}" for lab, txt in zip(labels, texts))
 
 
 def _gsm8k(row: dict) -> tuple[list, str, str, dict]:
-    return _user(_text(row, "question")), gsm8k_ground_truth(_text(row, "answer")), TASK_MATH, {}
+    answer = _text(row, "answer")
+    if "####" not in answer:
+        raise _RowError("field 'answer' has no '#### <answer>' line")
+    try:
+        ground_truth = gsm8k_ground_truth(answer)
+    except ValueError:
+        raise _RowError("field 'answer' has nothing after '####'") from None
+    return _user(_text(row, "question")), ground_truth, TASK_MATH, {}
 
 
 def _math(row: dict) -> tuple[list, str, str, dict]:

@@ -22,11 +22,12 @@ from typing import Any
 from megatron_intuitor.evaluation.arc import arc_row_answer, grade_arc
 from megatron_intuitor.evaluation.code import grade_humaneval
 from megatron_intuitor.evaluation.math import grade_gsm8k, grade_math
+from megatron_intuitor.metrics import val_accuracy as metric_name
 
 GroundTruth = Mapping | str
 Grader = Callable[[str, GroundTruth], bool]
 
-# The task names of `data.datasets` (TASK_MATH, ...), repeated to keep evaluation independent.
+# Record tasks (`data.PromptRecord.task`) and the graders they select.
 TASK_MATH, TASK_MULTIPLE_CHOICE, TASK_CODE = "math", "multiple_choice", "code"
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -57,10 +58,6 @@ DATASETS = tuple(_GRADERS)
 # Program runs wait on subprocesses, so threads overlap them; the math graders' signal
 # timeouts want the calling (main) thread.
 _THREADED = {"humaneval", TASK_CODE}
-
-
-def metric_name(dataset: str) -> str:
-    return f"val/{dataset}/acc"
 
 
 def grade(dataset: str, response: str, ground_truth: GroundTruth) -> bool:
