@@ -9,46 +9,33 @@ import torch
 
 from megatron_intuitor.testing import run_distributed
 
-VOCAB = 300  # padded to 384 at TP=1 and 512 at TP=2: loading across TP must cope with both
+VOCAB = 1100  # Megatron pads it to 1152 at TP=1 and 1280 at TP=2: loads across TP cope with both
 SEQ = 16
 
 
-def _padded(vocab: int, tp: int) -> int:
-    multiple = 128 * tp
-    return (vocab + multiple - 1) // multiple * multiple
+@pytest.fixture(scope="module")
+def tiny_qwen2_vocab1100(tmp_path_factory):
+    """Tied Qwen2 (the last pipeline stage holds a copy of the embedding)."""
+    from megatron_intuitor.models.tiny import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("qwen2_v1100"), vocab_size=VOCAB))
 
 
-def _build(tp: int, pp: int, seed: int, with_optimizer: bool):
-    """A GPTModel chunk (optionally DDP + distributed Adam) on this rank."""
-    from megatron.core import parallel_state
-    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                           finalize_model_grads)
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
-
+def _build(model_dir: str, tp: int, pp: int, seed: int, with_optimizer: bool):
+    """This rank's chunks of the tiny model, randomly initialised from `seed` (CPU init: the
+    same weights at every TP/PP), optionally wrapped in DDP with distributed Adam."""
+    from megatron_intuitor.models.config import (build_model, load_hf_config,
+                                                 transformer_config_from_hf)
+    from megatron_intuitor.models.optimizer import build_optimizer
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
 
-    init_model_parallel(ParallelSizes(tp, pp), seed=seed)
-    config = TransformerConfig(num_layers=4, hidden_size=64, num_attention_heads=4,
-                               num_query_groups=2, ffn_hidden_size=128,
-                               tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                               use_cpu_initialization=True, pipeline_dtype=torch.float32,
-                               hidden_dropout=0.0, attention_dropout=0.0)
-    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=_padded(VOCAB, tp),
-                     max_sequence_length=SEQ, share_embeddings_and_output_weights=False,
-                     pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage())
+    sizes = ParallelSizes(tp, pp)
+    init_model_parallel(sizes, seed=seed)
+    hf_config = load_hf_config(model_dir)
+    chunks = build_model(hf_config, transformer_config_from_hf(hf_config, sizes))
     if not with_optimizer:
-        return [model], None
-    config.finalize_model_grads_func = finalize_model_grads
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1,
-                        use_distributed_optimizer=True), [ddp])
-    return [ddp], optimizer
+        return chunks, None
+    return build_optimizer(chunks, lr=1e-2, weight_decay=0.1)
 
 
 def _batch(step: int):
@@ -103,21 +90,21 @@ def _random_draws():
     return [random.random(), float(np.random.rand()), float(torch.rand(()))]
 
 
-def _switch_layout(tp, pp, seed, with_optimizer):
+def _switch_layout(model_dir, tp, pp, seed):
     """Rebuild the model-parallel groups in this process at another TP/PP, then the model."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    return _build(tp, pp, seed, with_optimizer)
+    return _build(model_dir, tp, pp, seed, with_optimizer=False)
 
 
-def _resume_in_place(rank, world, root):
+def _resume_in_place(rank, world, model_dir, root):
     """TP=2: train 2 steps with checkpoints (keep_last=2), then step 3 uninterrupted; then a
     second model + optimizer (other init, one step of its own) loads the latest checkpoint and
     takes step 3 too. Returns both step-3 results and the RNG draws after save/after load."""
     from megatron_intuitor.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-    chunks, optimizer = _build(2, 1, seed=1, with_optimizer=True)
+    chunks, optimizer = _build(model_dir, 2, 1, seed=1, with_optimizer=True)
     for step in (1, 2):
         _train_step(chunks, optimizer, step)
         save_checkpoint(root, step, chunks, optimizer, extra={"data_position": 10 * step},
@@ -126,7 +113,7 @@ def _resume_in_place(rank, world, root):
     grad_norm = _train_step(chunks, optimizer, 3)
     uninterrupted = (_local_params(chunks), grad_norm, draws)
 
-    chunks, optimizer = _build(2, 1, seed=99, with_optimizer=True)
+    chunks, optimizer = _build(model_dir, 2, 1, seed=99, with_optimizer=True)
     _train_step(chunks, optimizer, 0)  # Adam state and step exist already (to be overwritten)
     extra = load_checkpoint(latest_checkpoint(root), chunks, optimizer)
     draws = _random_draws()
@@ -136,15 +123,15 @@ def _resume_in_place(rank, world, root):
     return uninterrupted, resumed, extra
 
 
-def _reshard_logits(rank, world, root):
+def _reshard_logits(rank, world, model_dir, root):
     """Save at TP=2, then load the model at PP=2 and at TP=1 (DP=2) in the same processes."""
     from megatron_intuitor.checkpoint import load_checkpoint, save_checkpoint
 
-    chunks, _ = _build(2, 1, seed=5, with_optimizer=False)
+    chunks, _ = _build(model_dir, 2, 1, seed=5, with_optimizer=False)
     path = save_checkpoint(root, 1, chunks)
     results = {"saved": _run(chunks, *_batch(0), train=False)}
     for tp, pp in ((1, 2), (1, 1)):
-        chunks, _ = _switch_layout(tp, pp, seed=123, with_optimizer=False)
+        chunks, _ = _switch_layout(model_dir, tp, pp, seed=123)
         before = _run(chunks, *_batch(0), train=False)
         extra = load_checkpoint(path, chunks)
         results[f"tp{tp}pp{pp}"] = (before, _run(chunks, *_batch(0), train=False), extra)
@@ -152,8 +139,8 @@ def _reshard_logits(rank, world, root):
 
 
 @pytest.mark.slow
-def test_tp2_checkpoint_loads_at_pp2_and_tp1_with_same_logits(tmp_path):
-    ranks = run_distributed(_reshard_logits, 2, str(tmp_path))
+def test_tp2_checkpoint_loads_at_pp2_and_tp1_with_same_logits(tmp_path, tiny_qwen2_vocab1100):
+    ranks = run_distributed(_reshard_logits, 2, tiny_qwen2_vocab1100, str(tmp_path))
     reference = ranks[0]["saved"]
     assert torch.equal(ranks[1]["saved"], reference)
     for layout in ("tp1pp2", "tp1pp1"):
@@ -167,10 +154,10 @@ def test_tp2_checkpoint_loads_at_pp2_and_tp1_with_same_logits(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly_and_keeps_last(tmp_path):
+def test_resume_continues_exactly_and_keeps_last(tmp_path, tiny_qwen2_vocab1100):
     root = tmp_path / "ckpts"
     (root / ".tmp_step_7").mkdir(parents=True)  # a save killed earlier: ignored, then removed
-    ranks = run_distributed(_resume_in_place, 2, str(root))
+    ranks = run_distributed(_resume_in_place, 2, tiny_qwen2_vocab1100, str(root))
     for rank, (uninterrupted, resumed, extra) in enumerate(ranks):
         params, grad_norm, draws = uninterrupted
         params_r, grad_norm_r, draws_r = resumed
