@@ -154,6 +154,8 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
                 f"reshards over DP; this run has TP={layout['tensor']} PP={layout['pipeline']}. "
                 "Load the model alone (optimizer=None) to change TP/PP.")
 
+    if optimizer is not None:
+        _init_empty_adam_states(optimizer)
     sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
     # Optimizer state loading must not be recorded by autograd (FACTS: dp_reshardable needs it).
     with torch.no_grad():
@@ -477,6 +479,20 @@ def _adam_steps(optimizer: Any) -> Optional[list[Optional[float]]]:
             raise RuntimeError(f"inner optimizer has parameters at different Adam steps {values}")
         steps.append(values.pop() if values else None)
     return steps
+
+
+def _init_empty_adam_states(optimizer: Any) -> None:
+    """Give a fresh optimizer (no step taken: torch creates Adam state lazily) zero moments and
+    step 0 so that its sharded state dict has the shapes to load into; the loaded values and
+    the saved Adam step then replace them. Megatron's distributed optimizer cannot describe its
+    state before that (its `state_dict` asserts one common step)."""
+    for opt in _torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            for param in group["params"]:
+                if not opt.state[param]:
+                    opt.state[param].update(exp_avg=torch.zeros_like(param),
+                                            exp_avg_sq=torch.zeros_like(param),
+                                            step=torch.tensor(0.0))
 
 
 def _set_adam_steps(optimizer: Any, steps: Optional[list[Optional[float]]], path: Path) -> None:

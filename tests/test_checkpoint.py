@@ -100,8 +100,8 @@ def _switch_layout(model_dir, tp, pp, seed):
 
 def _resume_in_place(rank, world, model_dir, root):
     """TP=2: train 2 steps with checkpoints (keep_last=2), then step 3 uninterrupted; then a
-    second model + optimizer (other init, one step of its own) loads the latest checkpoint and
-    takes step 3 too. Returns both step-3 results and the RNG draws after save/after load."""
+    second model + fresh optimizer (other init) loads the latest checkpoint and takes step 3
+    too. Returns both step-3 results and the RNG draws after save/after load."""
     from megatron_intuitor.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     chunks, optimizer = _build(model_dir, 2, 1, seed=1, with_optimizer=True)
@@ -113,8 +113,8 @@ def _resume_in_place(rank, world, model_dir, root):
     grad_norm = _train_step(chunks, optimizer, 3)
     uninterrupted = (_local_params(chunks), grad_norm, draws)
 
+    # A fresh optimizer, as in a new process: torch has not created any Adam state yet.
     chunks, optimizer = _build(model_dir, 2, 1, seed=99, with_optimizer=True)
-    _train_step(chunks, optimizer, 0)  # Adam state and step exist already (to be overwritten)
     extra = load_checkpoint(latest_checkpoint(root), chunks, optimizer)
     draws = _random_draws()
     grad_norm = _train_step(chunks, optimizer, 3)
