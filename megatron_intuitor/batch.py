@@ -1,5 +1,5 @@
 """The training batch: rollouts as right-padded token tensors, and how it is cut into
-data-parallel shards and micro-batches.
+data-parallel shards and micro-batches (fixed sizes or a token budget; padded or packed).
 
 Layout, row i = prompt_i + response_i then padding: position t holds token t; a response token at
 t is scored by the logits at t-1 (the scoring shifts). `response_mask[i, t]` is True where token t
@@ -81,26 +81,46 @@ def data_parallel_shard(batch: TrainingBatch, dp_rank: int, dp_size: int) -> Tra
     return batch.select(slice(dp_rank * share, (dp_rank + 1) * share))
 
 
-def partition_rows(batch: TrainingBatch, micro_batch_size: int = 0,
-                   max_tokens: int = 0) -> list[torch.Tensor]:
-    """Row indices of each micro-batch: fixed `micro_batch_size` rows in order, or (dynamic
-    batching, `max_tokens` > 0) rows sorted by length and grouped greedily so that each
-    micro-batch's padded size (rows x longest row) stays within `max_tokens`.
+@dataclass(frozen=True)
+class MicroBatching:
+    """How a data-parallel rank cuts its rows into micro-batches and lays them out for the model.
 
-    Sorting by length keeps padding small; a row longer than the budget gets a micro-batch of
-    its own (a sequence cannot be split). Callers scatter results back through these indices."""
-    if max_tokens > 0:
+    Fixed: `micro_batch_size` rows per micro-batch, in order. Dynamic (`max_tokens` > 0): rows
+    sorted by length, longest first, and grouped greedily under a token budget; the budget counts
+    what the model computes on: the real tokens with `packed` (sequence packing, THD), rows x
+    longest row without. A row longer than the budget gets a micro-batch of its own (a sequence
+    cannot be split). Callers scatter results back through the row indices."""
+
+    micro_batch_size: int = 0
+    max_tokens: int = 0
+    packed: bool = True
+
+    def __post_init__(self) -> None:
+        if min(self.micro_batch_size, self.max_tokens) < 0 or not (
+                self.micro_batch_size or self.max_tokens):
+            raise ValueError(f"MicroBatching needs micro_batch_size > 0 or a token budget "
+                             f"max_tokens > 0, got micro_batch_size={self.micro_batch_size}, "
+                             f"max_tokens={self.max_tokens}")
+
+    def tokens(self, lengths: Sequence[int]) -> int:
+        """What one micro-batch of rows of these lengths costs the model, in tokens."""
+        return sum(lengths) if self.packed else len(lengths) * max(lengths)
+
+    def partition(self, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Row indices of each micro-batch for rows of `lengths` real tokens."""
+        if not self.max_tokens:
+            return list(torch.arange(len(lengths)).split(self.micro_batch_size))
         groups: list[list[int]] = []
-        for row in torch.argsort(batch.lengths, descending=True, stable=True).tolist():
-            longest = int(batch.lengths[groups[-1][0]]) if groups else 0
-            if groups and (len(groups[-1]) + 1) * longest <= max_tokens:
+        group_lengths: list[int] = []
+        for row in torch.argsort(lengths, descending=True, stable=True).tolist():
+            length = int(lengths[row])
+            if groups and self.tokens(group_lengths + [length]) <= self.max_tokens:
                 groups[-1].append(row)
+                group_lengths.append(length)
             else:
                 groups.append([row])
+                group_lengths = [length]
         return [torch.tensor(rows) for rows in groups]
-    if micro_batch_size <= 0:
-        raise ValueError("give a micro-batch size or a token budget (max_tokens)")
-    return list(torch.arange(len(batch)).split(micro_batch_size))
 
 
 def group_mini_batches(batch: TrainingBatch, prompts_per_mini_batch: int,

@@ -5,7 +5,7 @@ schedule, with its statistics reduced to token means over the whole mini-batch.
 The head returns the loss *summed* over its response tokens together with their count, and the
 model config has `calculate_per_token_loss`: Megatron then divides the gradients by the token
 count summed over micro-batches and data-parallel ranks, so the update is the exact token mean
-of the mini-batch however it is cut.
+of the mini-batch however it is cut into micro-batches and laid out (padded or packed).
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_intuitor import algorithm, metrics
-from megatron_intuitor.batch import TrainingBatch
-from megatron_intuitor.models.forward import run_pipeline, shifted_token_scores
+from megatron_intuitor.batch import MicroBatching, TrainingBatch
+from megatron_intuitor.models.forward import micro_batches, run_pipeline, shifted_token_scores
+from megatron_intuitor.platform import device
 
 # Per-micro-batch sums the head reports, reduced over micro-batches and DP, then / tokens.
 _SUMMED = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC, metrics.PG_CLIPFRAC_LOWER,
@@ -51,7 +52,7 @@ def _ppo_head(settings: PPOSettings):
             clip_ratio_low=settings.clip_ratio, clip_ratio_high=settings.clip_ratio,
             tis_weights=tis, num_tokens=1.0)
         loss = pg_sum
-        kl_sum = torch.zeros(())
+        kl_sum = pg_sum.new_zeros(())
         if settings.kl_coef > 0:
             kl_sum = algorithm.kl_loss(scores.log_probs, micro_batch["ref_log_probs"], mask,
                                        settings.kl_type, num_tokens=1.0)
@@ -66,24 +67,28 @@ def _ppo_head(settings: PPOSettings):
     return head
 
 
-def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, micro_batch_size: int,
+def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: MicroBatching,
                          settings: PPOSettings) -> dict[str, float]:
-    """Accumulate this DP rank's gradients for one mini-batch (its share `shard`); returns the
-    mini-batch's token-mean loss statistics, identical on every rank."""
+    """Accumulate this DP rank's gradients for one mini-batch (its share `shard`, cut and laid
+    out by `batching`); returns the mini-batch's token-mean loss statistics, identical on every
+    rank."""
     from megatron.core import parallel_state
 
+    # Every column per token, so that packing lays them out like the logits.
     columns = {"input_ids": shard.input_ids, "response_mask": shard.response_mask,
-               "advantages": shard.advantages, "old_log_probs": shard.old_log_probs,
+               "advantages": shard.advantages[:, None].expand_as(shard.input_ids),
+               "old_log_probs": shard.old_log_probs,
                "rollout_log_probs": shard.rollout_log_probs}
     if settings.kl_coef > 0:
         columns["ref_log_probs"] = shard.ref_log_probs
-    stats = run_pipeline(model_chunks, columns, _ppo_head(settings),
-                         micro_batch_size=micro_batch_size, forward_only=False)
+    stats = run_pipeline(model_chunks,
+                         micro_batches(columns, shard.lengths, batching.partition(shard.lengths)),
+                         _ppo_head(settings), forward_only=False, packed=batching.packed)
     # Only the last stage's first TP rank contributes, so the world sum counts each DP shard once.
     reporting = (parallel_state.is_pipeline_last_stage()
                  and parallel_state.get_tensor_model_parallel_rank() == 0)
     sums = torch.stack([item["sums"] for item in stats]).sum(0) if reporting \
-        else torch.zeros(len(_SUMMED) + 1)
+        else torch.zeros(len(_SUMMED) + 1, device=device())
     dist.all_reduce(sums)
     tokens = max(float(sums[-1]), 1.0)
     return {name: float(value) / tokens for name, value in zip(_SUMMED, sums[:-1])}

@@ -1,8 +1,9 @@
 """Rollouts -> padded training tensors, DP shards and micro-batch partitions."""
+import pytest
 import torch
 
-from megatron_intuitor.batch import (batch_from_rollouts, data_parallel_shard,
-                                     group_mini_batches, partition_rows)
+from megatron_intuitor.batch import (MicroBatching, batch_from_rollouts, data_parallel_shard,
+                                     group_mini_batches)
 from megatron_intuitor.rollout.engine import RolloutSample
 
 
@@ -37,18 +38,29 @@ def test_data_parallel_shards_are_contiguous_and_trimmed_on_request():
         raise AssertionError("4 rows over 3 ranks must fail")
 
 
-def test_token_budget_partition_bounds_padded_tokens_and_covers_every_row_once():
-    lengths = [7, 3, 12, 5, 5, 9, 2, 11]
-    batch = batch_from_rollouts([_sample(i, [1] * (n - 1), [2]) for i, n in enumerate(lengths)],
-                                pad_token_id=0)
-    parts = partition_rows(batch, max_tokens=20)
-    rows = sorted(int(r) for part in parts for r in part)
-    assert rows == list(range(len(lengths)))
-    for part in parts:
-        padded = len(part) * max(lengths[int(r)] for r in part)
-        assert padded <= 20 or len(part) == 1
-    fixed = partition_rows(batch, micro_batch_size=3)
+def test_token_budget_partition_bounds_tokens_and_covers_every_row_once():
+    lengths = torch.tensor([7, 3, 12, 5, 5, 9, 2, 11, 25])
+    for packed in (False, True):
+        batching = MicroBatching(max_tokens=20, packed=packed)
+        parts = batching.partition(lengths)
+        assert sorted(int(r) for part in parts for r in part) == list(range(len(lengths)))
+        for part in parts:
+            rows = lengths[part].tolist()
+            # packed: the real tokens; padded: rows x the longest row
+            want = sum(rows) if packed else len(rows) * max(rows)
+            assert batching.tokens(rows) == want
+            assert want <= 20 or len(rows) == 1  # a row over the budget goes alone
+        assert [len(p) for p in parts if int(lengths[p].max()) == 25] == [1]
+    # Packing counts no padding: one long row and short ones share a budget padding cannot.
+    unequal = torch.tensor([2, 10, 2, 2, 2])
+    assert [p.tolist() for p in MicroBatching(max_tokens=20).partition(unequal)] == [
+        [1, 0, 2, 3, 4]]
+    assert [p.tolist() for p in MicroBatching(max_tokens=20, packed=False).partition(unequal)] \
+        == [[1, 0], [2, 3, 4]]
+    fixed = MicroBatching(micro_batch_size=3).partition(lengths[:8])
     assert [p.tolist() for p in fixed] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="micro_batch_size > 0 or a token budget"):
+        MicroBatching()
 
 
 def test_mini_batches_hold_whole_prompt_groups_in_a_seeded_order():

@@ -59,7 +59,7 @@ def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison):
     from megatron.core import parallel_state
 
     from megatron_intuitor import metrics
-    from megatron_intuitor.batch import data_parallel_shard
+    from megatron_intuitor.batch import MicroBatching, data_parallel_shard
     from megatron_intuitor.models.bridge import export_hf_weights, load_hf_weights
     from megatron_intuitor.models.config import (build_model, load_hf_config,
                                                  transformer_config_from_hf)
@@ -86,7 +86,8 @@ def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison):
                            clip_ratio=CLIP, kl_coef=KL_COEF, kl_type="low_var_kl",
                            entropy_coef=0.0, tis_cap=None)
     before = dict(export_hf_weights(chunks, hf_config))
-    losses = ppo_forward_backward(chunks, shard, 1, settings)  # 1 row per micro-batch
+    # 1 row per micro-batch, packed (the trainer's default layout)
+    losses = ppo_forward_backward(chunks, shard, MicroBatching(micro_batch_size=1), settings)
     stepped, grad_norm = guarded_optimizer_step(optimizer, 1.0)
     after = dict(export_hf_weights(chunks, hf_config))
     changed = max(float((after[k] - before[k]).abs().max()) for k in before)

@@ -239,10 +239,12 @@ def _score_and_grad_on_rank(rank, world_size, tp, pp, model_dir, batch):
     run_pipeline: the final norm's gradient on the last stage."""
     from megatron.core import parallel_state
 
+    from megatron_intuitor.batch import MicroBatching
     from megatron_intuitor.models.bridge import load_hf_weights
     from megatron_intuitor.models.config import (build_model, load_hf_config,
                                                  transformer_config_from_hf)
-    from megatron_intuitor.models.forward import run_pipeline, score_batch, shifted_token_scores
+    from megatron_intuitor.models.forward import (micro_batches, run_pipeline, score_batch,
+                                                  shifted_token_scores)
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
 
     sizes = ParallelSizes(tp, pp)
@@ -250,8 +252,9 @@ def _score_and_grad_on_rank(rank, world_size, tp, pp, model_dir, batch):
     hf_config = load_hf_config(model_dir)
     chunks = build_model(hf_config, transformer_config_from_hf(hf_config, sizes))
     load_hf_weights(chunks, model_dir, hf_config)
+    batching = MicroBatching(micro_batch_size=E2E_MICRO_BATCH, packed=False)
     scores = score_batch(chunks, **batch, temperature=E2E_TEMPERATURE,
-                         vocab_size=hf_config.vocab_size, micro_batch_size=E2E_MICRO_BATCH)
+                         vocab_size=hf_config.vocab_size, batching=batching)
 
     def loss_head(logits_shard, micro_batch):
         token = shifted_token_scores(logits_shard, micro_batch["input_ids"],
@@ -260,8 +263,10 @@ def _score_and_grad_on_rank(rank, world_size, tp, pp, model_dir, batch):
         loss = ((token.log_probs + E2E_ENTROPY_WEIGHT * token.entropy) * mask).sum()
         return loss, {"loss": loss.detach()}
 
-    run_pipeline(chunks, {"input_ids": batch["input_ids"], "response_mask": batch["response_mask"]},
-                 loss_head, micro_batch_size=E2E_MICRO_BATCH, forward_only=False)
+    lengths = batch["attention_mask"].sum(dim=1)
+    tokens = {"input_ids": batch["input_ids"], "response_mask": batch["response_mask"]}
+    run_pipeline(chunks, micro_batches(tokens, lengths, batching.partition(lengths)), loss_head,
+                 forward_only=False, packed=False)
     norm_grad = (chunks[-1].decoder.final_layernorm.weight.grad.clone()
                  if parallel_state.is_pipeline_last_stage() else None)
     return {"scores": scores, "norm_grad": norm_grad}
@@ -329,14 +334,16 @@ def test_score_batch_refuses_layouts_it_cannot_score():
     batch = _e2e_batch(1003)
     ids, attention, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     with pytest.raises(ValueError, match="row 0 is not right-padded"):
-        check_batch(ids, attention.flip(1), torch.zeros_like(response), 2)
-    with pytest.raises(ValueError, match="micro_batch_size 3"):
-        check_batch(ids, attention, response, 3)
+        check_batch(ids, attention.flip(1), torch.zeros_like(response))
+    empty = attention.clone()
+    empty[2] = 0
+    with pytest.raises(ValueError, match="attention_mask row 2 is empty"):
+        check_batch(ids, empty, torch.zeros_like(response))
     with pytest.raises(ValueError, match="response_mask row 0 marks padding"):
-        check_batch(ids, attention, torch.ones_like(response), 2)
+        check_batch(ids, attention, torch.ones_like(response))
     response_at_0 = response.clone()
     response_at_0[:, 0] = 1
     with pytest.raises(ValueError, match="position 0"):
-        check_batch(ids, attention, response_at_0, 2)
+        check_batch(ids, attention, response_at_0)
     with pytest.raises(ValueError, match="attention_mask shape"):
-        check_batch(ids, attention[:, 1:], response, 2)
+        check_batch(ids, attention[:, 1:], response)

@@ -238,8 +238,11 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config) ->
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        layer_spec = get_gpt_layer_local_spec(qk_layernorm=features.qk_norm,
-                                              normalization="RMSNorm")
+        from megatron_intuitor.models.packed_attention import with_packed_core_attention
+
+        # The local core attention refuses packed (THD) sequences; ours takes both layouts.
+        layer_spec = with_packed_core_attention(get_gpt_layer_local_spec(
+            qk_layernorm=features.qk_norm, normalization="RMSNorm"))
     rope = _rope_parameters(hf_config)
     # Megatron's own llama3 scaling hard-codes original_max_position_embeddings=8192 and the
     # low/high frequency factors 1 and 4; the flag is kept for its metadata, and the exact

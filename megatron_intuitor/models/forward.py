@@ -1,26 +1,43 @@
-"""One forward of a prompt+response batch through Megatron-Core's pipeline schedule, at any TP/PP.
+"""Forward passes of prompt+response rows through Megatron-Core's pipeline schedule, at any TP/PP,
+with the rows padded or packed.
 
-`run_pipeline` feeds micro-batches through `get_forward_backward_func` and hands the last stage's
-vocab-parallel logits to a *head* `(logits_shard, micro_batch) -> Megatron loss tuple`; the
-scoring pass (`score_batch`, forward only) and the trainer's PPO loss (forward and backward) are
-two heads on the same forward. `shifted_token_scores` is what both heads start from.
+`run_pipeline` feeds pre-cut micro-batches through `get_forward_backward_func` and hands the last
+stage's vocab-parallel logits to a *head* `(logits_shard, micro_batch) -> Megatron loss tuple`;
+the scoring pass (`score_batch`, forward only) and the trainer's PPO loss (forward and backward)
+are two heads on the same forward. `shifted_token_scores` is what both heads start from.
 
-Batch layout: every row is right-padded, [prompt, response, padding], 1s of `attention_mask`
-first. Causal attention then needs no padding mask (padding only follows real tokens), which is
-exact on every attention backend, and positions are 0..s-1.
+Rows come right-padded, [prompt, response, padding], with their lengths. The model reads them
+- padded: [b, s] as given, positions 0..s-1, causal attention without a mask, which is exact on
+  every attention backend because padding only follows real tokens; or
+- packed (THD, "remove padding"): the real tokens of all rows back to back in one row [1, t],
+  positions restarting at each sequence, and `PackedSeqParams` with the boundaries (`cu_seqlens`)
+  so that attention and rotary positions stay inside each sequence (Transformer Engine's
+  attention on GPU, `packed_attention.PackedDotProductAttention` on CPU). No work on padding.
+A head sees each per-token tensor of its micro-batch laid out like the logits, and
+`ModelInput.to_rows` turns such a tensor back into right-padded rows.
+
+At PP > 1, stages exchange activations of one shape per call (Megatron's schedule receives into
+buffers of `[seq_length, micro_batch_size, hidden]`): the micro-batches are padded to the largest
+of the call (padding rows and columns; packed, one padding sequence at the end of the pack, ahead
+of which causal attention never looks), unless the model config sets `variable_seq_lengths`, in
+which case the stages exchange each tensor's shape first and nothing is padded.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from megatron_intuitor.batch import MicroBatching
+from megatron_intuitor.platform import device
 from megatron_intuitor.scoring import TokenScores, vocab_parallel_token_scores
 
-# head(logits_shard [mb, s, V/TP], micro_batch) -> (loss, stats) or (loss, num_tokens, stats),
-# Megatron's loss-function contract; stats are gathered per micro-batch on the last stage.
-LogitsHead = Callable[[torch.Tensor, dict], tuple]
+# head(logits_shard [b, s, V/TP] or [1, t, V/TP], micro_batch: ModelInput) -> (loss, stats) or
+# (loss, num_tokens, stats), Megatron's loss-function contract; stats are gathered per
+# micro-batch on the last stage.
+LogitsHead = Callable[[torch.Tensor, "ModelInput"], tuple]
 
 SCORE_NAMES = TokenScores._fields  # ("log_probs", "entropy", "self_certainty")
 
@@ -33,11 +50,162 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def _real_tokens(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[b, width] bool: position t of row i holds one of its `lengths[i]` real tokens."""
+    return torch.arange(width, device=lengths.device) < lengths[:, None]
+
+
+@dataclass
+class ModelInput:
+    """One micro-batch as the model reads it: `tokens` holds `input_ids` and every other
+    per-token tensor in the model's layout ([b, s] padded, [1, t] packed)."""
+
+    tokens: dict[str, torch.Tensor]
+    position_ids: torch.Tensor
+    lengths: torch.Tensor  # [b] real tokens of each of the micro-batch's rows
+    packed_seq_params: Optional[object] = None  # megatron PackedSeqParams when packed
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tokens[name]
+
+    def to_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` laid out like `self["input_ids"]` (plus trailing dims) -> right-padded rows
+        [b, longest row, ...], 0 past each row's length."""
+        width = int(self.lengths.max())
+        real = _real_tokens(self.lengths, width)
+        rows = values.new_zeros(len(self.lengths), width, *values.shape[2:])
+        if self.packed_seq_params is not None:
+            rows[real] = values[0, :int(self.lengths.sum())]
+        else:
+            rows[real] = values[:len(self.lengths), :width][real]
+        return rows
+
+
+def _packed_seq_params(sequence_lengths: list[int], device: torch.device):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens = torch.tensor([0, *sequence_lengths], device=device).cumsum(0).to(torch.int32)
+    # The true longest sequence: Megatron builds rotary frequencies for positions below it (a
+    # larger value that happened to equal the pack length would switch its THD RoPE to
+    # offset positions).
+    longest = max(sequence_lengths)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def _model_input(micro_batch: dict[str, torch.Tensor], packed: bool) -> ModelInput:
+    """`micro_batch`'s rows in the model's layout, on the model's device."""
+    compute = device()
+    lengths = micro_batch["lengths"].to(compute)
+    tokens = {name: value.to(compute) for name, value in micro_batch.items() if name != "lengths"}
+    rows, width = tokens["input_ids"].shape
+    if not packed:
+        return ModelInput(tokens, torch.arange(width, device=compute).expand(rows, -1), lengths)
+    real = _real_tokens(lengths, width)
+    starts = lengths.cumsum(0) - lengths
+    position_ids = torch.arange(int(lengths.sum()), device=compute) - starts.repeat_interleave(
+        lengths)
+    return ModelInput({name: value[real][None] for name, value in tokens.items()},
+                      position_ids[None], lengths, _packed_seq_params(lengths.tolist(), compute))
+
+
+def _padded_to(model_input: ModelInput, rows: int, width: int) -> ModelInput:
+    """`model_input` grown to [rows, width] with zeros (token id 0, masks False); packed, the
+    extra tokens form one sequence of their own after the real ones."""
+    current_rows, current = model_input["input_ids"].shape
+    if (current_rows, current) == (rows, width):
+        return model_input
+
+    def grow(value: torch.Tensor) -> torch.Tensor:
+        grown = value.new_zeros(rows, width)
+        grown[:current_rows, :current] = value
+        return grown
+
+    tokens = {name: grow(value) for name, value in model_input.tokens.items()}
+    compute = model_input.lengths.device
+    if model_input.packed_seq_params is None:
+        return replace(model_input, tokens=tokens,
+                       position_ids=torch.arange(width, device=compute).expand(rows, -1))
+    padding = torch.arange(width - current, device=compute)
+    return replace(model_input, tokens=tokens,
+                   position_ids=torch.cat([model_input.position_ids[0], padding])[None],
+                   packed_seq_params=_packed_seq_params(
+                       model_input.lengths.tolist() + [width - current], compute))
+
+
+def _check_micro_batches(micro_batches: Sequence[dict[str, torch.Tensor]]) -> None:
+    if not micro_batches:
+        raise ValueError("run_pipeline needs at least one micro-batch")
+    for index, micro_batch in enumerate(micro_batches):
+        if "input_ids" not in micro_batch or "lengths" not in micro_batch:
+            raise ValueError(f"micro-batch {index} needs 'input_ids' and 'lengths', has "
+                             f"{sorted(micro_batch)}")
+        shape, lengths = micro_batch["input_ids"].shape, micro_batch["lengths"]
+        for name, value in micro_batch.items():
+            if name != "lengths" and value.shape != shape:
+                raise ValueError(f"micro-batch {index}: {name} shape {tuple(value.shape)} != "
+                                 f"input_ids shape {tuple(shape)}")
+        if lengths.shape != shape[:1] or lengths.min() < 1 or lengths.max() > shape[1]:
+            raise ValueError(f"micro-batch {index}: lengths {lengths.tolist()} must be one per "
+                             f"row, each in [1, {shape[1]}]")
+
+
+def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Tensor]],
+                 head: LogitsHead, *, forward_only: bool, packed: bool) -> list:
+    """Run `micro_batches` through the pipeline schedule. Each is a dict with `lengths` [b]
+    (real tokens per row) and right-padded per-token tensors [b, s], `input_ids` among them;
+    sizes may differ between micro-batches. `head` turns the last stage's logits shard of each
+    into Megatron's loss tuple. Returns the heads' stats, one entry per micro-batch in order, on
+    the last pipeline stage ([] on the others). With forward_only=False the losses are
+    back-propagated into the chunks' gradients."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    _check_micro_batches(micro_batches)
+    inputs = [_model_input(micro_batch, packed) for micro_batch in micro_batches]
+    rows = max(item["input_ids"].shape[0] for item in inputs)
+    width = max(item["input_ids"].shape[1] for item in inputs)
+    if (parallel_state.get_pipeline_model_parallel_world_size() > 1
+            and not get_model_config(model_chunks[0]).variable_seq_lengths):
+        inputs = [_padded_to(item, rows, width) for item in inputs]
+
+    def forward_step(data_iterator, chunk):
+        micro_batch = next(data_iterator)
+        # attention_mask None: causal attention is exact for right-padded rows, and packed
+        # sequences are delimited by packed_seq_params.
+        logits_shard = chunk(micro_batch["input_ids"], micro_batch.position_ids, None,
+                             packed_seq_params=micro_batch.packed_seq_params)
+        return logits_shard, lambda logits: head(logits, micro_batch)
+
+    # Every chunk (virtual stage) consumes the same micro-batches through its own iterator.
+    iterators = [iter(inputs) for _ in model_chunks]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+        model=model_chunks, num_microbatches=len(inputs), seq_length=width,
+        micro_batch_size=rows, forward_only=forward_only)
+
+
+def micro_batches(tokens: dict[str, torch.Tensor], lengths: torch.Tensor,
+                  partition: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """`run_pipeline`'s input: the rows of each index tensor in `partition`, each micro-batch
+    trimmed to its longest row."""
+    cut = []
+    for rows in partition:
+        width = int(lengths[rows].max())
+        cut.append({"lengths": lengths[rows],
+                    **{name: value[rows, :width] for name, value in tokens.items()}})
+    return cut
+
+
 def shifted_token_scores(logits_shard: torch.Tensor, input_ids: torch.Tensor, *,
                          temperature: float, vocab_size: int) -> TokenScores:
-    """Scores of `input_ids` [b, s] from the logits [b, s, V/TP] that predicted them: entry t
-    scores token t from the logits at t-1; entry 0 (no prediction) is 0. Gradients flow to the
-    logits through log_probs and entropy."""
+    """Scores of `input_ids` [b, s] (or a packed [1, t]) from the logits [b, s, V/TP] that
+    predicted them: entry t scores token t from the logits at t-1; entry 0 (no prediction) is 0.
+    In a packed row, the entry of each later sequence's first token comes from the previous
+    sequence's last logits and means nothing; a row's first token is never a response token,
+    so the response mask drops it. Gradients flow to the logits through log_probs and entropy."""
     # Score every position against the next token (the last against a dummy, dropped below)
     # rather than slicing logits[:, :-1], which would copy the whole logits tensor.
     next_ids = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
@@ -48,21 +216,19 @@ def shifted_token_scores(logits_shard: torch.Tensor, input_ids: torch.Tensor, *,
 
 
 def check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                response_mask: torch.Tensor, micro_batch_size: int) -> None:
-    """Clear errors for a batch `run_pipeline` cannot score exactly."""
+                response_mask: torch.Tensor) -> None:
+    """Clear errors for a batch `score_batch` cannot score exactly."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     for name, mask in (("attention_mask", attention_mask), ("response_mask", response_mask)):
         if mask.shape != input_ids.shape:
             raise ValueError(f"{name} shape {tuple(mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
-    if micro_batch_size < 1 or input_ids.shape[0] % micro_batch_size:
-        raise ValueError(f"micro_batch_size {micro_batch_size} must divide the batch size "
-                         f"{input_ids.shape[0]} (pipeline stages exchange fixed shapes)")
     attention, response = attention_mask.bool(), response_mask.bool()
-    lengths = attention.sum(dim=1, keepdim=True)
-    right_padded = attention == (torch.arange(attention.shape[1], device=attention.device)
-                                 < lengths)
+    lengths = attention.sum(dim=1)
+    if (lengths == 0).any():
+        raise ValueError(f"attention_mask row {int((lengths == 0).nonzero()[0])} is empty")
+    right_padded = attention == _real_tokens(lengths, attention.shape[1])
     if not right_padded.all():
         row = int((~right_padded).any(dim=1).nonzero()[0])
         raise ValueError(f"attention_mask row {row} is not right-padded: lay each row out as "
@@ -75,65 +241,40 @@ def check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          "every response needs a prompt before it")
 
 
-def run_pipeline(model_chunks: list, batch: dict[str, torch.Tensor], head: LogitsHead, *,
-                 micro_batch_size: int, forward_only: bool) -> list:
-    """Run `batch` (tensors with the batch on dim 0, `input_ids` [b, s] among them) through the
-    pipeline schedule in micro-batches of `micro_batch_size` rows; `head` turns the last stage's
-    logits shard of each micro-batch into Megatron's loss tuple. Returns the heads' stats, one
-    entry per micro-batch, on the last pipeline stage ([] on the others). With
-    forward_only=False the losses are back-propagated into the chunks' gradients."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    input_ids = batch["input_ids"]
-    batch_size, seq_length = input_ids.shape
-    micro_batches = [{key: value[start:start + micro_batch_size] for key, value in batch.items()}
-                     for start in range(0, batch_size, micro_batch_size)]
-    position_ids = torch.arange(seq_length, device=input_ids.device).expand(micro_batch_size, -1)
-
-    def forward_step(data_iterator, chunk):
-        micro_batch = next(data_iterator)
-        # attention_mask None: the causal mask alone is exact for right-padded rows.
-        logits_shard = chunk(micro_batch["input_ids"], position_ids, None)
-        return logits_shard, lambda logits: head(logits, micro_batch)
-
-    # Every chunk (virtual stage) consumes the same micro-batches through its own iterator.
-    iterators = [iter(micro_batches) for _ in model_chunks]
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-        model=model_chunks, num_microbatches=len(micro_batches), seq_length=seq_length,
-        micro_batch_size=micro_batch_size, forward_only=forward_only)
-
-
 def score_batch(model_chunks: list, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_mask: torch.Tensor, *, temperature: float, vocab_size: int,
-                micro_batch_size: int) -> dict[str, torch.Tensor]:
+                batching: MicroBatching) -> dict[str, torch.Tensor]:
     """Per-token log_probs, entropy and self_certainty [b, s] (fp32, no gradient) of a
-    right-padded prompt+response batch, on every rank: entry t scores token t, and entries
-    outside `response_mask` are 0. The last pipeline stage computes them, then broadcasts over
-    the pipeline group. Sentence-level self-certainty is
+    right-padded prompt+response batch, on every rank, in the batch's row order: entry t scores
+    token t, and entries outside `response_mask` are 0. `batching` says how the rows are cut and
+    laid out. The last pipeline stage computes them, then broadcasts over the pipeline group.
+    Sentence-level self-certainty is
     `scoring.masked_mean_per_sequence(scores["self_certainty"], response_mask)`."""
     from megatron.core import parallel_state
 
-    check_batch(input_ids, attention_mask, response_mask, micro_batch_size)
-    response = response_mask.bool()
+    check_batch(input_ids, attention_mask, response_mask)
+    lengths = attention_mask.bool().sum(dim=1)
+    partition = batching.partition(lengths)
 
     def scores_head(logits_shard, micro_batch):
         scores = shifted_token_scores(logits_shard, micro_batch["input_ids"],
                                       temperature=temperature, vocab_size=vocab_size)
-        stacked = torch.stack(scores, dim=-1)
-        stacked = torch.where(micro_batch["response_mask"][..., None], stacked, 0.0)
-        return stacked.new_zeros(()), {"scores": stacked}
+        stacked = torch.where(micro_batch["response_mask"][..., None],
+                              torch.stack(scores, dim=-1), 0.0)
+        return stacked.new_zeros(()), {"scores": micro_batch.to_rows(stacked)}
 
     with torch.no_grad():
-        stats = run_pipeline(model_chunks, {"input_ids": input_ids, "response_mask": response},
-                             scores_head, micro_batch_size=micro_batch_size, forward_only=True)
+        stats = run_pipeline(
+            model_chunks,
+            micro_batches({"input_ids": input_ids, "response_mask": response_mask.bool()},
+                          lengths, partition),
+            scores_head, forward_only=True, packed=batching.packed)
+    stacked = torch.zeros(*input_ids.shape, len(SCORE_NAMES), dtype=torch.float32,
+                          device=device())
     if parallel_state.is_pipeline_last_stage():
-        stacked = torch.cat([item["scores"] for item in stats])
-    else:
-        stacked = torch.empty(*input_ids.shape, len(SCORE_NAMES), dtype=torch.float32,
-                              device=input_ids.device)
+        for rows, item in zip(partition, stats):
+            stacked[rows.to(stacked.device), :item["scores"].shape[1]] = item["scores"]
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         group = parallel_state.get_pipeline_model_parallel_group()
         dist.broadcast(stacked, group=group, group_src=dist.get_world_size(group) - 1)
-    return dict(zip(SCORE_NAMES, stacked.unbind(dim=-1)))
+    return dict(zip(SCORE_NAMES, stacked.to(input_ids.device).unbind(dim=-1)))

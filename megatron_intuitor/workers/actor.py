@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_intuitor import metrics
-from megatron_intuitor.batch import TrainingBatch, data_parallel_shard, group_mini_batches
+from megatron_intuitor.batch import (MicroBatching, TrainingBatch, data_parallel_shard,
+                                     group_mini_batches)
 from megatron_intuitor.config import Layout, Schedule
 from megatron_intuitor.platform import on_gpu
 from megatron_intuitor.ppo import PPOSettings
@@ -43,6 +44,14 @@ def _lr_scheduler(optimizer, actor: DictConfig, schedule: Schedule):
         lr_decay_style=actor.lr_scheduler, start_wd=actor.weight_decay,
         end_wd=actor.weight_decay, wd_incr_steps=max(schedule.optimizer_steps, 1),
         wd_incr_style="constant")
+
+
+def _micro_batching(actor: DictConfig, micro_batch_size: int) -> MicroBatching:
+    """`actor.use_dynamic_bsz`: token-budget micro-batches of `actor.max_tokens_per_gpu`, else
+    `micro_batch_size` rows; `actor.use_remove_padding`: sequence packing."""
+    return MicroBatching(micro_batch_size=micro_batch_size,
+                         max_tokens=actor.max_tokens_per_gpu if actor.use_dynamic_bsz else 0,
+                         packed=actor.use_remove_padding)
 
 
 def guarded_optimizer_step(optimizer, grad_clip: float) -> tuple[bool, float]:
@@ -119,7 +128,9 @@ class ActorWorker(Worker):
         from megatron_intuitor.rollout.engine import RolloutEngine
 
         rollout, data = self.cfg.rollout, self.cfg.data
-        return RolloutEngine(self.model_dir, dtype=_DTYPES[rollout.dtype],
+        # "auto": the rollout runs in the training precision
+        dtype = _DTYPES[self.cfg.actor.precision if rollout.dtype == "auto" else rollout.dtype]
+        return RolloutEngine(self.model_dir, dtype=dtype,
                              max_model_len=data.max_prompt_length + data.max_response_length,
                              tensor_parallel_size=rollout.tensor_parallel_size,
                              gpu_memory_utilization=rollout.gpu_memory_utilization,
@@ -165,7 +176,8 @@ class ActorWorker(Worker):
         return score_batch(model_chunks, shard.input_ids, attention_mask, shard.response_mask,
                            temperature=self.cfg.rollout.temperature,
                            vocab_size=self.hf_config.vocab_size,
-                           micro_batch_size=self.cfg.actor.log_prob_micro_batch_size_per_gpu)
+                           batching=_micro_batching(
+                               self.cfg.actor, self.cfg.actor.log_prob_micro_batch_size_per_gpu))
 
     def compute_log_probs(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
         """log_probs, entropy, self_certainty per token of this rank's DP share (pre-update)."""
@@ -200,9 +212,9 @@ class ActorWorker(Worker):
                 for chunk in self.policy:
                     chunk.zero_grad_buffer()
                 self.optimizer.zero_grad()
-                losses = ppo_forward_backward(self.policy, shard,
-                                              actor.ppo_micro_batch_size_per_gpu,
-                                              self.ppo_settings)
+                losses = ppo_forward_backward(
+                    self.policy, shard,
+                    _micro_batching(actor, actor.ppo_micro_batch_size_per_gpu), self.ppo_settings)
                 finite_loss = all(math.isfinite(v) for v in losses.values())
                 stepped, grad_norm = guarded_optimizer_step(self.optimizer, actor.grad_clip) \
                     if finite_loss else (False, float("nan"))
