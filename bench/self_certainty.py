@@ -8,13 +8,16 @@ at TP=2 on gloo, one rank per core, against its baselines, measured in the same 
          must do. One call per at most FLOOR_ROWS rows: a single call at 16384 tokens would add
          a 5 GB temporary per rank next to the 5 GB of logits.
 
-Every (path, tokens) pair runs in fresh processes. Peak extra memory is the rise of the rank's
-resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over its resident set
-with the input logits already allocated: torch's CPU allocations are invisible to tracemalloc.
-Time is the slower rank's best of REPEATS calls after one warm-up.
+Peak extra memory: the first call of fresh processes per (path, tokens), as the rise of each
+rank's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over its
+resident set with the input logits already allocated (torch's CPU allocations are invisible to
+tracemalloc). Time: the slower rank's best of REPEATS rounds after a warm-up round, the paths
+alternating within each round, so that load from other processes on this shared machine falls
+on all of them alike.
 
-The naive path keeps several full-vocabulary fp32 copies per token (~0.6 MB each): it runs only
-at the sizes whose estimated need fits in the memory available now, and the output says which.
+The naive path keeps several full-vocabulary fp32 copies per token (~0.6 MB each). A path runs
+only at the sizes whose estimated need fits in the memory available at that moment (the machine
+is shared); the output names what was skipped and why.
 
 Usage: python bench/self_certainty.py [--tokens 4096 16384] [--naive-tokens 1024 2048]
 Last line: one JSON object of figures.
@@ -34,7 +37,7 @@ from megatron_intuitor.testing import run_distributed
 VOCAB = 152064  # Qwen2.5 lm_head width: divisible by 128 * 2, so no padding at TP=2
 TP = 2
 TEMPERATURE = 0.9
-REPEATS = 2
+REPEATS = 3
 FLOOR_ROWS = 4096
 NAIVE_FULL_COPIES = 4  # full-vocabulary fp32 copies alive at once (measured 3.9 at 1024 tokens)
 
@@ -81,34 +84,52 @@ def _floor(shard, targets, group):
 PATHS = {"fused": _fused, "naive": _naive, "floor": _floor}
 
 
-def _measure_on_rank(rank: int, world_size: int, path: str, tokens: int) -> dict:
-    group = dist.group.WORLD
-    shard_width = VOCAB // world_size
-    gen = torch.Generator().manual_seed(rank)
-    shard = torch.empty(tokens, shard_width).normal_(0.0, 3.0, generator=gen)
+def _inputs(rank: int, world_size: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shard = torch.empty(tokens, VOCAB // world_size).normal_(
+        0.0, 3.0, generator=torch.Generator().manual_seed(rank))
     targets = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(0))
-    run = PATHS[path]
-    peak_extra_mb, times = 0.0, []
+    return shard, targets
+
+
+def _peak_on_rank(rank: int, world_size: int, path: str, tokens: int) -> float:
+    """Peak extra MB of one call, the first of this fresh process (no allocator reuse)."""
+    shard, targets = _inputs(rank, world_size, tokens)
+    dist.barrier()
+    _reset_high_water_mark()
+    resident_before, _ = _resident_mb()
     with torch.no_grad():
-        for repeat in range(REPEATS + 1):
-            dist.barrier()
-            _reset_high_water_mark()
-            resident_before, _ = _resident_mb()
-            start = time.perf_counter()
-            result = run(shard, targets, group)
-            elapsed = time.perf_counter() - start
-            _, high_water = _resident_mb()
-            del result
-            peak_extra_mb = max(peak_extra_mb, high_water - resident_before)
-            if repeat:  # the first call is the warm-up
-                times.append(elapsed)
-    return {"peak_extra_mb": peak_extra_mb, "seconds": min(times)}
+        result = PATHS[path](shard, targets, dist.group.WORLD)
+    _, high_water = _resident_mb()
+    del result
+    return high_water - resident_before
 
 
-def measure(path: str, tokens: int) -> dict:
-    per_rank = run_distributed(_measure_on_rank, TP, path, tokens)
-    return {"peak_extra_mb": round(max(r["peak_extra_mb"] for r in per_rank), 1),
-            "seconds": round(max(r["seconds"] for r in per_rank), 4)}
+def _seconds_on_rank(rank: int, world_size: int, paths: list[str], tokens: int) -> dict:
+    """Best time per path over REPEATS rounds after a warm-up round; the paths alternate within
+    each round so that load from other processes on the machine hits them alike."""
+    shard, targets = _inputs(rank, world_size, tokens)
+    times = {path: [] for path in paths}
+    with torch.no_grad():
+        for round_index in range(REPEATS + 1):
+            for path in paths:
+                dist.barrier()
+                start = time.perf_counter()
+                PATHS[path](shard, targets, dist.group.WORLD)
+                if round_index:
+                    times[path].append(time.perf_counter() - start)
+    return {path: min(seconds) for path, seconds in times.items()}
+
+
+def measure(paths: list[str], tokens: int) -> dict:
+    """{path: {"peak_extra_mb", "seconds"}}, each figure the worse of the TP ranks."""
+    figures = {}
+    for path in paths:
+        peaks = run_distributed(_peak_on_rank, TP, path, tokens)
+        figures[path] = {"peak_extra_mb": round(max(peaks), 1)}
+    for rank_seconds in run_distributed(_seconds_on_rank, TP, paths, tokens):
+        for path, seconds in rank_seconds.items():
+            figures[path]["seconds"] = round(max(seconds, figures[path].get("seconds", 0.0)), 4)
+    return figures
 
 
 def _available_mb() -> float:
@@ -119,9 +140,15 @@ def _available_mb() -> float:
     raise RuntimeError("MemAvailable missing from /proc/meminfo")
 
 
-def _naive_need_mb(tokens: int) -> float:
-    shard_mb = tokens * VOCAB // TP * 4 / 2**20
-    return TP * (shard_mb + NAIVE_FULL_COPIES * TP * shard_mb)
+def _shard_mb(tokens: int) -> float:
+    return tokens * (VOCAB // TP) * 4 / 2**20
+
+
+def _need_mb(path: str, tokens: int) -> float:
+    """Estimated memory of the TP ranks together: their input shards plus the path's extra."""
+    extra_per_rank = {"fused": 64.0, "floor": _shard_mb(min(tokens, FLOOR_ROWS)),
+                      "naive": NAIVE_FULL_COPIES * TP * _shard_mb(tokens)}[path]
+    return TP * (_shard_mb(tokens) + extra_per_rank)
 
 
 def main() -> None:
@@ -133,32 +160,45 @@ def main() -> None:
     sizes: dict[int, dict] = {}
     for tokens in sorted(set(args.tokens) | set(args.naive_tokens)):
         entry = sizes.setdefault(tokens, {"tokens": tokens})
-        for path in ("fused", "floor"):
-            figures = measure(path, tokens)
-            entry[f"{path}_peak_mb"], entry[f"{path}_s"] = figures["peak_extra_mb"], figures["seconds"]
-        if tokens in args.naive_tokens:
-            need_mb, available_mb = _naive_need_mb(tokens), _available_mb()
+        wanted = ["fused", "floor"] + (["naive"] if tokens in args.naive_tokens else [])
+        paths = []
+        for path in wanted:
+            need_mb, available_mb = _need_mb(path, tokens), _available_mb()
             if need_mb < 0.8 * available_mb:
-                figures = measure("naive", tokens)
-                entry["naive_peak_mb"], entry["naive_s"] = (figures["peak_extra_mb"],
-                                                            figures["seconds"])
+                paths.append(path)
             else:
-                entry["naive_skipped"] = (f"needs ~{need_mb:.0f} MB for {TP} ranks, "
-                                          f"{available_mb:.0f} MB available")
-        entry["fused_over_floor_time"] = round(entry["fused_s"] / entry["floor_s"], 3)
+                entry[f"{path}_skipped"] = (f"needs ~{need_mb:.0f} MB for {TP} ranks, "
+                                            f"{available_mb:.0f} MB available")
+        for path, figures in (measure(paths, tokens) if paths else {}).items():
+            entry[f"{path}_peak_mb"], entry[f"{path}_s"] = (figures["peak_extra_mb"],
+                                                            figures["seconds"])
+        if "fused_s" in entry and "floor_s" in entry:
+            entry["fused_over_floor_time"] = round(entry["fused_s"] / entry["floor_s"], 3)
         if "naive_peak_mb" in entry:
-            entry["fused_over_naive_peak"] = round(entry["fused_peak_mb"] / entry["naive_peak_mb"], 4)
+            entry["fused_over_naive_peak"] = round(entry["fused_peak_mb"]
+                                                   / entry["naive_peak_mb"], 4)
         print(json.dumps(entry), flush=True)
 
     # Headline: the largest size with all three paths measured; every size under "sizes".
+    largest = max(sizes.values(), key=lambda e: e["tokens"])
     headline = max((e for e in sizes.values() if "naive_peak_mb" in e),
-                   key=lambda e: e["tokens"], default=max(sizes.values(), key=lambda e: e["tokens"]))
-    fused_peaks = [e["fused_peak_mb"] for e in sizes.values()]
+                   key=lambda e: e["tokens"], default=largest)
+    fused_peaks = [e["fused_peak_mb"] for e in sizes.values() if "fused_peak_mb" in e]
+    time_ratios = [e["fused_over_floor_time"] for e in sizes.values()
+                   if "fused_over_floor_time" in e]
     summary = {key: headline.get(key) for key in
                ("fused_peak_mb", "naive_peak_mb", "fused_s", "naive_s", "floor_s", "tokens")}
-    summary.update(tp=TP, vocab=VOCAB, threads_per_rank=1, dtype="float32",
-                   fused_peak_mb_range=[min(fused_peaks), max(fused_peaks)],
-                   sizes={str(t): e for t, e in sorted(sizes.items())})
+    summary.update(
+        tp=TP, vocab=VOCAB, threads_per_rank=1, dtype="float32",
+        fused_peak_mb_range=[min(fused_peaks), max(fused_peaks)] if fused_peaks else None,
+        max_fused_over_floor_time=max(time_ratios) if time_ratios else None,
+        targets_met={
+            "fused_peak_le_naive_peak_over_tp": (headline.get("naive_peak_mb") is not None
+                                                 and headline["fused_peak_mb"]
+                                                 <= headline["naive_peak_mb"] / TP),
+            "fused_time_le_1.5x_floor": bool(time_ratios) and max(time_ratios) <= 1.5,
+        },
+        sizes={str(t): e for t, e in sorted(sizes.items())})
     print(json.dumps(summary))
 
 
