@@ -14,8 +14,9 @@ from megatron_intuitor.scoring import (masked_mean_per_packed_sequence, masked_m
                                        vocab_parallel_token_scores)
 from megatron_intuitor.testing import run_distributed
 
-# Megatron pads the vocabulary to a multiple of 128 * TP.
+
 def _padded(vocab_size: int, tp: int) -> int:
+    """Megatron's padded vocabulary: a multiple of 128 * TP (computed here independently)."""
     multiple = 128 * tp
     return math.ceil(vocab_size / multiple) * multiple
 
