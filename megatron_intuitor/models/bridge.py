@@ -184,30 +184,64 @@ def _tp_rank_world() -> tuple[int, int]:
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+# safetensors' header dtype names.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+_COLUMN_READ_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class _StoredTensor:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # of its first byte in the file
+
+
 class _SafetensorsCheckpoint:
-    """The tensors of an HF model directory: names and shapes from the headers, data read slice
-    by slice. safetensors hands out views of a memory map that lives as long as its file is
-    open, so each read opens the file and the pages it touched are released with the slice:
-    a load holds one tensor's pages at a time, not the whole checkpoint's."""
+    """The tensors of an HF model directory, located from the safetensors headers and read with
+    plain positioned reads straight into the result: sequential disk I/O, no memory map holding
+    pages, memory bounded by the slice read (plus one block for column slices)."""
 
     def __init__(self, model_dir: Path):
-        from safetensors import safe_open
-
         self.model_dir = model_dir
-        self._files: dict[str, Path] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._tensors: dict[str, _StoredTensor] = {}
         for file in self._files_of(model_dir):
-            try:
-                with safe_open(str(file), framework="pt") as handle:
-                    shapes = {name: tuple(handle.get_slice(name).get_shape())
-                              for name in handle.keys()}
-            except Exception as err:  # safetensors raises its own error types for bad headers
-                raise ValueError(f"cannot read safetensors file {file}: {err}") from err
-            for name, shape in shapes.items():
-                if name in self._files:
-                    raise ValueError(f"tensor {name!r} is stored twice: in {self._files[name]} "
-                                     f"and {file}")
-                self._files[name], self._shapes[name] = file, shape
+            for name, stored in self._read_header(file).items():
+                if name in self._tensors:
+                    raise ValueError(f"tensor {name!r} is stored twice: in "
+                                     f"{self._tensors[name].file} and {file}")
+                self._tensors[name] = stored
+
+    @staticmethod
+    def _read_header(file: Path) -> dict[str, _StoredTensor]:
+        try:
+            with open(file, "rb") as handle:
+                header_bytes = int.from_bytes(handle.read(8), "little")
+                if not 0 < header_bytes <= file.stat().st_size - 8:
+                    raise ValueError(f"header length {header_bytes} does not fit the file")
+                header = json.loads(handle.read(header_bytes))
+            header.pop("__metadata__", None)
+            stored = {}
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(info["shape"])
+                if end - begin != _numel(shape) * dtype.itemsize:
+                    raise ValueError(f"tensor {name!r}: data_offsets disagree with its shape")
+                stored[name] = _StoredTensor(file, dtype, shape, 8 + header_bytes + begin)
+            data_end = max((s.offset + _numel(s.shape) * s.dtype.itemsize
+                            for s in stored.values()), default=0)
+            if data_end > file.stat().st_size:
+                raise ValueError(f"file is truncated: its tensors end at byte {data_end}, the "
+                                 f"file has {file.stat().st_size}")
+            return stored
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"cannot read safetensors file {file}: {err}") from err
 
     @staticmethod
     def _files_of(model_dir: Path) -> list[Path]:
@@ -228,30 +262,57 @@ class _SafetensorsCheckpoint:
         return files
 
     def names(self) -> set[str]:
-        return set(self._files)
+        return set(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
+        return self._tensors[name].shape
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of dim 0: only those bytes are read."""
-        return self._read(name, lambda view: view[start:stop])
+        """Rows [start, stop) of dim 0: one positioned read of exactly those bytes."""
+        stored = self._tensors[name]
+        out = torch.empty((stop - start, *stored.shape[1:]), dtype=stored.dtype)
+        with self._open(name) as handle:
+            self._read_rows_into(handle, stored, start, out)
+        return out
 
     def columns(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._read(name, lambda view: view[:, start:stop])
+        """Columns [start, stop) of a matrix. They are strided on disk, so whole rows are read
+        sequentially in blocks of about `_COLUMN_READ_BYTES` and the columns copied out: one
+        block of extra memory, disk-speed reads."""
+        stored = self._tensors[name]
+        rows, width = stored.shape
+        out = torch.empty((rows, stop - start), dtype=stored.dtype)
+        block_rows = max(1, _COLUMN_READ_BYTES // (width * stored.dtype.itemsize))
+        block = torch.empty((min(block_rows, rows), width), dtype=stored.dtype)
+        with self._open(name) as handle:
+            for first in range(0, rows, block_rows):
+                count = min(block_rows, rows - first)
+                self._read_rows_into(handle, stored, first, block[:count])
+                out[first:first + count] = block[:count, start:stop]
+        return out
+
+    def _open(self, name: str):
+        try:
+            return open(self._tensors[name].file, "rb", buffering=0)
+        except OSError as err:
+            raise ValueError(f"cannot read tensor {name!r} from {self._tensors[name].file}: "
+                             f"{err}") from err
+
+    @staticmethod
+    def _read_rows_into(handle, stored: _StoredTensor, first_row: int,
+                        out: torch.Tensor) -> None:
+        row_bytes = _numel(stored.shape[1:]) * stored.dtype.itemsize
+        buffer = out.view(-1).view(torch.uint8).numpy()
+        handle.seek(stored.offset + first_row * row_bytes)
+        done = 0
+        while done < len(buffer):
+            read = handle.readinto(buffer[done:])
+            if not read:
+                raise ValueError(f"{stored.file} ends inside a tensor (truncated file)")
+            done += read
 
     def full(self, name: str) -> torch.Tensor:
-        return self._read(name, lambda view: view[:])
-
-    def _read(self, name: str, take) -> torch.Tensor:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(self._files[name]), framework="pt") as handle:
-                return take(handle.get_slice(name))
-        except Exception as err:
-            raise ValueError(f"cannot read tensor {name!r} from {self._files[name]}: "
-                             f"{err}") from err
+        return self.rows(name, 0, self.shape(name)[0])
 
     def check(self, expected: dict[str, tuple[int, ...]], tied_embeddings: bool) -> None:
         """Missing, unexpected or misshapen tensors: a ValueError naming them, before any read."""
@@ -267,11 +328,18 @@ class _SafetensorsCheckpoint:
             problems.append(f"unexpected tensors: {', '.join(extra)}")
         for name, shape in expected.items():
             if name in found and self.shape(name) != shape:
-                problems.append(f"tensor {name!r} in {self._files[name]} has shape "
+                problems.append(f"tensor {name!r} in {self._tensors[name].file} has shape "
                                 f"{list(self.shape(name))}, expected {list(shape)}")
         if problems:
             raise ValueError(f"checkpoint {self.model_dir} does not match the model config: "
                              + "; ".join(problems))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
 
 
 def _read_shard(checkpoint: _SafetensorsCheckpoint, mapping: TensorMapping, layer: int | None,
