@@ -63,21 +63,15 @@ def _batch(vocab_size: int):
 def _seconds_on_rank(rank: int, world_size: int, model_dir: str, pp: int,
                      modes: dict[str, tuple[MicroBatching, bool]]) -> dict:
     """{mode: {"score_s", "ppo_s"}}; each mode is (batching, variable_seq_lengths)."""
-    from megatron_intuitor.models.bridge import load_hf_weights
-    from megatron_intuitor.models.config import (build_model, load_hf_config,
-                                                 transformer_config_from_hf)
     from megatron_intuitor.models.forward import score_batch
     from megatron_intuitor.models.optimizer import build_optimizer
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
-    from megatron_intuitor.ppo import PPOSettings, ppo_forward_backward
+    from megatron_intuitor.ppo import PPOSettings, load_policy, ppo_forward_backward
 
     sizes = ParallelSizes(1, pp)
     init_model_parallel(sizes, seed=1)
-    hf_config = load_hf_config(model_dir)
-    config = transformer_config_from_hf(hf_config, sizes)
-    config.calculate_per_token_loss = True
-    chunks = build_model(hf_config, config)
-    load_hf_weights(chunks, model_dir, hf_config)
+    hf_config, chunks = load_policy(model_dir, sizes)
+    config = chunks[0].config  # shared by every chunk and layer
     chunks, _ = build_optimizer(chunks, 1e-5)
     batch = _batch(hf_config.vocab_size)
     attention = torch.arange(batch.input_ids.shape[1]) < batch.lengths[:, None]

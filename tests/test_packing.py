@@ -71,21 +71,14 @@ def _every_batching_on_rank(rank, world_size, tp, pp, model_dir, old, ref):
     from megatron.core import parallel_state
 
     from megatron_intuitor import metrics
-    from megatron_intuitor.models.bridge import load_hf_weights
-    from megatron_intuitor.models.config import (build_model, load_hf_config,
-                                                 transformer_config_from_hf)
     from megatron_intuitor.models.forward import micro_batches, run_pipeline, score_batch
     from megatron_intuitor.models.optimizer import build_optimizer
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
-    from megatron_intuitor.ppo import PPOSettings, ppo_forward_backward
+    from megatron_intuitor.ppo import PPOSettings, load_policy, ppo_forward_backward
 
     sizes = ParallelSizes(tp, pp)
     init_model_parallel(sizes, seed=1)
-    hf_config = load_hf_config(model_dir)
-    config = transformer_config_from_hf(hf_config, sizes)
-    config.calculate_per_token_loss = True
-    chunks = build_model(hf_config, config)
-    load_hf_weights(chunks, model_dir, hf_config)
+    hf_config, chunks = load_policy(model_dir, sizes)
     chunks, optimizer = build_optimizer(chunks, 1e-3)
     batch, _ = _batch()
     batch.old_log_probs, batch.ref_log_probs = old, ref

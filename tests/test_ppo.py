@@ -60,21 +60,15 @@ def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison):
 
     from megatron_intuitor import metrics
     from megatron_intuitor.batch import MicroBatching, data_parallel_shard
-    from megatron_intuitor.models.bridge import export_hf_weights, load_hf_weights
-    from megatron_intuitor.models.config import (build_model, load_hf_config,
-                                                 transformer_config_from_hf)
+    from megatron_intuitor.models.bridge import export_hf_weights
     from megatron_intuitor.models.optimizer import build_optimizer
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
-    from megatron_intuitor.ppo import PPOSettings, ppo_forward_backward
+    from megatron_intuitor.ppo import PPOSettings, load_policy, ppo_forward_backward
     from megatron_intuitor.workers.actor import guarded_optimizer_step
 
     sizes = ParallelSizes(tp, 1)
     init_model_parallel(sizes, seed=1)
-    hf_config = load_hf_config(model_dir)
-    config = transformer_config_from_hf(hf_config, sizes)
-    config.calculate_per_token_loss = True
-    chunks = build_model(hf_config, config)
-    load_hf_weights(chunks, model_dir, hf_config)
+    hf_config, chunks = load_policy(model_dir, sizes)
     chunks, optimizer = build_optimizer(chunks, 1e-3, clip_grad=1.0)
     batch, _ = _batch(hf_config.vocab_size)
     batch.old_log_probs, batch.ref_log_probs = old, ref

@@ -24,7 +24,7 @@ from megatron_intuitor.batch import (MicroBatching, TrainingBatch, data_parallel
                                      group_mini_batches)
 from megatron_intuitor.config import Layout, Schedule
 from megatron_intuitor.platform import on_gpu
-from megatron_intuitor.ppo import PPOSettings
+from megatron_intuitor.ppo import PPOSettings, load_policy
 from megatron_intuitor.rollout.engine import RolloutSample, SamplingConfig
 from megatron_intuitor.workers.group import Worker, WorkerGroup
 
@@ -76,9 +76,6 @@ class ActorWorker(Worker):
         from megatron.core import parallel_state
 
         from megatron_intuitor import parallel
-        from megatron_intuitor.models.bridge import load_hf_weights
-        from megatron_intuitor.models.config import (build_model, load_hf_config,
-                                                     transformer_config_from_hf)
         from megatron_intuitor.models.optimizer import build_optimizer
 
         self.cfg = cfg = OmegaConf.create(cfg)
@@ -90,23 +87,15 @@ class ActorWorker(Worker):
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.model_dir = model_dir
-        self.hf_config = load_hf_config(model_dir)
-        transformer_config = transformer_config_from_hf(
-            self.hf_config, sizes, params_dtype=_DTYPES[actor.precision], fp8=actor.fp8,
-            recompute=actor.recompute)
-        # Sum the loss over tokens; Megatron divides the gradients by the mini-batch's token
-        # count summed over micro-batches and DP ranks: an exact token mean.
-        transformer_config.calculate_per_token_loss = True
-
-        self.policy = build_model(self.hf_config, transformer_config)
-        load_hf_weights(self.policy, model_dir, self.hf_config)
+        precision = dict(params_dtype=_DTYPES[actor.precision], fp8=actor.fp8,
+                         recompute=actor.recompute)
+        self.hf_config, self.policy = load_policy(model_dir, sizes, **precision)
         self.policy, self.optimizer = build_optimizer(
             self.policy, actor.lr, weight_decay=actor.weight_decay, clip_grad=actor.grad_clip)
         self.lr_scheduler = _lr_scheduler(self.optimizer, actor, schedule)
         self.reference = None
         if cfg.algorithm.kl_coef > 0:
-            self.reference = build_model(self.hf_config, transformer_config)
-            load_hf_weights(self.reference, model_dir, self.hf_config)
+            _, self.reference = load_policy(model_dir, sizes, **precision)
             for chunk in self.reference:
                 chunk.requires_grad_(False)
                 chunk.eval()
