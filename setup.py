@@ -43,6 +43,8 @@ setup(
         "dev": ["pytest==9.0.3", "pytest-timeout==2.4.0"],
         # tools/prepare_data.py --from-hub (machines with internet)
         "hub": ["datasets==5.2.0"],
+        # bench/tiny_intuitor.py's baseline: TRL's GRPOTrainer on the same model and batch
+        "bench": ["trl==1.16.0"],
     },
     entry_points={"console_scripts": ["megatron-intuitor=megatron_intuitor.main:main"]},
 )
