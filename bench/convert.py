@@ -270,8 +270,8 @@ def _load_rank(rank: int, world: int, model_dir: str, method: str, save_dir: str
             load_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     sampled = sampler.stop()
     result = {"load_s": load_s, "load_cpu_s": cpu_s, "peak_rss_gb": _status_gb("VmHWM"),
-              "rss_before_gb": rss_before, "model_shard_gb": shard_bytes / 1e9, "peak_anon_gb": sampled["RssAnon"],
-              "peak_file_gb": sampled["RssFile"]}
+              "rss_before_gb": rss_before, "model_shard_gb": shard_bytes / 1e9,
+              "peak_anon_gb": sampled["RssAnon"], "peak_file_gb": sampled["RssFile"]}
     if save_dir:
         from megatron_intuitor.checkpoint import save_model_checkpoint
 
