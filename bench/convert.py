@@ -185,14 +185,14 @@ class _InMemoryCheckpoint:
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
 
-    def rows(self, name, start, stop):
-        return self.tensors[name][start:stop]
+    def shape(self, name):
+        return tuple(self.tensors[name].shape)
 
-    def columns(self, name, start, stop):
-        return self.tensors[name][:, start:stop]
+    def rows(self, name, start, stop, out):
+        out.copy_(self.tensors[name][start:stop])
 
-    def full(self, name):
-        return self.tensors[name]
+    def columns(self, name, start, stop, out):
+        out.copy_(self.tensors[name][:, start:stop])
 
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -229,8 +229,10 @@ def _naive_load(chunks, model_dir: Path, hf_config) -> None:
     mappings = bridge.weight_mappings(hf_config)
     for chunk in chunks:
         for mapping, layer, param in bridge._mapped_parameters(bridge._unwrap(chunk), mappings):
+            shard = torch.empty(param.shape, dtype=state[mapping.hf_names(layer)[0]].dtype)
+            bridge._read_shard(checkpoint, mapping, layer, dims, tp_rank, tp, shard)
             with torch.no_grad():
-                param.copy_(bridge._read_shard(checkpoint, mapping, layer, dims, tp_rank, tp))
+                param.copy_(shard)
 
 
 def _checksum(chunks) -> int:

@@ -267,21 +267,24 @@ class _SafetensorsCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._tensors[name].shape
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of dim 0: one positioned read of exactly those bytes."""
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Rows [start, stop) of dim 0 into `out` (contiguous, the checkpoint's dtype): one
+        positioned read of exactly those bytes."""
         stored = self._tensors[name]
-        out = torch.empty((stop - start, *stored.shape[1:]), dtype=stored.dtype)
+        self._check_out(name, out, (stop - start, *stored.shape[1:]))
         with self._open(name) as handle:
             self._read_rows_into(handle, stored, start, out)
-        return out
 
-    def columns(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Columns [start, stop) of a matrix. They are strided on disk, so whole rows are read
-        sequentially in blocks of about `_COLUMN_READ_BYTES` and the columns copied out: one
-        block of extra memory, disk-speed reads."""
+    def columns(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Columns [start, stop) of a matrix into `out`. They are strided on disk, so whole rows
+        are read sequentially in blocks of about `_COLUMN_READ_BYTES` and the columns copied
+        out: one block of extra memory, disk-speed reads."""
         stored = self._tensors[name]
         rows, width = stored.shape
-        out = torch.empty((rows, stop - start), dtype=stored.dtype)
+        self._check_out(name, out, (rows, stop - start))
         block_rows = max(1, _COLUMN_READ_BYTES // (width * stored.dtype.itemsize))
         block = torch.empty((min(block_rows, rows), width), dtype=stored.dtype)
         with self._open(name) as handle:
@@ -289,7 +292,13 @@ class _SafetensorsCheckpoint:
                 count = min(block_rows, rows - first)
                 self._read_rows_into(handle, stored, first, block[:count])
                 out[first:first + count] = block[:count, start:stop]
-        return out
+
+    def _check_out(self, name: str, out: torch.Tensor, shape: tuple[int, ...]) -> None:
+        stored = self._tensors[name]
+        if tuple(out.shape) != shape or out.dtype != stored.dtype or not out.is_contiguous():
+            raise ValueError(f"tensor {name!r} in {stored.file}: its slice is {list(shape)} "
+                             f"{stored.dtype}, the destination is {list(out.shape)} {out.dtype}"
+                             f"{'' if out.is_contiguous() else ' (not contiguous)'}")
 
     def _open(self, name: str):
         try:
@@ -310,9 +319,6 @@ class _SafetensorsCheckpoint:
             if not read:
                 raise ValueError(f"{stored.file} ends inside a tensor (truncated file)")
             done += read
-
-    def full(self, name: str) -> torch.Tensor:
-        return self.rows(name, 0, self.shape(name)[0])
 
     def check(self, expected: dict[str, tuple[int, ...]], tied_embeddings: bool) -> None:
         """Missing, unexpected or misshapen tensors: a ValueError naming them, before any read."""
@@ -343,37 +349,41 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def _read_shard(checkpoint: _SafetensorsCheckpoint, mapping: TensorMapping, layer: int | None,
-                dims: _Dims, tp_rank: int, tp: int) -> torch.Tensor:
-    """This TP rank's shard of one Megatron parameter, read from the HF checkpoint."""
+                dims: _Dims, tp_rank: int, tp: int, out: torch.Tensor) -> None:
+    """This TP rank's shard of one Megatron parameter, read from the HF checkpoint straight into
+    `out` (the parameter's shape, the checkpoint's dtype, contiguous, on the CPU)."""
     names = mapping.hf_names(layer)
     if mapping.layout is Layout.REPLICATED:
-        return checkpoint.full(names[0])
-    if mapping.layout is Layout.ROW:
+        checkpoint.rows(names[0], 0, checkpoint.shape(names[0])[0], out)
+    elif mapping.layout is Layout.ROW:
         width = mapping.hf_shapes[0][1] // tp
-        return checkpoint.columns(names[0], tp_rank * width, (tp_rank + 1) * width)
-    if mapping.layout is Layout.VOCAB:
+        checkpoint.columns(names[0], tp_rank * width, (tp_rank + 1) * width, out)
+    elif mapping.layout is Layout.VOCAB:
         rows = padded_vocab_size(dims.vocab, tp) // tp
-        start, stop = tp_rank * rows, (tp_rank + 1) * rows
-        real = checkpoint.rows(names[0], min(start, dims.vocab), min(stop, dims.vocab))
-        shard = real.new_zeros((rows, dims.hidden))
-        shard[: real.shape[0]] = real
-        return shard
-    if mapping.layout is Layout.GATE_UP:
+        start, stop = min(tp_rank * rows, dims.vocab), min((tp_rank + 1) * rows, dims.vocab)
+        checkpoint.rows(names[0], start, stop, out[:stop - start])
+        out[stop - start:].zero_()  # Megatron's padded vocabulary rows
+    elif mapping.layout is Layout.GATE_UP:
         rows = dims.ffn // tp
-        return torch.cat([checkpoint.rows(name, tp_rank * rows, (tp_rank + 1) * rows)
-                          for name in names])
-    if mapping.layout is Layout.QKV:
+        for index, name in enumerate(names):
+            checkpoint.rows(name, tp_rank * rows, (tp_rank + 1) * rows,
+                            out[index * rows:(index + 1) * rows])
+    elif mapping.layout is Layout.QKV:
+        # Megatron interleaves per query group: [q_1..q_n, k, v] for each group of this rank.
         groups = dims.groups // tp
-        q_per_group = dims.heads // dims.groups
-        first_group = tp_rank * groups
-        q_rows, kv_rows = q_per_group * dims.head_dim, dims.head_dim
-        q = checkpoint.rows(names[0], first_group * q_rows, (first_group + groups) * q_rows)
-        k, v = (checkpoint.rows(name, first_group * kv_rows, (first_group + groups) * kv_rows)
-                for name in names[1:])
-        tail = q.shape[1:]
-        return torch.cat([q.reshape(groups, q_rows, *tail), k.reshape(groups, kv_rows, *tail),
-                          v.reshape(groups, kv_rows, *tail)], dim=1).reshape(-1, *tail)
-    raise AssertionError(mapping.layout)
+        q_rows = dims.heads // dims.groups * dims.head_dim
+        kv_rows = dims.head_dim
+        grouped = out.view(groups, q_rows + 2 * kv_rows, *out.shape[1:])
+        for group in range(groups):
+            index = tp_rank * groups + group
+            checkpoint.rows(names[0], index * q_rows, (index + 1) * q_rows,
+                            grouped[group, :q_rows])
+            for part, name in enumerate(names[1:]):
+                first = q_rows + part * kv_rows
+                checkpoint.rows(name, index * kv_rows, (index + 1) * kv_rows,
+                                grouped[group, first:first + kv_rows])
+    else:
+        raise AssertionError(mapping.layout)
 
 
 def load_hf_weights(model_chunks: Sequence[torch.nn.Module], model_dir: str | Path,
@@ -393,14 +403,16 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], model_dir: str | Pa
                      architecture_features(hf_config).tied_embeddings)
     for chunk in model_chunks:
         for mapping, layer, param in _mapped_parameters(_unwrap(chunk), mappings):
-            shard = _read_shard(checkpoint, mapping, layer, dims, tp_rank, tp)
-            if shard.shape != param.shape:
-                raise ValueError(f"{', '.join(mapping.hf_names(layer))} give a shard of shape "
-                                 f"{list(shard.shape)}, Megatron parameter expects "
-                                 f"{list(param.shape)}")
-            with torch.no_grad():
-                param.copy_(shard)
-            del shard  # releases the file pages it maps before the next read
+            dtype = checkpoint.dtype(mapping.hf_names(layer)[0])
+            direct = (param.device.type == "cpu" and param.dtype == dtype
+                      and param.is_contiguous())
+            # Read straight into the parameter when it can take the bytes as they are stored;
+            # otherwise through one host buffer (GPU parameters, a dtype cast).
+            target = param.data if direct else torch.empty(param.shape, dtype=dtype)
+            _read_shard(checkpoint, mapping, layer, dims, tp_rank, tp, target)
+            if not direct:
+                with torch.no_grad():
+                    param.copy_(target)
 
 
 # --- Megatron -> HF ---------------------------------------------------------------------------
