@@ -119,3 +119,14 @@ def test_bad_config_is_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError) as error:
         load([override])
     assert key in str(error.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grpo", "hybrid"])
+def test_verifiable_reward_algorithms_run_a_step(tmp_path, name):
+    """algorithm=grpo (0/1 answer reward: the baseline) and hybrid wire the grader into the
+    advantages; one step writes finite metrics."""
+    _finish(_main(_overrides(tmp_path, 1) + [f"algorithm={name}"]))
+    row = _rows(tmp_path)[1]
+    for metric in (metrics.ADVANTAGES_MEAN, metrics.PG_LOSS, metrics.GRAD_NORM):
+        assert row[metric] is not None, metric  # JSONL writes non-finite values as null
