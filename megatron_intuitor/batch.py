@@ -29,10 +29,6 @@ class TrainingBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    @property
-    def num_response_tokens(self) -> int:
-        return int(self.response_mask.sum())
-
     def _map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> "TrainingBatch":
         return TrainingBatch(**{f.name: None if getattr(self, f.name) is None
                                 else fn(f.name, getattr(self, f.name)) for f in fields(self)})

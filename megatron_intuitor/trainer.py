@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_intuitor import algorithm, metrics
 from megatron_intuitor.batch import TrainingBatch, batch_from_rollouts
-from megatron_intuitor.config import Layout, Schedule, derive_layout, training_schedule
+from megatron_intuitor.config import Schedule, derive_layout, training_schedule
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
@@ -91,10 +91,10 @@ def load_prompt_sets(cfg: DictConfig, tokenizer) -> tuple[PromptSet, list[Prompt
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, layout: Layout, schedule: Schedule, actor,
+    def __init__(self, cfg: DictConfig, schedule: Schedule, actor,
                  loader: PromptLoader, val_sets: list[PromptSet], logger: metrics.MetricsLogger,
                  tokenizer) -> None:
-        self.cfg, self.layout, self.schedule = cfg, layout, schedule
+        self.cfg, self.schedule = cfg, schedule
         self.actor, self.loader, self.val_sets = actor, loader, val_sets
         self.logger, self.tokenizer = logger, tokenizer
         self.checkpoint_root = Path(cfg.trainer.output_dir) / "checkpoints"
@@ -250,7 +250,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                      num_cpus=max(os.cpu_count() or 1, layout.world_size))
     actor = ActorGroup(cfg, layout, schedule, model_dir)
     try:
-        trainer = Trainer(cfg, layout, schedule, actor, loader, val_sets, logger, tokenizer)
+        trainer = Trainer(cfg, schedule, actor, loader, val_sets, logger, tokenizer)
         final = trainer.fit()
         actor.export_hf(str(output_dir / "hf_final"))
     finally:

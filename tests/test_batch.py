@@ -21,7 +21,7 @@ def test_rollouts_become_right_padded_rows_aligned_on_token_positions():
     assert batch.rollout_log_probs[0].tolist() == [0.0, 0.0, -0.5, -1.0, -1.5]
     assert batch.lengths.tolist() == [5, 2]
     assert batch.group_index.tolist() == [0, 1]
-    assert batch.num_response_tokens == 4
+    assert int(batch.response_mask.sum()) == 4
 
 
 def test_data_parallel_shards_are_contiguous_and_trimmed_on_request():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -281,21 +282,15 @@ class ActorGroup:
         replicas = self.rollout_replicas
         share = math.ceil(len(prompts) / replicas)
         starts = [min(r * share, len(prompts)) for r in range(replicas)]
-        per_rank = []
-        for rank in range(self.layout.world_size):
-            replica = rank // self.rollout_tp
-            chunk = list(prompts[starts[replica]:starts[replica] + share])
-            replica_sampling = SamplingConfig(**{**sampling.__dict__,
-                                                 "seed": seed * 1009 + replica})
-            per_rank.append((chunk, replica_sampling))
-        results = self.group.execute_per_rank("generate", per_rank)
-        samples = []
-        for replica in range(replicas):
-            for sample in results[replica * self.rollout_tp]:
-                samples.append(RolloutSample(**{**sample.__dict__,
-                                                "prompt_index": sample.prompt_index
-                                                + starts[replica]}))
-        return samples
+        per_replica = [(list(prompts[start:start + share]),
+                        replace(sampling, seed=seed * 1009 + replica))
+                       for replica, start in enumerate(starts)]
+        results = self.group.execute_per_rank(
+            "generate", [per_replica[rank // self.rollout_tp]
+                         for rank in range(self.layout.world_size)])
+        return [replace(sample, prompt_index=sample.prompt_index + start)
+                for replica, start in enumerate(starts)
+                for sample in results[replica * self.rollout_tp]]
 
     def _gather_dp(self, results: list[dict]) -> dict[str, torch.Tensor]:
         """Concatenate the DP shards' per-token tensors (padding widths may differ)."""
