@@ -37,7 +37,7 @@ MI_OVERRIDES=(
     actor.log_prob_micro_batch_size_per_gpu=4            # rollout/ref log_prob micro batch
     actor.ref_offload=true                               # ref.fsdp_config.param_offload
     actor.tensor_model_parallel_size=2   # Megatron in place of FSDP: 2 KV heads allow TP <= 2
-    rollout.gpu_memory_utilization=0.85
+    rollout.gpu_memory_utilization=0.6  # the recipe's 0.85: vLLM here starts next to the actor
     rollout.n=8
     trainer.val_before_train=false
     trainer.n_gpus_per_node=8

@@ -30,7 +30,7 @@
 #   LOG_PROB_MICRO_BATCH_SIZE_PER_GPU=4   actor.log_prob_micro_batch_size_per_gpu
 #   USE_REMOVE_PADDING=true               actor.use_remove_padding
 #   ENABLE_GRADIENT_CHECKPOINTING=true    actor.recompute
-#   GPU_MEMORY_UTILIZATION=0.9            rollout.gpu_memory_utilization
+#   GPU_MEMORY_UTILIZATION=0.6            rollout.gpu_memory_utilization
 #   EXPERIMENT_NAME=custom_intuitor       trainer.experiment_name
 #   WANDB_API_KEY=                        W&B online (offline when unset)
 set -uo pipefail
@@ -58,7 +58,7 @@ PPO_MICRO_BATCH_SIZE_PER_GPU=${PPO_MICRO_BATCH_SIZE_PER_GPU:-4}
 LOG_PROB_MICRO_BATCH_SIZE_PER_GPU=${LOG_PROB_MICRO_BATCH_SIZE_PER_GPU:-4}
 USE_REMOVE_PADDING=${USE_REMOVE_PADDING:-true}
 ENABLE_GRADIENT_CHECKPOINTING=${ENABLE_GRADIENT_CHECKPOINTING:-true}
-GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:-0.9}
+GPU_MEMORY_UTILIZATION=${GPU_MEMORY_UTILIZATION:-0.6}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-custom_intuitor}
 
 MI_OVERRIDES=(

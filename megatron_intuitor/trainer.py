@@ -250,6 +250,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                      num_cpus=max(os.cpu_count() or 1, layout.world_size))
     actor = ActorGroup(cfg, layout, schedule, model_dir)
     try:
+        log.info("weight sync: %s", actor.weight_sync_path())
         trainer = Trainer(cfg, schedule, actor, loader, val_sets, logger, tokenizer)
         final = trainer.fit()
         actor.export_hf(str(output_dir / "hf_final"))

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig, fit_prompts
+from megatron_intuitor.rollout.engine import (RolloutEngine, SamplingConfig, check_gpu_memory,
+                                              fit_prompts)
 from megatron_intuitor.rollout.weight_sync import sync_weights
 from megatron_intuitor.testing import run_distributed
 
@@ -182,6 +183,15 @@ def test_too_long_prompt_is_an_error_naming_it_or_truncated(engine, weights):
     finally:
         engine.truncate_long_prompts = False
     assert [s.prompt_token_ids for s in samples] == [prompts[0], prompts[1][1:], prompts[2]]
+
+
+def test_gpu_memory_share_that_does_not_fit_next_to_the_actor_is_named():
+    """80 GiB GPU, 50 GiB free after the actor: 0.85 (68 GiB) cannot start; 0.6 (48) can."""
+    gib = 2**30
+    check_gpu_memory(0.6, 50 * gib, 80 * gib)
+    with pytest.raises(ValueError, match=r"rollout.gpu_memory_utilization=0.85 asks vLLM for "
+                                         r"68.0 GiB.*only 50.0 of 80.0 GiB.*at most 0.61"):
+        check_gpu_memory(0.85, 50 * gib, 80 * gib)
 
 
 def test_fit_prompts_keeps_the_end_of_a_truncated_prompt():

@@ -216,7 +216,7 @@ def test_training_script_defaults(tmp_path):
                 "rollout.n": 8, "data.max_prompt_length": 512, "data.max_response_length": 2048,
                 "trainer.n_gpus_per_node": 8, "trainer.nnodes": 1,
                 "actor.use_remove_padding": True, "actor.recompute": True,
-                "rollout.gpu_memory_utilization": 0.9, "trainer.total_epochs": 1}
+                "rollout.gpu_memory_utilization": 0.6, "trainer.total_epochs": 1}
     for key, expected in defaults.items():
         assert _select(run.config, key) == expected, key
     assert run.config["data"]["train_files"] == [str(tmp_path / "data/math/train.parquet")]

@@ -130,3 +130,17 @@ def test_verifiable_reward_algorithms_run_a_step(tmp_path, name):
     row = _rows(tmp_path)[1]
     for metric in (metrics.ADVANTAGES_MEAN, metrics.PG_LOSS, metrics.GRAD_NORM):
         assert row[metric] is not None, metric  # JSONL writes non-finite values as null
+
+
+@pytest.mark.slow
+def test_engine_sharded_like_the_actor_takes_its_weights_shard_to_shard(tmp_path):
+    """rollout TP = actor TP = 2: each rank copies its shards into its engine shard; at step 2
+    the engine samples from the step-1 update (its log-probs equal Megatron's). vLLM's
+    tensor-parallel shared memory is gone afterwards (the ranks are killed at the end)."""
+    shared_memory = set(Path("/dev/shm").iterdir())
+    output = _finish(_main(_overrides(tmp_path, 2) + ["rollout.tensor_parallel_size=2"]))
+    assert "weight sync: shard to shard" in output
+    assert set(Path("/dev/shm").iterdir()) <= shared_memory
+    rows = _rows(tmp_path)
+    assert rows[1][metrics.GRAD_NORM] > 0
+    assert rows[2][metrics.ROLLOUT_LOGPROB_DIFF] < 1e-4

@@ -45,12 +45,15 @@ def _megatron_log_probs(chunk, samples, vocab_size):
     return result
 
 
-def _sync_and_generate(rank, world_size, tp, pp, model_dir, prompts):
+def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts):
+    """Sync, generate, update, sync, generate; the engine is sharded like the actor when
+    `rollout_tp == tp` and PP is 1 (shard to shard), else it streams full tensors."""
     from megatron_intuitor.models.bridge import export_hf_weights, load_hf_weights
     from megatron_intuitor.models.config import (
         build_model, load_hf_config, transformer_config_from_hf)
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
     from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
+    from megatron_intuitor.rollout.shard_sync import ShardSync
     from megatron_intuitor.rollout.weight_sync import sync_weights
 
     sizes = ParallelSizes(tp, pp)
@@ -59,21 +62,27 @@ def _sync_and_generate(rank, world_size, tp, pp, model_dir, prompts):
     chunks = build_model(hf_config, transformer_config_from_hf(hf_config, sizes))
     load_hf_weights(chunks, model_dir, hf_config)
     # after torch.distributed, on every rank: vLLM builds its groups on the training world
-    engine = RolloutEngine(model_dir, dtype=torch.float32, max_model_len=256, seed=0)
+    engine = RolloutEngine(model_dir, dtype=torch.float32, max_model_len=256, seed=0,
+                           tensor_parallel_size=rollout_tp)
     greedy = SamplingConfig(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
     def tokens():
         return [s.response_token_ids for s in engine.generate(prompts, greedy)]
 
-    sync_weights(engine, export_hf_weights(chunks, hf_config))
+    if rollout_tp == tp and pp == 1:  # sharded alike: each rank copies its own shards
+        sync = ShardSync.plan(engine, chunks, hf_config)
+    else:
+        def sync():
+            return sync_weights(engine, export_hf_weights(chunks, hf_config))
+    sync()
     result = {"before": tokens()}
     with torch.no_grad():
         for chunk in chunks:
             for param in chunk.parameters():
                 param.copy_(_update(param))
-    report = sync_weights(engine, export_hf_weights(chunks, hf_config))
+    report = sync()
     result["after"] = tokens()
-    result["bytes"] = report.bytes
+    result["bytes"], result["path"] = report.bytes, report.path
     if pp == 1:
         samples = engine.generate(prompts, SamplingConfig(
             n=2, temperature=TEMPERATURE, max_tokens=NEW_TOKENS, ignore_eos=True, seed=5))
@@ -96,17 +105,38 @@ def _hf_greedy(model_dir, prompts, update: bool):
                                min_new_tokens=NEW_TOKENS)[0, len(p):].tolist() for p in prompts]
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2_vocab1100(tmp_path_factory):
+    """Untied, vocab 1100: Megatron pads it to 1280 (640 rows a rank at TP=2), vLLM to 1152
+    (576 a rank), so rows 576..639 cross from rank 0's actor to rank 1's engine."""
+    from megatron_intuitor.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("vocab1100"), vocab_size=1100,
+                           tie_word_embeddings=False)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_sync_from_megatron_matches_transformers(tiny_qwen2, tp, pp):
+@pytest.mark.parametrize("world, tp, pp, rollout_tp, model", [
+    (2, 2, 1, 1, "tiny_qwen2"), (2, 1, 2, 1, "tiny_qwen2"), (2, 2, 1, 2, "tiny_qwen2_vocab1100"),
+    (4, 2, 1, 2, "tiny_qwen2_vocab1100")],
+    ids=["tp2-stream", "pp2-stream", "tp2-shards", "tp2dp2-shards"])
+def test_sync_from_megatron_matches_transformers(request, world, tp, pp, rollout_tp, model):
+    """tp2dp2: two engines of TP 2 in a world of 4 (vLLM's TP groups [0, 1], [2, 3] must be
+    Megatron's)."""
+    model_dir = request.getfixturevalue(model)
     prompts = _prompts()
-    results = run_distributed(_sync_and_generate, 2, tp, pp, tiny_qwen2, prompts)
-    before, after = _hf_greedy(tiny_qwen2, prompts, False), _hf_greedy(tiny_qwen2, prompts, True)
+    results = run_distributed(_sync_and_generate, world, tp, pp, rollout_tp, model_dir, prompts)
+    before, after = _hf_greedy(model_dir, prompts, False), _hf_greedy(model_dir, prompts, True)
     assert before != after
-    weight_bytes = sum(w.numel() * 4 for w in load_file(tiny_qwen2 / "model.safetensors").values())
+    weights = load_file(model_dir / "model.safetensors")
+    weight_bytes = sum(w.numel() * 4 for w in weights.values())
     for result in results:
         assert result["before"] == before
         assert result["after"] == after
-        assert result["bytes"] == weight_bytes
+        assert result["path"] == ("shards" if rollout_tp == tp and pp == 1 else "stream")
+        if result["path"] == "shards":  # each rank's engine shard: half the matrices, vocab padded to 1152
+            assert 0.4 * weight_bytes < result["bytes"] < 0.7 * weight_bytes
+        else:
+            assert result["bytes"] == weight_bytes
         if pp == 1:
             assert result["logprob_diff"] <= LOGPROB_ATOL

@@ -348,6 +348,12 @@ def _numel(shape: Sequence[int]) -> int:
     return count
 
 
+def vocab_shard_rows(vocab: int, tp_rank: int, tp: int) -> tuple[int, int]:
+    """The real (unpadded) vocabulary rows [start, stop) that TP rank `tp_rank` holds."""
+    rows = padded_vocab_size(vocab, tp) // tp
+    return min(tp_rank * rows, vocab), min((tp_rank + 1) * rows, vocab)
+
+
 def _read_shard(checkpoint: _SafetensorsCheckpoint, mapping: TensorMapping, layer: int | None,
                 dims: _Dims, tp_rank: int, tp: int, out: torch.Tensor) -> None:
     """This TP rank's shard of one Megatron parameter, read from the HF checkpoint straight into
@@ -359,8 +365,7 @@ def _read_shard(checkpoint: _SafetensorsCheckpoint, mapping: TensorMapping, laye
         width = mapping.hf_shapes[0][1] // tp
         checkpoint.columns(names[0], tp_rank * width, (tp_rank + 1) * width, out)
     elif mapping.layout is Layout.VOCAB:
-        rows = padded_vocab_size(dims.vocab, tp) // tp
-        start, stop = min(tp_rank * rows, dims.vocab), min((tp_rank + 1) * rows, dims.vocab)
+        start, stop = vocab_shard_rows(dims.vocab, tp_rank, tp)
         checkpoint.rows(names[0], start, stop, out[:stop - start])
         out[stop - start:].zero_()  # Megatron's padded vocabulary rows
     elif mapping.layout is Layout.GATE_UP:
@@ -448,6 +453,55 @@ def _to_hf(param: torch.Tensor, mapping: TensorMapping, dims: _Dims, tp: int) ->
         q, k, v = grouped.split([q_rows, dims.head_dim, dims.head_dim], dim=1)
         return [part.reshape(-1, *tail) for part in (q, k, v)]
     raise AssertionError(mapping.layout)
+
+
+@dataclass(frozen=True)
+class LocalPiece:
+    """This rank's piece of one HF tensor, as a view of the Megatron parameter holding it.
+
+    The piece is the standard TP shard of TP rank r (the one vLLM's parallel layers hold too):
+    the whole tensor (REPLICATED), column block r (ROW), row block r of each part (GATE_UP; QKV,
+    whose q rows are viewed as [query groups, rows per group, ...] because Megatron interleaves
+    them with k and v). The vocabulary is the exception: Megatron and other systems pad it
+    differently, so a VOCAB piece holds this rank's real rows and says which (`vocab_rows`).
+    """
+
+    hf_name: str
+    tensor: torch.Tensor
+    vocab_rows: tuple[int, int] | None = None
+
+
+def local_hf_pieces(model_chunks: Sequence[torch.nn.Module],
+                    hf_config: transformers.PretrainedConfig) -> list[LocalPiece]:
+    """Every piece of an HF tensor that this rank's chunks hold, as views (nothing is copied or
+    communicated). A tensor held twice (a tied output layer on the last pipeline stage) is
+    listed once."""
+    mappings = weight_mappings(hf_config)
+    dims = _Dims.of(hf_config)
+    tp_rank, tp = _tp_rank_world()
+    pieces, seen = [], set()
+    for chunk in model_chunks:
+        for mapping, layer, param in _mapped_parameters(_unwrap(chunk), mappings):
+            if (id(mapping), layer) in seen:
+                continue
+            seen.add((id(mapping), layer))
+            names, shard = mapping.hf_names(layer), param.detach()
+            if mapping.layout in (Layout.REPLICATED, Layout.ROW):
+                pieces.append(LocalPiece(names[0], shard))
+            elif mapping.layout is Layout.VOCAB:
+                start, stop = vocab_shard_rows(dims.vocab, tp_rank, tp)
+                pieces.append(LocalPiece(names[0], shard[:stop - start], (start, stop)))
+            elif mapping.layout is Layout.GATE_UP:
+                pieces += [LocalPiece(n, part) for n, part in zip(names, shard.chunk(2))]
+            elif mapping.layout is Layout.QKV:
+                q_rows = dims.heads // dims.groups * dims.head_dim
+                grouped = shard.view(dims.groups // tp, q_rows + 2 * dims.head_dim,
+                                     *shard.shape[1:])
+                parts = grouped.split([q_rows, dims.head_dim, dims.head_dim], dim=1)
+                pieces += [LocalPiece(n, part) for n, part in zip(names, parts)]
+            else:
+                raise AssertionError(mapping.layout)
+    return pieces
 
 
 def export_hf_weights(model_chunks: Sequence[torch.nn.Module],

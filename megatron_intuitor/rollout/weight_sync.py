@@ -1,4 +1,8 @@
-"""Weight sync: stream the actor's `(hf_name, tensor)` pairs into the rollout engine in place.
+"""Streamed weight sync: the actor's `(hf_name, full tensor)` pairs into the rollout engine.
+
+The general path, for any rollout layout (rollout TP different from the actor's, pipelined
+actors); when the engine is sharded like the actor, `rollout.shard_sync` copies shard to shard
+instead (no gather). The workers pick one at start (`ActorWorker.weight_sync_path`).
 
     source (models.bridge.export_hf_weights: TP gather + PP broadcast, one tensor at a time)
       -> name and shape checked against the engine's checkpoint manifest
@@ -14,10 +18,10 @@ stops the reload part-way; the engine then refuses to generate until a complete 
 Memory: the only copies made here are the dtype casts of the current bucket; tensors leave the
 bucket as the engine takes them.
 
-Transport seam: buckets are handed over by reference, in process (the engine lives in this
-process on CPU, and on GPU when it shares the trainer's device). A CUDA IPC / NCCL transport for
-an engine in another process would ship each bucket as one flat buffer: it replaces
-`engine.load_weights(_drain(...))` below, behind the same `sync_weights` call.
+Transport: buckets are handed over by reference, in process: the engine lives in the rank's own
+process on CPU and on GPU (colocated, one shard per rank), so no CUDA IPC handle or NCCL
+broadcast is needed between the actor and its engine; the exporter's TP gather and PP broadcast
+run over the actor's NCCL groups on GPU.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class SyncReport:
     buckets: int
     largest_bucket_bytes: int
     seconds: float
+    path: str = "stream"  # "stream": full tensors through the reload; "shards": direct copies
 
 
 def sync_weights(engine: RolloutEngine, named_tensors: Iterable[tuple[str, torch.Tensor]],

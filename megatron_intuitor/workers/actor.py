@@ -110,6 +110,7 @@ class ActorWorker(Worker):
             self._move_reference("cpu")
         self.engine = self._build_engine()
         self.engine_asleep = False
+        self.direct_sync = self._plan_direct_sync()
         self.sync_weights()
 
     # ------------------------------------------------------------------------------- rollout
@@ -126,19 +127,42 @@ class ActorWorker(Worker):
                              gpu_memory_utilization=rollout.gpu_memory_utilization,
                              seed=self.cfg.trainer.seed)
 
+    def _plan_direct_sync(self):
+        """The direct shard-to-shard sync when the engine is sharded like the policy, else None
+        (the sync then streams full tensors; the reason goes to the log)."""
+        from megatron_intuitor.rollout.shard_sync import ShardSync, ShardSyncUnavailable
+
+        try:
+            self.weight_sync_path = "shard to shard"
+            return ShardSync.plan(self.engine, self.policy, self.hf_config)
+        except ShardSyncUnavailable as why:
+            self.weight_sync_path = f"streams full tensors ({why})"
+            return None
+
+    def close(self) -> None:
+        """vLLM frees its shared-memory message queues only in its own teardown."""
+        self.engine.shutdown()
+
+    def get_weight_sync_path(self) -> str:
+        return self.weight_sync_path
+
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
         return self.engine.generate(prompts, sampling) if prompts else []
 
     def sync_weights(self) -> dict[str, float]:
-        """Stream the policy's weights (HF names, full tensors) into this rank's engine; on GPU
-        the engine's weight memory comes back first and its KV cache after the sync."""
+        """The policy's weights into this rank's engine: shard to shard when they are sharded
+        alike, else streamed (HF names, full tensors). On GPU the engine's weight memory comes
+        back first and its KV cache after the sync."""
         from megatron_intuitor.models.bridge import export_hf_weights
         from megatron_intuitor.rollout.weight_sync import sync_weights
 
         if self.engine_asleep:
             self.engine.wake_up(["weights"])
-        report = sync_weights(self.engine, export_hf_weights(self.policy, self.hf_config),
-                              bucket_bytes=int(self.cfg.rollout.weight_sync_bucket_mb * 2**20))
+        if self.direct_sync is not None:
+            report = self.direct_sync()
+        else:
+            report = sync_weights(self.engine, export_hf_weights(self.policy, self.hf_config),
+                                  bucket_bytes=int(self.cfg.rollout.weight_sync_bucket_mb * 2**20))
         if self.engine_asleep:
             self.engine.wake_up(["kv_cache"])
             self.engine_asleep = False
@@ -311,6 +335,10 @@ class ActorGroup:
 
     def sync_weights(self) -> dict[str, float]:
         return self.group.execute_all("sync_weights")[0]
+
+    def weight_sync_path(self) -> str:
+        """How rank 0's weights reach its engine: "shard to shard" or why they stream."""
+        return self.group.execute_rank0("get_weight_sync_path")
 
     def save_checkpoint(self, root: str, step: int, extra: dict, keep_last: int) -> str:
         return self.group.execute_all("save_checkpoint", root, step, extra, keep_last)[0]

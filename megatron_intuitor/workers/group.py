@@ -60,6 +60,9 @@ class Worker:
         """Returns the rank; answered once the constructor (and the process group) is done."""
         return self.rank
 
+    def close(self) -> None:
+        """Release what outlives a killed process (shared memory); runs just before the kill."""
+
 
 def _assigned_cuda_index() -> int:
     """The index, among this process's visible CUDA devices, of the GPU Ray assigned to it."""
@@ -232,8 +235,13 @@ class WorkerGroup:
                   f"{_first_lines(failures[rank])}" for rank in raised]
         return "\n".join(lines)
 
-    def shutdown(self) -> None:
-        """Kill every rank (also those blocked in a collective) and free the placement group."""
+    def shutdown(self, close_timeout_s: float = 10.0) -> None:
+        """Let every rank `close` (ranks stuck in a collective never get to it: they are not
+        waited for beyond `close_timeout_s`), then kill every rank and free the placement
+        group."""
+        if self.actors:
+            ray.wait([actor.close.remote() for actor in self.actors],
+                     num_returns=len(self.actors), timeout=close_timeout_s)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
