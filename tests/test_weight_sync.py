@@ -118,8 +118,9 @@ def tiny_qwen2_vocab1100(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("world, tp, pp, rollout_tp, model", [
     (2, 2, 1, 1, "tiny_qwen2"), (2, 1, 2, 1, "tiny_qwen2"), (2, 2, 1, 2, "tiny_qwen2_vocab1100"),
-    (4, 2, 1, 2, "tiny_qwen2_vocab1100")],
-    ids=["tp2-stream", "pp2-stream", "tp2-shards", "tp2dp2-shards"])
+    (4, 2, 1, 2, "tiny_qwen2_vocab1100"), (2, 2, 1, 2, "tiny_qwen3"), (2, 2, 1, 2, "tiny_llama")],
+    ids=["tp2-stream", "pp2-stream", "tp2-shards", "tp2dp2-shards", "tp2-shards-qwen3",
+         "tp2-shards-llama"])
 def test_sync_from_megatron_matches_transformers(request, world, tp, pp, rollout_tp, model):
     """tp2dp2: two engines of TP 2 in a world of 4 (vLLM's TP groups [0, 1], [2, 3] must be
     Megatron's)."""
