@@ -4,12 +4,14 @@
 
 Writes a 7B-shaped Qwen2 checkpoint (hidden 3584, ffn 18944, vocab 152064, 28 heads / 4 kv
 heads, untied, bf16, but only --layers layers) tensor by tensor with safetensors (no transformers
-model in memory), then measures, each from a cold page cache (files fsync'ed and dropped with
-posix_fadvise(DONTNEED) before every measurement):
+model in memory), then measures, each from the same cold start (`cold_start`: files fsync'ed and
+dropped from the page cache with posix_fadvise(DONTNEED), then SETTLE_S seconds of waiting, in
+the process that is timed, right before its timer starts):
 
 - `read`: a raw sequential read of the same files (one process, 64 MiB reads) -> read_gbps;
-- `sliced` (ours): 2 ranks at TP=2, each `load_hf_weights` reading only its slices through
-  safetensors' lazy slices -> convert_gbps = checkpoint bytes / slowest rank's load time;
+- `sliced` (ours): 2 ranks at TP=2, each `load_hf_weights` reading only its slices (positioned
+  reads located from the safetensors headers) -> convert_gbps = checkpoint bytes / slowest
+  rank's load time;
 - `naive` baseline: 2 ranks, each reads every file completely into memory and then cuts its
   shards out with the same bridge mapping (not `safetensors.torch.load_file`: in safetensors 0.8
   that maps the file lazily, which makes it a sliced load too). The naive ranks take turns, each
@@ -23,6 +25,17 @@ torch, Megatron, the model shard, transient buffers, and file pages mapped by sa
 measured before the write; `model_shard_gb` is the part that is the rank's own parameters.
 Target: peak_rss_gb <= 2 x largest_tensor_gb + 1 GiB, convert_gbps >= 0.5 x read_gbps.
 Last line: one JSON object.
+
+Why the wait after the drop: on a virtual machine that hands free memory back to its host
+(virtio-balloon free page reporting, about 2 s after the memory is freed; this machine does), the
+first touch of memory the host took back is several times dearer than a touch of memory the guest
+freed a moment ago, and a cold read touches a page-cache page for every byte. Measured here, the
+same raw read of these files from a cold cache ran at 3.5 GB/s started at once after the drop
+(its page cache lands in the memory the drop has just freed), 1.7 GB/s 2-3 s later, 1.0-1.1
+GB/s 5 s later and 0.6-0.7 GB/s 10-20 s later (CPU-bound: 4.3 CPU s, on first touches). The raw
+read used to start at once and the sliced ranks ~10 s after the drop (process spawn and Megatron
+build in between): that compared two different machines. Every measurement now starts SETTLE_S
+after its drop, the state of a machine's idle free memory.
 """
 from __future__ import annotations
 
@@ -40,6 +53,7 @@ import torch
 from megatron_intuitor.testing import run_distributed
 
 GiB = 2**30
+SETTLE_S = 10.0  # freed memory goes back to the host over ~10 s here (see above)
 SHAPE = dict(hidden=3584, ffn=18944, vocab=152064, heads=28, kv_heads=4)
 TP = 2
 
@@ -120,6 +134,13 @@ def drop_page_cache(files: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def cold_start(files: list[Path]) -> None:
+    """The start of every measurement: `files` out of the page cache, then SETTLE_S seconds for
+    the memory that frees to settle (see the module docstring)."""
+    drop_page_cache(files)
+    time.sleep(SETTLE_S)
 
 
 def raw_read_seconds(files: list[Path]) -> float:
@@ -256,16 +277,19 @@ def _load_rank(rank: int, world: int, model_dir: str, method: str, save_dir: str
     hf_config, chunks = _build(model_dir)
     shard_bytes = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     rss_before = _status_gb("VmRSS")
+    files = sorted(Path(model_dir).glob("*.safetensors"))
     for turn in range(world if method == "naive" else 1):
         torch.distributed.barrier()
         if method == "naive" and turn == rank:
-            drop_page_cache(sorted(Path(model_dir).glob("*.safetensors")))
+            cold_start(files)
             sampler = _RssSampler()
             start, cpu_start = time.perf_counter(), time.process_time()
             _naive_load(chunks, Path(model_dir), hf_config)
             load_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
             gc.collect()
         elif method == "sliced":
+            cold_start(files)  # on every rank, so that all start after the wait
+            torch.distributed.barrier()
             sampler = _RssSampler()
             start, cpu_start = time.perf_counter(), time.process_time()
             load_hf_weights(chunks, model_dir, hf_config)
@@ -310,7 +334,7 @@ def main() -> None:
           flush=True)
 
     def raw_read_gbps() -> float:
-        drop_page_cache(files)
+        cold_start(files)
         gbps = total_bytes / raw_read_seconds(files) / 1e9
         print(f"raw read: {gbps:.2f} GB/s", flush=True)
         return gbps
@@ -319,8 +343,7 @@ def main() -> None:
     # the reference.
     reads = [raw_read_gbps()]
     figures = {}
-    for method in ("sliced", "naive"):
-        drop_page_cache(files)  # (the naive ranks also drop it before each of their turns)
+    for method in ("sliced", "naive"):  # (their ranks start from a cold_start of their own)
         ranks = run_distributed(_load_rank, TP, str(model_dir), method,
                                 str(save_dir) if method == "sliced" else "")
         load_s = max(r["load_s"] for r in ranks)
@@ -357,6 +380,7 @@ def main() -> None:
     largest_gb = largest / 1e9
     print(json.dumps({
         "checkpoint_gb": round(total_bytes / 1e9, 3),
+        "settle_s": SETTLE_S,
         "largest_tensor_gb": round(largest_gb, 3),
         "read_gbps": round(read_gbps, 3),
         "read_gbps_runs": [round(r, 3) for r in reads],
