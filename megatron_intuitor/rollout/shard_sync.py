@@ -238,12 +238,14 @@ def _exchange_vocab(piece: torch.Tensor, written: torch.Tensor, exchange: _Vocab
     if exchange.local is not None:
         source, destination = exchange.local
         written[destination].copy_(piece[source])
-    requests = [dist.isend(piece[rows].contiguous(), peer) for peer, rows in exchange.sends]
     received = [(rows, torch.empty_like(piece[:rows.stop - rows.start]))
                 for _, rows in exchange.receives]
-    requests += [dist.irecv(buffer, peer)
-                 for (peer, _), (_, buffer) in zip(exchange.receives, received)]
-    for request in requests:
-        request.wait()
+    operations = [dist.P2POp(dist.isend, piece[rows].contiguous(), peer)
+                  for peer, rows in exchange.sends]
+    operations += [dist.P2POp(dist.irecv, buffer, peer)
+                   for (peer, _), (_, buffer) in zip(exchange.receives, received)]
+    if operations:  # one group: NCCL needs sends and receives between two ranks posted together
+        for request in dist.batch_isend_irecv(operations):
+            request.wait()
     for rows, buffer in received:
         written[rows].copy_(buffer)
