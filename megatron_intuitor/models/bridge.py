@@ -348,6 +348,15 @@ def _numel(shape: Sequence[int]) -> int:
     return count
 
 
+def _qkv_parts(interleaved: torch.Tensor, dims: _Dims) -> tuple[torch.Tensor, ...]:
+    """q, k and v of `linear_qkv` rows (weight or bias) holding whole query groups, each
+    interleaved `[q_1 .. q_{heads/groups}, k, v]`, as views shaped
+    [groups, rows of the part, ...]."""
+    q_rows = dims.heads // dims.groups * dims.head_dim
+    grouped = interleaved.view(-1, q_rows + 2 * dims.head_dim, *interleaved.shape[1:])
+    return grouped.split([q_rows, dims.head_dim, dims.head_dim], dim=1)
+
+
 def vocab_shard_rows(vocab: int, tp_rank: int, tp: int) -> tuple[int, int]:
     """The real (unpadded) vocabulary rows [start, stop) that TP rank `tp_rank` holds."""
     rows = padded_vocab_size(vocab, tp) // tp
@@ -374,19 +383,13 @@ def _read_shard(checkpoint: _SafetensorsCheckpoint, mapping: TensorMapping, laye
             checkpoint.rows(name, tp_rank * rows, (tp_rank + 1) * rows,
                             out[index * rows:(index + 1) * rows])
     elif mapping.layout is Layout.QKV:
-        # Megatron interleaves per query group: [q_1..q_n, k, v] for each group of this rank.
-        groups = dims.groups // tp
-        q_rows = dims.heads // dims.groups * dims.head_dim
-        kv_rows = dims.head_dim
-        grouped = out.view(groups, q_rows + 2 * kv_rows, *out.shape[1:])
+        parts = _qkv_parts(out, dims)  # this rank's whole query groups
+        groups = parts[0].shape[0]
         for group in range(groups):
             index = tp_rank * groups + group
-            checkpoint.rows(names[0], index * q_rows, (index + 1) * q_rows,
-                            grouped[group, :q_rows])
-            for part, name in enumerate(names[1:]):
-                first = q_rows + part * kv_rows
-                checkpoint.rows(name, index * kv_rows, (index + 1) * kv_rows,
-                                grouped[group, first:first + kv_rows])
+            for name, part in zip(names, parts):
+                rows = part.shape[1]
+                checkpoint.rows(name, index * rows, (index + 1) * rows, part[group])
     else:
         raise AssertionError(mapping.layout)
 
@@ -447,11 +450,7 @@ def _to_hf(param: torch.Tensor, mapping: TensorMapping, dims: _Dims, tp: int) ->
         gates, ups = zip(*(s.chunk(2) for s in shards))
         return [torch.cat(gates), torch.cat(ups)]
     if mapping.layout is Layout.QKV:
-        q_rows = dims.heads // dims.groups * dims.head_dim
-        tail = shard.shape[1:]
-        grouped = torch.cat(shards).reshape(dims.groups, q_rows + 2 * dims.head_dim, *tail)
-        q, k, v = grouped.split([q_rows, dims.head_dim, dims.head_dim], dim=1)
-        return [part.reshape(-1, *tail) for part in (q, k, v)]
+        return [part.reshape(-1, *shard.shape[1:]) for part in _qkv_parts(torch.cat(shards), dims)]
     raise AssertionError(mapping.layout)
 
 
@@ -494,11 +493,7 @@ def local_hf_pieces(model_chunks: Sequence[torch.nn.Module],
             elif mapping.layout is Layout.GATE_UP:
                 pieces += [LocalPiece(n, part) for n, part in zip(names, shard.chunk(2))]
             elif mapping.layout is Layout.QKV:
-                q_rows = dims.heads // dims.groups * dims.head_dim
-                grouped = shard.view(dims.groups // tp, q_rows + 2 * dims.head_dim,
-                                     *shard.shape[1:])
-                parts = grouped.split([q_rows, dims.head_dim, dims.head_dim], dim=1)
-                pieces += [LocalPiece(n, part) for n, part in zip(names, parts)]
+                pieces += [LocalPiece(n, part) for n, part in zip(names, _qkv_parts(shard, dims))]
             else:
                 raise AssertionError(mapping.layout)
     return pieces

@@ -116,11 +116,12 @@ class ShardSync:
             target, first_row = _slot(model, packed, piece, by_param)
             target.parts.append((piece.hf_name, first_row))
         targets = list(by_param.values())
-        _check_coverage(model, targets, {p.hf_name: p for p in pieces})
+        by_name = {p.hf_name: p for p in pieces}
+        _check_coverage(model, targets, by_name)
         for target in targets:
             if target.vocab is not None:
-                piece = next(p for p in pieces if p.hf_name == target.parts[0][0])
-                target.vocab = _vocab_exchange(piece, target, tp_group, tp_ranks)
+                target.vocab = _vocab_exchange(by_name[target.parts[0][0]], target, tp_group,
+                                               tp_ranks)
             if target.repacked:
                 target.sharers = [m for m in model.modules() if m is not target.module
                                   and getattr(m, "weight", None) is target.module.weight]

@@ -133,11 +133,12 @@ class ActorWorker(Worker):
         from megatron_intuitor.rollout.shard_sync import ShardSync, ShardSyncUnavailable
 
         try:
-            self.weight_sync_path = "shard to shard"
-            return ShardSync.plan(self.engine, self.policy, self.hf_config)
+            direct_sync = ShardSync.plan(self.engine, self.policy, self.hf_config)
         except ShardSyncUnavailable as why:
             self.weight_sync_path = f"streams full tensors ({why})"
             return None
+        self.weight_sync_path = "shard to shard"
+        return direct_sync
 
     def close(self) -> None:
         """vLLM frees its shared-memory message queues only in its own teardown."""
