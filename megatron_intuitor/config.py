@@ -10,7 +10,6 @@ second instead of after minutes of Ray, Megatron and vLLM start-up.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
@@ -30,6 +29,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ALGORITHMS = ("intuitor", "grpo", "hybrid")
 KL_TYPES = ("low_var_kl", "kl", "mse")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
+# token-mean: the exact token mean of each mini-batch; micro-batch-token-mean: the official
+# INTUITOR (verl) aggregation, each micro-batch's token mean averaged over micro-batches and
+# data-parallel ranks (weighted by rows, as verl does for token-budget micro-batches).
+LOSS_AGG_MODES = ("token-mean", "micro-batch-token-mean")
 PRECISIONS = ("fp32", "bf16")
 FP8_RECIPES = (None, "hybrid", "e4m3")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -135,9 +138,12 @@ def _cuda_device_count() -> int:
 
 
 class Schedule(NamedTuple):
+    """The run's length in training steps, the LR scheduler's unit: as in the official INTUITOR
+    code (verl), the learning rate changes once per training step, whatever the number of
+    mini-batches (optimizer steps) in it."""
+
     training_steps: int  # rollout + update steps
-    optimizer_steps: int  # mini-batch updates over the run (the LR scheduler's unit)
-    warmup_steps: int  # optimizer steps of linear warm-up
+    warmup_steps: int  # training steps of linear warm-up: int(lr_warmup_ratio x training_steps)
 
 
 @dataclass(frozen=True)
@@ -231,9 +237,8 @@ def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
                            f"fewer than data.prompts_per_step={prompts_per_step}"])
     training_steps = (cfg.trainer.total_steps
                       or num_train_prompts // prompts_per_step * cfg.trainer.total_epochs)
-    optimizer_steps = training_steps * derive_layout(cfg).optimizer_steps_per_step
-    warmup_steps = math.ceil(cfg.actor.lr_warmup_ratio * optimizer_steps)
-    return Schedule(training_steps, optimizer_steps, warmup_steps)
+    # int(), not ceil: verl's rounding (`int(lr_warmup_steps_ratio * total_training_steps)`)
+    return Schedule(training_steps, int(cfg.actor.lr_warmup_ratio * training_steps))
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,6 +303,8 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("actor.lr_warmup_ratio", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("actor.lr_scheduler", _one_of(LR_SCHEDULERS), f"one of {', '.join(LR_SCHEDULERS)}"),
     ("actor.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("actor.loss_agg_mode", _one_of(LOSS_AGG_MODES), f"one of {', '.join(LOSS_AGG_MODES)}"),
+    ("actor.shuffle", lambda v: isinstance(v, bool), "true or false"),
     ("actor.grad_clip", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
     ("actor.ppo_mini_batch_size", _positive_int, "a positive integer (prompts)"),
     ("actor.ppo_epochs", _positive_int, "a positive integer"),

@@ -2,10 +2,16 @@
 logits (clipped surrogate + KL to the reference - entropy bonus), run through the pipeline
 schedule, with its statistics reduced to token means over the whole mini-batch.
 
-The head returns the loss *summed* over its response tokens together with their count, and the
-model config has `calculate_per_token_loss`: Megatron then divides the gradients by the token
-count summed over micro-batches and data-parallel ranks, so the update is the exact token mean
-of the mini-batch however it is cut into micro-batches and laid out (padded or packed).
+The model config has `calculate_per_token_loss`: the head returns a loss and a weight, and
+Megatron divides the gradients by the weights summed over micro-batches and data-parallel ranks.
+`loss_agg_mode`:
+- "token-mean": the loss summed over the micro-batch's response tokens, weight = their count:
+  the exact token mean of the mini-batch however it is cut and laid out (padded or packed);
+- "micro-batch-token-mean" (the official INTUITOR code, verl's `token-mean` under gradient
+  accumulation): the micro-batch's token mean times its rows, weight = its rows: the mean of the
+  micro-batch token means over micro-batches and DP ranks (row-weighted, as verl weights
+  token-budget micro-batches); short responses then weigh more than in the exact token mean.
+The reported statistics are aggregated the same way.
 """
 from __future__ import annotations
 
@@ -19,11 +25,13 @@ import transformers
 
 from megatron_intuitor import algorithm, metrics
 from megatron_intuitor.batch import MicroBatching, TrainingBatch
+from megatron_intuitor.config import LOSS_AGG_MODES
 from megatron_intuitor.models.forward import micro_batches, run_pipeline, shifted_token_scores
 from megatron_intuitor.parallel import ParallelSizes
 from megatron_intuitor.platform import device
 
-# Per-micro-batch sums the head reports, reduced over micro-batches and DP, then / tokens.
+# Per-micro-batch weighted sums the head reports, reduced over micro-batches and DP, then divided
+# by the summed weights (tokens or rows, per loss_agg_mode).
 _SUMMED = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC, metrics.PG_CLIPFRAC_LOWER,
            metrics.PPO_KL)
 
@@ -37,6 +45,7 @@ class PPOSettings:
     kl_type: str
     entropy_coef: float
     tis_cap: Optional[float]
+    loss_agg_mode: str = "token-mean"
 
 
 def load_policy(model_dir: str | Path, sizes: ParallelSizes, *,
@@ -58,12 +67,23 @@ def load_policy(model_dir: str | Path, sizes: ParallelSizes, *,
 
 
 def _ppo_head(settings: PPOSettings):
+    if settings.loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode {settings.loss_agg_mode!r}: choose one of "
+                         f"{list(LOSS_AGG_MODES)}")
+    token_mean = settings.loss_agg_mode == "token-mean"
+
     def head(logits_shard: torch.Tensor, micro_batch: dict) -> tuple:
         scores = shifted_token_scores(logits_shard, micro_batch["input_ids"],
                                       temperature=settings.temperature,
                                       vocab_size=settings.vocab_size)
         mask = micro_batch["response_mask"]
         tokens = mask.sum()
+        # loss terms are sum / divisor; Megatron divides their gradients by the summed weights
+        if token_mean:
+            weight, divisor = tokens, 1.0
+        else:
+            weight = torch.tensor(len(micro_batch.lengths), device=tokens.device)
+            divisor = tokens.clamp(min=1) / weight
         tis = None
         if settings.tis_cap:
             tis = algorithm.tis_weights(micro_batch["old_log_probs"],
@@ -71,20 +91,20 @@ def _ppo_head(settings: PPOSettings):
         pg_sum, stats = algorithm.ppo_clip_loss(
             scores.log_probs, micro_batch["old_log_probs"], micro_batch["advantages"], mask,
             clip_ratio_low=settings.clip_ratio, clip_ratio_high=settings.clip_ratio,
-            tis_weights=tis, num_tokens=1.0)
+            tis_weights=tis, num_tokens=divisor)
         loss = pg_sum
         kl_sum = pg_sum.new_zeros(())
         if settings.kl_coef > 0:
             kl_sum = algorithm.kl_loss(scores.log_probs, micro_batch["ref_log_probs"], mask,
-                                       settings.kl_type, num_tokens=1.0)
+                                       settings.kl_type, num_tokens=divisor)
             loss = loss + settings.kl_coef * kl_sum
         if settings.entropy_coef > 0:
             loss = loss - settings.entropy_coef * algorithm.entropy_loss(scores.entropy, mask,
-                                                                         num_tokens=1.0)
-        sums = torch.stack([pg_sum.detach(), kl_sum.detach(), stats.clipfrac * tokens,
-                            stats.clipfrac_lower * tokens, stats.approx_kl * tokens,
-                            tokens.to(torch.float32)])
-        return loss, tokens.to(torch.int), {"sums": sums}
+                                                                         num_tokens=divisor)
+        weight = weight.to(torch.float32)
+        sums = torch.stack([pg_sum.detach(), kl_sum.detach(), stats.clipfrac * weight,
+                            stats.clipfrac_lower * weight, stats.approx_kl * weight, weight])
+        return loss, weight.to(torch.int), {"sums": sums}
     return head
 
 
@@ -111,5 +131,5 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
     sums = torch.stack([item["sums"] for item in stats]).sum(0) if reporting \
         else torch.zeros(len(_SUMMED) + 1, device=device())
     dist.all_reduce(sums)
-    tokens = max(float(sums[-1]), 1.0)
-    return {name: float(value) / tokens for name, value in zip(_SUMMED, sums[:-1])}
+    weight = max(float(sums[-1]), 1.0)
+    return {name: float(value) / weight for name, value in zip(_SUMMED, sums[:-1])}

@@ -35,15 +35,16 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 
 def _lr_scheduler(optimizer, actor: DictConfig, schedule: Schedule):
     """Linear warm-up from 0 over `schedule.warmup_steps`, then `actor.lr_scheduler` decay to 0
-    over the run's optimizer steps (verl's defaults: cosine, warm-up ratio 0.1)."""
+    over the run; stepped once per training step (verl's unit), so every mini-batch of a step
+    uses the same learning rate (the first step's is 0 when there is a warm-up, as in verl)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=actor.lr, min_lr=0.0,
         lr_warmup_steps=schedule.warmup_steps,
-        lr_decay_steps=max(schedule.optimizer_steps, schedule.warmup_steps + 1),
+        lr_decay_steps=max(schedule.training_steps, schedule.warmup_steps + 1),
         lr_decay_style=actor.lr_scheduler, start_wd=actor.weight_decay,
-        end_wd=actor.weight_decay, wd_incr_steps=max(schedule.optimizer_steps, 1),
+        end_wd=actor.weight_decay, wd_incr_steps=max(schedule.training_steps, 1),
         wd_incr_style="constant")
 
 
@@ -104,7 +105,7 @@ class ActorWorker(Worker):
             temperature=cfg.rollout.temperature, vocab_size=self.hf_config.vocab_size,
             clip_ratio=cfg.algorithm.clip_ratio, kl_coef=cfg.algorithm.kl_coef,
             kl_type=cfg.algorithm.kl_type, entropy_coef=cfg.algorithm.entropy_coef,
-            tis_cap=cfg.rollout.tis_cap)
+            tis_cap=cfg.rollout.tis_cap, loss_agg_mode=actor.loss_agg_mode)
         self.ref_offload = bool(actor.ref_offload) and on_gpu()
         if self.ref_offload:
             self._move_reference("cpu")
@@ -218,7 +219,8 @@ class ActorWorker(Worker):
         from megatron_intuitor.ppo import ppo_forward_backward
 
         actor = self.cfg.actor
-        generator = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + step) \
+            if actor.shuffle else None
         per_step: list[dict[str, float]] = []
         for _ in range(actor.ppo_epochs):
             for rows in group_mini_batches(batch, actor.ppo_mini_batch_size, generator):
@@ -235,12 +237,12 @@ class ActorWorker(Worker):
                     if finite_loss else (False, float("nan"))
                 if not finite_loss:
                     self.optimizer.zero_grad()
-                self.lr_scheduler.step(increment=1)
                 per_step.append({**losses, metrics.GRAD_NORM: grad_norm,
                                  metrics.SKIPPED_STEPS: float(not stepped)})
         result = {name: sum(m[name] for m in per_step) / len(per_step) for name in per_step[0]}
         result[metrics.SKIPPED_STEPS] = sum(m[metrics.SKIPPED_STEPS] for m in per_step)
-        result[metrics.LR] = self.optimizer.param_groups[0]["lr"]
+        result[metrics.LR] = self.optimizer.param_groups[0]["lr"]  # the one this step used
+        self.lr_scheduler.step(increment=1)
         return result
 
     # --------------------------------------------------------------------------- checkpoints
