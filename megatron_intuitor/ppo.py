@@ -26,7 +26,7 @@ import transformers
 from megatron_intuitor import algorithm, metrics
 from megatron_intuitor.batch import MicroBatching, TrainingBatch
 from megatron_intuitor.config import LOSS_AGG_MODES
-from megatron_intuitor.models.forward import micro_batches, run_pipeline, shifted_token_scores
+from megatron_intuitor.models.forward import micro_batches, run_pipeline, token_scores
 from megatron_intuitor.parallel import ParallelSizes
 from megatron_intuitor.platform import device
 
@@ -73,9 +73,8 @@ def _ppo_head(settings: PPOSettings):
     token_mean = settings.loss_agg_mode == "token-mean"
 
     def head(logits_shard: torch.Tensor, micro_batch: dict) -> tuple:
-        scores = shifted_token_scores(logits_shard, micro_batch["input_ids"],
-                                      temperature=settings.temperature,
-                                      vocab_size=settings.vocab_size)
+        scores = token_scores(logits_shard, micro_batch, temperature=settings.temperature,
+                              vocab_size=settings.vocab_size)
         mask = micro_batch["response_mask"]
         tokens = mask.sum()
         # loss terms are sum / divisor; Megatron divides their gradients by the summed weights
@@ -124,7 +123,8 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
         columns["ref_log_probs"] = shard.ref_log_probs
     stats = run_pipeline(model_chunks,
                          micro_batches(columns, shard.lengths, batching.partition(shard.lengths)),
-                         _ppo_head(settings), forward_only=False, packed=batching.packed)
+                         _ppo_head(settings), forward_only=False, packed=batching.packed,
+                         logits_at="response_mask")
     # Only the last stage's first TP rank contributes, so the world sum counts each DP shard once.
     reporting = (parallel_state.is_pipeline_last_stage()
                  and parallel_state.get_tensor_model_parallel_rank() == 0)
