@@ -139,7 +139,7 @@ def _fp8_layout_on_rank(rank, world_size, model_dir):
     for packed in (True, False):
         batching = MicroBatching(max_tokens=FP8_BUDGET, packed=packed)
         for fp8 in (None, "hybrid"):
-            config.fp8 = fp8
+            config.fp8, config.fp8_recipe, config.tp_only_amax_red = fp8, "delayed", False
             scores = score_batch(chunks, shard.input_ids, attention, shard.response_mask,
                                  temperature=0.9, vocab_size=hf_config.vocab_size,
                                  batching=batching)
@@ -191,3 +191,49 @@ def test_fp8_layout_gives_equal_scores_gradients_and_dp_micro_batch_counts(tiny_
             assert all(rows * width % 16 == 0 for rows, width in fp8["seen"]), fp8["seen"]
             assert len(plain["seen"]) == plain["real"], where
             assert any(rows * width % 16 for rows, width in plain["seen"]), where
+
+
+# ------------------------------------------------------------ configuration (defects 3, 8)
+
+def test_cuda_run_without_transformer_engine_is_refused_naming_the_key(monkeypatch):
+    """Defect 3: on CUDA the TE layer spec is always built; without TE the config is refused up
+    front (this CPU machine has no TE; CUDA is faked as 8 visible GPUs)."""
+    from megatron_intuitor import config
+
+    monkeypatch.setattr(config, "_cuda_device_count", lambda: 8)
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(["trainer.device=cuda", "actor.precision=bf16", "trainer.n_gpus_per_node=2"])
+    assert "trainer.device=cuda builds the model with Transformer Engine, which is not " \
+           "installed" in str(caught.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("actor.fp8_recipe=current", "actor.fp8_recipe='current': expected one of tensorwise, "
+                                 "delayed, blockwise, mxfp8"),
+    ("actor.fp8_amax_reduction=dp", "actor.fp8_amax_reduction='dp': expected one of tp, tp_dp"),
+])
+def test_fp8_recipe_settings_are_validated_naming_the_key(override, message):
+    from megatron_intuitor import config
+
+    with pytest.raises(config.ConfigError, match=message):
+        config.load([override])
+
+
+def test_fp8_recipe_reaches_megatron_config(monkeypatch, tiny_qwen2):
+    """Defect 8: the default recipe is per-tensor current scaling with amaxes reduced over TP
+    only (Megatron's own default is delayed scaling over TP x DP)."""
+    from megatron_intuitor.models import config as model_config
+    from megatron_intuitor.parallel import ParallelSizes
+
+    monkeypatch.setattr(model_config, "on_gpu", lambda: True)
+    hf = model_config.load_hf_config(tiny_qwen2)
+    sizes = ParallelSizes(1, 1)
+    default = model_config.transformer_config_from_hf(hf, sizes, fp8="hybrid")
+    assert (default.fp8, default.fp8_recipe, default.tp_only_amax_red) == (
+        "hybrid", "tensorwise", True)
+    delayed = model_config.transformer_config_from_hf(
+        hf, sizes, fp8="e4m3", fp8_recipe="delayed", fp8_amax_reduction="tp_dp")
+    assert (delayed.fp8_recipe, delayed.tp_only_amax_red) == ("delayed", False)
+    hf.intermediate_size = 200  # 200 / TP 1 is not a multiple of 16
+    with pytest.raises(ValueError, match="intermediate_size / TP = 200"):
+        model_config.transformer_config_from_hf(hf, sizes, fp8="hybrid")

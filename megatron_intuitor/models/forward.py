@@ -27,9 +27,9 @@ count) divisible by 8 and the last by 16 (`transformer_engine/pytorch/utils.py:7
 2.20.2; Megatron aligns to 16, 32 for MXFP8: `megatron/core/fp8_utils.py:168-173`). With
 `config.fp8` each micro-batch is padded to a multiple of that many tokens: padded rows to a
 width that is a multiple, a pack with one padding sequence at its end; the padding is no
-response token, so it counts nowhere. FP8's amax reduction runs over TP x DP at every autocast
-exit (`fp8_utils.py:620-630`) unless `config.tp_only_amax_red`: the data-parallel ranks then run
-the same number of micro-batches, the ones with fewer adding empty ones.
+response token, so it counts nowhere. Delayed scaling reduces amaxes over TP x DP at every
+autocast exit (`fp8_utils.py:620-630`) unless `config.tp_only_amax_red`: the data-parallel ranks
+then run the same number of micro-batches, the ones with fewer adding empty ones.
 """
 from __future__ import annotations
 
@@ -177,9 +177,12 @@ def equalised_micro_batches(inputs: list, count: int, filler: Callable[[], objec
 
 
 def _amax_reduced_over_data_parallel(config) -> bool:
+    """Delayed scaling reduces amaxes at autocast exit over Megatron's amax group; the other
+    recipes do not (TE 2.20.2 `quantization.py:770-782`)."""
     from megatron.core import parallel_state
 
-    return bool(config.fp8) and not config.tp_only_amax_red and (
+    delayed = bool(config.fp8) and config.fp8_recipe == "delayed"
+    return delayed and not config.tp_only_amax_red and (
         parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1)
 
 
