@@ -313,3 +313,35 @@ def test_resume_restores_a_param_group_step(tmp_path):
     running.optimizer.step()
     resumed.optimizer.step()
     torch.testing.assert_close(resumed_param.detach(), param.detach(), rtol=0, atol=0)
+
+
+# --------------------------------------------------- memory before the engine starts (6)
+
+def _adam_state_on_rank(rank, world_size, model_dir):
+    from megatron_intuitor import parallel
+    from megatron_intuitor.models.optimizer import build_optimizer, pending_adam_state_bytes
+    from megatron_intuitor.ppo import load_policy
+
+    sizes = parallel.ParallelSizes(1, 1)
+    parallel.init_model_parallel(sizes, seed=1)
+    parallel.warm_up_groups()
+    _, chunks = load_policy(model_dir, sizes)
+    chunks, optimizer = build_optimizer(chunks, 1e-3)
+    before = pending_adam_state_bytes(optimizer)
+    inner = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+    untouched = all(len(opt.state) == 0 for opt in inner)
+    for param in chunks[0].parameters():
+        param.main_grad.fill_(1e-3)
+    optimizer.step()
+    created = sum(value.nbytes for opt in inner for state in opt.state.values()
+                  for name, value in state.items() if name in ("exp_avg", "exp_avg_sq"))
+    return before, created, untouched, pending_adam_state_bytes(optimizer)
+
+
+def test_pending_adam_state_is_what_the_first_step_allocates(tiny_qwen2):
+    """Defect 6: the reserve the engine keeps free equals the moments the first optimizer step
+    creates (counted without creating any state), and nothing once they exist."""
+    (before, created, untouched, after), = run_distributed(_adam_state_on_rank, 1,
+                                                           str(tiny_qwen2))
+    assert untouched and created > 0
+    assert (before, after) == (created, 0)
