@@ -194,7 +194,7 @@ def test_fp8_layout_gives_equal_scores_gradients_and_dp_micro_batch_counts(tiny_
             assert any(rows * width % 16 for rows, width in plain["seen"]), where
 
 
-# ------------------------------------------------------------ configuration (defects 3, 8)
+# --------------------------------------------------------- configuration (defects 3, 8, 9)
 
 def test_cuda_run_without_transformer_engine_is_refused_naming_the_key(monkeypatch):
     """Defect 3: on CUDA the TE layer spec is always built; without TE the config is refused up
@@ -212,8 +212,9 @@ def test_cuda_run_without_transformer_engine_is_refused_naming_the_key(monkeypat
     ("actor.fp8_recipe=current", "actor.fp8_recipe='current': expected one of tensorwise, "
                                  "delayed, blockwise, mxfp8"),
     ("actor.fp8_amax_reduction=dp", "actor.fp8_amax_reduction='dp': expected one of tp, tp_dp"),
+    ("rollout.sleep_level=3", "rollout.sleep_level=3: expected 1 or 2"),
 ])
-def test_fp8_recipe_settings_are_validated_naming_the_key(override, message):
+def test_gpu_settings_are_validated_naming_the_key(override, message):
     from megatron_intuitor import config
 
     with pytest.raises(config.ConfigError, match=message):

@@ -175,9 +175,10 @@ class ActorWorker(Worker):
 
     def _release_rollout_memory(self) -> None:
         """Colocation on GPU: the engine frees its weights and KV cache for the training phase
-        (level 2 drops the weights, the sync after the update brings new ones). A no-op on CPU."""
+        (level 2 drops the weights, the sync after the update brings new ones; level 1 keeps
+        them in host memory: `rollout.sleep_level`). A no-op on CPU."""
         if not self.engine_asleep:
-            self.engine.sleep(level=2)
+            self.engine.sleep(level=self.cfg.rollout.sleep_level)
             self.engine_asleep = True
 
     def _move_reference(self, device: str) -> None:
