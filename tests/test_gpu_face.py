@@ -346,3 +346,17 @@ def test_pending_adam_state_is_what_the_first_step_allocates(tiny_qwen2):
                                                            str(tiny_qwen2))
     assert untouched and created > 0
     assert (before, after) == (created, 0)
+
+
+# ---------------------------------------------------------------------------- the GPU suite
+
+def test_gpu_smoke_script_exits_at_once_without_cuda():
+    import subprocess
+    import time
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_smoke.sh"
+    started = time.monotonic()
+    run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "no CUDA" in run.stderr
+    assert time.monotonic() - started < 30
