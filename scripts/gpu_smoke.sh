@@ -21,6 +21,7 @@ OUT_DIR=${OUT:-/tmp/gpu_smoke_$(date +%Y%m%d_%H%M%S)}
 mkdir -p "$OUT_DIR"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, whatever is installed
 START=$(date +%s)
 
 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT_DIR/environment.txt"
@@ -51,7 +52,7 @@ run_part cli 300 tests/gpu/test_cli.py
   for name in suite cli; do
     echo "== $name: exit $(cat "$OUT_DIR/$name.rc")"
     grep -E "^(PASSED|FAILED|ERROR|SKIPPED) " "$OUT_DIR/$name.log"
-    grep -E "^(TE bf16|vLLM runner|shard sync|streamed sync|sleep\(2\)|after the step|FP8 vs)" "$OUT_DIR/$name.log"
+    grep -oE "(TE bf16|vLLM runner|shard sync|streamed sync|sleep\(2\)|greedy tokens|after the step|FP8 vs).*" "$OUT_DIR/$name.log"
   done
 } | tee "$OUT_DIR/summary.txt"
 [ "$(cat "$OUT_DIR/suite.rc")" = 0 ] && [ "$(cat "$OUT_DIR/cli.rc")" = 0 ]

@@ -74,9 +74,9 @@ def test_bridge_export_is_bit_equal_to_the_safetensors(policy, model_dir):
     for path in sorted(model_dir.glob("*.safetensors")):
         saved.update(load_file(str(path)))
     exported = dict((name, tensor.cpu()) for name, tensor in export_hf_weights(chunks, hf_config))
-    assert set(exported) == set(saved) - {"lm_head.weight"}
+    assert set(exported) == set(saved)
     mismatched = [name for name, tensor in exported.items()
-                  if not torch.equal(tensor, saved[name].to(tensor.dtype))]
+                  if tensor.dtype != saved[name].dtype or not torch.equal(tensor, saved[name])]
     assert not mismatched
 
 
@@ -136,7 +136,8 @@ def _greedy(engine, prompts) -> list[list[int]]:
 
 def _transformers_greedy(model_dir, prompts, steps: int) -> list[tuple[list[int], int]]:
     """transformers' greedy continuation of each prompt (fp32) and the number of leading tokens
-    chosen by a clear margin (top-2 logit gap > 0.1): bf16 kernels may flip a nearer tie."""
+    chosen by a clear margin (top-2 logit gap > 0.03, several times bf16's logit error here):
+    bf16 kernels may flip a nearer tie, after which the continuations part."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
@@ -146,7 +147,7 @@ def _transformers_greedy(model_dir, prompts, steps: int) -> list[tuple[list[int]
                              do_sample=False, output_scores=True, return_dict_in_generate=True)
         tokens = out.sequences[0, len(prompt):].tolist()
         gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
-        clear = next((i for i, gap in enumerate(gaps) if gap <= 0.1), len(gaps))
+        clear = next((i for i, gap in enumerate(gaps) if gap <= 0.03), len(gaps))
         results.append((tokens, clear))
     return results
 
@@ -173,7 +174,10 @@ def test_sleep_level2_wake_sync_keeps_greedy_outputs(engine, policy, model_dir):
     after = _greedy(engine, prompts)
     print(f"sleep(2) freed {freed / 2**30:.2f} GiB; greedy identical: {after == before}")
     assert freed > 0 and after == before
-    for got, (want, clear) in zip(after, _transformers_greedy(model_dir, prompts, 16)):
+    reference = _transformers_greedy(model_dir, prompts, 16)
+    print(f"greedy tokens compared with transformers: {[clear for _, clear in reference]}")
+    assert sum(clear for _, clear in reference) > 0
+    for got, (want, clear) in zip(after, reference):
         assert got[:clear] == want[:clear]
 
 
@@ -210,7 +214,7 @@ def test_ppo_step_with_fused_adam_resumes_and_reaches_the_engine(engine, policy,
     stepped, grad_norm = guarded_optimizer_step(optimizer, 1.0)
     assert stepped and math.isfinite(grad_norm) and grad_norm > 0
     steps = checkpoint._adam_steps(optimizer)
-    assert steps == [1.0]
+    assert set(steps) == {1.0}
 
     stale, _ = _rollout_vs_megatron(engine, policy, seed=21)
     ShardSync.plan(engine, chunks, hf_config)()
@@ -222,7 +226,7 @@ def test_ppo_step_with_fused_adam_resumes_and_reaches_the_engine(engine, policy,
     _, other = load_policy(engine.model_dir, ParallelSizes(1, 1), params_dtype=torch.bfloat16)
     other, other_optimizer = build_optimizer(other, 1e-5, weight_decay=0.0, clip_grad=1.0)
     checkpoint.load_checkpoint(path, other, other_optimizer)
-    assert checkpoint._adam_steps(other_optimizer) == [1.0]
+    assert checkpoint._adam_steps(other_optimizer) == steps
     for mine, theirs in zip(chunks[0].parameters(), other[0].parameters()):
         assert torch.equal(mine, theirs)
 
