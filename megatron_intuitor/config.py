@@ -34,6 +34,9 @@ KL_TYPES = ("low_var_kl", "kl", "mse")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 FP8_RECIPES = (None, "hybrid", "e4m3")
+# Megatron-Core 0.16.1 `TransformerConfig.fp8_recipe` (transformer_config.py:436) less "custom"
+FP8_SCALING_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
+FP8_AMAX_REDUCTIONS = ("tp", "tp_dp")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb")
@@ -316,6 +319,10 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("actor.recompute", lambda v: isinstance(v, bool), "true or false"),
     ("actor.precision", _one_of(PRECISIONS), f"one of {', '.join(PRECISIONS)}"),
     ("actor.fp8", _one_of(FP8_RECIPES), "null, hybrid or e4m3"),
+    ("actor.fp8_recipe", _one_of(FP8_SCALING_RECIPES),
+     f"one of {', '.join(FP8_SCALING_RECIPES)}"),
+    ("actor.fp8_amax_reduction", _one_of(FP8_AMAX_REDUCTIONS),
+     f"one of {', '.join(FP8_AMAX_REDUCTIONS)}"),
     ("actor.ref_offload", lambda v: isinstance(v, bool), "true or false"),
     ("rollout.temperature", lambda v: _is_number(v) and v > 0, "a number > 0"),
     ("rollout.top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
@@ -387,13 +394,9 @@ def _check_device(cfg: DictConfig) -> list[str]:
         if actor.fp8 is not None:
             problems.append(f"actor.fp8={actor.fp8} needs CUDA and Transformer Engine; this run "
                             f"is on CPU: use actor.fp8=null")
-    elif actor.fp8 is not None:
-        import importlib.util
-
-        if importlib.util.find_spec("transformer_engine") is None:
-            problems.append(f"actor.fp8={actor.fp8} needs Transformer Engine: pip install "
-                            f"'megatron-intuitor[gpu]', or set actor.fp8=null")
-        if actor.precision != "bf16":
+    elif trainer.device == "cuda":
+        problems += _check_transformer_engine(trainer.device)
+        if actor.fp8 is not None and actor.precision != "bf16":
             problems.append(f"actor.fp8={actor.fp8} runs on top of bf16: set actor.precision=bf16")
     vpp = actor.virtual_pipeline_model_parallel_size
     if vpp is not None and vpp > 1 and actor.pipeline_model_parallel_size == 1:
@@ -411,6 +414,18 @@ def _check_device(cfg: DictConfig) -> list[str]:
                             f"one full sequence (data.max_prompt_length + "
                             f"data.max_response_length = {longest})")
     return problems
+
+
+def _check_transformer_engine(device: str) -> list[str]:
+    """On CUDA the model is built from Transformer Engine's layer spec (bf16, packed sequences,
+    FP8): without TE every rank would die in `build_model`, after everything else started."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return []
+    return [f"trainer.device={device} builds the model with Transformer Engine, which is not "
+            f"installed: install the GPU face (README, 'Install on GPU'), or use "
+            f"trainer.device=cpu"]
 
 
 def _model_shape(cfg: DictConfig) -> Optional[dict]:

@@ -89,7 +89,8 @@ class ActorWorker(Worker):
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.model_dir = model_dir
         precision = dict(params_dtype=_DTYPES[actor.precision], fp8=actor.fp8,
-                         recompute=actor.recompute)
+                         recompute=actor.recompute, fp8_recipe=actor.fp8_recipe,
+                         fp8_amax_reduction=actor.fp8_amax_reduction)
         self.hf_config, self.policy = load_policy(model_dir, sizes, **precision)
         self.policy, self.optimizer = build_optimizer(
             self.policy, actor.lr, weight_decay=actor.weight_decay, clip_grad=actor.grad_clip)
