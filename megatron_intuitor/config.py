@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from megatron_intuitor.algorithm import COV_POLICY_LOSSES
 from megatron_intuitor.collapse import CollapseConfig, CollapseConfigError
 from megatron_intuitor.data.datasets import FORMATS as DATA_FORMATS
 from megatron_intuitor.workers.group import PLACEMENT_STRATEGIES
@@ -294,6 +295,11 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("algorithm.kl_type", _one_of(KL_TYPES), f"one of {', '.join(KL_TYPES)}"),
     ("algorithm.clip_ratio", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     ("algorithm.entropy_coef", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("algorithm.policy_loss", _one_of(COV_POLICY_LOSSES), f"one of {', '.join(COV_POLICY_LOSSES)}"),
+    ("algorithm.cov.select_ratio", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("algorithm.cov.clip_lower", _is_number, "a number"),
+    ("algorithm.cov.clip_upper", _is_number, "a number"),
+    ("algorithm.cov.kl_coef", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     ("actor.tensor_model_parallel_size", _positive_int, "a positive integer"),
     ("actor.pipeline_model_parallel_size", _positive_int, "a positive integer"),
     ("actor.virtual_pipeline_model_parallel_size", lambda v: v is None or _positive_int(v),
@@ -523,6 +529,14 @@ def _check_algorithm(cfg: DictConfig) -> list[str]:
                 weights.values()) > 0:
             problems.append(f"algorithm.hybrid_weights={OmegaConf.to_container(weights)}: "
                             f"expected numbers >= 0, not all zero")
+    if (algorithm.policy_loss != "ppo" and not cfg.actor.use_dynamic_bsz
+            and cfg.actor.ppo_micro_batch_size_per_gpu == 1):
+        problems.append(f"algorithm.policy_loss={algorithm.policy_loss} with "
+                        f"actor.ppo_micro_batch_size_per_gpu=1: the token covariance is taken "
+                        f"within a micro-batch, and within one response (one advantage) it is 0")
+    if algorithm.cov.clip_lower >= algorithm.cov.clip_upper:
+        problems.append(f"algorithm.cov.clip_lower={algorithm.cov.clip_lower} must be below "
+                        f"algorithm.cov.clip_upper={algorithm.cov.clip_upper}")
     return problems
 
 

@@ -105,7 +105,10 @@ class ActorWorker(Worker):
             temperature=cfg.rollout.temperature, vocab_size=self.hf_config.vocab_size,
             clip_ratio=cfg.algorithm.clip_ratio, kl_coef=cfg.algorithm.kl_coef,
             kl_type=cfg.algorithm.kl_type, entropy_coef=cfg.algorithm.entropy_coef,
-            tis_cap=cfg.rollout.tis_cap)
+            tis_cap=cfg.rollout.tis_cap, policy_loss=cfg.algorithm.policy_loss,
+            cov_select_ratio=cfg.algorithm.cov.select_ratio,
+            cov_clip_lower=cfg.algorithm.cov.clip_lower,
+            cov_clip_upper=cfg.algorithm.cov.clip_upper, cov_kl_coef=cfg.algorithm.cov.kl_coef)
         self.ref_offload = bool(actor.ref_offload) and on_gpu()
         if self.ref_offload:
             self._move_reference("cpu")
