@@ -360,3 +360,43 @@ def test_gpu_smoke_script_exits_at_once_without_cuda():
     run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "no CUDA" in run.stderr
     assert time.monotonic() - started < 30
+
+
+def _preflight():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "preflight.py"
+    spec = importlib.util.spec_from_file_location("preflight_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_preflight_names_missing_and_mismatched_transformer_engine_parts(monkeypatch):
+    """Defects 3 and 4: on GPU the preflight wants TE's three parts at one version and no CUDA
+    12 core next to the CUDA 13 one (versions faked: this machine has no TE)."""
+    from importlib import metadata
+
+    preflight = _preflight()
+    report = preflight.Report()
+    preflight.check_transformer_engine(report)
+    assert report.errors == 1
+    assert "transformer_engine, transformer_engine_cu13, transformer_engine_torch not " \
+           "installed" in report.lines[-1]
+
+    versions = {"transformer_engine": "2.20.2", "transformer_engine_cu13": "2.20.2",
+                "transformer_engine_torch": "2.11.0", "transformer_engine_cu12": "2.20.2"}
+
+    def fake_version(name):
+        if name not in versions:
+            raise metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(preflight.metadata, "version", fake_version)
+    report = preflight.Report()
+    preflight.check_transformer_engine(report)
+    text = "\n".join(report.lines)
+    assert "'transformer_engine_torch': '2.11.0'" in text
+    assert "transformer_engine_cu12 is installed next to transformer_engine_cu13" in text
+    assert "import transformer_engine.pytorch failed" in text and report.errors == 3
