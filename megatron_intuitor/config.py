@@ -142,29 +142,15 @@ class Schedule(NamedTuple):
 
 @dataclass(frozen=True)
 class Layout:
-    """What the config implies for ranks and batches, computed in one place."""
+    """How the ranks are laid out, computed in one place."""
 
     device: str
-    nnodes: int
-    ranks_per_node: int
     world_size: int
     tensor_parallel: int
     pipeline_parallel: int
     virtual_pipeline_parallel: Optional[int]
     data_parallel: int
-    prompts_per_step: int
-    responses_per_step: int  # prompts x rollout.n
-    responses_per_rank: int  # per data-parallel rank and step
-    mini_batches_per_step: int  # optimizer steps per PPO epoch
-    ppo_epochs: int
-    mini_batch_responses_per_rank: int
-    # Fixed micro-batching only (None with actor.use_dynamic_bsz):
-    micro_batches_per_mini_batch: Optional[int]
-    log_prob_micro_batches_per_step: Optional[int]
-
-    @property
-    def optimizer_steps_per_step(self) -> int:
-        return self.mini_batches_per_step * self.ppo_epochs
+    optimizer_steps_per_step: int  # mini-batches per step x PPO epochs
 
     def parallel_sizes(self) -> ParallelSizes:
         from megatron_intuitor.parallel import ParallelSizes
@@ -195,7 +181,6 @@ def derive_layout(cfg: DictConfig) -> Layout:
         problems.append(f"actor.ppo_mini_batch_size x rollout.n = {mini} x {n} responses is not "
                         f"divisible by the data-parallel size {dp}")
     mini_per_rank = mini * n // dp
-    micro_per_mini = log_prob_micro = None
     if not actor.use_dynamic_bsz:
         micro, log_prob = (actor.ppo_micro_batch_size_per_gpu,
                            actor.log_prob_micro_batch_size_per_gpu)
@@ -207,19 +192,14 @@ def derive_layout(cfg: DictConfig) -> Layout:
             problems.append(f"actor.log_prob_micro_batch_size_per_gpu={log_prob} does not divide "
                             f"the {responses // dp} responses per step on each of the {dp} "
                             f"data-parallel ranks (data.prompts_per_step x rollout.n / DP)")
-        micro_per_mini, log_prob_micro = mini_per_rank // micro, responses // dp // log_prob
     if problems:
         raise ConfigError(problems)
     return Layout(
-        device=trainer.device, nnodes=trainer.nnodes, ranks_per_node=trainer.n_gpus_per_node,
-        world_size=world_size, tensor_parallel=actor.tensor_model_parallel_size,
+        device=trainer.device, world_size=world_size,
+        tensor_parallel=actor.tensor_model_parallel_size,
         pipeline_parallel=actor.pipeline_model_parallel_size,
         virtual_pipeline_parallel=actor.virtual_pipeline_model_parallel_size, data_parallel=dp,
-        prompts_per_step=prompts, responses_per_step=responses, responses_per_rank=responses // dp,
-        mini_batches_per_step=prompts // mini, ppo_epochs=actor.ppo_epochs,
-        mini_batch_responses_per_rank=mini_per_rank,
-        micro_batches_per_mini_batch=micro_per_mini,
-        log_prob_micro_batches_per_step=log_prob_micro)
+        optimizer_steps_per_step=prompts // mini * actor.ppo_epochs)
 
 
 def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
@@ -234,6 +214,71 @@ def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
     optimizer_steps = training_steps * derive_layout(cfg).optimizer_steps_per_step
     warmup_steps = math.ceil(cfg.actor.lr_warmup_ratio * optimizer_steps)
     return Schedule(training_steps, optimizer_steps, warmup_steps)
+
+
+@dataclass(frozen=True)
+class ActorSettings:
+    """Everything an actor rank reads of the run's configuration, built once on the controller
+    (`actor_settings`) and handed to every rank: the ranks never see the raw config."""
+
+    layout: Layout
+    schedule: Schedule
+    seed: int
+    # the model
+    precision: str  # fp32 / bf16
+    fp8: Optional[str]
+    recompute: bool
+    keep_reference: bool  # a frozen reference model for the KL term (algorithm.kl_coef > 0)
+    ref_offload: bool
+    # the optimizer
+    lr: float
+    lr_scheduler: str
+    weight_decay: float
+    grad_clip: float
+    # the PPO update
+    ppo_epochs: int
+    ppo_mini_batch_prompts: int
+    ppo_micro_batch_size: int
+    log_prob_micro_batch_size: int
+    max_tokens_per_micro_batch: int  # > 0: token-budget micro-batches (actor.use_dynamic_bsz)
+    packed: bool  # sequence packing (actor.use_remove_padding)
+    temperature: float
+    clip_ratio: float
+    kl_coef: float
+    kl_type: str
+    entropy_coef: float
+    tis_cap: Optional[float]
+    # the rollout engine
+    rollout_dtype: str  # a precision or a torch dtype name
+    max_model_len: int
+    rollout_tensor_parallel: int
+    gpu_memory_utilization: float
+    weight_sync_bucket_bytes: int
+    pad_token_id: int
+
+
+def actor_settings(cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> ActorSettings:
+    """The ranks' settings from a validated config and the run's schedule."""
+    actor, algorithm, rollout, data = cfg.actor, cfg.algorithm, cfg.rollout, cfg.data
+    return ActorSettings(
+        layout=derive_layout(cfg), schedule=schedule, seed=cfg.trainer.seed,
+        precision=actor.precision, fp8=actor.fp8, recompute=actor.recompute,
+        keep_reference=algorithm.kl_coef > 0, ref_offload=actor.ref_offload,
+        lr=actor.lr, lr_scheduler=actor.lr_scheduler, weight_decay=actor.weight_decay,
+        grad_clip=actor.grad_clip, ppo_epochs=actor.ppo_epochs,
+        ppo_mini_batch_prompts=actor.ppo_mini_batch_size,
+        ppo_micro_batch_size=actor.ppo_micro_batch_size_per_gpu,
+        log_prob_micro_batch_size=actor.log_prob_micro_batch_size_per_gpu,
+        max_tokens_per_micro_batch=actor.max_tokens_per_gpu if actor.use_dynamic_bsz else 0,
+        packed=actor.use_remove_padding, temperature=rollout.temperature,
+        clip_ratio=algorithm.clip_ratio, kl_coef=algorithm.kl_coef, kl_type=algorithm.kl_type,
+        entropy_coef=algorithm.entropy_coef, tis_cap=rollout.tis_cap,
+        rollout_dtype=actor.precision if rollout.dtype == "auto" else rollout.dtype,
+        max_model_len=data.max_prompt_length + data.max_response_length,
+        rollout_tensor_parallel=rollout.tensor_parallel_size,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        weight_sync_bucket_bytes=int(rollout.weight_sync_bucket_mb * 2**20),
+        pad_token_id=pad_token_id)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from megatron_intuitor.config import (ConfigError, compose, derive_layout, load, resolve,
-                                      training_schedule, validate)
+from megatron_intuitor.config import (ConfigError, actor_settings, compose, derive_layout, load,
+                                      resolve, training_schedule, validate)
+from megatron_intuitor.parallel import ParallelSizes
 
 TASKS = ("tiny", "default", "math_gsm8k", "math_math500", "code_humaneval", "reasoning_arc",
          "custom_config")
@@ -206,9 +207,8 @@ def test_model_shape_is_read_from_the_checkpoint(tmp_path):
 
 
 def test_layout_of_a_multi_node_run():
-    """2 nodes x 8 GPUs, TP 2 x PP 2 -> DP 4; 128 prompts x n 8 = 1024 responses, 256 per DP
-    rank; mini-batches of 64 prompts -> 2 per step, 128 responses per rank, 32 micro-batches
-    of 4; log-probs in 64 micro-batches of 4."""
+    """2 nodes x 8 GPUs, TP 2 x PP 2 -> DP 4; 128 prompts in mini-batches of 64 over 2 PPO
+    epochs -> 4 optimizer steps per step."""
     cfg = resolve(compose(["task=math_gsm8k", "trainer.nnodes=2", "trainer.n_gpus_per_node=8",
                            "actor.tensor_model_parallel_size=2",
                            "actor.pipeline_model_parallel_size=2",
@@ -216,14 +216,22 @@ def test_layout_of_a_multi_node_run():
                            "trainer.device=cpu"]))
     layout = derive_layout(cfg)
     assert (layout.world_size, layout.data_parallel) == (16, 4)
-    assert (layout.responses_per_step, layout.responses_per_rank) == (1024, 256)
-    assert (layout.mini_batches_per_step, layout.mini_batch_responses_per_rank) == (2, 128)
-    assert layout.micro_batches_per_mini_batch == 32
-    assert layout.log_prob_micro_batches_per_step == 64
     assert layout.optimizer_steps_per_step == 4
-    assert layout.parallel_sizes().data(layout.world_size) == 4
-    dynamic = derive_layout(resolve(compose(["actor.use_dynamic_bsz=true"])))
-    assert dynamic.micro_batches_per_mini_batch is None
+    assert layout.parallel_sizes() == ParallelSizes(2, 2, None)
+
+
+def test_actor_settings_carry_what_the_ranks_read():
+    cfg = load(["actor.use_dynamic_bsz=true", "actor.max_tokens_per_gpu=4096",
+                "rollout.weight_sync_bucket_mb=1.5", "algorithm.kl_coef=0", "rollout.dtype=auto"])
+    settings = actor_settings(cfg, training_schedule(cfg, 1000), pad_token_id=7)
+    assert settings.layout == derive_layout(cfg)
+    assert settings.max_tokens_per_micro_batch == 4096
+    assert settings.weight_sync_bucket_bytes == 1_572_864
+    assert settings.rollout_dtype == cfg.actor.precision  # rollout.dtype=auto
+    assert settings.max_model_len == cfg.data.max_prompt_length + cfg.data.max_response_length
+    assert not settings.keep_reference and settings.pad_token_id == 7
+    fixed = actor_settings(load([]), training_schedule(load([]), 1000), pad_token_id=0)
+    assert fixed.max_tokens_per_micro_batch == 0 and fixed.keep_reference
 
 
 def test_training_schedule():
