@@ -23,7 +23,7 @@ import time
 import torch
 
 from megatron_intuitor.batch import MicroBatching
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 TEMPERATURE = 1.0
 REPEATS = 3

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from megatron_intuitor.data.datasets import FORMATS as DATA_FORMATS
-from megatron_intuitor.workers.group import PLACEMENT_STRATEGIES
+from megatron_intuitor.data.records import FORMATS as DATA_FORMATS
 
 if TYPE_CHECKING:
     from megatron_intuitor.parallel import ParallelSizes
@@ -28,12 +27,13 @@ if TYPE_CHECKING:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 ALGORITHMS = ("intuitor", "grpo", "hybrid")
-KL_TYPES = ("low_var_kl", "kl", "mse")
+KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")  # algorithm.kl_penalty's
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 FP8_RECIPES = (None, "hybrid", "e4m3")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's
 LOGGER_BACKENDS = ("console", "jsonl", "wandb")
 HYBRID_WEIGHT_KEYS = ("self_certainty", "verifiable")
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")  # what data.datasets.read_rows reads
@@ -141,7 +141,7 @@ class Schedule(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Layout:
+class RankLayout:
     """How the ranks are laid out, computed in one place."""
 
     device: str
@@ -159,7 +159,7 @@ class Layout:
                              self.virtual_pipeline_parallel)
 
 
-def derive_layout(cfg: DictConfig) -> Layout:
+def derive_layout(cfg: DictConfig) -> RankLayout:
     """The sizes that follow from `cfg`; ConfigError if they do not divide evenly."""
     actor, trainer = cfg.actor, cfg.trainer
     problems: list[str] = []
@@ -194,7 +194,7 @@ def derive_layout(cfg: DictConfig) -> Layout:
                             f"data-parallel ranks (data.prompts_per_step x rollout.n / DP)")
     if problems:
         raise ConfigError(problems)
-    return Layout(
+    return RankLayout(
         device=trainer.device, world_size=world_size,
         tensor_parallel=actor.tensor_model_parallel_size,
         pipeline_parallel=actor.pipeline_model_parallel_size,
@@ -221,7 +221,7 @@ class ActorSettings:
     """Everything an actor rank reads of the run's configuration, built once on the controller
     (`actor_settings`) and handed to every rank: the ranks never see the raw config."""
 
-    layout: Layout
+    layout: RankLayout
     schedule: Schedule
     seed: int
     # the model

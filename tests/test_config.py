@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from megatron_intuitor.config import (ConfigError, actor_settings, compose, derive_layout, load,
-                                      resolve, training_schedule, validate)
+from megatron_intuitor.config import (KL_TYPES, ConfigError, actor_settings, compose,
+                                      derive_layout, load, resolve, training_schedule, validate)
 from megatron_intuitor.parallel import ParallelSizes
 
 TASKS = ("tiny", "default", "math_gsm8k", "math_math500", "code_humaneval", "reasoning_arc",
@@ -264,3 +264,23 @@ def test_entry_point_prints_the_config_and_rejects_bad_ones(tmp_path):
     assert rejected.returncode == 2
     assert "invalid configuration" in rejected.stderr and "rollout.n=1" in rejected.stderr
     assert "Traceback" not in rejected.stderr
+
+
+def test_importing_the_config_loads_neither_ray_nor_the_graders():
+    """Validating a config (the preflight) must stay cheap: no Ray, no math-verify."""
+    heavy = ("ray", "math_verify", "megatron_intuitor.evaluation.registry",
+             "megatron_intuitor.workers.group")
+    code = ("import sys, megatron_intuitor.config; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_every_kl_type_the_algorithm_computes_is_accepted():
+    from megatron_intuitor import algorithm
+
+    assert set(KL_TYPES) == set(algorithm.KL_KINDS)
+    assert load(["algorithm.kl_type=k3"]).algorithm.kl_type == "k3"
+    with pytest.raises(ConfigError, match="algorithm.kl_type='k4'"):
+        load(["algorithm.kl_type=k4"])

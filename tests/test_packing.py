@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_intuitor.batch import MicroBatching
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 TEMPERATURE, CLIP, KL_COEF = 0.8, 0.2, 0.1
 # (prompt, response) lengths: one row far longer than the budget, one without a response.
