@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from megatron_intuitor.collapse import CollapseConfig, CollapseConfigError
 from megatron_intuitor.data.records import FORMATS as DATA_FORMATS
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")  # algorithm.kl_
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 FP8_RECIPES = (None, "hybrid", "e4m3")
+# Megatron-Core 0.16.1 `TransformerConfig.fp8_recipe` (transformer_config.py:436) less "custom"
+FP8_SCALING_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
+FP8_AMAX_REDUCTIONS = ("tp", "tp_dp")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's
@@ -227,6 +231,8 @@ class ActorSettings:
     # the model
     precision: str  # fp32 / bf16
     fp8: Optional[str]
+    fp8_recipe: str
+    fp8_amax_reduction: str
     recompute: bool
     keep_reference: bool  # a frozen reference model for the KL term (algorithm.kl_coef > 0)
     ref_offload: bool
@@ -262,7 +268,8 @@ def actor_settings(cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> Ac
     actor, algorithm, rollout, data = cfg.actor, cfg.algorithm, cfg.rollout, cfg.data
     return ActorSettings(
         layout=derive_layout(cfg), schedule=schedule, seed=cfg.trainer.seed,
-        precision=actor.precision, fp8=actor.fp8, recompute=actor.recompute,
+        precision=actor.precision, fp8=actor.fp8, fp8_recipe=actor.fp8_recipe,
+        fp8_amax_reduction=actor.fp8_amax_reduction, recompute=actor.recompute,
         keep_reference=algorithm.kl_coef > 0, ref_offload=actor.ref_offload,
         lr=actor.lr, lr_scheduler=actor.lr_scheduler, weight_decay=actor.weight_decay,
         grad_clip=actor.grad_clip, ppo_epochs=actor.ppo_epochs,
@@ -354,6 +361,10 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("actor.recompute", lambda v: isinstance(v, bool), "true or false"),
     ("actor.precision", _one_of(PRECISIONS), f"one of {', '.join(PRECISIONS)}"),
     ("actor.fp8", _one_of(FP8_RECIPES), "null, hybrid or e4m3"),
+    ("actor.fp8_recipe", _one_of(FP8_SCALING_RECIPES),
+     f"one of {', '.join(FP8_SCALING_RECIPES)}"),
+    ("actor.fp8_amax_reduction", _one_of(FP8_AMAX_REDUCTIONS),
+     f"one of {', '.join(FP8_AMAX_REDUCTIONS)}"),
     ("actor.ref_offload", lambda v: isinstance(v, bool), "true or false"),
     ("rollout.temperature", lambda v: _is_number(v) and v > 0, "a number > 0"),
     ("rollout.top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
@@ -376,6 +387,11 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.save_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: at the end)"),
     ("trainer.keep_last", _positive_int, "a positive integer"),
     ("trainer.seed", _is_int, "an integer"),
+    ("trainer.best_metric", lambda v: v is None or (isinstance(v, str) and v != ""),
+     "null or a metric name such as val/gsm8k/acc"),
+    ("trainer.val_best_of_n", lambda v: _is_int(v) and (v == 0 or v >= 2),
+     "0 (off) or an integer >= 2 (self-certainty best-of-N at validation)"),
+    ("trainer.guard", lambda v: isinstance(v, DictConfig), "a mapping (see conf/trainer)"),
     ("trainer.experiment_name", lambda v: isinstance(v, str) and v != "" and "/" not in v,
      "a non-empty name without '/'"),
     ("logger.backends", lambda v: isinstance(v, ListConfig) and set(v) <= set(LOGGER_BACKENDS),
@@ -420,13 +436,9 @@ def _check_device(cfg: DictConfig) -> list[str]:
         if actor.fp8 is not None:
             problems.append(f"actor.fp8={actor.fp8} needs CUDA and Transformer Engine; this run "
                             f"is on CPU: use actor.fp8=null")
-    elif actor.fp8 is not None:
-        import importlib.util
-
-        if importlib.util.find_spec("transformer_engine") is None:
-            problems.append(f"actor.fp8={actor.fp8} needs Transformer Engine: pip install "
-                            f"'megatron-intuitor[gpu]', or set actor.fp8=null")
-        if actor.precision != "bf16":
+    elif trainer.device == "cuda":
+        problems += _check_transformer_engine(trainer.device)
+        if actor.fp8 is not None and actor.precision != "bf16":
             problems.append(f"actor.fp8={actor.fp8} runs on top of bf16: set actor.precision=bf16")
     vpp = actor.virtual_pipeline_model_parallel_size
     if vpp is not None and vpp > 1 and actor.pipeline_model_parallel_size == 1:
@@ -444,6 +456,18 @@ def _check_device(cfg: DictConfig) -> list[str]:
                             f"one full sequence (data.max_prompt_length + "
                             f"data.max_response_length = {longest})")
     return problems
+
+
+def _check_transformer_engine(device: str) -> list[str]:
+    """On CUDA the model is built from Transformer Engine's layer spec (bf16, packed sequences,
+    FP8): without TE every rank would die in `build_model`, after everything else started."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return []
+    return [f"trainer.device={device} builds the model with Transformer Engine, which is not "
+            f"installed: install the GPU face (README, 'Install on GPU'), or use "
+            f"trainer.device=cpu"]
 
 
 def _model_shape(cfg: DictConfig) -> Optional[dict]:
@@ -557,4 +581,12 @@ def _check_trainer(cfg: DictConfig) -> list[str]:
                         f"disable or a checkpoint path)")
     if "wandb" in logger.backends and not logger.wandb_project:
         problems.append("logger.wandb_project is empty but logger.backends includes wandb")
+    try:
+        guard = CollapseConfig.from_mapping(OmegaConf.to_container(trainer.guard))
+    except CollapseConfigError as error:
+        problems += [f"trainer.guard.{problem}" for problem in error.problems]
+    else:
+        if guard.action == "rollback" and not trainer.best_metric:
+            problems.append("trainer.guard.action=rollback restores the best checkpoint: set "
+                            "trainer.best_metric (e.g. val/gsm8k/acc)")
     return problems

@@ -113,7 +113,8 @@ class ActorWorker(Worker):
         self.reports_for_replica = self.rank % settings.rollout_tensor_parallel == 0
         self.model_dir = model_dir
         precision = dict(params_dtype=_DTYPES[settings.precision], fp8=settings.fp8,
-                         recompute=settings.recompute)
+                         recompute=settings.recompute, fp8_recipe=settings.fp8_recipe,
+                         fp8_amax_reduction=settings.fp8_amax_reduction)
         self.hf_config, self.policy = load_policy(model_dir, sizes, **precision)
         self.policy, self.optimizer = build_optimizer(
             self.policy, settings.lr, weight_decay=settings.weight_decay,
