@@ -1,7 +1,8 @@
 """The launch scripts, run as a user runs them (bash, a fresh environment, --dry-run): the
 resolved config they print equals Hydra's own composition of the same overrides (paths made
-absolute, dataset lists normalised), environment variables reach their config keys, and bad input (an unknown config, a
-missing data file, an unreachable Ray cluster) fails with the thing named. No training here:
+absolute, dataset lists normalised), environment variables reach their config keys, and bad
+input (an unknown config, a missing data file, an unreachable Ray cluster) fails with the
+thing named. No training here:
 `run_intuitor.sh default` running to completion is the end-to-end test's job."""
 import os
 import re
