@@ -38,7 +38,7 @@ from ray import cloudpickle
 from megatron_intuitor import metrics
 from megatron_intuitor.batch import RolloutBatch, data_parallel_shard
 from megatron_intuitor.config import Schedule, actor_settings, compose, resolve
-from megatron_intuitor.ppo import _SUMMED as PPO_METRICS
+from megatron_intuitor.ppo import LOSS_METRICS
 from megatron_intuitor.rollout.engine import RolloutSample, SamplingConfig
 from megatron_intuitor.trainer import response_advantages
 from megatron_intuitor.workers.actor import ActorGroup
@@ -46,7 +46,7 @@ from megatron_intuitor.workers.reports import rollout_report, score_report
 
 PROMPTS, N, PROMPT_TOKENS, RESPONSE_TOKENS = 128, 8, 512, 3072
 CHARS_PER_TOKEN = 4  # the old samples' text, an estimate
-UPDATE_METRICS = (*PPO_METRICS, metrics.GRAD_NORM, metrics.LR, metrics.SKIPPED_STEPS)
+UPDATE_METRICS = (*LOSS_METRICS, metrics.GRAD_NORM, metrics.LR, metrics.SKIPPED_STEPS)
 
 
 def serialized_bytes(value: Any) -> int:

@@ -21,8 +21,8 @@ from megatron_intuitor.models.forward import micro_batches, run_pipeline, shifte
 from megatron_intuitor.platform import device
 
 # Per-micro-batch sums the head reports, reduced over micro-batches and DP, then / tokens.
-_SUMMED = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC, metrics.PG_CLIPFRAC_LOWER,
-           metrics.PPO_KL)
+LOSS_METRICS = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC,
+                metrics.PG_CLIPFRAC_LOWER, metrics.PPO_KL)
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
     reporting = (parallel_state.is_pipeline_last_stage()
                  and parallel_state.get_tensor_model_parallel_rank() == 0)
     sums = torch.stack([item["sums"] for item in stats]).sum(0) if reporting \
-        else torch.zeros(len(_SUMMED) + 1, device=device())
+        else torch.zeros(len(LOSS_METRICS) + 1, device=device())
     dist.all_reduce(sums)
     tokens = max(float(sums[-1]), 1.0)
-    return {name: float(value) / tokens for name, value in zip(_SUMMED, sums[:-1])}
+    return {name: float(value) / tokens for name, value in zip(LOSS_METRICS, sums[:-1])}
