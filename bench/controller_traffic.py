@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import pickle
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from ray import cloudpickle
