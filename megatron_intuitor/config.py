@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from megatron_intuitor.algorithm import COV_POLICY_LOSSES
 from megatron_intuitor.collapse import CollapseConfig, CollapseConfigError
 from megatron_intuitor.data.records import FORMATS as DATA_FORMATS
 
@@ -254,11 +255,17 @@ class ActorSettings:
     kl_type: str
     entropy_coef: float
     tis_cap: Optional[float]
+    policy_loss: str  # ppo | clip_cov | kl_cov
+    cov_select_ratio: float
+    cov_clip_lower: float
+    cov_clip_upper: float
+    cov_kl_coef: float
     # the rollout engine
     rollout_dtype: str  # a precision or a torch dtype name
     max_model_len: int
     rollout_tensor_parallel: int
     gpu_memory_utilization: float
+    sleep_level: int  # the engine's sleep in the training phase (GPU)
     weight_sync_bucket_bytes: int
     pad_token_id: int
 
@@ -280,11 +287,14 @@ def actor_settings(cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> Ac
         packed=actor.use_remove_padding, temperature=rollout.temperature,
         clip_ratio=algorithm.clip_ratio, kl_coef=algorithm.kl_coef, kl_type=algorithm.kl_type,
         entropy_coef=algorithm.entropy_coef, tis_cap=rollout.tis_cap,
+        policy_loss=algorithm.policy_loss, cov_select_ratio=algorithm.cov.select_ratio,
+        cov_clip_lower=algorithm.cov.clip_lower, cov_clip_upper=algorithm.cov.clip_upper,
+        cov_kl_coef=algorithm.cov.kl_coef,
         rollout_dtype=actor.precision if rollout.dtype == "auto" else rollout.dtype,
         max_model_len=data.max_prompt_length + data.max_response_length,
         rollout_tensor_parallel=rollout.tensor_parallel_size,
         gpu_memory_utilization=rollout.gpu_memory_utilization,
-        weight_sync_bucket_bytes=int(rollout.weight_sync_bucket_mb * 2**20),
+        sleep_level=rollout.sleep_level, weight_sync_bucket_bytes=int(rollout.weight_sync_bucket_mb * 2**20),
         pad_token_id=pad_token_id)
 
 
@@ -342,6 +352,11 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("algorithm.kl_type", _one_of(KL_TYPES), f"one of {', '.join(KL_TYPES)}"),
     ("algorithm.clip_ratio", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     ("algorithm.entropy_coef", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("algorithm.policy_loss", _one_of(COV_POLICY_LOSSES), f"one of {', '.join(COV_POLICY_LOSSES)}"),
+    ("algorithm.cov.select_ratio", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("algorithm.cov.clip_lower", _is_number, "a number"),
+    ("algorithm.cov.clip_upper", _is_number, "a number"),
+    ("algorithm.cov.kl_coef", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     ("actor.tensor_model_parallel_size", _positive_int, "a positive integer"),
     ("actor.pipeline_model_parallel_size", _positive_int, "a positive integer"),
     ("actor.virtual_pipeline_model_parallel_size", lambda v: v is None or _positive_int(v),
@@ -373,6 +388,7 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("rollout.gpu_memory_utilization", lambda v: _is_number(v) and 0 < v <= 1,
      "a number in (0, 1]"),
     ("rollout.dtype", _one_of(ROLLOUT_DTYPES), f"one of {', '.join(ROLLOUT_DTYPES)}"),
+    ("rollout.sleep_level", lambda v: _is_int(v) and v in (1, 2), "1 or 2"),
     ("rollout.weight_sync_bucket_mb", lambda v: _is_number(v) and v > 0, "a number > 0"),
     ("rollout.tis_cap", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0"),
     ("trainer.nnodes", _positive_int, "a positive integer"),
@@ -570,6 +586,14 @@ def _check_algorithm(cfg: DictConfig) -> list[str]:
                 weights.values()) > 0:
             problems.append(f"algorithm.hybrid_weights={OmegaConf.to_container(weights)}: "
                             f"expected numbers >= 0, not all zero")
+    if (algorithm.policy_loss != "ppo" and not cfg.actor.use_dynamic_bsz
+            and cfg.actor.ppo_micro_batch_size_per_gpu == 1):
+        problems.append(f"algorithm.policy_loss={algorithm.policy_loss} with "
+                        f"actor.ppo_micro_batch_size_per_gpu=1: the token covariance is taken "
+                        f"within a micro-batch, and within one response (one advantage) it is 0")
+    if algorithm.cov.clip_lower >= algorithm.cov.clip_upper:
+        problems.append(f"algorithm.cov.clip_lower={algorithm.cov.clip_lower} must be below "
+                        f"algorithm.cov.clip_upper={algorithm.cov.clip_upper}")
     return problems
 
 

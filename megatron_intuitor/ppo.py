@@ -34,6 +34,11 @@ class PPOSettings:
     kl_type: str
     entropy_coef: float
     tis_cap: Optional[float]
+    policy_loss: str = "ppo"  # ppo | clip_cov | kl_cov (algorithm.COV_POLICY_LOSSES)
+    cov_select_ratio: float = 2e-4
+    cov_clip_lower: float = 1.0
+    cov_clip_upper: float = 5.0
+    cov_kl_coef: float = 1.0
 
 
 def _ppo_head(settings: PPOSettings):
@@ -47,10 +52,7 @@ def _ppo_head(settings: PPOSettings):
         if settings.tis_cap:
             tis = algorithm.tis_weights(micro_batch["old_log_probs"],
                                         micro_batch["rollout_log_probs"], settings.tis_cap)
-        pg_sum, stats = algorithm.ppo_clip_loss(
-            scores.log_probs, micro_batch["old_log_probs"], micro_batch["advantages"], mask,
-            clip_ratio_low=settings.clip_ratio, clip_ratio_high=settings.clip_ratio,
-            tis_weights=tis, num_tokens=1.0)
+        pg_sum, stats = _policy_loss(settings, scores.log_probs, micro_batch, mask, tis)
         loss = pg_sum
         kl_sum = pg_sum.new_zeros(())
         if settings.kl_coef > 0:
@@ -65,6 +67,34 @@ def _ppo_head(settings: PPOSettings):
                             tokens.to(torch.float32)])
         return loss, tokens.to(torch.int), {"sums": sums}
     return head
+
+
+def _policy_loss(settings: PPOSettings, log_probs: torch.Tensor, micro_batch: dict,
+                 mask: torch.Tensor, tis: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, algorithm.PolicyLossStats]:
+    """The micro-batch's summed surrogate (`settings.policy_loss`) and its statistics."""
+    old, advantages = micro_batch["old_log_probs"], micro_batch["advantages"]
+    if settings.policy_loss == "kl_cov":
+        loss, _ = algorithm.kl_cov_loss(log_probs, old, advantages, mask,
+                                        select_ratio=settings.cov_select_ratio,
+                                        kl_coef=settings.cov_kl_coef, num_tokens=1.0)
+        zero = loss.new_zeros(()).detach()
+        approx_kl = algorithm.masked_token_mean((old - log_probs).detach(), mask)
+        return loss, algorithm.PolicyLossStats(zero, zero, approx_kl)
+    if settings.policy_loss == "clip_cov":
+        # Every TP rank holds the same log-probs and must drop the same tokens: the draw is
+        # seeded by the micro-batch's content, not by a rank's generator.
+        seed = int(micro_batch["input_ids"].sum()) % (2**31)
+        weights = algorithm.clip_cov_weights(
+            log_probs, old, advantages, mask, clip_ratio_low=settings.clip_ratio,
+            clip_ratio_high=settings.clip_ratio, select_ratio=settings.cov_select_ratio,
+            cov_lower=settings.cov_clip_lower, cov_upper=settings.cov_clip_upper,
+            generator=torch.Generator().manual_seed(seed))
+        tis = weights if tis is None else tis * weights
+    return algorithm.ppo_clip_loss(log_probs, old, advantages, mask,
+                                   clip_ratio_low=settings.clip_ratio,
+                                   clip_ratio_high=settings.clip_ratio, tis_weights=tis,
+                                   num_tokens=1.0)
 
 
 def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: MicroBatching,

@@ -178,6 +178,11 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["+trainer.guard.max_kl=1"], "trainer.guard.max_kl: unknown key"),
     (["trainer.guard.action=rollback"], "trainer.guard.action=rollback restores the best "
                                         "checkpoint: set trainer.best_metric"),
+    (["algorithm.policy_loss=clip", "algorithm.cov.select_ratio=2"],
+     "algorithm.policy_loss='clip': expected one of ppo, clip_cov, kl_cov"),
+    (["algorithm.policy_loss=kl_cov", "actor.ppo_micro_batch_size_per_gpu=1"],
+     "algorithm.policy_loss=kl_cov with actor.ppo_micro_batch_size_per_gpu=1"),
+    (["algorithm.cov.clip_lower=5"], "algorithm.cov.clip_lower=5 must be below"),
     (["trainer.val_best_of_n=1"], "trainer.val_best_of_n=1: expected 0 (off) or an integer >= 2"),
 ])
 def test_validation_names_the_key(overrides, message):

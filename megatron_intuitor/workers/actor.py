@@ -129,10 +129,14 @@ class ActorWorker(Worker):
         self.ppo_settings = PPOSettings(
             temperature=settings.temperature, vocab_size=self.hf_config.vocab_size,
             clip_ratio=settings.clip_ratio, kl_coef=settings.kl_coef, kl_type=settings.kl_type,
-            entropy_coef=settings.entropy_coef, tis_cap=settings.tis_cap)
+            entropy_coef=settings.entropy_coef, tis_cap=settings.tis_cap,
+            policy_loss=settings.policy_loss, cov_select_ratio=settings.cov_select_ratio,
+            cov_clip_lower=settings.cov_clip_lower, cov_clip_upper=settings.cov_clip_upper,
+            cov_kl_coef=settings.cov_kl_coef)
         self.ref_offload = settings.ref_offload and on_gpu()
         if self.ref_offload:
             self._move_reference("cpu")
+        parallel.warm_up_groups()  # NCCL communicators take their memory before vLLM sizes
         self.engine = self._build_engine()
         self.engine_asleep = False
         self.direct_sync = self._plan_direct_sync()
@@ -145,6 +149,7 @@ class ActorWorker(Worker):
     # ------------------------------------------------------------------------------- rollout
 
     def _build_engine(self):
+        from megatron_intuitor.models.optimizer import training_reserve_bytes
         from megatron_intuitor.rollout.engine import RolloutEngine
 
         settings = self.settings
@@ -152,6 +157,7 @@ class ActorWorker(Worker):
                              max_model_len=settings.max_model_len,
                              tensor_parallel_size=settings.rollout_tensor_parallel,
                              gpu_memory_utilization=settings.gpu_memory_utilization,
+                             reserved_gpu_bytes=training_reserve_bytes(self.optimizer),
                              seed=settings.seed)
 
     def _plan_direct_sync(self):
@@ -230,9 +236,10 @@ class ActorWorker(Worker):
 
     def release_rollout_memory(self) -> None:
         """Colocation on GPU: the engine frees its weights and KV cache for the training phase
-        (level 2 drops the weights, the sync after the update brings new ones). A no-op on CPU."""
+        (level 2 drops the weights, the sync after the update brings new ones; level 1 keeps
+        them in host memory: `rollout.sleep_level`). A no-op on CPU."""
         if not self.engine_asleep:
-            self.engine.sleep(level=2)
+            self.engine.sleep(level=self.settings.sleep_level)
             self.engine_asleep = True
 
     def _move_reference(self, device: str) -> None:
