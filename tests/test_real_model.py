@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_intuitor import metrics
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 NEW_TOKENS = 16
 LOGIT_ATOL = 2e-4  # fp32, 30 layers; measured ~7e-5 at TP=3
@@ -44,7 +44,7 @@ def _bridge_and_engine(rank, world_size, model_dir, prompts):
     after a sync of the Megatron weights."""
     from megatron_intuitor.models.bridge import export_hf_weights
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
-    from megatron_intuitor.ppo import load_policy
+    from megatron_intuitor.models.policy import load_policy
     from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
     from megatron_intuitor.rollout.weight_sync import sync_weights
 
