@@ -163,13 +163,14 @@ def test_each_algorithm_z_scores_its_own_reward():
 @pytest.mark.parametrize("name", ["grpo", "hybrid"])
 def test_verifiable_reward_algorithms_run_a_step(tmp_path, name):
     """The tiny random model answers no synthetic sum right: grpo has no learning signal at all
-    (every advantage 0; at step 1 the policy is the reference, so the KL term has no gradient
-    either), hybrid keeps the self-certainty half of INTUITOR's."""
+    (every advantage 0; at step 1 the policy is the reference, so the KL term's gradient is only
+    that of the ~1e-7 rounding between the reference pass's and the update's micro-batch shapes,
+    which the exact k3 keeps), hybrid keeps the self-certainty half of INTUITOR's."""
     _finish(_main(_overrides(tmp_path, 1) + [f"algorithm={name}"]))
     row = _rows(tmp_path)[1]
     if name == "grpo":
-        assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.GRAD_NORM]) == (
-            0.0, 0.0, 0.0)
+        assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS]) == (0.0, 0.0)
+        assert row[metrics.GRAD_NORM] < 1e-4
     else:
         assert row[metrics.GRAD_NORM] > 0 and row[metrics.PG_LOSS] != 0.0
 
