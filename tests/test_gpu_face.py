@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron_intuitor.local_ranks import run_distributed
 from megatron_intuitor.rollout import engine as engine_module
-from megatron_intuitor.testing import run_distributed
 
 
 class _FakeLLM:
@@ -153,11 +153,10 @@ def _fp8_batch():
     for row, (p, r) in enumerate(FP8_ROWS):
         ids = torch.randint(0, 1003, (p + r,), generator=gen).tolist()
         samples.append(RolloutSample(row // 2, ids[:p], ids[p:], "", "stop", [0.0] * r))
-    batch = batch_from_rollouts(samples, pad_token_id=0)
-    batch.advantages = torch.randn(len(FP8_ROWS), generator=gen)
-    noise = torch.randn(batch.input_ids.shape, generator=gen) * batch.response_mask
-    batch.old_log_probs, batch.ref_log_probs = -2.0 + 0.3 * noise, -2.0 - 0.2 * noise
-    return batch
+    rollouts = batch_from_rollouts(samples, pad_token_id=0)
+    advantages = torch.randn(len(FP8_ROWS), generator=gen)
+    noise = torch.randn(rollouts.input_ids.shape, generator=gen) * rollouts.response_mask
+    return rollouts.for_update(advantages, -2.0 + 0.3 * noise, -2.0 - 0.2 * noise)
 
 
 def _fp8_layout_on_rank(rank, world_size, model_dir):
@@ -170,7 +169,8 @@ def _fp8_layout_on_rank(rank, world_size, model_dir):
     from megatron_intuitor.batch import MicroBatching, data_parallel_shard
     from megatron_intuitor.models.forward import micro_batches, run_pipeline, score_batch
     from megatron_intuitor.models.optimizer import build_optimizer, pending_adam_state_bytes
-    from megatron_intuitor.ppo import PPOSettings, load_policy, ppo_forward_backward
+    from megatron_intuitor.models.policy import load_policy
+    from megatron_intuitor.ppo import PPOSettings, ppo_forward_backward
 
     sizes = parallel.ParallelSizes(1, 1)
     parallel.init_model_parallel(sizes, seed=1)

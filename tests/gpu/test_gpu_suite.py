@@ -188,7 +188,8 @@ def test_ppo_step_with_fused_adam_resumes_and_reaches_the_engine(engine, policy,
     from megatron_intuitor.batch import MicroBatching, batch_from_rollouts
     from megatron_intuitor.models.optimizer import build_optimizer
     from megatron_intuitor.parallel import ParallelSizes
-    from megatron_intuitor.ppo import PPOSettings, load_policy, ppo_forward_backward
+    from megatron_intuitor.models.policy import load_policy
+    from megatron_intuitor.ppo import PPOSettings, ppo_forward_backward
     from megatron_intuitor.rollout.engine import SamplingConfig
     from megatron_intuitor.rollout.shard_sync import ShardSync
     from megatron_intuitor.workers.actor import guarded_optimizer_step
@@ -232,7 +233,7 @@ def test_ppo_step_with_fused_adam_resumes_and_reaches_the_engine(engine, policy,
 
 
 def test_reference_offload_round_trip_is_exact(world, model_dir):
-    from megatron_intuitor.ppo import load_policy
+    from megatron_intuitor.models.policy import load_policy
 
     hf_config, reference = load_policy(model_dir, world, params_dtype=torch.bfloat16)
     for chunk in reference:
@@ -255,7 +256,8 @@ def test_fp8_scores_and_update_at_unaligned_and_aligned_token_counts(world, mode
     """Defect 2: token counts that are not multiples of 16 (110 packed, 3 x 50 padded) and
     aligned ones (512) run under FP8 (hybrid, per-tensor current scaling) close to bf16."""
     from megatron_intuitor.batch import MicroBatching, TrainingBatch
-    from megatron_intuitor.ppo import PPOSettings, load_policy, ppo_forward_backward
+    from megatron_intuitor.models.policy import load_policy
+    from megatron_intuitor.ppo import PPOSettings, ppo_forward_backward
 
     hf_config, fp8 = load_policy(model_dir, world, params_dtype=torch.bfloat16, fp8="hybrid")
     _, bf16 = load_policy(model_dir, world, params_dtype=torch.bfloat16)
