@@ -3,6 +3,7 @@ fail on a GPU's first contact. The GPU itself is exercised by tests/gpu/ (marker
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -93,8 +94,6 @@ def test_gpu_memory_check_keeps_the_training_reserve(faked_cuda):
 def _external_launcher_tp1_on_rank(rank, world_size, model_dir):
     """This rank's own TP=1 engine built as on GPU (external_launcher) inside the training
     world: its tensor-parallel group, and greedy tokens of this rank's prompts."""
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
@@ -376,10 +375,11 @@ def test_resume_restores_a_param_group_step(tmp_path):
 
 # ---------------------------------------------------------------------------- the GPU suite
 
+@pytest.mark.skipif(any(Path("/dev").glob("nvidia[0-9]*")),
+                    reason="this machine has a GPU: the script would run the GPU suite")
 def test_gpu_smoke_script_exits_at_once_without_cuda():
     import subprocess
     import time
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_smoke.sh"
     started = time.monotonic()
@@ -390,7 +390,6 @@ def test_gpu_smoke_script_exits_at_once_without_cuda():
 
 def _preflight():
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "preflight.py"
     spec = importlib.util.spec_from_file_location("preflight_under_test", path)
