@@ -1,6 +1,7 @@
 """The PPO update on Megatron (loss head on vocab-parallel logits, token mean over micro-batches
-and DP ranks) gives the loss and gradient norm of the naive formula applied to transformers'
-logits; a non-finite loss skips the step and leaves the weights untouched."""
+and DP ranks, or verl's mean of micro-batch token means) gives the loss and gradient norm of the
+naive formula applied to transformers' logits; a non-finite loss skips the step and leaves the
+weights untouched."""
 import math
 from dataclasses import replace
 
@@ -29,9 +30,11 @@ def _batch(vocab_size: int):
     return batch, noise
 
 
-def _hf_reference(model_dir):
+def _hf_reference(model_dir, row_groups=None):
     """Naive formulas on transformers' fp32 logits; the 'old' and reference log-probs are the
-    current ones shifted by fixed noise so that clipping and the KL term are active."""
+    current ones shifted by fixed noise so that clipping and the KL term are active. Losses are
+    the token mean over all rows, or with `row_groups` (the micro-batches) the mean over groups
+    of each group's token mean (verl's aggregation)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -48,16 +51,17 @@ def _hf_reference(model_dir):
     per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * DUAL_CLIP), per_token)
     d = ref - log_probs
     k3 = torch.exp(d) - d - 1
-    tokens = mask.sum()
-    pg = (per_token * mask).sum() / tokens
-    kl = (k3 * mask).sum() / tokens
+    groups = row_groups or [list(range(len(ids)))]
+    pg = sum((per_token[g] * mask[g]).sum() / mask[g].sum() for g in groups) / len(groups)
+    kl = sum((k3[g] * mask[g]).sum() / mask[g].sum() for g in groups) / len(groups)
     (pg + KL_COEF * kl).backward()
     grad_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
     return {"pg_loss": float(pg.detach()), "kl_loss": float(kl.detach()), "grad_norm": grad_norm,
             "old": old, "ref": ref}
 
 
-def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison):
+def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison,
+                     loss_agg_mode="token-mean", micro_batch_size=1):
     from megatron.core import parallel_state
 
     from megatron_intuitor import metrics
@@ -81,10 +85,11 @@ def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison):
                                 parallel_state.get_data_parallel_world_size()).trimmed()
     settings = PPOSettings(temperature=TEMPERATURE, vocab_size=hf_config.vocab_size,
                            clip_ratio=CLIP, kl_coef=KL_COEF, kl_type="low_var_kl",
-                           entropy_coef=0.0, tis_cap=None)
+                           entropy_coef=0.0, tis_cap=None, loss_agg_mode=loss_agg_mode)
     before = dict(export_hf_weights(chunks, hf_config))
-    # 1 row per micro-batch, packed (the trainer's default layout)
-    losses = ppo_forward_backward(chunks, shard, MicroBatching(micro_batch_size=1), settings)
+    # packed (the trainer's default layout)
+    losses = ppo_forward_backward(chunks, shard, MicroBatching(micro_batch_size=micro_batch_size),
+                                  settings)
     stepped, grad_norm = guarded_optimizer_step(optimizer, 1.0)
     after = dict(export_hf_weights(chunks, hf_config))
     changed = max(float((after[k] - before[k]).abs().max()) for k in before)
@@ -107,6 +112,23 @@ def test_ppo_update_matches_naive_loss_and_gradient(tiny_qwen2, reference, tp):
         assert result["kl_loss"] == pytest.approx(reference["kl_loss"], rel=1e-5, abs=1e-7)
         assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4)
         assert result["stepped"] and result["changed"] > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "tp2"])
+def test_micro_batch_token_mean_is_the_mean_of_micro_batch_token_means(tiny_qwen2, tp):
+    """loss_agg_mode=micro-batch-token-mean, 2 rows per micro-batch: rows {0, 1} and {2, 3}
+    (one micro-batch on each DP rank, or two on the one rank at TP=2) with 8 and 11 response
+    tokens; the loss is the plain mean of their two token means, not the 19-token mean."""
+    official = _hf_reference(str(tiny_qwen2), row_groups=[[0, 1], [2, 3]])
+    token_mean = _hf_reference(str(tiny_qwen2))
+    assert official["pg_loss"] != pytest.approx(token_mean["pg_loss"], rel=1e-3)
+    ranks = run_distributed(_megatron_update, 2, tp, str(tiny_qwen2), official["old"],
+                            official["ref"], False, "micro-batch-token-mean", 2)
+    for result in ranks:
+        assert result["pg_loss"] == pytest.approx(official["pg_loss"], rel=1e-5, abs=1e-7)
+        assert result["kl_loss"] == pytest.approx(official["kl_loss"], rel=1e-5, abs=1e-7)
+        assert result["grad_norm"] == pytest.approx(official["grad_norm"], rel=1e-4)
 
 
 @pytest.mark.slow
