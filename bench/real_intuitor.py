@@ -43,8 +43,8 @@ def defaults(model_dir: Path) -> list[str]:
             "actor.tensor_model_parallel_size=1", "data.prompts_per_step=8", "rollout.n=4",
             "data.max_prompt_length=128", "data.max_response_length=64", "actor.lr=1e-6",
             "actor.lr_scheduler=constant", "actor.lr_warmup_ratio=0", "algorithm.kl_coef=0.005",
-            "rollout.temperature=1.0", "actor.ppo_micro_batch_size_per_gpu=4",
-            "actor.log_prob_micro_batch_size_per_gpu=4", "trainer.val_every=0",
+            "rollout.temperature=1.0", "actor.ppo_micro_batch_size_per_gpu=16",
+            "actor.log_prob_micro_batch_size_per_gpu=16", "trainer.val_every=0",
             "trainer.save_every=0"]
 
 

@@ -142,6 +142,8 @@ def test_non_finite_loss_skips_the_step_and_keeps_the_weights(tiny_qwen2, refere
 
 
 def _head_inputs():
+    from megatron_intuitor.models.forward import ModelInput
+
     gen = torch.Generator().manual_seed(5)
     vocab = 11
     logits = torch.randn(2, 5, vocab, generator=gen, dtype=torch.float64).float()
@@ -156,8 +158,10 @@ def _head_inputs():
         -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1), (1, 0))
     old = log_probs + 0.05 * torch.randn(2, 5, generator=gen, dtype=torch.float64)
     advantages = torch.tensor([[1.0] * 5, [-1.0] * 5], dtype=torch.float64)
-    micro_batch = {"input_ids": input_ids, "response_mask": mask,
-                   "advantages": advantages.float(), "old_log_probs": old.float()}
+    micro_batch = ModelInput({"input_ids": input_ids, "response_mask": mask,
+                              "advantages": advantages.float(), "old_log_probs": old.float()},
+                             position_ids=torch.arange(5).expand(2, -1),
+                             lengths=torch.tensor([5, 5]))
     return logits, micro_batch, log_probs, entropy, old, advantages, mask
 
 
@@ -198,13 +202,26 @@ def test_head_entropy_bonus_and_kl_cov_against_naive_formulas(single_rank_head):
     assert loss.item() == pytest.approx(kl_tokens.sum().item(), abs=1e-5)  # fp32 sum of ~1s
 
 
+def test_head_micro_batch_token_mean_returns_rows_times_the_token_mean(single_rank_head):
+    """verl's aggregation: weight = the micro-batch's 2 rows, loss = 2 x its 6-token mean (so
+    that Megatron's division by the summed rows averages micro-batch means)."""
+    logits, micro_batch, log_probs, _, old, adv, mask = _head_inputs()
+    ratio = torch.exp(log_probs - old)
+    ppo_tokens = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
+    ppo_tokens = torch.where(adv < 0, torch.minimum(ppo_tokens, -adv * DUAL_CLIP), ppo_tokens)
+    head = single_rank_head(_settings(11, loss_agg_mode="micro-batch-token-mean"))
+    loss, weight, _ = head(logits, micro_batch)
+    assert int(weight) == 2
+    assert loss.item() == pytest.approx(2 * ppo_tokens[mask].mean().item(), abs=1e-5)
+
+
 def test_head_clip_cov_can_drop_every_unclipped_token(single_rank_head):
     from megatron_intuitor.models.forward import shifted_token_scores
 
     logits, micro_batch, *_ = _head_inputs()
     current = shifted_token_scores(logits, micro_batch["input_ids"], temperature=TEMPERATURE,
                                    vocab_size=11).log_probs
-    micro_batch["old_log_probs"] = current.detach()  # ratio 1: PPO clips nothing
+    micro_batch.tokens["old_log_probs"] = current.detach()  # ratio 1: PPO clips nothing
     wide = _settings(11, policy_loss="clip_cov", cov_select_ratio=1.0, cov_clip_lower=-1e9,
                      cov_clip_upper=1e9)
     logits.requires_grad_()
