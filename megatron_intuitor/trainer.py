@@ -36,6 +36,10 @@ from megatron_intuitor.rollout.engine import SamplingConfig
 log = logging.getLogger(__name__)
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot make progress (e.g. every update skipped as non-finite)."""
+
+
 # --------------------------------------------------------------------------- the run's inputs
 
 
@@ -82,8 +86,13 @@ def load_prompt_sets(cfg: DictConfig, tokenizer) -> tuple[PromptSet, list[Prompt
     val_sets = [build_prompts(load_records(_dataset_spec(cfg, entry["path"] or None,
                                                          entry["format"], entry["name"], "val")),
                               tokenizer, data.system_prompt, data.max_prompt_length,
-                              name=f"validation set {entry['name']}")
+                              name=f"validation set {entry['name'] or entry['path']}")
                 for entry in val_entries]
+    for prompt_set in (train, *val_sets):
+        if prompt_set.num_dropped:
+            log.warning("%s: dropped %d of %d prompts longer than data.max_prompt_length=%d",
+                        prompt_set.name, prompt_set.num_dropped,
+                        prompt_set.num_dropped + len(prompt_set.prompts), data.max_prompt_length)
     return train, val_sets
 
 
@@ -161,6 +170,10 @@ class Trainer:
             {"self_certainty": self_certainty, "verifiable": correct},
             {"self_certainty": weights.self_certainty, "verifiable": weights.verifiable}, group)
 
+    def _all_updates_skipped(self, step_metrics: dict[str, float]) -> bool:
+        skipped = float(step_metrics.get(metrics.SKIPPED_STEPS, 0.0))
+        return skipped >= derive_layout(self.cfg).optimizer_steps_per_step
+
     def validate(self) -> dict[str, float]:
         """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`."""
         result = {}
@@ -197,12 +210,21 @@ class Trainer:
         last: dict[str, float] = {}
         if cfg.val_before_train and start == 0 and self.val_sets:
             self.logger.log(0, self.validate())
+        skipped_in_a_row = 0
         for step in range(start + 1, self.schedule.training_steps + 1):
             last = self.train_step(step, self.loader.next_batch())
             final = step == self.schedule.training_steps
             if self.val_sets and (final or (cfg.val_every and step % cfg.val_every == 0)):
                 last.update(self.validate())
             self.logger.log(step, last)
+            skipped_in_a_row = skipped_in_a_row + 1 if self._all_updates_skipped(last) else 0
+            if cfg.max_consecutive_skipped_steps and \
+                    skipped_in_a_row >= cfg.max_consecutive_skipped_steps:
+                raise TrainingStopped(
+                    f"steps {step - skipped_in_a_row + 1}-{step}: every optimizer step was "
+                    f"skipped for a non-finite loss or gradient norm "
+                    f"(trainer.max_consecutive_skipped_steps={cfg.max_consecutive_skipped_steps})"
+                    f"; the weights have not changed since step {step - skipped_in_a_row}")
             if final or (cfg.save_every and step % cfg.save_every == 0):
                 self.save(step)
         return last
@@ -231,9 +253,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model_dir = prepare_model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set, val_sets = load_prompt_sets(cfg, tokenizer)
-    if train_set.num_dropped:
-        log.warning("dropped %d training prompts longer than data.max_prompt_length=%d",
-                    train_set.num_dropped, cfg.data.max_prompt_length)
     schedule = training_schedule(cfg, len(train_set.prompts))
     loader = PromptLoader(train_set.prompts, cfg.data.prompts_per_step, cfg.data.seed,
                           shuffle=cfg.data.shuffle)

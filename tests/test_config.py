@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from megatron_intuitor.config import (ConfigError, compose, derive_layout, load, resolve,
                                       training_schedule, validate)
@@ -189,7 +191,8 @@ def test_model_shape_is_read_from_the_checkpoint(tmp_path):
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({
         "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 2,
-        "max_position_embeddings": 128}))
+        "max_position_embeddings": 128, "hidden_size": 64, "vocab_size": 100}))
+    save_file({"weight": torch.zeros(2)}, str(model_dir / "model.safetensors"))
     base = [f"model.path={model_dir}", "model.make_tiny=false"]
     load(base)  # TP 2 divides 8 heads and 2 KV heads; 64 + 32 tokens fit in 128
     text = _problems(base + ["actor.tensor_model_parallel_size=4", "trainer.n_gpus_per_node=4",
