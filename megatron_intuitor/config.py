@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from megatron_intuitor import validation
+from megatron_intuitor.collapse import CollapseConfig, CollapseConfigError
 from megatron_intuitor.data.datasets import FORMATS as DATA_FORMATS
 from megatron_intuitor.workers.group import PLACEMENT_STRATEGIES
 
@@ -334,6 +335,11 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.max_consecutive_skipped_steps", lambda v: _is_int(v) and v >= 0,
      "an integer >= 0 (0: never stop)"),
     ("trainer.seed", _is_int, "an integer"),
+    ("trainer.best_metric", lambda v: v is None or (isinstance(v, str) and v != ""),
+     "null or a metric name such as val/gsm8k/acc"),
+    ("trainer.val_best_of_n", lambda v: _is_int(v) and (v == 0 or v >= 2),
+     "0 (off) or an integer >= 2 (self-certainty best-of-N at validation)"),
+    ("trainer.guard", lambda v: isinstance(v, DictConfig), "a mapping (see conf/trainer)"),
     ("trainer.experiment_name", lambda v: isinstance(v, str) and v != "" and "/" not in v,
      "a non-empty name without '/'"),
     ("logger.backends", lambda v: isinstance(v, ListConfig) and set(v) <= set(LOGGER_BACKENDS),
@@ -549,4 +555,12 @@ def _check_trainer(cfg: DictConfig) -> list[str]:
                          for problem in validation.check_checkpoint(latest)]
     if "wandb" in logger.backends and not logger.wandb_project:
         problems.append("logger.wandb_project is empty but logger.backends includes wandb")
+    try:
+        guard = CollapseConfig.from_mapping(OmegaConf.to_container(trainer.guard))
+    except CollapseConfigError as error:
+        problems += [f"trainer.guard.{problem}" for problem in error.problems]
+    else:
+        if guard.action == "rollback" and not trainer.best_metric:
+            problems.append("trainer.guard.action=rollback restores the best checkpoint: set "
+                            "trainer.best_metric (e.g. val/gsm8k/acc)")
     return problems

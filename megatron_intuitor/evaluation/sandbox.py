@@ -1,25 +1,34 @@
-"""Run an untrusted Python program in its own process, with limits and without network.
+"""Run an untrusted Python program under bubblewrap, as an unprivileged user, with limits.
 
 Model-generated code (HumanEval completions) is never `exec`-ed in our process. Each program
-runs as `python -I program.py` in a fresh interpreter started by a small launcher (this file,
-run as a script with only the standard library) that, before the program starts:
+runs as `python -I program.py` inside a bubblewrap (`bwrap`, Debian package `bubblewrap`)
+sandbox:
 
-- sets rlimits: CPU seconds, address space, file size (which also bounds the captured output),
-  open files, no core dumps;
-- enters new Linux namespaces (root: mount + network + PID; otherwise a user namespace on top,
-  where the kernel allows one): the network namespace has only a loopback that is down, so no
-  socket can reach anything; the mount namespace puts empty tmpfs over /tmp, /var/tmp, /run and
-  /dev/shm (hiding sockets such as Ray's), mounts the program's throwaway directory at
-  /tmp/work, and remounts everything else read-only; the PID namespace sees only the program,
-  and every process in it dies with the program;
-- drops every capability and sets no_new_privs, so the program cannot undo any of this;
-- gives the program an empty environment (no API keys), stdin closed, cwd = its directory.
+- user: the program runs as an unprivileged uid with no capabilities and no_new_privs. When the
+  trainer is root, a small launcher (this file, run as a script with the standard library only)
+  first switches to `nobody`, so the program's real uid on the host is not 0; otherwise it runs
+  as the trainer's uid. bwrap puts it in a new user namespace that may create no further one.
+- file system: an empty root, read-only; read-only binds of /usr, /lib* and the interpreter's
+  prefixes (a venv under /tmp included); a fresh /proc with /proc/sys hidden; a read-only /dev
+  with only null, zero, random, urandom, tty; the work dir `/sandbox` (cwd, HOME, TMPDIR) is a
+  tmpfs of `disk_bytes`, the only writable place. Nothing else of the host is visible: no /etc,
+  /home, /root, /tmp or /run, so no secrets and no Unix sockets of the host.
+- namespaces: network (only a loopback of its own: no route anywhere), PID (the program sees
+  only its own processes and every one dies with it), IPC, UTS, cgroup.
+- limits: rlimits per process (CPU seconds, address space, file size, open files, no core
+  dumps) set by a first program inside the sandbox, which then `exec`s the program; for all
+  processes together a cgroup (v2 if its memory and pids controllers can be used, else the v1
+  memory and pids hierarchies) caps total memory and the number of processes. Without a
+  writable cgroup, RLIMIT_NPROC inside the user namespace caps the processes and memory is
+  limited per process only (`max_processes * memory_bytes` in all): `check_sandbox()` says which.
+- environment: empty but for PATH, HOME, TMPDIR, LANG (no API keys); stdin is /dev/null.
 
-The launcher does this itself rather than in a `preexec_fn`, which is unsafe in a threaded
-parent (Ray workers are threaded). The parent enforces a wall-clock limit and kills the
-launcher's process group; the PID namespace then takes every descendant with it.
-`isolation_available()` says whether namespaces work here; `run_python` refuses to run without
-them unless `require_isolation=False` (rlimits, own process and directory only).
+The parent enforces the wall clock; on timeout it kills the launcher's process group and the
+cgroup. stdout and stderr come through pipes, so output never touches the host disk: the first
+`output_chars` of each are kept, and after `output_bytes` the pipe closes (the program then gets
+EPIPE). If the sandbox cannot start (bwrap missing, user namespaces disabled, the interpreter
+not visible inside), `run_python` raises `SandboxUnavailable`: a program's result never stands
+for a sandbox that did not run.
 """
 from __future__ import annotations
 
@@ -27,48 +36,53 @@ import ctypes
 import dataclasses
 import json
 import os
-import resource
+import pwd
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from functools import lru_cache
 
+_WORK_DIR = "/sandbox"
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Run inside the sandbox before the program: its rlimits (soft == hard, so the program cannot
+# raise them, and the CPU limit ends in SIGKILL), then the byte that says the sandbox started.
+_INNER = """import json, os, resource, sys
+config = json.loads(sys.argv[1])
+for name, value in config["rlimits"]:
+    resource.setrlimit(getattr(resource, name), (value, value))
+os.write(config["ready_fd"], b"1")
+os.close(config["ready_fd"])
+os.execv(sys.executable, [sys.executable, "-I", "program.py"])
+"""
 _CLONE_NEWNS = 0x00020000
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWPID = 0x20000000
-_CLONE_NEWNET = 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_NOATIME, _MS_NODIRATIME, _MS_BIND = 32, 1024, 2048, 4096
-_MS_REC, _MS_PRIVATE, _MS_RELATIME, _MS_STRICTATIME = 16384, 1 << 18, 1 << 21, 1 << 24
-_PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 24, 38
-# Per-mount flags that a bind remount must repeat (inside a user namespace the kernel refuses
-# to clear flags inherited from the parent namespace).
-_MOUNT_OPTION_FLAGS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC,
-                       "noatime": _MS_NOATIME, "nodiratime": _MS_NODIRATIME,
-                       "relatime": _MS_RELATIME, "strictatime": _MS_STRICTATIME}
-_HIDDEN_DIRS = ("/tmp", "/var/tmp", "/run", "/dev/shm")
-_WORK_DIR = "/tmp/work"
-_SETUP_FAILED = 125  # launcher exit status when isolation could not be set up
+_MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
     cpu_seconds: int = 10
     wall_seconds: float = 20.0
-    memory_bytes: int = 1 << 30
-    file_bytes: int = 16 << 20  # per file written, captured stdout/stderr included
+    memory_bytes: int = 1 << 30  # per process and, with a cgroup, all processes together
+    max_processes: int = 32  # processes and threads together
+    disk_bytes: int = 64 << 20  # size of the work dir's tmpfs, the only writable place
+    file_bytes: int = 16 << 20  # per file
     open_files: int = 64
+    output_bytes: int = 16 << 20  # per stream; beyond it the pipe closes
     output_chars: int = 8192  # how much of stdout/stderr is kept in the result
 
 
 @dataclasses.dataclass(frozen=True)
 class SandboxResult:
-    returncode: int | None  # None when the wall clock killed it
+    returncode: int | None  # exit status, 128 + n after signal n; None when the wall clock hit
     stdout: str
     stderr: str
-    isolated: bool
+    memory_peak_bytes: int | None = None  # all processes together; None without a cgroup
 
     @property
     def timed_out(self) -> bool:
@@ -80,204 +94,376 @@ class SandboxResult:
 
 
 class SandboxUnavailable(RuntimeError):
-    pass
+    """The sandbox could not start: stop, never grade the program as failed."""
 
 
-def run_python(source: str, limits: SandboxLimits = SandboxLimits(), *,
-               require_isolation: bool = True) -> SandboxResult:
-    """Run `source` as a Python program under `limits` in a throwaway directory."""
-    isolate = isolation_available()
-    if require_isolation and not isolate:
-        raise SandboxUnavailable(
-            "cannot create mount/network/PID namespaces here (not root and user namespaces are "
-            "disabled), so untrusted code would run with network access and a writable file "
-            "system; pass require_isolation=False to accept rlimits and a temp dir only")
-    work_dir = tempfile.mkdtemp(prefix="sandbox_")
+def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
+    """Run `source` as a Python program in the sandbox under `limits`."""
+    bwrap = _bwrap_path()
+    cgroup = _Cgroup.create(limits) if _cgroup_kind() else None
+    stage = _stage_dir() if os.geteuid() == 0 else None
+    program = os.memfd_create("program.py")
+    ready_read, ready_write = os.pipe()
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
     try:
-        with open(os.path.join(work_dir, "program.py"), "w") as f:
-            f.write(source)
-        # The launcher writes one byte here once the program's confinement is in place; the
-        # program never holds this pipe, so it cannot fake (or hide) a setup failure.
-        ready_read, ready_write = os.pipe()
-        config = dict(work_dir=work_dir, isolate=isolate, ready_fd=ready_write,
-                      cpu_seconds=limits.cpu_seconds, memory_bytes=limits.memory_bytes,
-                      file_bytes=limits.file_bytes, open_files=limits.open_files)
-        with open(os.path.join(work_dir, ".stdout"), "w+b") as out, \
-                open(os.path.join(work_dir, ".stderr"), "w+b") as err, \
-                os.fdopen(ready_read, "rb") as ready:
+        os.write(program, source.encode())
+        os.lseek(program, 0, os.SEEK_SET)
+        binds = _bind_paths()
+        sources = [os.path.join(stage, str(i)) for i in range(len(binds))] if stage else \
+            [src for src, _ in binds]
+        config = dict(bwrap=_bwrap_argv(bwrap, binds, sources, program, ready_write, limits,
+                                        rlimit_processes=cgroup is None),
+                      cgroup_procs=cgroup.procs_files if cgroup else [],
+                      stage=[[src, dst] for (src, _), dst in zip(binds, sources)] if stage else [],
+                      drop_to=_unprivileged_ids() if os.geteuid() == 0 else None)
+        try:
+            launcher = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config)],
+                stdin=subprocess.DEVNULL, stdout=out_write, stderr=err_write, cwd="/",
+                env=_program_env(), start_new_session=True, pass_fds=(ready_write, program))
+        finally:
+            for fd in (out_write, err_write, ready_write, program):
+                os.close(fd)
+
+        def kill() -> None:
             try:
-                launcher = subprocess.Popen(
-                    [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config)],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=work_dir,
-                    env=_program_env(work_dir), start_new_session=True, pass_fds=(ready_write,))
-            finally:
-                os.close(ready_write)
-            try:
-                returncode = launcher.wait(timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
                 os.killpg(launcher.pid, signal.SIGKILL)
-                launcher.wait()
-                returncode = None
-            stdout, stderr = (_read_head(f, limits.output_chars) for f in (out, err))
-            confined = ready.read(1) == b"1"
-        if returncode == _SETUP_FAILED and not confined:
-            raise SandboxUnavailable(stderr.strip())
-        return SandboxResult(returncode, stdout, stderr, isolate)
+            except ProcessLookupError:
+                pass
+            if cgroup:
+                cgroup.kill()
+
+        returncode, stdout, stderr = _wait(launcher, out_read, err_read, limits, kill)
+        os.set_blocking(ready_read, False)
+        try:
+            started = os.read(ready_read, 1) == b"1"
+        except BlockingIOError:
+            started = False
+        if not started:
+            raise SandboxUnavailable(f"the sandbox did not start ({_bwrap_version(bwrap)}, "
+                                     f"interpreter {sys.executable}): {stderr.strip()}")
+        peak = cgroup.memory_peak() if cgroup else None
+        return SandboxResult(returncode, stdout, stderr, peak)
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        os.close(ready_read)
+        if cgroup:
+            cgroup.remove()
+        if stage:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 @lru_cache(maxsize=1)
-def isolation_available() -> bool:
-    """Whether this machine lets the launcher create its namespaces (probed once)."""
-    probe = subprocess.run(
-        [sys.executable, "-I", "-S", "-c",
-         f"import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
-         f"flags = {_CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID} | "
-         f"(0 if os.geteuid() == 0 else {_CLONE_NEWUSER}); "
-         f"raise SystemExit(0 if libc.unshare(flags) == 0 else 1)"],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
-    return probe.returncode == 0
+def check_sandbox() -> str:
+    """What confines programs here (probed once by running one); raises SandboxUnavailable."""
+    result = run_python("print('ok')")
+    if result.stdout != "ok\n":
+        raise SandboxUnavailable(f"the probe program failed ({result.returncode}): "
+                                 f"{result.stderr.strip()}")
+    uid = "nobody" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+    kind = _cgroup_kind()
+    aggregate = (f"total memory and processes by a cgroup {kind} per run" if kind else
+                 "processes by RLIMIT_NPROC in the user namespace, memory per process only "
+                 "(no writable cgroup)")
+    return f"{_bwrap_version(_bwrap_path())} as {uid}; {aggregate}"
 
 
-def _program_env(work_dir: str) -> dict[str, str]:
+def _bwrap_path() -> str:
+    path = shutil.which("bwrap") or shutil.which("bwrap", path="/usr/bin:/bin")
+    if path is None:
+        raise SandboxUnavailable("bubblewrap (`bwrap`) is not installed; model-written code runs "
+                                 "only inside it: install the package `bubblewrap` "
+                                 "(apt-get install bubblewrap)")
+    return path
+
+
+@lru_cache(maxsize=None)
+def _bwrap_version(bwrap: str) -> str:
+    result = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=30)
+    return result.stdout.strip() or f"{bwrap} (version unknown)"
+
+
+def _bwrap_argv(bwrap: str, binds: list[tuple[str, str]], sources: list[str], program_fd: int,
+                ready_fd: int, limits: SandboxLimits, rlimit_processes: bool) -> list[str]:
+    argv = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+            "--unshare-uts", "--unshare-cgroup-try", "--disable-userns", "--die-with-parent",
+            "--new-session", "--hostname", "sandbox"]
+    for source, (_, dest) in zip(sources, binds):
+        argv += ["--ro-bind", source, dest]
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+    argv += ["--proc", "/proc", "--tmpfs", "/proc/sys", "--remount-ro", "/proc/sys",
+             "--dev", "/dev", "--remount-ro", "/dev",
+             "--size", str(limits.disk_bytes), "--tmpfs", _WORK_DIR,
+             "--file", str(program_fd), f"{_WORK_DIR}/program.py", "--chdir", _WORK_DIR,
+             "--remount-ro", "/"]
+    rlimits = [("RLIMIT_CPU", limits.cpu_seconds), ("RLIMIT_AS", limits.memory_bytes),
+               ("RLIMIT_FSIZE", limits.file_bytes), ("RLIMIT_NOFILE", limits.open_files),
+               ("RLIMIT_CORE", 0)]
+    if rlimit_processes:
+        rlimits.append(("RLIMIT_NPROC", limits.max_processes))
+    inner = dict(rlimits=rlimits, ready_fd=ready_fd)
+    return argv + ["--", sys.executable, "-I", "-S", "-c", _INNER, json.dumps(inner)]
+
+
+@lru_cache(maxsize=1)
+def _bind_paths() -> list[tuple[str, str]]:
+    """(host source, sandbox destination) of the read-only binds: system libraries and the
+    interpreter's prefixes (a venv's, its base, the real executable's), each at its own path."""
+    candidates = [p for p in _SYSTEM_DIRS if os.path.isdir(p) and not os.path.islink(p)]
+    real_executable = os.path.realpath(sys.executable)
+    for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
+                   os.path.dirname(os.path.dirname(real_executable))):
+        candidates += [os.path.abspath(prefix), os.path.realpath(prefix)]
+    binds: list[tuple[str, str]] = []
+    for dest in sorted(set(candidates), key=len):  # parents first; skip what they contain
+        if dest != "/" and not any(dest.startswith(d.rstrip("/") + "/") for _, d in binds):
+            binds.append((os.path.realpath(dest), dest))
+    if os.geteuid() == 0:
+        closed = [src for src, _ in binds if os.stat(src).st_mode & 0o005 != 0o005]
+        if closed:
+            raise SandboxUnavailable(f"the sandbox runs programs as nobody, who cannot read "
+                                     f"the interpreter's {closed} (chmod o+rx)")
+    return binds
+
+
+def _stage_dir() -> str:
+    # A root trainer's bind sources may sit below directories `nobody` cannot enter (pyenv in
+    # /root, mode 700). The launcher binds them here, in a mount namespace of its own, before
+    # it becomes `nobody` and starts bwrap, which then binds them from here.
+    stage = tempfile.mkdtemp(prefix="sandbox_stage_")
+    os.chmod(stage, 0o755)
+    for i in range(len(_bind_paths())):
+        os.mkdir(os.path.join(stage, str(i)))
+    return stage
+
+
+def _unprivileged_ids() -> list[int]:
+    try:
+        entry = pwd.getpwnam("nobody")
+        return [entry.pw_uid, entry.pw_gid]
+    except KeyError:
+        return [65534, 65534]
+
+
+def _program_env() -> dict[str, str]:
     # Nothing inherited: the trainer's environment may hold credentials (WANDB_API_KEY, ...).
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work_dir, "TMPDIR": work_dir,
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": _WORK_DIR, "TMPDIR": _WORK_DIR,
             "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONHASHSEED": "0"}
 
 
-def _read_head(f, max_chars: int) -> str:
-    f.seek(0)
-    return f.read(max_chars * 4).decode("utf-8", errors="replace")[:max_chars]
+def _wait(process: subprocess.Popen, out_fd: int, err_fd: int, limits: SandboxLimits,
+          kill) -> tuple[int | None, str, str]:
+    """Read both pipes (closing them here) until the process ends or the wall clock runs out."""
+    deadline = time.monotonic() + limits.wall_seconds
+    keep = limits.output_chars * 4
+    heads = {out_fd: bytearray(), err_fd: bytearray()}
+    seen = dict.fromkeys(heads, 0)
+    timed_out = False
+    with selectors.DefaultSelector() as selector:
+        for fd in heads:
+            selector.register(fd, selectors.EVENT_READ)
+        try:
+            while selector.get_map() and not timed_out:
+                events = selector.select(max(0.0, deadline - time.monotonic()))
+                timed_out = not events and time.monotonic() >= deadline
+                for key, _ in events:
+                    chunk = os.read(key.fd, 1 << 16)
+                    heads[key.fd] += chunk[:max(0, keep - len(heads[key.fd]))]
+                    seen[key.fd] += len(chunk)
+                    if not chunk or seen[key.fd] >= limits.output_bytes:
+                        selector.unregister(key.fd)
+                        os.close(key.fd)  # past output_bytes the program's writes get EPIPE
+        finally:
+            for fd in list(selector.get_map()):
+                selector.unregister(fd)
+                os.close(fd)
+    returncode = None
+    if not timed_out:
+        try:
+            returncode = process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    if returncode is None:
+        kill()
+        process.wait()
+    out, err = (heads[fd].decode("utf-8", errors="replace")[:limits.output_chars]
+                for fd in (out_fd, err_fd))
+    return returncode, out, err
+
+
+# --- cgroups ----------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _cgroup_kind() -> str | None:
+    """"v2" or "v1" when a cgroup with memory and pids limits can be made here, else None."""
+    for kind, parents in _cgroup_parents():
+        try:
+            _Cgroup(kind, parents, SandboxLimits()).remove()
+            return kind
+        except OSError:
+            continue
+    return None
+
+
+def _cgroup_parents() -> list[tuple[str, dict[str, str]]]:
+    """Candidate parents of a run's cgroup, by kind: our own cgroup in each hierarchy."""
+    own = {}  # hierarchy controllers ("" for v2) -> our path in it
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            own[controllers] = path
+    mounts = {}  # "" (v2) or controller name -> directory of our cgroup there
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mount, fs = line.split(" - ")
+            _, _, _, root, mount_point = mount.split()[:5]
+            fstype, _, options = fs.split()[:3]
+            if fstype == "cgroup2" and "" in own:
+                mounts.setdefault("", _below(mount_point, root, own[""]))
+            elif fstype == "cgroup":
+                for controller in set(options.split(",")) & {"memory", "pids"}:
+                    path = next((p for k, p in own.items() if controller in k.split(",")), None)
+                    if path is not None:
+                        mounts.setdefault(controller, _below(mount_point, root, path))
+    candidates = []
+    if mounts.get(""):
+        candidates.append(("v2", {"memory": mounts[""], "pids": mounts[""]}))
+    if mounts.get("memory") and mounts.get("pids"):
+        candidates.append(("v1", {"memory": mounts["memory"], "pids": mounts["pids"]}))
+    return candidates
+
+
+def _below(mount_point: str, mount_root: str, path: str) -> str | None:
+    relative = os.path.relpath(path, mount_root)
+    return None if relative.startswith("..") else os.path.normpath(
+        os.path.join(mount_point, relative))
+
+
+class _Cgroup:
+    """One run's cgroup(s): memory and pids limits, join, kill, peak memory, remove."""
+
+    def __init__(self, kind: str, parents: dict[str, str], limits: SandboxLimits):
+        self.kind = kind
+        name = f"megatron_intuitor_sandbox_{uuid.uuid4().hex[:12]}"
+        self.dirs = {c: os.path.join(p, name) for c, p in parents.items()}
+        made = []
+        try:
+            for directory in dict.fromkeys(self.dirs.values()):
+                if kind == "v2":
+                    _enable_controllers(os.path.dirname(directory))
+                os.mkdir(directory)
+                made.append(directory)
+            memory, pids = self.dirs["memory"], self.dirs["pids"]
+            if kind == "v2":
+                _write(f"{memory}/memory.max", limits.memory_bytes)
+                _write(f"{memory}/memory.swap.max", 0, optional=True)
+            else:
+                _write(f"{memory}/memory.limit_in_bytes", limits.memory_bytes)
+                _write(f"{memory}/memory.memsw.limit_in_bytes", limits.memory_bytes,
+                       optional=True)
+            _write(f"{pids}/pids.max", limits.max_processes)
+        except OSError:
+            for directory in made:
+                os.rmdir(directory)
+            raise
+
+    @classmethod
+    def create(cls, limits: SandboxLimits) -> _Cgroup:
+        kind = _cgroup_kind()
+        return cls(kind, dict(_cgroup_parents())[kind], limits)
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [f"{d}/cgroup.procs" for d in dict.fromkeys(self.dirs.values())]
+
+    def kill(self) -> None:
+        deadline = time.monotonic() + 5
+        for procs in self.procs_files:
+            kill_file = os.path.join(os.path.dirname(procs), "cgroup.kill")
+            if os.path.exists(kill_file):
+                _write(kill_file, 1)
+            while time.monotonic() < deadline:
+                with open(procs) as f:
+                    pids = [int(p) for p in f.read().split()]
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.01)
+
+    def memory_peak(self) -> int | None:
+        name = "memory.peak" if self.kind == "v2" else "memory.max_usage_in_bytes"
+        try:
+            with open(os.path.join(self.dirs["memory"], name)) as f:
+                return int(f.read())
+        except OSError:  # memory.peak is new in Linux 5.19
+            return None
+
+    def remove(self) -> None:
+        self.kill()
+        for directory in dict.fromkeys(self.dirs.values()):
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    os.rmdir(directory)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # EBUSY while the last processes exit
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+
+
+def _enable_controllers(parent: str) -> None:
+    with open(f"{parent}/cgroup.subtree_control") as f:
+        enabled = f.read().split()
+    missing = [c for c in ("memory", "pids") if c not in enabled]
+    if missing:
+        _write(f"{parent}/cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
+
+
+def _write(path: str, value, optional: bool = False) -> None:
+    if optional and not os.path.exists(path):
+        return
+    with open(path, "w") as f:
+        f.write(str(value))
 
 
 # ---------------------------------------------------------------------------------------------
-# Launcher side: runs as `python -I -S sandbox.py <json>` with the standard library only.
+# Launcher side: runs as `python -I -S sandbox.py <json>` with the standard library only. It
+# joins the run's cgroup, stages the binds (root only), becomes unprivileged and execs bwrap.
 
 
 def _launch(config: dict) -> None:
-    ready_fd, work_dir = config["ready_fd"], config["work_dir"]
-    try:
-        _set_rlimits(config)
-        if config["isolate"]:
-            work_dir = _enter_namespaces(work_dir)
-    except OSError as e:
-        print(f"sandbox setup failed: {e}", file=sys.stderr)
-        os._exit(_SETUP_FAILED)
-    if config["isolate"]:
-        pid = os.fork()  # the first child is PID 1 of the new PID namespace
-        if pid:
-            os.close(ready_fd)
-            _, status = os.waitpid(pid, 0)
-            _exit_like(status)
-        try:
-            _libc_call("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            _libc_call("mount", b"proc", b"/proc", b"proc",
-                       _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
-            _drop_capabilities()
-        except OSError as e:
-            print(f"sandbox setup failed: {e}", file=sys.stderr)
-            os._exit(_SETUP_FAILED)
-    os.write(ready_fd, b"1")
-    os.close(ready_fd)
-    os.chdir(work_dir)
-    env = dict(os.environ, HOME=work_dir, TMPDIR=work_dir)
-    os.execve(sys.executable, [sys.executable, "-I", "program.py"], env)
-
-
-def _exit_like(status: int) -> None:
-    """End the launcher the way the program ended, so the parent sees the same status."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # their handlers cannot be changed
-            signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
-    os._exit(os.waitstatus_to_exitcode(status))
-
-
-def _set_rlimits(config: dict) -> None:
-    # soft == hard: the kernel then sends SIGKILL, which PID 1 of a namespace (the program)
-    # cannot ignore, unlike the SIGXCPU of a lower soft limit.
-    for limit, value in ((resource.RLIMIT_CPU, (config["cpu_seconds"],) * 2),
-                         (resource.RLIMIT_AS, (config["memory_bytes"],) * 2),
-                         (resource.RLIMIT_FSIZE, (config["file_bytes"],) * 2),
-                         (resource.RLIMIT_NOFILE, (config["open_files"],) * 2),
-                         (resource.RLIMIT_CORE, (0, 0))):
-        resource.setrlimit(limit, value)
-
-
-def _enter_namespaces(work_dir: str) -> str:
-    """New mount/network/PID namespaces; returns the program directory's path inside them."""
-    uid, gid = os.geteuid(), os.getegid()
-    as_root = uid == 0
-    _libc_call("unshare", _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID
-               | (0 if as_root else _CLONE_NEWUSER))
-    if not as_root:  # map ourselves so that we hold capabilities inside the new namespace
-        _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write("/proc/self/gid_map", f"{gid} {gid} 1")
-    _libc_call("mount", None, b"/", None, _MS_REC | _MS_PRIVATE, None)
-    # Keep a handle on the program directory: it lives under /tmp, which gets covered below.
-    work_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY)
-    for hidden in _HIDDEN_DIRS:
-        if os.path.isdir(hidden) and not os.path.islink(hidden):
-            _libc_call("mount", b"tmpfs", hidden.encode(), b"tmpfs",
-                       _MS_NOSUID | _MS_NODEV, b"size=64k,mode=755")
-    os.mkdir(_WORK_DIR)
-    _libc_call("mount", f"/proc/self/fd/{work_fd}".encode(), _WORK_DIR.encode(), None,
-               _MS_BIND | _MS_REC, None)
-    os.close(work_fd)
-    for mount_point, flags in _mounts():
-        if mount_point == _WORK_DIR:
-            continue
-        # Mounts shadowed by the tmpfs above can no longer be reached by path: skip them.
-        if any(mount_point.startswith(h + "/") for h in _HIDDEN_DIRS if h != "/tmp"):
-            continue
-        _libc_call("mount", None, mount_point.encode(), None,
-                   _MS_REMOUNT | _MS_BIND | _MS_RDONLY | flags, None)
-    return _WORK_DIR
-
-
-def _mounts() -> list[tuple[str, int]]:
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mount_point = fields[4].encode().decode("unicode_escape")  # "\040" is a space
-            flags = 0
-            for option in fields[5].split(","):
-                flags |= _MOUNT_OPTION_FLAGS.get(option, 0)
-            mounts.append((mount_point, flags))
-    return mounts
-
-
-def _drop_capabilities() -> None:
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last_cap = int(f.read())
-    for cap in range(last_cap + 1):
-        _libc_call("prctl", _PR_CAPBSET_DROP, cap, 0, 0, 0)
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable (x2 words): all empty
-    _libc_call("capset", header, data)
-    _libc_call("prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-
-
-_LIBC = None
+    for procs in config["cgroup_procs"]:
+        _write(procs, os.getpid())
+    if config["stage"]:
+        _libc_call("unshare", _CLONE_NEWNS)
+        _libc_call("mount", None, b"/", None, _MS_REC | _MS_PRIVATE, None)
+        for source, target in config["stage"]:
+            _libc_call("mount", source.encode(), target.encode(), None, _MS_BIND | _MS_REC, None)
+    if config["drop_to"]:
+        uid, gid = config["drop_to"]
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    # After the uid change (which clears it): bwrap and the sandbox die with the parent.
+    _libc_call("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.execv(config["bwrap"][0], config["bwrap"])
 
 
 def _libc_call(name: str, *args) -> None:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-    if getattr(_LIBC, name)(*args) != 0:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
         errno = ctypes.get_errno()
-        raise OSError(errno, f"{name}{args[:2]}: {os.strerror(errno)}")
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+        raise OSError(errno, f"{name}{args[:3]}: {os.strerror(errno)}")
 
 
 if __name__ == "__main__":

