@@ -176,7 +176,8 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["actor.lr=abc"], "actor.lr='abc': expected a number > 0"),
     (["trainer.guard.action=panic"], "trainer.guard.action='panic': expected one of warn"),
     (["trainer.guard.max_kl_jump=high"], "trainer.guard.max_kl_jump='high'"),
-    (["+trainer.guard.max_kl=1"], "trainer.guard.max_kl: unknown key"),
+    (["+trainer.guard.max_kl=1"], "trainer.guard.max_kl is not a configuration key (did you mean "
+     "trainer.guard.max_kl_jump?)"),
     (["trainer.guard.action=rollback"], "trainer.guard.action=rollback restores the best "
                                         "checkpoint: set trainer.best_metric"),
     (["trainer.val_best_of_n=1"], "trainer.val_best_of_n=1: expected 0 (off) or an integer >= 2"),
