@@ -44,7 +44,10 @@ class Worker:
         import torch
 
         from megatron_intuitor import parallel
+        from megatron_intuitor.lifetime import die_with_parent_on_fork
 
+        # Megatron's checkpoint writers (forked per save) must not outlive a killed rank.
+        die_with_parent_on_fork()
         # Before anything creates a thread pool: more threads per rank only oversubscribe the
         # cores, and vLLM's CPU worker freezes the count once its engine exists.
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
