@@ -119,24 +119,24 @@ class Trainer:
         """One INTUITOR step: rollout -> score -> advantage -> update -> sync."""
         cfg, timings = self.cfg, {}
         step_start = time.perf_counter()
-        with _timed(timings, "rollout"):
+        with self._timed(timings, "rollout"):
             samples = self.actor.generate([p.token_ids for p in prompts], self.sampling,
                                           seed=cfg.trainer.seed * 1_000_003 + step)
             batch = batch_from_rollouts(samples, self.tokenizer.pad_token_id)
-        with _timed(timings, "old_log_prob"):  # the rollout-time policy: never a frozen scorer
+        with self._timed(timings, "old_log_prob"):  # the rollout-time policy: never a frozen scorer
             scores = self.actor.compute_log_probs(batch)
-        with _timed(timings, "ref"):
+        with self._timed(timings, "ref"):
             ref_log_probs = self.actor.compute_ref_log_probs(batch) \
                 if cfg.algorithm.kl_coef > 0 else None
-        with _timed(timings, "advantage"):
+        with self._timed(timings, "advantage"):
             self_certainty = algorithm.sequence_rewards_from_self_certainty(
                 scores["self_certainty"], batch.response_mask)
             advantages = self._advantages(self_certainty, samples, prompts, batch)
-        with _timed(timings, "update"):
+        with self._timed(timings, "update"):
             batch.advantages, batch.old_log_probs = advantages, scores["log_probs"]
             batch.ref_log_probs = ref_log_probs
             update_metrics = self.actor.update_policy(batch, step)
-        with _timed(timings, "weight_sync"):
+        with self._timed(timings, "weight_sync"):
             self.actor.sync_weights()
         elapsed = time.perf_counter() - step_start
         mask = batch.response_mask
@@ -169,6 +169,14 @@ class Trainer:
         return algorithm.hybrid_advantages(
             {"self_certainty": self_certainty, "verifiable": correct},
             {"self_certainty": weights.self_certainty, "verifiable": weights.verifiable}, group)
+
+    @contextmanager
+    def _timed(self, timings: dict[str, float], phase: str) -> Iterator[None]:
+        """Time a phase of the step into `timings`; a terminal shows the phase meanwhile."""
+        start = time.perf_counter()
+        with self.logger.phase(phase):
+            yield
+        timings[phase] = time.perf_counter() - start
 
     def _all_updates_skipped(self, step_metrics: dict[str, float]) -> bool:
         skipped = float(step_metrics.get(metrics.SKIPPED_STEPS, 0.0))
@@ -211,6 +219,7 @@ class Trainer:
         if cfg.val_before_train and start == 0 and self.val_sets:
             self.logger.log(0, self.validate())
         skipped_in_a_row = 0
+        self.logger.start_progress(start, self.schedule.training_steps)
         for step in range(start + 1, self.schedule.training_steps + 1):
             last = self.train_step(step, self.loader.next_batch())
             final = step == self.schedule.training_steps
@@ -230,11 +239,6 @@ class Trainer:
         return last
 
 
-@contextmanager
-def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[phase] = time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -244,8 +248,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Run the configured job (the config resolved and validated by `config.load`)."""
     import ray
     from transformers import AutoTokenizer
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # the tiny model's "Writing model shards" bar: not for the console
 
     from megatron_intuitor.workers.actor import ActorGroup
+    from megatron_intuitor.workers.group import WORKER_LOG_ENV
 
     layout = derive_layout(cfg)
     output_dir = Path(cfg.trainer.output_dir)
@@ -261,18 +269,33 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                    backends=list(cfg.logger.backends),
                                    wandb_project=cfg.logger.wandb_project,
                                    log_dir=cfg.logger.log_dir)
+    started = time.monotonic()
+    logger.announce(
+        f"megatron-intuitor: {cfg.trainer.experiment_name}, {schedule.training_steps} steps of "
+        f"{layout.prompts_per_step} prompts x {cfg.rollout.n} responses on {layout.world_size} "
+        f"{layout.device} rank(s) (TP {layout.tensor_parallel} x PP {layout.pipeline_parallel} x "
+        f"DP {layout.data_parallel}); log {logger.log_path.absolute()}")
+    # Ranks (vLLM, Megatron, Ray) write to the log file, not the console.
+    os.environ[WORKER_LOG_ENV] = str(logger.log_path.absolute())
+    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
     if not ray.is_initialized():
         if cfg.trainer.ray_address:  # join the cluster started with `ray start` on every node
-            ray.init(address=cfg.trainer.ray_address)
+            ray.init(address=cfg.trainer.ray_address, **quiet)
         else:  # a fresh local cluster, never one that happens to run on this machine
             ray.init(address="local", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, layout.world_size))
-    actor = ActorGroup(cfg, layout, schedule, model_dir)
+                     num_cpus=max(os.cpu_count() or 1, layout.world_size), **quiet)
+    with logger.phase(f"starting {layout.world_size} rank(s): Megatron-Core and vLLM"):
+        actor = ActorGroup(cfg, layout, schedule, model_dir)
     try:
         log.info("weight sync: %s", actor.weight_sync_path())
         trainer = Trainer(cfg, schedule, actor, loader, val_sets, logger, tokenizer)
         final = trainer.fit()
         actor.export_hf(str(output_dir / "hf_final"))
+        took = metrics.format_duration(time.monotonic() - started)
+        logger.announce(
+            f"megatron-intuitor: {cfg.trainer.experiment_name} finished "
+            f"{schedule.training_steps} steps in {took}; final policy {output_dir / 'hf_final'}"
+            f"; log {logger.log_path.absolute()}")
     finally:
         actor.shutdown()
         logger.close()

@@ -25,6 +25,9 @@ class _Logger:
     def log(self, step, values):
         self.steps.append(step)
 
+    def start_progress(self, first_step, total_steps):
+        pass
+
 
 def _fit(skipped_per_step, max_skipped):
     """Trainer.fit over steps whose metrics say how many optimizer steps were skipped (the tiny

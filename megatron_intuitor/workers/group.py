@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import ray
@@ -27,6 +28,25 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # picks its own with LOCAL_RANK, as under torchrun (what Megatron, NCCL and vLLM's
 # external_launcher expect), instead of seeing one GPU renumbered to 0.
 _NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+# The run's log file (set by the trainer): every rank appends its stdout and stderr to it (vLLM,
+# Megatron and Ray output), so that the console shows only the trainer's lines.
+WORKER_LOG_ENV = "MEGATRON_INTUITOR_WORKER_LOG"
+
+
+def _redirect_output(log_path: str) -> None:
+    """Point this process's stdout and stderr (file descriptors 1 and 2, so that C++ and child
+    processes follow) at the end of `log_path`."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 class WorkerDiedError(RuntimeError):
@@ -46,6 +66,8 @@ class Worker:
         from megatron_intuitor import parallel
         from megatron_intuitor.lifetime import die_with_parent_on_fork
 
+        if os.environ.get(WORKER_LOG_ENV):
+            _redirect_output(os.environ[WORKER_LOG_ENV])
         # Megatron's checkpoint writers (forked per save) must not outlive a killed rank.
         die_with_parent_on_fork()
         # Before anything creates a thread pool: more threads per rank only oversubscribe the
@@ -161,7 +183,9 @@ class WorkerGroup:
         for rank, bundle_index in enumerate(bundles):
             node = bundle_nodes[bundle_index]
             local_ranks[node] = local_ranks.get(node, -1) + 1
-            rank_env = {"OMP_NUM_THREADS": "1", **env,
+            forwarded = {WORKER_LOG_ENV: os.environ[WORKER_LOG_ENV]} \
+                if os.environ.get(WORKER_LOG_ENV) else {}
+            rank_env = {"OMP_NUM_THREADS": "1", **forwarded, **env,
                         "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
                         "LOCAL_RANK": str(local_ranks[node]),
                         "LOCAL_WORLD_SIZE": str(sum(n == node for n in bundle_nodes.values())),
