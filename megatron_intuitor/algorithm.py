@@ -224,3 +224,84 @@ def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor,
                  num_tokens: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
     """Token-mean entropy over `mask`; the caller subtracts coefficient * this from the loss."""
     return masked_token_mean(entropy, mask, num_tokens)
+
+
+# ------------------------------------------------------------------ covariance regularisers
+# Clip-Cov and KL-Cov (Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for
+# Reasoning Language Models", arXiv 2505.22617; verl's entropy recipe): entropy collapses through
+# the few tokens whose log-probability and advantage covary most, so only those are restrained.
+# The covariance is taken over the tokens of one call (a micro-batch), as in the reference.
+
+COV_POLICY_LOSSES = ("ppo", "clip_cov", "kl_cov")
+
+
+@torch.no_grad()
+def token_covariance(log_probs: torch.Tensor, advantages: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Per token (A - mean A) * (log p - mean log p), the means over the `mask` tokens; 0 off the
+    mask. `advantages` per token (shaped like `log_probs`) or per response ([b])."""
+    if advantages.dim() == log_probs.dim() - 1:
+        advantages = token_advantages(advantages, mask)
+    _check_same_shape(log_probs=log_probs, advantages=advantages, mask=mask)
+    mask = mask.bool()
+    centred_adv = advantages - masked_token_mean(advantages, mask)
+    centred_log_probs = log_probs.detach() - masked_token_mean(log_probs.detach(), mask)
+    return torch.where(mask, centred_adv * centred_log_probs, torch.zeros_like(log_probs))
+
+
+@torch.no_grad()
+def clip_cov_weights(log_probs: torch.Tensor, old_log_probs: torch.Tensor,
+                     advantages: torch.Tensor, mask: torch.Tensor, *, clip_ratio_low: float,
+                     clip_ratio_high: float, select_ratio: float, cov_lower: float,
+                     cov_upper: float, generator: Optional[torch.Generator] = None
+                     ) -> torch.Tensor:
+    """Clip-Cov: per-token weights for `ppo_clip_loss` (its `tis_weights` slot, multiplied into
+    any truncated-IS weights): 0 on max(1, int(select_ratio * tokens)) tokens drawn at random
+    among those with covariance strictly inside (cov_lower, cov_upper) that PPO's clip has not
+    already cut (all of them when fewer), 1 elsewhere. A weight-0 token has no gradient."""
+    if not 0 < select_ratio <= 1:
+        raise ValueError(f"Clip-Cov select_ratio must be in (0, 1], got {select_ratio}")
+    if advantages.dim() == log_probs.dim() - 1:
+        advantages = token_advantages(advantages, mask)
+    mask = mask.bool()
+    covariance = token_covariance(log_probs, advantages, mask)
+    ratio = (log_probs - old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp()
+    clipped_by_ppo = (-advantages * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+                      > -advantages * ratio)
+    candidates = (mask & ~clipped_by_ppo & (covariance > cov_lower)
+                  & (covariance < cov_upper)).flatten().nonzero().flatten()
+    count = max(int(select_ratio * int(mask.sum())), 1)
+    if candidates.numel() > count:
+        order = torch.randperm(candidates.numel(), generator=generator)
+        candidates = candidates[order[:count].to(candidates.device)]
+    weights = torch.ones(log_probs.numel(), dtype=log_probs.dtype, device=log_probs.device)
+    weights[candidates] = 0.0
+    return weights.view_as(log_probs)
+
+
+def kl_cov_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, *, select_ratio: float, kl_coef: float,
+                num_tokens: Optional[Union[float, torch.Tensor]] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL-Cov: the unclipped surrogate -A * r on every token plus kl_coef * |log r| on the
+    max(1, int(select_ratio * tokens)) tokens of largest covariance, token mean over `mask`
+    -> (loss, share of tokens penalised). r = exp(log_probs - old_log_probs)."""
+    _check_same_shape(log_probs=log_probs, old_log_probs=old_log_probs, mask=mask)
+    if not 0 < select_ratio <= 1:
+        raise ValueError(f"KL-Cov select_ratio must be in (0, 1], got {select_ratio}")
+    if advantages.dim() == log_probs.dim() - 1:
+        advantages = token_advantages(advantages, mask)
+    mask = mask.bool()
+    tokens = int(mask.sum())
+    log_ratio = (log_probs - old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    losses = -advantages * log_ratio.exp()
+    selected = torch.zeros(log_probs.numel(), dtype=torch.bool, device=log_probs.device)
+    if tokens:
+        covariance = token_covariance(log_probs, advantages, mask).flatten()
+        covariance = torch.where(mask.flatten(), covariance,
+                                 torch.full_like(covariance, float("-inf")))
+        selected[covariance.topk(max(int(select_ratio * tokens), 1)).indices] = True
+    selected = selected.view_as(log_probs) & mask
+    losses = torch.where(selected, losses + kl_coef * log_ratio.abs(), losses)
+    share = selected.sum().to(log_probs.dtype) / max(tokens, 1)
+    return masked_token_mean(losses, mask, num_tokens), share

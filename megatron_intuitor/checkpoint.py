@@ -137,6 +137,7 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
     continues its own streams exactly); otherwise they are left alone with a warning."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron.core.utils import unwrap_model
 
     path = Path(path)
     state = read_trainer_state(path)
@@ -163,7 +164,7 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
         loaded = dist_checkpointing.load(sharded, str(path),
                                          strict=StrictHandling.RAISE_UNEXPECTED)
         for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
-            _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+            unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
 
@@ -378,14 +379,6 @@ def _step_dirs(root: Path) -> Iterator[tuple[int, Path]]:
 # State dicts
 # --------------------------------------------------------------------------------------------
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    # DDP / Float16Module wrappers would prefix every key with "module."; unwrapped keys are the
-    # same for the trainer's wrapped chunks and the converter's bare ones.
-    from megatron.core.utils import unwrap_model
-
-    return unwrap_model(chunk)
-
-
 def _model_keys(num_chunks: int) -> list[str]:
     # Megatron's convention; the ShardedTensor keys inside are global, so a checkpoint saved
     # with one chunk loads into several (VPP) and back.
@@ -394,9 +387,13 @@ def _model_keys(num_chunks: int) -> list[str]:
 
 def _sharded_state_dict(model_chunks: Sequence[torch.nn.Module], optimizer: Any,
                         is_loading: bool) -> dict:
+    # DDP / Float16Module wrappers would prefix every key with "module."; unwrapped keys are the
+    # same for the trainer's wrapped chunks and the converter's bare ones.
+    from megatron.core.utils import unwrap_model
+
     if not model_chunks:
         raise ValueError("model_chunks is empty")
-    sharded = {key: _unwrap(chunk).sharded_state_dict()
+    sharded = {key: unwrap_model(chunk).sharded_state_dict()
                for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks)}
     if optimizer is not None:
         model_sharded: dict = {}
@@ -481,6 +478,15 @@ def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
     return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
 
 
+def _steps_per_group(opt: torch.optim.Optimizer) -> bool:
+    """Whether `opt` keeps Adam's step in its param groups, as Transformer Engine's FusedAdam
+    (what Megatron uses on GPU) does (TE 2.20.2 `optimizers/fused_adam.py:571-587`); its
+    per-parameter state may then hold only its moments: its `state_dict` and `load_state_dict`
+    look every key up in `name_to_dtype_map` (`fused_adam.py:203-207, 283, 390`). torch's Adam
+    keeps a step per parameter."""
+    return not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _adam_steps(optimizer: Any) -> Optional[list[Optional[float]]]:
     """Adam's step per inner torch optimizer (None: no step taken yet). Megatron's
     `dp_reshardable` format does not restore it (FACTS), so it travels in the rank state."""
@@ -488,7 +494,10 @@ def _adam_steps(optimizer: Any) -> Optional[list[Optional[float]]]:
         return None
     steps = []
     for opt in _torch_optimizers(optimizer):
-        values = {float(s["step"]) for s in opt.state.values() if "step" in s}
+        if _steps_per_group(opt):
+            values = {float(g["step"]) for g in opt.param_groups if g["params"] and "step" in g}
+        else:
+            values = {float(s["step"]) for s in opt.state.values() if "step" in s}
         if len(values) > 1:
             raise RuntimeError(f"inner optimizer has parameters at different Adam steps {values}")
         steps.append(values.pop() if values else None)
@@ -501,12 +510,12 @@ def _init_empty_adam_states(optimizer: Any) -> None:
     the saved Adam step then replace them. Megatron's distributed optimizer cannot describe its
     state before that (its `state_dict` asserts one common step)."""
     for opt in _torch_optimizers(optimizer):
+        step = {} if _steps_per_group(opt) else {"step": torch.tensor(0.0)}
         for group in opt.param_groups:
             for param in group["params"]:
                 if not opt.state[param]:
                     opt.state[param].update(exp_avg=torch.zeros_like(param),
-                                            exp_avg_sq=torch.zeros_like(param),
-                                            step=torch.tensor(0.0))
+                                            exp_avg_sq=torch.zeros_like(param), **step)
 
 
 def _set_adam_steps(optimizer: Any, steps: Optional[list[Optional[float]]], path: Path) -> None:
@@ -517,6 +526,12 @@ def _set_adam_steps(optimizer: Any, steps: Optional[list[Optional[float]]], path
                          f"has {len(inner)}")
     for opt, step in zip(inner, steps):
         if step is None:
+            continue
+        if _steps_per_group(opt):
+            for group in opt.param_groups:  # empty groups too: FusedAdam advances them alike
+                old = group.get("step")
+                group["step"] = (torch.tensor([step], dtype=old.dtype, device=old.device)
+                                 if isinstance(old, torch.Tensor) else int(step))
             continue
         for param_state in opt.state.values():
             # One tensor per parameter: torch's Adam increments each state's step in place, so a

@@ -72,7 +72,7 @@ class MetricsLogger:
       `<run_dir>/wandb`, the run id kept in `<run_dir>/wandb_run_id` so a resumed run continues
       the same W&B run.
     Always: `<log_dir>/<experiment>_<timestamp>.log`, a python-logging file that takes every
-    `megatron_intuitor.*` log record, each step's full metrics included.
+    `megatron_intuitor.*` log record, each step's full metrics included; and `plot_curves`.
     """
 
     def __init__(self, run_dir: str | Path, experiment: str,
@@ -88,6 +88,7 @@ class MetricsLogger:
         self.log_path = Path(log_dir) / f"{experiment}_{time.strftime('%Y%m%d_%H%M%S')}.log"
         self._file_handler = self._attach_log_file(self.log_path)
         self.jsonl_path = self.run_dir / "metrics.jsonl" if "jsonl" in backends else None
+        self._logged: dict[str, dict[int, float]] = {}  # this process's steps, for plot_curves
         self._console = None
         if "console" in backends:
             from rich.console import Console
@@ -131,6 +132,9 @@ class MetricsLogger:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         self._last_step = step
         values = {name: _number(name, value) for name, value in metrics.items()}
+        for name, value in values.items():
+            if math.isfinite(value):
+                self._logged.setdefault(name, {})[step] = value
         if self.jsonl_path is not None:
             row = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
             with open(self.jsonl_path, "a", encoding="utf-8") as out:
@@ -200,6 +204,14 @@ class MetricsLogger:
         return f"[bold cyan]step {step}{of_total}[/] " + "  ".join(
             f"[dim]{label}[/] {value:.4g}" for label, value in columns) + eta
 
+    def plot_curves(self, png_path: str | Path) -> Path:
+        """The main curves as a PNG: from the JSONL (a resumed run's earlier steps included),
+        or without the jsonl backend from the steps this logger logged."""
+        if self.jsonl_path is not None:
+            return plot_curves(self.jsonl_path, png_path)
+        return _plot_series({name: sorted(points.items()) for name, points in self._logged.items()},
+                            png_path, None, f"experiment {self.experiment}")
+
     def close(self) -> None:
         if self._wandb_run is not None:
             self._wandb_run.finish()
@@ -243,15 +255,19 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path,
                 keys: Optional[Iterable[str]] = None) -> Path:
     """Draw one panel per metric (default: `MAIN_CURVES` and every val/*/acc) against the step
     into a PNG; metrics absent from the file are skipped, none present is an error."""
+    return _plot_series(read_metrics(jsonl_path), png_path, keys, str(jsonl_path))
+
+
+def _plot_series(series: Mapping[str, list[tuple[int, float]]], png_path: str | Path,
+                 keys: Optional[Iterable[str]], source: str) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    series = read_metrics(jsonl_path)
     if keys is None:
         keys = list(MAIN_CURVES) + sorted(k for k in series if k.startswith("val/"))
     keys = [k for k in keys if k in series]
     if not keys:
-        raise ValueError(f"{jsonl_path}: none of the metrics to plot has a value")
+        raise ValueError(f"{source}: none of the metrics to plot has a value")
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     figure = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")

@@ -10,22 +10,19 @@ of the mini-batch however it is cut into micro-batches and laid out (padded or p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-import transformers
 
 from megatron_intuitor import algorithm, metrics
 from megatron_intuitor.batch import MicroBatching, TrainingBatch
 from megatron_intuitor.models.forward import micro_batches, run_pipeline, shifted_token_scores
-from megatron_intuitor.parallel import ParallelSizes
 from megatron_intuitor.platform import device
 
 # Per-micro-batch sums the head reports, reduced over micro-batches and DP, then / tokens.
-_SUMMED = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC, metrics.PG_CLIPFRAC_LOWER,
-           metrics.PPO_KL)
+LOSS_METRICS = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC,
+                metrics.PG_CLIPFRAC_LOWER, metrics.PPO_KL)
 
 
 @dataclass(frozen=True)
@@ -37,24 +34,11 @@ class PPOSettings:
     kl_type: str
     entropy_coef: float
     tis_cap: Optional[float]
-
-
-def load_policy(model_dir: str | Path, sizes: ParallelSizes, *,
-                params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
-                recompute: bool = False) -> tuple[transformers.PretrainedConfig, list]:
-    """This rank's Megatron chunks of the HF checkpoint `model_dir`, configured for the PPO
-    update: `calculate_per_token_loss`, so the loss head's sums become an exact token mean."""
-    from megatron_intuitor.models.bridge import load_hf_weights
-    from megatron_intuitor.models.config import (build_model, load_hf_config,
-                                                 transformer_config_from_hf)
-
-    hf_config = load_hf_config(model_dir)
-    config = transformer_config_from_hf(hf_config, sizes, params_dtype=params_dtype, fp8=fp8,
-                                        recompute=recompute)
-    config.calculate_per_token_loss = True
-    chunks = build_model(hf_config, config)
-    load_hf_weights(chunks, model_dir, hf_config)
-    return hf_config, chunks
+    policy_loss: str = "ppo"  # ppo | clip_cov | kl_cov (algorithm.COV_POLICY_LOSSES)
+    cov_select_ratio: float = 2e-4
+    cov_clip_lower: float = 1.0
+    cov_clip_upper: float = 5.0
+    cov_kl_coef: float = 1.0
 
 
 def _ppo_head(settings: PPOSettings):
@@ -68,10 +52,7 @@ def _ppo_head(settings: PPOSettings):
         if settings.tis_cap:
             tis = algorithm.tis_weights(micro_batch["old_log_probs"],
                                         micro_batch["rollout_log_probs"], settings.tis_cap)
-        pg_sum, stats = algorithm.ppo_clip_loss(
-            scores.log_probs, micro_batch["old_log_probs"], micro_batch["advantages"], mask,
-            clip_ratio_low=settings.clip_ratio, clip_ratio_high=settings.clip_ratio,
-            tis_weights=tis, num_tokens=1.0)
+        pg_sum, stats = _policy_loss(settings, scores.log_probs, micro_batch, mask, tis)
         loss = pg_sum
         kl_sum = pg_sum.new_zeros(())
         if settings.kl_coef > 0:
@@ -86,6 +67,34 @@ def _ppo_head(settings: PPOSettings):
                             tokens.to(torch.float32)])
         return loss, tokens.to(torch.int), {"sums": sums}
     return head
+
+
+def _policy_loss(settings: PPOSettings, log_probs: torch.Tensor, micro_batch: dict,
+                 mask: torch.Tensor, tis: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, algorithm.PolicyLossStats]:
+    """The micro-batch's summed surrogate (`settings.policy_loss`) and its statistics."""
+    old, advantages = micro_batch["old_log_probs"], micro_batch["advantages"]
+    if settings.policy_loss == "kl_cov":
+        loss, _ = algorithm.kl_cov_loss(log_probs, old, advantages, mask,
+                                        select_ratio=settings.cov_select_ratio,
+                                        kl_coef=settings.cov_kl_coef, num_tokens=1.0)
+        zero = loss.new_zeros(()).detach()
+        approx_kl = algorithm.masked_token_mean((old - log_probs).detach(), mask)
+        return loss, algorithm.PolicyLossStats(zero, zero, approx_kl)
+    if settings.policy_loss == "clip_cov":
+        # Every TP rank holds the same log-probs and must drop the same tokens: the draw is
+        # seeded by the micro-batch's content, not by a rank's generator.
+        seed = int(micro_batch["input_ids"].sum()) % (2**31)
+        weights = algorithm.clip_cov_weights(
+            log_probs, old, advantages, mask, clip_ratio_low=settings.clip_ratio,
+            clip_ratio_high=settings.clip_ratio, select_ratio=settings.cov_select_ratio,
+            cov_lower=settings.cov_clip_lower, cov_upper=settings.cov_clip_upper,
+            generator=torch.Generator().manual_seed(seed))
+        tis = weights if tis is None else tis * weights
+    return algorithm.ppo_clip_loss(log_probs, old, advantages, mask,
+                                   clip_ratio_low=settings.clip_ratio,
+                                   clip_ratio_high=settings.clip_ratio, tis_weights=tis,
+                                   num_tokens=1.0)
 
 
 def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: MicroBatching,
@@ -109,7 +118,7 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
     reporting = (parallel_state.is_pipeline_last_stage()
                  and parallel_state.get_tensor_model_parallel_rank() == 0)
     sums = torch.stack([item["sums"] for item in stats]).sum(0) if reporting \
-        else torch.zeros(len(_SUMMED) + 1, device=device())
+        else torch.zeros(len(LOSS_METRICS) + 1, device=device())
     dist.all_reduce(sums)
     tokens = max(float(sums[-1]), 1.0)
-    return {name: float(value) / tokens for name, value in zip(_SUMMED, sums[:-1])}
+    return {name: float(value) / tokens for name, value in zip(LOSS_METRICS, sums[:-1])}

@@ -3,14 +3,16 @@
     for each step:
         rollout      n responses per prompt from the current policy (vLLM, one engine per rank)
         score        old log-probs, entropy and self-certainty: the pre-update policy, one forward
+        (the engines' GPU memory goes to training)
+        score        old log-probs, entropy and self-certainty: the pre-update policy, one forward
         reference    reference log-probs for the KL loss
         advantage    reward = sentence-mean self-certainty, z-scored within each prompt's group
         update       PPO clipped loss + KL to the reference, Megatron distributed optimizer
-        sync         stream the new weights from the Megatron shards into every engine
+        sync         the new weights from the Megatron shards into every engine (its memory back)
     then metrics, validation every k steps, checkpoint every k steps.
 
-The controller holds no model: it owns the data, the advantages and the bookkeeping; the ranks
-(workers/actor.py) own the tensors.
+The controller holds no model and no per-token tensor: it owns the data, the advantages and the
+bookkeeping, and receives one number per response; the ranks (workers/actor.py) own the tensors.
 """
 from __future__ import annotations
 
@@ -25,13 +27,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_intuitor import algorithm, metrics
-from megatron_intuitor.batch import TrainingBatch, batch_from_rollouts
-from megatron_intuitor.config import Schedule, derive_layout, training_schedule
+from megatron_intuitor.config import (Schedule, actor_settings, derive_layout,
+                                      training_schedule)
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
-from megatron_intuitor.evaluation.registry import grade_record, validation_metrics
+from megatron_intuitor.evaluation.registry import validation_metrics
 from megatron_intuitor.rollout.engine import SamplingConfig
+from megatron_intuitor.workers.reports import RolloutReport
 
 log = logging.getLogger(__name__)
 
@@ -116,59 +119,51 @@ class Trainer:
                                      stop_token_ids=stop_ids)
 
     def train_step(self, step: int, prompts: list[Prompt]) -> dict[str, float]:
-        """One INTUITOR step: rollout -> score -> advantage -> update -> sync."""
+        """One INTUITOR step: rollout -> score -> advantage -> update -> sync. The step's tokens
+        and per-token log-probs stay on the ranks; only one number per response crosses."""
         cfg, timings = self.cfg, {}
         step_start = time.perf_counter()
+        graded = cfg.algorithm.name != "intuitor"  # grpo / hybrid: the 0/1 answer reward too
         with self._timed(timings, "rollout"):
-            samples = self.actor.generate([p.token_ids for p in prompts], self.sampling,
-                                          seed=cfg.trainer.seed * 1_000_003 + step)
-            batch = batch_from_rollouts(samples, self.tokenizer.pad_token_id)
-        with self._timed(timings, "old_log_prob"):  # the rollout-time policy: never a frozen scorer
-            scores = self.actor.compute_log_probs(batch)
-        with self._timed(timings, "ref"):
-            ref_log_probs = self.actor.compute_ref_log_probs(batch) \
-                if cfg.algorithm.kl_coef > 0 else None
+            rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
+                                          seed=cfg.trainer.seed * 1_000_003 + step,
+                                          records=[p.record for p in prompts] if graded else None)
+        # GPU: the engines' memory to training
+        with self._timed(timings, "release_rollout_memory"):
+            self.actor.release_rollout_memory()
+        # the rollout-time policy: never a frozen scorer
+        with self._timed(timings, "old_log_prob"):
+            scores = self.actor.score()
+        if cfg.algorithm.kl_coef > 0:
+            with self._timed(timings, "ref"):
+                self.actor.score_reference()
         with self._timed(timings, "advantage"):
-            self_certainty = algorithm.sequence_rewards_from_self_certainty(
-                scores["self_certainty"], batch.response_mask)
-            advantages = self._advantages(self_certainty, samples, prompts, batch)
+            advantages = self._advantages(scores.self_certainty, rollouts)
         with self._timed(timings, "update"):
-            batch.advantages, batch.old_log_probs = advantages, scores["log_probs"]
-            batch.ref_log_probs = ref_log_probs
-            update_metrics = self.actor.update_policy(batch, step)
+            update_metrics = self.actor.update_policy(advantages, step)
+        # the engines' memory back, with the new weights
         with self._timed(timings, "weight_sync"):
             self.actor.sync_weights()
         elapsed = time.perf_counter() - step_start
-        mask = batch.response_mask
-        logprob_diff = (scores["log_probs"] - batch.rollout_log_probs).abs()
+        response_tokens = rollouts.response_lengths.sum().clamp(min=1)
         return {
-            metrics.SELF_CERTAINTY_MEAN: self_certainty.mean(),
-            metrics.SELF_CERTAINTY_STD: self_certainty.std(),
-            metrics.ENTROPY: algorithm.masked_token_mean(scores["entropy"], mask),
+            metrics.SELF_CERTAINTY_MEAN: scores.self_certainty.mean(),
+            metrics.SELF_CERTAINTY_STD: scores.self_certainty.std(),
+            metrics.ENTROPY: scores.entropy_sum.sum() / response_tokens,
             metrics.ADVANTAGES_MEAN: advantages.mean(),
-            metrics.RESPONSE_LENGTH_MEAN: mask.sum(-1).float().mean(),
-            metrics.ROLLOUT_LOGPROB_DIFF: algorithm.masked_token_mean(logprob_diff, mask),
-            metrics.THROUGHPUT: float(batch.lengths.sum()) / elapsed,
+            metrics.RESPONSE_LENGTH_MEAN: rollouts.response_lengths.float().mean(),
+            metrics.ROLLOUT_LOGPROB_DIFF: scores.logprob_diff_sum.sum() / response_tokens,
+            metrics.THROUGHPUT: float(rollouts.lengths.sum()) / elapsed,
             **update_metrics,
             **{metrics.timing(phase): seconds for phase, seconds in timings.items()},
             metrics.timing("step"): elapsed,
         }
 
-    def _advantages(self, self_certainty: torch.Tensor, samples, prompts: list[Prompt],
-                    batch: TrainingBatch) -> torch.Tensor:
+    def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport) -> torch.Tensor:
         """Per-response advantages for `algorithm.name`: intuitor (self-certainty), grpo
         (verifiable 0/1 reward) or hybrid (weighted sum of the separately z-scored two)."""
-        name, group = self.cfg.algorithm.name, batch.group_index
-        if name == "intuitor":
-            return algorithm.grpo_advantages(self_certainty, group)
-        correct = torch.tensor([float(grade_record(prompts[s.prompt_index].record, s.text))
-                                for s in samples])
-        if name == "grpo":
-            return algorithm.grpo_advantages(correct, group)
-        weights = self.cfg.algorithm.hybrid_weights
-        return algorithm.hybrid_advantages(
-            {"self_certainty": self_certainty, "verifiable": correct},
-            {"self_certainty": weights.self_certainty, "verifiable": weights.verifiable}, group)
+        return response_advantages(self.cfg.algorithm, self_certainty, rollouts.verifiable,
+                                   rollouts.group_index)
 
     @contextmanager
     def _timed(self, timings: dict[str, float], phase: str) -> Iterator[None]:
@@ -239,6 +234,21 @@ class Trainer:
         return last
 
 
+def response_advantages(settings: DictConfig, self_certainty: torch.Tensor,
+                        verifiable: Optional[torch.Tensor],
+                        group_index: torch.Tensor) -> torch.Tensor:
+    """Advantages per response for the `algorithm` config group `settings`: intuitor z-scores
+    the self-certainty within each prompt's group, grpo the verifiable 0/1 reward, hybrid
+    adds the two z-scores weighted by `hybrid_weights`."""
+    if settings.name == "intuitor":
+        return algorithm.grpo_advantages(self_certainty, group_index)
+    if settings.name == "grpo":
+        return algorithm.grpo_advantages(verifiable, group_index)
+    weights = settings.hybrid_weights
+    return algorithm.hybrid_advantages(
+        {"self_certainty": self_certainty, "verifiable": verifiable},
+        {"self_certainty": weights.self_certainty, "verifiable": weights.verifiable},
+        group_index)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -255,13 +265,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from megatron_intuitor.workers.actor import ActorGroup
     from megatron_intuitor.workers.group import WORKER_LOG_ENV
 
-    layout = derive_layout(cfg)
     output_dir = Path(cfg.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set, val_sets = load_prompt_sets(cfg, tokenizer)
     schedule = training_schedule(cfg, len(train_set.prompts))
+    settings = actor_settings(cfg, schedule, tokenizer.pad_token_id)
     loader = PromptLoader(train_set.prompts, cfg.data.prompts_per_step, cfg.data.seed,
                           shuffle=cfg.data.shuffle)
     logger = metrics.MetricsLogger(output_dir, cfg.trainer.experiment_name,
@@ -269,7 +279,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                    backends=list(cfg.logger.backends),
                                    wandb_project=cfg.logger.wandb_project,
                                    log_dir=cfg.logger.log_dir)
-    started = time.monotonic()
+    started, layout = time.monotonic(), settings.layout
     logger.announce(
         f"megatron-intuitor: {cfg.trainer.experiment_name}, {schedule.training_steps} steps of "
         f"{layout.prompts_per_step} prompts x {cfg.rollout.n} responses on {layout.world_size} "
@@ -283,14 +293,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
             ray.init(address=cfg.trainer.ray_address, **quiet)
         else:  # a fresh local cluster, never one that happens to run on this machine
             ray.init(address="local", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, layout.world_size), **quiet)
-    with logger.phase(f"starting {layout.world_size} rank(s): Megatron-Core and vLLM"):
-        actor = ActorGroup(cfg, layout, schedule, model_dir)
+                     num_cpus=max(os.cpu_count() or 1, settings.layout.world_size), **quiet)
+    with logger.phase(f"starting {settings.layout.world_size} rank(s): Megatron-Core and vLLM"):
+        actor = ActorGroup.start(settings, model_dir, placement=cfg.trainer.placement,
+                                 cpus_per_worker=cfg.trainer.cpus_per_worker)
     try:
         log.info("weight sync: %s", actor.weight_sync_path())
         trainer = Trainer(cfg, schedule, actor, loader, val_sets, logger, tokenizer)
         final = trainer.fit()
         actor.export_hf(str(output_dir / "hf_final"))
+        logger.plot_curves(output_dir / "curves.png")
         took = metrics.format_duration(time.monotonic() - started)
         logger.announce(
             f"megatron-intuitor: {cfg.trainer.experiment_name} finished "
@@ -299,5 +311,4 @@ def run(cfg: DictConfig) -> dict[str, float]:
     finally:
         actor.shutdown()
         logger.close()
-    metrics.plot_curves(logger.jsonl_path, output_dir / "curves.png")
     return final

@@ -201,3 +201,80 @@ def test_tis_weights_truncate_ratio():
     assert w.tolist() == pytest.approx([2.0, math.exp(-1.0), 1.0])
     with pytest.raises(ValueError, match="cap must be > 0"):
         alg.tis_weights(torch.zeros(1), torch.zeros(1), cap=0.0)
+
+
+# Clip-Cov / KL-Cov: two responses of two tokens, advantages +1 and -1, log-probs -1 -3 | -2 -2:
+# means 0 and -2, so the token covariances are (1)(1), (1)(-1), (-1)(0), (-1)(0) = 1, -1, 0, 0.
+_COV_LOG_PROBS = [[-1.0, -3.0], [-2.0, -2.0]]
+_COV_ADV = torch.tensor([1.0, -1.0])
+_COV_MASK = torch.ones(2, 2, dtype=torch.bool)
+
+
+def test_token_covariance_by_hand():
+    cov = alg.token_covariance(torch.tensor(_COV_LOG_PROBS), _COV_ADV, _COV_MASK)
+    assert cov.tolist() == [[1.0, -1.0], [0.0, 0.0]]
+    masked = alg.token_covariance(torch.tensor([[-1.0, 9.0]]), torch.tensor([[2.0, 7.0]]),
+                                  torch.tensor([[1, 0]]))
+    assert masked.tolist() == [[0.0, 0.0]]  # one token: its own mean; off-mask token ignored
+
+
+def _clip_cov(log_probs, old, adv, **overrides):
+    options = dict(clip_ratio_low=0.2, clip_ratio_high=0.2, select_ratio=0.25, cov_lower=0.5,
+                   cov_upper=5.0)
+    options.update(overrides)
+    return alg.clip_cov_weights(log_probs, old, adv, torch.ones_like(log_probs, dtype=torch.bool),
+                                **options)
+
+
+def test_clip_cov_drops_the_high_covariance_token_and_its_gradient():
+    log_probs = torch.tensor(_COV_LOG_PROBS, requires_grad=True)
+    old = log_probs.detach().clone()
+    weights = _clip_cov(log_probs, old, _COV_ADV)
+    assert weights.tolist() == [[0.0, 1.0], [1.0, 1.0]]  # only token 0 has cov in (0.5, 5)
+    loss, _ = alg.ppo_clip_loss(log_probs, old, _COV_ADV, _COV_MASK, tis_weights=weights)
+    # ratio 1 everywhere: per-token loss -A, token 0 dropped, mean over all 4 tokens
+    assert loss.item() == pytest.approx((-1.0 + 1.0 + 1.0) / 4)
+    loss.backward()
+    assert log_probs.grad.flatten().tolist() == pytest.approx([0.0, -0.25, 0.25, 0.25])
+
+
+def test_clip_cov_leaves_ppo_clipped_and_out_of_band_tokens_alone():
+    log_probs = torch.tensor(_COV_LOG_PROBS)
+    old = log_probs.clone()
+    old[0, 0] = -1.5  # ratio e^0.5 > 1.2 with A = +1: PPO's clip is active there already
+    assert _clip_cov(log_probs, old, _COV_ADV).tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    assert _clip_cov(log_probs, log_probs, _COV_ADV, cov_upper=0.9).tolist() == \
+        [[1.0, 1.0], [1.0, 1.0]]  # cov 1 is not below the upper bound
+
+
+def test_clip_cov_draws_the_token_count_among_candidates():
+    # A 2 2 2 -6 (mean 0), log p 0 0 0 -3 (mean -0.75): cov 1.5 1.5 1.5 13.5; band (1, 5) holds
+    # tokens 0-2, and 0.5 x 4 tokens = 2 of them are dropped
+    log_probs = torch.tensor([[0.0, 0.0, 0.0, -3.0]])
+    adv = torch.tensor([[2.0, 2.0, 2.0, -6.0]])
+    drawn = set()
+    for seed in range(6):
+        weights = _clip_cov(log_probs, log_probs, adv, select_ratio=0.5, cov_lower=1.0,
+                            generator=torch.Generator().manual_seed(seed))[0].tolist()
+        assert sorted(weights[:3]) == [0.0, 0.0, 1.0] and weights[3] == 1.0
+        drawn.add(tuple(weights))
+    assert len(drawn) > 1  # a random draw, not a fixed choice
+
+
+def test_kl_cov_penalises_the_top_covariance_token():
+    log_probs = torch.tensor(_COV_LOG_PROBS)
+    d = torch.tensor([[0.1, 0.2], [-0.3, 0.0]])
+    loss, share = alg.kl_cov_loss(log_probs, log_probs - d, _COV_ADV, _COV_MASK,
+                                  select_ratio=0.25, kl_coef=2.0)
+    expected = (-math.exp(0.1) + 2.0 * 0.1 - math.exp(0.2) + math.exp(-0.3) + 1.0) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert share.item() == 0.25
+    loss_no_kl, _ = alg.kl_cov_loss(log_probs, log_probs - d, _COV_ADV, _COV_MASK,
+                                    select_ratio=0.25, kl_coef=0.0)
+    assert loss_no_kl.item() == pytest.approx(expected - 2.0 * 0.1 / 4, rel=1e-6)
+
+
+def test_cov_select_ratio_is_checked():
+    with pytest.raises(ValueError, match="KL-Cov select_ratio must be in"):
+        alg.kl_cov_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.ones(1, 2),
+                        select_ratio=0.0, kl_coef=1.0)

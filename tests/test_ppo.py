@@ -2,11 +2,12 @@
 and DP ranks) gives the loss and gradient norm of the naive formula applied to transformers'
 logits; a non-finite loss skips the step and leaves the weights untouched."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 TEMPERATURE, CLIP, DUAL_CLIP, KL_COEF = 0.7, 0.2, 3.0, 0.1
 PROMPT_LENGTHS, RESPONSE_LENGTHS = [3, 5, 2, 4], [6, 2, 7, 4]
@@ -21,8 +22,9 @@ def _batch(vocab_size: int):
     for row, (p, r) in enumerate(zip(PROMPT_LENGTHS, RESPONSE_LENGTHS)):
         ids = torch.randint(0, 500, (p + r,), generator=gen).tolist()
         samples.append(RolloutSample(row // 2, ids[:p], ids[p:], "", "stop", [0.0] * r))
-    batch = batch_from_rollouts(samples, pad_token_id=0)
-    batch.advantages = torch.tensor([1.5, -0.7, -1.2, 0.4])
+    rollouts = batch_from_rollouts(samples, pad_token_id=0)
+    unset = torch.zeros(rollouts.input_ids.shape)  # old / reference log-probs: set by the caller
+    batch = rollouts.for_update(torch.tensor([1.5, -0.7, -1.2, 0.4]), unset, unset)
     noise = torch.randn(batch.input_ids.shape, generator=gen)
     return batch, noise
 
@@ -62,8 +64,9 @@ def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison):
     from megatron_intuitor.batch import MicroBatching, data_parallel_shard
     from megatron_intuitor.models.bridge import export_hf_weights
     from megatron_intuitor.models.optimizer import build_optimizer
+    from megatron_intuitor.models.policy import load_policy
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
-    from megatron_intuitor.ppo import PPOSettings, load_policy, ppo_forward_backward
+    from megatron_intuitor.ppo import PPOSettings, ppo_forward_backward
     from megatron_intuitor.workers.actor import guarded_optimizer_step
 
     sizes = ParallelSizes(tp, 1)
@@ -71,7 +74,7 @@ def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison):
     hf_config, chunks = load_policy(model_dir, sizes)
     chunks, optimizer = build_optimizer(chunks, 1e-3, clip_grad=1.0)
     batch, _ = _batch(hf_config.vocab_size)
-    batch.old_log_probs, batch.ref_log_probs = old, ref
+    batch = replace(batch, old_log_probs=old, ref_log_probs=ref)
     if poison:
         batch.advantages[0] = float("nan")
     shard = data_parallel_shard(batch, parallel_state.get_data_parallel_rank(),
@@ -114,3 +117,78 @@ def test_non_finite_loss_skips_the_step_and_keeps_the_weights(tiny_qwen2, refere
         assert not result["stepped"]
         assert not math.isfinite(result["grad_norm"])
         assert result["changed"] == 0.0
+
+
+def _head_inputs():
+    gen = torch.Generator().manual_seed(5)
+    vocab = 11
+    logits = torch.randn(2, 5, vocab, generator=gen, dtype=torch.float64).float()
+    input_ids = torch.randint(0, vocab, (2, 5), generator=gen)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, 2:] = True
+    # float64 naive scores: entry t from the logits at t - 1
+    z = logits.double()[:, :-1] / TEMPERATURE
+    log_probs = torch.nn.functional.pad(
+        torch.log_softmax(z, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1), (1, 0))
+    entropy = torch.nn.functional.pad(
+        -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1), (1, 0))
+    old = log_probs + 0.05 * torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    advantages = torch.tensor([[1.0] * 5, [-1.0] * 5], dtype=torch.float64)
+    micro_batch = {"input_ids": input_ids, "response_mask": mask,
+                   "advantages": advantages.float(), "old_log_probs": old.float()}
+    return logits, micro_batch, log_probs, entropy, old, advantages, mask
+
+
+def _settings(vocab, **overrides):
+    from megatron_intuitor.ppo import PPOSettings
+
+    options = dict(temperature=TEMPERATURE, vocab_size=vocab, clip_ratio=CLIP, kl_coef=0.0,
+                   kl_type="low_var_kl", entropy_coef=0.0, tis_cap=None)
+    options.update(overrides)
+    return PPOSettings(**options)
+
+
+@pytest.fixture
+def single_rank_head(monkeypatch):
+    from megatron_intuitor import ppo
+    from megatron_intuitor.models import forward
+
+    monkeypatch.setattr(forward, "_tp_group", lambda: None)  # one rank holds the vocabulary
+    return ppo._ppo_head
+
+
+def test_head_entropy_bonus_and_kl_cov_against_naive_formulas(single_rank_head):
+    logits, micro_batch, log_probs, entropy, old, adv, mask = _head_inputs()
+    ratio = torch.exp(log_probs - old)
+    ppo_tokens = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
+    ppo_tokens = torch.where(adv < 0, torch.minimum(ppo_tokens, -adv * DUAL_CLIP), ppo_tokens)
+    loss, tokens, _ = single_rank_head(_settings(11, entropy_coef=0.1))(logits, micro_batch)
+    expected = (ppo_tokens[mask].sum() - 0.1 * entropy[mask].sum()).item()
+    assert int(tokens) == 6 and loss.item() == pytest.approx(expected, abs=1e-5)
+
+    # KL-Cov: int(0.2 x 6) -> 1 token, the largest (A - mean A)(log p - mean log p)
+    cov = (adv[mask] - adv[mask].mean()) * (log_probs[mask] - log_probs[mask].mean())
+    kl_tokens = -adv[mask] * ratio[mask]
+    top = int(cov.argmax())
+    kl_tokens[top] += 2.0 * (log_probs - old)[mask][top].abs()
+    loss, _, _ = single_rank_head(_settings(11, policy_loss="kl_cov", cov_select_ratio=0.2,
+                                            cov_kl_coef=2.0))(logits, micro_batch)
+    assert loss.item() == pytest.approx(kl_tokens.sum().item(), abs=1e-5)  # fp32 sum of ~1s
+
+
+def test_head_clip_cov_can_drop_every_unclipped_token(single_rank_head):
+    from megatron_intuitor.models.forward import shifted_token_scores
+
+    logits, micro_batch, *_ = _head_inputs()
+    current = shifted_token_scores(logits, micro_batch["input_ids"], temperature=TEMPERATURE,
+                                   vocab_size=11).log_probs
+    micro_batch["old_log_probs"] = current.detach()  # ratio 1: PPO clips nothing
+    wide = _settings(11, policy_loss="clip_cov", cov_select_ratio=1.0, cov_clip_lower=-1e9,
+                     cov_clip_upper=1e9)
+    logits.requires_grad_()
+    loss, _, _ = single_rank_head(wide)(logits, micro_batch)
+    loss.backward()
+    assert loss.item() == 0.0 and float(logits.grad.abs().max()) == 0.0
+    plain, _, _ = single_rank_head(_settings(11))(logits, micro_batch)
+    plain.backward()
+    assert float(logits.grad.abs().max()) > 1e-3  # without Clip-Cov the tokens carry gradient

@@ -83,15 +83,16 @@ os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(4)", "{
     assert host_uids == [expected] and expected != 0
 
 
-def test_proc_sys_and_hostname_cannot_be_written(attack):
+def test_proc_sys_kernel_log_and_hostname_are_out_of_reach(attack):
     program = """
 import json, socket
 report = {}
-for path in ("/proc/sys/vm/drop_caches", "/proc/sys/kernel/hostname", "/proc/sysrq-trigger"):
+for path, mode in (("/proc/sys/vm/drop_caches", "w"), ("/proc/sys/kernel/hostname", "w"),
+                   ("/proc/sysrq-trigger", "w"), ("/proc/kmsg", "rb"), ("/proc/kcore", "rb")):
     try:
-        with open(path, "w") as f:
-            f.write("3")
-        report[path] = "written"
+        with open(path, mode) as f:
+            f.write("3") if mode == "w" else f.read(1)
+        report[path] = "done"
     except OSError as e:
         report[path] = e.errno
 try:
@@ -103,7 +104,7 @@ report["hostname"] = socket.gethostname()
 print(json.dumps(report))
 """
     host_name = socket.gethostname()
-    report = _report(attack("/proc/sys writes and hostname", program, 10))
+    report = _report(attack("/proc/sys writes, /proc/kmsg, hostname", program, 10))
     assert report.pop("sethostname") == errno.EPERM
     assert report.pop("hostname") == "sandbox"
     assert all(isinstance(e, int) for e in report.values()), report

@@ -32,6 +32,7 @@ for a sandbox that did not run.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -45,7 +46,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from functools import lru_cache
+from typing import BinaryIO
 
 _WORK_DIR = "/sandbox"
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -100,31 +103,38 @@ class SandboxUnavailable(RuntimeError):
 def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run `source` as a Python program in the sandbox under `limits`."""
     bwrap = _bwrap_path()
-    cgroup = _Cgroup.create(limits) if _cgroup_kind() else None
-    stage = _stage_dir() if os.geteuid() == 0 else None
-    program = os.memfd_create("program.py")
-    ready_read, ready_write = os.pipe()
-    out_read, out_write = os.pipe()
-    err_read, err_write = os.pipe()
-    try:
-        os.write(program, source.encode())
-        os.lseek(program, 0, os.SEEK_SET)
-        binds = _bind_paths()
+    binds = _bind_paths()
+    as_root = os.geteuid() == 0
+    with contextlib.ExitStack() as cleanup:
+        cgroup = _Cgroup.create(limits) if _cgroup_kind() else None
+        if cgroup:
+            cleanup.callback(cgroup.remove)
+        stage = _stage_dir(len(binds)) if as_root else None
+        if stage:
+            cleanup.callback(_remove_stage, stage, len(binds))
+        # File objects, so that closing early (the parent's copies, a full pipe) and closing
+        # at the end never close a descriptor number twice.
+        program = cleanup.enter_context(open(os.memfd_create("program.py"), "w+b"))
+        program.write(source.encode())
+        program.seek(0)
+        ready_read, ready_write, out_read, out_write, err_read, err_write = (
+            cleanup.enter_context(open(fd, "rb" if i % 2 == 0 else "wb", buffering=0))
+            for i, fd in enumerate((*os.pipe(), *os.pipe(), *os.pipe())))
         sources = [os.path.join(stage, str(i)) for i in range(len(binds))] if stage else \
             [src for src, _ in binds]
-        config = dict(bwrap=_bwrap_argv(bwrap, binds, sources, program, ready_write, limits,
+        config = dict(bwrap=_bwrap_argv(bwrap, binds, sources, program.fileno(),
+                                        ready_write.fileno(), limits,
                                         rlimit_processes=cgroup is None),
                       cgroup_procs=cgroup.procs_files if cgroup else [],
                       stage=[[src, dst] for (src, _), dst in zip(binds, sources)] if stage else [],
-                      drop_to=_unprivileged_ids() if os.geteuid() == 0 else None)
-        try:
-            launcher = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config)],
-                stdin=subprocess.DEVNULL, stdout=out_write, stderr=err_write, cwd="/",
-                env=_program_env(), start_new_session=True, pass_fds=(ready_write, program))
-        finally:
-            for fd in (out_write, err_write, ready_write, program):
-                os.close(fd)
+                      drop_to=_unprivileged_ids() if as_root else None)
+        launcher = subprocess.Popen(
+            [sys.executable, "-I", "-S", os.path.abspath(__file__), json.dumps(config)],
+            stdin=subprocess.DEVNULL, stdout=out_write, stderr=err_write, cwd="/",
+            env=_program_env(), start_new_session=True,
+            pass_fds=(ready_write.fileno(), program.fileno()))
+        for parent_copy in (out_write, err_write, ready_write, program):
+            parent_copy.close()
 
         def kill() -> None:
             try:
@@ -135,22 +145,11 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxR
                 cgroup.kill()
 
         returncode, stdout, stderr = _wait(launcher, out_read, err_read, limits, kill)
-        os.set_blocking(ready_read, False)
-        try:
-            started = os.read(ready_read, 1) == b"1"
-        except BlockingIOError:
-            started = False
-        if not started:
+        os.set_blocking(ready_read.fileno(), False)
+        if ready_read.read(1) != b"1":  # None (nothing written) or b"" (closed unwritten)
             raise SandboxUnavailable(f"the sandbox did not start ({_bwrap_version(bwrap)}, "
                                      f"interpreter {sys.executable}): {stderr.strip()}")
-        peak = cgroup.memory_peak() if cgroup else None
-        return SandboxResult(returncode, stdout, stderr, peak)
-    finally:
-        os.close(ready_read)
-        if cgroup:
-            cgroup.remove()
-        if stage:
-            shutil.rmtree(stage, ignore_errors=True)
+        return SandboxResult(returncode, stdout, stderr, cgroup.memory_peak() if cgroup else None)
 
 
 @lru_cache(maxsize=1)
@@ -228,15 +227,22 @@ def _bind_paths() -> list[tuple[str, str]]:
     return binds
 
 
-def _stage_dir() -> str:
+def _stage_dir(count: int) -> str:
     # A root trainer's bind sources may sit below directories `nobody` cannot enter (pyenv in
     # /root, mode 700). The launcher binds them here, in a mount namespace of its own, before
     # it becomes `nobody` and starts bwrap, which then binds them from here.
     stage = tempfile.mkdtemp(prefix="sandbox_stage_")
     os.chmod(stage, 0o755)
-    for i in range(len(_bind_paths())):
+    for i in range(count):
         os.mkdir(os.path.join(stage, str(i)))
     return stage
+
+
+def _remove_stage(stage: str, count: int) -> None:
+    # rmdir, never a recursive delete: these are (empty) mount points in the launcher's view.
+    for i in range(count):
+        os.rmdir(os.path.join(stage, str(i)))
+    os.rmdir(stage)
 
 
 def _unprivileged_ids() -> list[int]:
@@ -254,32 +260,28 @@ def _program_env() -> dict[str, str]:
             "PYTHONHASHSEED": "0"}
 
 
-def _wait(process: subprocess.Popen, out_fd: int, err_fd: int, limits: SandboxLimits,
-          kill) -> tuple[int | None, str, str]:
-    """Read both pipes (closing them here) until the process ends or the wall clock runs out."""
+def _wait(process: subprocess.Popen, out: BinaryIO, err: BinaryIO, limits: SandboxLimits,
+          kill: Callable[[], None]) -> tuple[int | None, str, str]:
+    """Read both pipes (closing them) until the process ends or the wall clock runs out."""
     deadline = time.monotonic() + limits.wall_seconds
     keep = limits.output_chars * 4
-    heads = {out_fd: bytearray(), err_fd: bytearray()}
+    heads = {out: bytearray(), err: bytearray()}
     seen = dict.fromkeys(heads, 0)
     timed_out = False
     with selectors.DefaultSelector() as selector:
-        for fd in heads:
-            selector.register(fd, selectors.EVENT_READ)
-        try:
-            while selector.get_map() and not timed_out:
-                events = selector.select(max(0.0, deadline - time.monotonic()))
-                timed_out = not events and time.monotonic() >= deadline
-                for key, _ in events:
-                    chunk = os.read(key.fd, 1 << 16)
-                    heads[key.fd] += chunk[:max(0, keep - len(heads[key.fd]))]
-                    seen[key.fd] += len(chunk)
-                    if not chunk or seen[key.fd] >= limits.output_bytes:
-                        selector.unregister(key.fd)
-                        os.close(key.fd)  # past output_bytes the program's writes get EPIPE
-        finally:
-            for fd in list(selector.get_map()):
-                selector.unregister(fd)
-                os.close(fd)
+        for pipe in heads:
+            selector.register(pipe, selectors.EVENT_READ)
+        while selector.get_map() and not timed_out:
+            events = selector.select(max(0.0, deadline - time.monotonic()))
+            timed_out = not events and time.monotonic() >= deadline
+            for key, _ in events:
+                pipe = key.fileobj
+                chunk = pipe.read(1 << 16)
+                heads[pipe] += chunk[:max(0, keep - len(heads[pipe]))]
+                seen[pipe] += len(chunk)
+                if not chunk or seen[pipe] >= limits.output_bytes:
+                    selector.unregister(pipe)
+                    pipe.close()  # past output_bytes the program's writes get EPIPE
     returncode = None
     if not timed_out:
         try:
@@ -289,9 +291,9 @@ def _wait(process: subprocess.Popen, out_fd: int, err_fd: int, limits: SandboxLi
     if returncode is None:
         kill()
         process.wait()
-    out, err = (heads[fd].decode("utf-8", errors="replace")[:limits.output_chars]
-                for fd in (out_fd, err_fd))
-    return returncode, out, err
+    out_text, err_text = (heads[pipe].decode("utf-8", errors="replace")[:limits.output_chars]
+                          for pipe in (out, err))
+    return returncode, out_text, err_text
 
 
 # --- cgroups ----------------------------------------------------------------------------------

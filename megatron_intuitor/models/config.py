@@ -27,6 +27,8 @@ SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCaus
 # dependence), so they are exactly a different `inv_freq` in Megatron's rotary embedding.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 FP8_FORMATS = ("e4m3", "hybrid")
+FP8_SCALING_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
+FP8_AMAX_REDUCTIONS = ("tp", "tp_dp")
 
 
 @dataclass(frozen=True)
@@ -139,11 +141,16 @@ def transformer_config_from_hf(
     params_dtype: torch.dtype = torch.float32,
     fp8: Optional[str] = None,
     recompute: bool = False,
+    fp8_recipe: str = "tensorwise",
+    fp8_amax_reduction: str = "tp",
 ):
     """The Megatron `TransformerConfig` of an HF model at the given parallel sizes.
 
-    `fp8` ("e4m3" or "hybrid") turns on Transformer Engine FP8 (GPU only) with Megatron's default
-    recipe; `recompute` recomputes every layer's activations in the backward pass.
+    `fp8` ("e4m3" or "hybrid") turns on Transformer Engine FP8 (GPU only) with the scaling
+    `fp8_recipe` (default per-tensor current scaling; Megatron's own default, delayed scaling
+    with an amax history of 1, quantises the scoring and the update passes of the same weights
+    differently) and amaxes reduced over `fp8_amax_reduction` ("tp" or "tp_dp");
+    `recompute` recomputes every layer's activations in the backward pass.
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -152,6 +159,12 @@ def transformer_config_from_hf(
     if fp8 is not None:
         if fp8 not in FP8_FORMATS:
             raise ValueError(f"fp8={fp8!r}: choose one of {FP8_FORMATS} or None")
+        if fp8_recipe not in FP8_SCALING_RECIPES:
+            raise ValueError(f"fp8_recipe={fp8_recipe!r}: choose one of {FP8_SCALING_RECIPES}")
+        if fp8_amax_reduction not in FP8_AMAX_REDUCTIONS:
+            raise ValueError(f"fp8_amax_reduction={fp8_amax_reduction!r}: choose one of "
+                             f"{FP8_AMAX_REDUCTIONS}")
+        _check_fp8_widths(hf_config, sizes.tensor)
         if not on_gpu():
             raise ValueError(f"fp8={fp8!r} needs Transformer Engine on a GPU; "
                              "this machine has none")
@@ -187,6 +200,8 @@ def transformer_config_from_hf(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         fp8=fp8,
+        **(dict(fp8_recipe=fp8_recipe, tp_only_amax_red=fp8_amax_reduction == "tp")
+           if fp8 is not None else {}),
         # Fused kernels exist only with CUDA (and apex/TE); the local spec on CPU runs unfused.
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
@@ -199,6 +214,20 @@ def transformer_config_from_hf(
         use_cpu_initialization=not gpu,
         **recompute_options,
     )
+
+
+def _check_fp8_widths(hf_config: transformers.PretrainedConfig, tp: int) -> None:
+    """TE's FP8 GEMMs need every input's last dimension divisible by 16
+    (`transformer_engine/pytorch/utils.py:704-714`): the hidden size and the per-rank widths of
+    the attention and MLP projections."""
+    head_dim = architecture_features(hf_config).head_dim
+    widths = {"hidden_size": hf_config.hidden_size,
+              "num_attention_heads x head_dim / TP": hf_config.num_attention_heads * head_dim // tp,
+              "intermediate_size / TP": hf_config.intermediate_size // tp}
+    bad = {name: width for name, width in widths.items() if width % 16}
+    if bad:
+        raise ValueError(f"FP8 needs GEMM widths divisible by 16; this model at TP={tp} has "
+                         + ", ".join(f"{name} = {width}" for name, width in bad.items()))
 
 
 def _hf_inv_freq(hf_config: transformers.PretrainedConfig, head_dim: int) -> torch.Tensor:
@@ -230,10 +259,16 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config) ->
     _check_supported(hf_config, "build_model")
     features = architecture_features(hf_config)
     if on_gpu():
+        from megatron.core.models.gpt import gpt_layer_specs
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
+        if not gpt_layer_specs.HAVE_TE:  # TE missing, or its import failed (CUDA / torch ABI)
+            raise RuntimeError(
+                "build_model on GPU uses Transformer Engine's layer spec, but megatron.core "
+                "could not import transformer_engine: `python -c 'import "
+                "transformer_engine.pytorch'` shows why (README, 'Install on GPU')")
         layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=features.qk_norm)
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

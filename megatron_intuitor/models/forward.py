@@ -21,6 +21,15 @@ buffers of `[seq_length, micro_batch_size, hidden]`): the micro-batches are padd
 of the call (padding rows and columns; packed, one padding sequence at the end of the pack, ahead
 of which causal attention never looks), unless the model config sets `variable_seq_lengths`, in
 which case the stages exchange each tensor's shape first and nothing is padded.
+
+FP8 (Transformer Engine): its GEMMs need the product of an input's leading dimensions (the token
+count) divisible by 8 and the last by 16 (`transformer_engine/pytorch/utils.py:704-714` in TE
+2.20.2; Megatron aligns to 16, 32 for MXFP8: `megatron/core/fp8_utils.py:168-173`). With
+`config.fp8` each micro-batch is padded to a multiple of that many tokens: padded rows to a
+width that is a multiple, a pack with one padding sequence at its end; the padding is no
+response token, so it counts nowhere. Delayed scaling reduces amaxes over TP x DP at every
+autocast exit (`fp8_utils.py:620-630`) unless `config.tp_only_amax_red`: the data-parallel ranks
+then run the same number of micro-batches, the ones with fewer adding empty ones.
 """
 from __future__ import annotations
 
@@ -133,6 +142,59 @@ def _padded_to(model_input: ModelInput, rows: int, width: int) -> ModelInput:
                        model_input.lengths.tolist() + [width - current], compute))
 
 
+def fp8_token_multiple(config) -> int:
+    """The multiple of tokens a micro-batch must have for this model config's FP8 GEMMs
+    (1 without FP8)."""
+    if not config.fp8:
+        return 1
+    return 32 if config.fp8_recipe == "mxfp8" else 16
+
+
+def _aligned(model_input: ModelInput, multiple: int) -> ModelInput:
+    """`model_input` padded to a token count that is a multiple of `multiple`: padded rows to
+    such a width, a pack to such a length."""
+    rows, width = model_input["input_ids"].shape
+    return _padded_to(model_input, rows, -(-width // multiple) * multiple)
+
+
+def _empty_like(model_input: ModelInput, multiple: int) -> ModelInput:
+    """A micro-batch of one padding row of `multiple` tokens, in `model_input`'s layout: it
+    holds no response token, so every head's loss and token count on it are 0."""
+    compute = model_input.lengths.device
+    lengths = torch.tensor([multiple], device=compute)
+    tokens = {name: value.new_zeros(1, multiple) for name, value in model_input.tokens.items()}
+    packed = (None if model_input.packed_seq_params is None
+              else _packed_seq_params([multiple], compute))
+    return ModelInput(tokens, torch.arange(multiple, device=compute)[None], lengths, packed)
+
+
+def equalised_micro_batches(inputs: list, count: int, filler: Callable[[], object]) -> list:
+    """`inputs` followed by `filler()` until there are `count`: every data-parallel rank runs
+    the largest number of micro-batches any of them has."""
+    if count < len(inputs):
+        raise ValueError(f"cannot equalise {len(inputs)} micro-batches down to {count}")
+    return list(inputs) + [filler() for _ in range(count - len(inputs))]
+
+
+def _amax_reduced_over_data_parallel(config) -> bool:
+    """Delayed scaling reduces amaxes at autocast exit over Megatron's amax group; the other
+    recipes do not (TE 2.20.2 `quantization.py:770-782`)."""
+    from megatron.core import parallel_state
+
+    delayed = bool(config.fp8) and config.fp8_recipe == "delayed"
+    return delayed and not config.tp_only_amax_red and (
+        parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1)
+
+
+def _largest_count_over_data_parallel(count: int) -> int:
+    from megatron.core import parallel_state
+
+    largest = torch.tensor([count], device=device())
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX,
+                    group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return int(largest)
+
+
 def _check_micro_batches(micro_batches: Sequence[dict[str, torch.Tensor]]) -> None:
     if not micro_batches:
         raise ValueError("run_pipeline needs at least one micro-batch")
@@ -157,17 +219,25 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
     sizes may differ between micro-batches. `head` turns the last stage's logits shard of each
     into Megatron's loss tuple. Returns the heads' stats, one entry per micro-batch in order, on
     the last pipeline stage ([] on the others). With forward_only=False the losses are
-    back-propagated into the chunks' gradients."""
+    back-propagated into the chunks' gradients. With FP8 the micro-batches are padded and
+    their number equalised over data parallelism (module docstring)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
     _check_micro_batches(micro_batches)
-    inputs = [_model_input(micro_batch, packed) for micro_batch in micro_batches]
+    config = get_model_config(model_chunks[0])
+    multiple = fp8_token_multiple(config)
+    inputs = [_aligned(_model_input(micro_batch, packed), multiple)
+              for micro_batch in micro_batches]
+    real_count = len(inputs)
+    if _amax_reduced_over_data_parallel(config):
+        inputs = equalised_micro_batches(inputs, _largest_count_over_data_parallel(real_count),
+                                         lambda: _empty_like(inputs[0], multiple))
     rows = max(item["input_ids"].shape[0] for item in inputs)
     width = max(item["input_ids"].shape[1] for item in inputs)
     if (parallel_state.get_pipeline_model_parallel_world_size() > 1
-            and not get_model_config(model_chunks[0]).variable_seq_lengths):
+            and not config.variable_seq_lengths):
         inputs = [_padded_to(item, rows, width) for item in inputs]
 
     def forward_step(data_iterator, chunk):
@@ -180,11 +250,12 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
 
     # Every chunk (virtual stage) consumes the same micro-batches through its own iterator.
     iterators = [iter(inputs) for _ in model_chunks]
-    return get_forward_backward_func()(
+    stats = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
         model=model_chunks, num_microbatches=len(inputs), seq_length=width,
         micro_batch_size=rows, forward_only=forward_only)
+    return stats[:real_count]  # the empty micro-batches' stats are nobody's
 
 
 def micro_batches(tokens: dict[str, torch.Tensor], lengths: torch.Tensor,
