@@ -282,7 +282,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     started, layout = time.monotonic(), settings.layout
     logger.announce(
         f"megatron-intuitor: {cfg.trainer.experiment_name}, {schedule.training_steps} steps of "
-        f"{layout.prompts_per_step} prompts x {cfg.rollout.n} responses on {layout.world_size} "
+        f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.n} responses on {layout.world_size} "
         f"{layout.device} rank(s) (TP {layout.tensor_parallel} x PP {layout.pipeline_parallel} x "
         f"DP {layout.data_parallel}); log {logger.log_path.absolute()}")
     # Ranks (vLLM, Megatron, Ray) write to the log file, not the console.
