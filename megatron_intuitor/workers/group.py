@@ -148,6 +148,7 @@ class WorkerGroup:
         # Unnamed: placement group names must be unique, and groups may share a name.
         self._placement_group = placement_group([dict(bundle)] * world_size, strategy=placement)
         self.actors: list = []
+        self._rank_nodes: list[str] = []  # node id of each rank
         try:
             self._start(worker_cls, bundle, env or {}, args, kwargs or {}, ready_timeout_s)
         except BaseException:
@@ -178,6 +179,7 @@ class WorkerGroup:
         node_order = list(dict.fromkeys(bundle_nodes[i] for i in range(self.world_size)))
         bundles = sorted(range(self.world_size),
                          key=lambda i: (node_order.index(bundle_nodes[i]), i))
+        self._rank_nodes = [bundle_nodes[i] for i in bundles]
         master_addr, master_port = self._rendezvous_on(bundle_nodes[bundles[0]])
         remote_cls = ray.remote(worker_cls)
         local_ranks: dict[str, int] = {}
@@ -257,11 +259,21 @@ class WorkerGroup:
         died = sorted(rank for rank, error in failures.items()
                       if not isinstance(error, RayTaskError))
         raised = sorted(rank for rank in failures if rank not in died)
-        lines = [f"worker rank {rank} {_how_it_died(failures[rank])}: "
+        nodes = _node_states()
+        lines = [f"worker rank {rank} {self._where(rank, nodes)}{_how_it_died(failures[rank])}: "
                  f"{_first_lines(failures[rank])}" for rank in died]
         lines += [f"worker rank {rank} raised in {self.name}.{method}: "
                   f"{_first_lines(failures[rank])}" for rank in raised]
         return "\n".join(lines)
+
+    def _where(self, rank: int, nodes: dict[str, dict]) -> str:
+        """'on node <id> (<ip>, lost) ' for a rank: a multi-node run names the machine."""
+        if rank >= len(self._rank_nodes):
+            return ""
+        node_id = self._rank_nodes[rank]
+        node = nodes.get(node_id, {})
+        state = "alive" if node.get("Alive") else "lost: Ray marked the node dead"
+        return f"on node {node_id} ({node.get('NodeManagerAddress', '?')}, {state}) "
 
     def shutdown(self, close_timeout_s: float = 10.0) -> None:
         """Let every rank `close` (ranks stuck in a collective never get to it: they are not
@@ -282,6 +294,15 @@ class WorkerGroup:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _node_states() -> dict[str, dict]:
+    """Ray's view of every node it knows, by node id (dead nodes included, marked Alive=False);
+    empty when Ray cannot say."""
+    try:
+        return {node["NodeID"]: node for node in ray.nodes()}
+    except Exception:  # the GCS itself may be gone with the node: name the rank without it
+        return {}
 
 
 def _how_it_died(error: Exception) -> str:
