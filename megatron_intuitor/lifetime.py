@@ -5,7 +5,8 @@ whatever it forked keeps running: Megatron's checkpoint writer processes (forked
 bucket during a save) would finish or hang on their queues, holding memory and the resource
 tracker's pipe. `die_with_parent_on_fork()` makes every process this one forks from Python
 (`os.fork`, multiprocessing's fork context) ask the kernel for SIGKILL when its parent dies
-(Linux `prctl(PR_SET_PDEATHSIG)`).
+(Linux `prctl(PR_SET_PDEATHSIG)`). `remove_orphaned_shm` deletes, at start, the shared-memory
+segments of a run killed before it could unlink them.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import ctypes
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -49,3 +52,48 @@ def die_with_parent_on_fork() -> None:
         return
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     _installed = True
+
+
+# vLLM-CPU names its tensor-parallel segments after the group only (`-tp:0-[0-1]-cpushm_0`), the
+# same in every run: one left by a run killed while its engine was starting makes the next
+# engine fail with EEXIST. (Once every rank has mapped them the engine unlinks the names.)
+VLLM_CPU_SHM_PATTERN = "*cpushm_*"
+# A segment younger than this may belong to an engine being built right now (created, not yet
+# mapped by all of its ranks).
+STALE_AFTER_SECONDS = 60.0
+
+
+def remove_orphaned_shm(shm_dir: Path = Path("/dev/shm"), pattern: str = VLLM_CPU_SHM_PATTERN,
+                        stale_after_s: float = STALE_AFTER_SECONDS) -> list[Path]:
+    """Delete the segments matching `pattern` that no live process maps and that are older than
+    `stale_after_s` (their creator, which mapped them, is gone); returns what was deleted.
+    Only the memory maps this user may read are seen (not another user's processes, nor a
+    sandbox's init): the ranks of a run, which map its segments, always are."""
+    candidates = [path for path in shm_dir.glob(pattern)
+                  if time.time() - path.stat().st_mtime > stale_after_s]
+    if not candidates:
+        return []
+    mapped = _mapped_paths()
+    removed = []
+    for path in candidates:
+        if str(path) not in mapped:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _mapped_paths() -> set[str]:
+    """Every file some live process maps, from the /proc/<pid>/maps this user may read."""
+    mapped: set[str] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(entry / "maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6:
+                        mapped.add(fields[5].rstrip("\n").removesuffix(" (deleted)"))
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+    return mapped

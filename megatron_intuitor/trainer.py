@@ -262,8 +262,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     disable_progress_bar()  # the tiny model's "Writing model shards" bar: not for the console
 
+    from megatron_intuitor.lifetime import remove_orphaned_shm
     from megatron_intuitor.workers.actor import ActorGroup
     from megatron_intuitor.workers.group import WORKER_LOG_ENV
+
+    orphans = remove_orphaned_shm()  # else a new vLLM-CPU engine fails on their names
+    if orphans:
+        log.info("removed the shared memory of a killed run: %s", ", ".join(map(str, orphans)))
 
     output_dir = Path(cfg.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

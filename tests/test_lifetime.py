@@ -50,3 +50,27 @@ def test_forked_children_die_with_their_parent():
     os.kill(child, signal.SIGKILL)
     child, alive = _orphan_after_parent_killed(install=True)
     assert not alive
+
+
+def test_orphaned_shm_segments_are_removed_only_when_unmapped_and_old(tmp_path):
+    from megatron_intuitor.lifetime import remove_orphaned_shm
+
+    names = ["-tp:0-[0-1]-cpushm_0", "-tp:0-[0-1]-cpushm_1", "-tp:1-[0-1]-cpushm_0", "psm_1234"]
+    mapped_old, orphan_old, orphan_new, other = (tmp_path / name for name in names)
+    for path in (mapped_old, orphan_old, orphan_new, other):
+        path.write_bytes(b"\0" * 4096)
+    hour_ago = time.time() - 3600
+    for path in (mapped_old, orphan_old, other):
+        os.utime(path, (hour_ago, hour_ago))
+    holder = subprocess.Popen(  # a live process with mapped_old mapped
+        [sys.executable, "-c", "import mmap, sys, time\n"
+         f"f = open({str(mapped_old)!r}, 'r+b'); m = mmap.mmap(f.fileno(), 4096)\n"
+         "print('mapped', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "mapped"
+        assert remove_orphaned_shm(tmp_path) == [orphan_old]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [mapped_old.name, orphan_new.name, other.name])
