@@ -230,7 +230,10 @@ def _hf_config(cfg) -> Optional[dict]:
         return None
     local = Path(path) / "config.json"
     if local.is_file():
-        return json.loads(local.read_text())
+        try:
+            return json.loads(local.read_text())
+        except ValueError:  # not JSON (or not UTF-8): the config validation named it
+            return None
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(path, "config.json")

@@ -159,6 +159,10 @@ def test_preflight_fails_truncated_weights_bad_resume_and_read_only_output(tiny_
     assert f"FAIL model.path: {weights} is truncated" in result.stderr
     assert f"FAIL trainer.resume: {model} is not a checkpoint" in result.stderr
     assert "ok   model:" not in result.stderr
+    (model / "config.json").write_text("{not json")
+    result = _preflight(*_model(model), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"FAIL model.path: {model / 'config.json'} is not valid JSON" in result.stderr
     if os.access("/proc/sys", os.W_OK):
         pytest.skip("no read-only directory on this machine (/proc/sys is writable)")
     result = _preflight("trainer.output_dir=/proc/sys/mi_run", cwd=tmp_path)
