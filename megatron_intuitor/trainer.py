@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_intuitor import algorithm, metrics
 from megatron_intuitor.config import (Schedule, actor_settings, derive_layout,
                                       training_schedule)
+from megatron_intuitor.config import validate as validate_config
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
@@ -273,6 +274,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(cfg)
+    if cfg.model.path and not Path(cfg.model.path).exists():
+        # A hub id downloaded just now: its files are checked like a local checkpoint's
+        # (weights, positions against the sequence length, heads against TP), before Ray.
+        downloaded = OmegaConf.create(OmegaConf.to_container(cfg))
+        downloaded.model.path = str(model_dir)
+        validate_config(downloaded)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set, val_sets = load_prompt_sets(cfg, tokenizer)
     schedule = training_schedule(cfg, len(train_set.prompts))

@@ -85,3 +85,23 @@ def test_data_error_is_printed_without_traceback(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"{train}:2: invalid UTF-8" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_downloaded_hub_model_is_validated_before_ray(tiny_qwen2, tmp_path, monkeypatch):
+    """A hub id that was not cached passes the config check unseen; once downloaded, its files
+    are checked like a local checkpoint's before Ray starts (here: a truncated weight file)."""
+    import shutil
+
+    from megatron_intuitor.config import ConfigError
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(tiny_qwen2, snapshot)
+    [weights] = snapshot.glob("*.safetensors")
+    with open(weights, "r+b") as file:
+        file.truncate(weights.stat().st_size - 10)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    cfg = load(["model.path=SomeOrg/not-cached", "model.make_tiny=false",
+                f"trainer.output_dir={tmp_path / 'run'}"])
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id: str(snapshot))
+    with pytest.raises(ConfigError, match=rf"model.path: {weights} is truncated"):
+        trainer.run(cfg)

@@ -168,3 +168,19 @@ def test_preflight_fails_truncated_weights_bad_resume_and_read_only_output(tiny_
     result = _preflight("trainer.output_dir=/proc/sys/mi_run", cwd=tmp_path)
     assert result.returncode == 1
     assert "FAIL trainer.output_dir=/proc/sys/mi_run: /proc/sys is not writable" in result.stderr
+
+
+def test_cached_hub_model_is_checked_from_its_cached_config(monkeypatch, tmp_path):
+    """A hub id already in the Hugging Face cache: its cached config.json is read (no
+    download) and a sequence longer than its positions is refused before anything starts."""
+    snapshot = tmp_path / "models--SomeOrg--some-model" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    (snapshot / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "hidden_size": 128, "vocab_size": 1000, "max_position_embeddings": 64}))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    text = _problems(["model.path=SomeOrg/some-model", "model.make_tiny=false"])
+    assert f"data.max_prompt_length + data.max_response_length = 96 exceeds " \
+           f"max_position_embeddings=64 of {snapshot / 'config.json'}" in text
