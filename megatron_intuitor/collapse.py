@@ -43,6 +43,10 @@ THRESHOLDS = {
 }
 
 
+SIGNALS = ("repetitive_share", "distinct_ngram", "truncated_share", "short_share",
+           "entropy_drop", "sc_group_spread", "kl_jump", "val_acc_drop")
+
+
 def signal_name(signal: str) -> str:
     """The metric name of a signal: intuitor/collapse/<signal>."""
     return PREFIX + signal
@@ -197,7 +201,7 @@ class CollapseMonitor:
         self.config = config
         self._entropies: list[float] = []  # the first entropy_baseline_steps steps
         self._kls: list[float] = []  # the last kl_window steps
-        self._best_val: Optional[tuple[float, float]] = None  # (accuracy, self-certainty)
+        self._best_val: dict[str, tuple[float, float]] = {}  # dataset -> (acc, self-cert.)
 
     def step_signals(self, responses: Sequence[Sequence[int]], finish_reasons: Sequence[str],
                      self_certainty: torch.Tensor, group_index: Sequence[int] | torch.Tensor,
@@ -228,16 +232,20 @@ class CollapseMonitor:
             self._kls = (self._kls + [float(kl)])[-cfg.kl_window:]
         return signals
 
-    def validation_signals(self, accuracy: float, self_certainty: float) -> dict[str, float]:
-        """val_acc_drop: the best validation accuracy so far minus this one, reported while the
-        validation self-certainty is above its value at that best (else 0)."""
-        accuracy, self_certainty = float(accuracy), float(self_certainty)
-        if self._best_val is None or accuracy >= self._best_val[0]:
-            self._best_val = (accuracy, self_certainty)
-            return {"val_acc_drop": 0.0}
-        best_accuracy, best_certainty = self._best_val
-        drop = best_accuracy - accuracy if self_certainty > best_certainty else 0.0
-        return {"val_acc_drop": drop}
+    def validation_signals(self, results: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+        """val_acc_drop from {dataset: (accuracy, mean self-certainty)} of one validation: per
+        dataset, its best accuracy so far minus this one while its self-certainty is above its
+        value at that best (else 0); the largest over the datasets."""
+        drops = []
+        for dataset, (accuracy, self_certainty) in results.items():
+            accuracy, self_certainty = float(accuracy), float(self_certainty)
+            best = self._best_val.get(dataset)
+            if best is None or accuracy >= best[0]:
+                self._best_val[dataset] = (accuracy, self_certainty)
+                drops.append(0.0)
+            else:
+                drops.append(best[0] - accuracy if self_certainty > best[1] else 0.0)
+        return {"val_acc_drop": max(drops)} if drops else {}
 
     def alarms(self, step: int, signals: Mapping[str, float]) -> list[Alarm]:
         """The signals past their thresholds, in the order of `THRESHOLDS`."""
@@ -253,8 +261,8 @@ class CollapseMonitor:
 
     def state_dict(self) -> dict:
         return {"entropies": list(self._entropies), "kls": list(self._kls),
-                "best_val": self._best_val}
+                "best_val": {k: list(v) for k, v in self._best_val.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._entropies, self._kls = list(state["entropies"]), list(state["kls"])
-        self._best_val = None if state["best_val"] is None else tuple(state["best_val"])
+        self._best_val = {k: tuple(v) for k, v in state["best_val"].items()}

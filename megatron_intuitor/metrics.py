@@ -134,6 +134,19 @@ class MetricsLogger:
         if self._console is not None:
             self._console.print(self.console_line(step, values))
 
+    def alert(self, step: int, title: str, text: str) -> None:
+        """An event to notice (a collapse alarm): a warning on the console and in the log file,
+        one line {"step", "title", "text"} in `<run_dir>/alerts.jsonl`, a W&B alert."""
+        log.warning("%s", text)
+        if self._console is not None:
+            self._console.print(f"[bold red]{title}[/] {text}")
+        with open(self.run_dir / "alerts.jsonl", "a", encoding="utf-8") as out:
+            out.write(json.dumps({"step": step, "title": title, "text": text}) + "\n")
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+
     @staticmethod
     def console_line(step: int, values: Mapping[str, float]) -> str:
         columns = [(label, values[name]) for name, label in CONSOLE_COLUMNS if name in values]

@@ -7,7 +7,9 @@
         advantage    reward = sentence-mean self-certainty, z-scored within each prompt's group
         update       PPO clipped loss + KL to the reference, Megatron distributed optimizer
         sync         stream the new weights from the Megatron shards into every engine
-    then metrics, validation every k steps, checkpoint every k steps.
+    then metrics, validation every k steps, checkpoint every k steps; collapse signals every
+    step, and the guards (`trainer.guard`) act on their alarms: warn, stop, or roll back to the
+    best checkpoint by `trainer.best_metric`.
 
 The controller holds no model: it owns the data, the advantages and the bookkeeping; the ranks
 (workers/actor.py) own the tensors.
@@ -18,18 +20,20 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_intuitor import algorithm, metrics
+from megatron_intuitor import algorithm, collapse, metrics
 from megatron_intuitor.batch import TrainingBatch, batch_from_rollouts
 from megatron_intuitor.config import Schedule, derive_layout, training_schedule
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
+from megatron_intuitor.evaluation.best_of_n import best_of_n_metrics
 from megatron_intuitor.evaluation.registry import grade_record, validation_metrics
 from megatron_intuitor.rollout.engine import SamplingConfig
 
@@ -105,6 +109,11 @@ class Trainer:
             stop_token_ids=stop_ids)
         self.greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=cfg.data.max_response_length,
                                      stop_token_ids=stop_ids)
+        self.guard = collapse.CollapseConfig.from_mapping(
+            OmegaConf.to_container(cfg.trainer.guard))
+        self.monitor = collapse.CollapseMonitor(self.guard)
+        self.best: Optional[dict] = None  # {"step", "value"}: trainer.best_metric's best checkpoint
+        self.rollbacks = 0
 
     def train_step(self, step: int, prompts: list[Prompt]) -> dict[str, float]:
         """One INTUITOR step: rollout -> score -> advantage -> update -> sync."""
@@ -132,10 +141,15 @@ class Trainer:
         elapsed = time.perf_counter() - step_start
         mask = batch.response_mask
         logprob_diff = (scores["log_probs"] - batch.rollout_log_probs).abs()
+        entropy = algorithm.masked_token_mean(scores["entropy"], mask)
+        signals = self.monitor.step_signals(
+            [s.response_token_ids for s in samples], [s.finish_reason for s in samples],
+            self_certainty, batch.group_index, float(entropy),
+            update_metrics.get(metrics.KL_LOSS) if cfg.algorithm.kl_coef > 0 else None)
         return {
             metrics.SELF_CERTAINTY_MEAN: self_certainty.mean(),
             metrics.SELF_CERTAINTY_STD: self_certainty.std(),
-            metrics.ENTROPY: algorithm.masked_token_mean(scores["entropy"], mask),
+            metrics.ENTROPY: entropy,
             metrics.ADVANTAGES_MEAN: advantages.mean(),
             metrics.RESPONSE_LENGTH_MEAN: mask.sum(-1).float().mean(),
             metrics.ROLLOUT_LOGPROB_DIFF: algorithm.masked_token_mean(logprob_diff, mask),
@@ -143,6 +157,7 @@ class Trainer:
             **update_metrics,
             **{metrics.timing(phase): seconds for phase, seconds in timings.items()},
             metrics.timing("step"): elapsed,
+            **{collapse.signal_name(name): value for name, value in signals.items()},
         }
 
     def _advantages(self, self_certainty: torch.Tensor, samples, prompts: list[Prompt],
@@ -162,19 +177,91 @@ class Trainer:
             {"self_certainty": weights.self_certainty, "verifiable": weights.verifiable}, group)
 
     def validate(self) -> dict[str, float]:
-        """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`."""
-        result = {}
+        """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`, and their
+        mean self-certainty `val/<dataset>/self_certainty`; with `trainer.val_best_of_n=N`
+        also N sampled responses per prompt: `acc_sc_best_of_<N>`, `maj@<N>`, `pass@<N>`."""
+        result, accuracy_and_certainty = {}, {}
+        best_of = self.cfg.trainer.val_best_of_n
         for prompt_set in self.val_sets:
-            samples = self.actor.generate([p.token_ids for p in prompt_set.prompts], self.greedy,
-                                          seed=0)
-            result.update(validation_metrics([p.record for p in prompt_set.prompts],
-                                             [s.text for s in samples]))
+            prompt_ids = [p.token_ids for p in prompt_set.prompts]
+            records = [p.record for p in prompt_set.prompts]
+            samples = self.actor.generate(prompt_ids, self.greedy, seed=0)
+            accuracy = validation_metrics(records, [s.text for s in samples])
+            result.update(accuracy)
+            certainty = self._sequence_self_certainty(samples)
+            for source in {r.data_source for r in records}:
+                rows = [i for i, r in enumerate(records) if r.data_source == source]
+                mean = sum(certainty[i] for i in rows) / len(rows)
+                result[f"val/{source}/self_certainty"] = mean
+                accuracy_and_certainty[source] = (accuracy[metrics.val_accuracy(source)], mean)
+            if best_of:
+                sampled = self.actor.generate(prompt_ids, replace(self.sampling, n=best_of),
+                                              seed=1)
+                scores = self._sequence_self_certainty(sampled)
+                result.update(best_of_n_metrics(
+                    records, [[s.text for s in sampled[i * best_of:(i + 1) * best_of]]
+                              for i in range(len(records))],
+                    [scores[i * best_of:(i + 1) * best_of] for i in range(len(records))]))
+        result.update({collapse.signal_name(name): value for name, value in
+                       self.monitor.validation_signals(accuracy_and_certainty).items()})
         return result
 
+    def _sequence_self_certainty(self, samples) -> list[float]:
+        """Each sample's self-certainty under the current policy (the trainer's scorer); the
+        batch is padded with repeated rows to split evenly over the data-parallel ranks."""
+        ranks = derive_layout(self.cfg).data_parallel
+        padded = list(samples) + [samples[-1]] * (-len(samples) % ranks)
+        batch = batch_from_rollouts(padded, self.tokenizer.pad_token_id)
+        scores = self.actor.compute_log_probs(batch)
+        return algorithm.sequence_rewards_from_self_certainty(
+            scores["self_certainty"], batch.response_mask)[:len(samples)].tolist()
+
     def save(self, step: int) -> None:
-        self.actor.save_checkpoint(str(self.checkpoint_root), step,
-                                   {"data": self.loader.state_dict()},
-                                   keep_last=self.cfg.trainer.keep_last)
+        """A checkpoint of this step; the best one by `trainer.best_metric` is kept past
+        `trainer.keep_last`, and it and the guard's history travel in the trainer state."""
+        extra = {"data": self.loader.state_dict(), "best": self.best,
+                 "monitor": self.monitor.state_dict(), "rollbacks": self.rollbacks}
+        keep = (self.best["step"],) if self.best else ()
+        self.actor.save_checkpoint(str(self.checkpoint_root), step, extra,
+                                   keep_last=self.cfg.trainer.keep_last, keep_steps=keep)
+
+    def _is_new_best(self, step: int, values: dict[str, float]) -> bool:
+        """Whether this step's `trainer.best_metric` (higher is better) beats the best so far;
+        if so it becomes the best."""
+        name = self.cfg.trainer.best_metric
+        if not name or name not in values:
+            return False
+        if self.best is not None and values[name] <= self.best["value"]:
+            return False
+        self.best = {"step": step, "value": float(values[name])}
+        return True
+
+    def _guard(self, step: int, values: dict[str, float]) -> bool:
+        """Alarms of this step's signals, announced; the configured action. True: stop."""
+        signals = {name[len(collapse.PREFIX):]: value for name, value in values.items()
+                   if name.startswith(collapse.PREFIX)}
+        alarms = self.monitor.alarms(step, signals)
+        for alarm in alarms:
+            self.logger.alert(step, "INTUITOR collapse alarm", alarm.message())
+        if not alarms or self.guard.action == "warn":
+            return False
+        if self.guard.action == "stop":
+            self.logger.alert(step, "INTUITOR guard", f"trainer.guard.action=stop: stopping "
+                                                      f"at step {step}")
+            return True
+        if self.best is None or self.rollbacks >= self.guard.max_rollbacks:
+            why = ("no best checkpoint yet" if self.best is None
+                   else f"{self.rollbacks} rollback(s) already (max_rollbacks)")
+            self.logger.alert(step, "INTUITOR guard", f"cannot roll back ({why}): stopping at "
+                                                      f"step {step}")
+            return True
+        path = self.checkpoint_root / f"step_{self.best['step']}"
+        self.actor.load_checkpoint(str(path))  # weights, optimizer, schedule; engines synced
+        self.rollbacks += 1
+        self.logger.alert(step, "INTUITOR guard", f"rolled back to {path} "
+                          f"({self.cfg.trainer.best_metric}={self.best['value']:.4g}); "
+                          f"trainer.guard.after_rollback={self.guard.after_rollback}")
+        return self.guard.after_rollback == "stop"
 
     def resume(self) -> int:
         """The step to continue after (0 for a fresh run), per `trainer.resume`."""
@@ -188,6 +275,9 @@ class Trainer:
             return 0
         extra = self.actor.load_checkpoint(str(path))
         self.loader.load_state_dict(extra["data"])
+        self.best, self.rollbacks = extra.get("best"), extra.get("rollbacks", 0)
+        if "monitor" in extra:
+            self.monitor.load_state_dict(extra["monitor"])
         log.info("resumed from %s (step %d)", path, extra["step"])
         return int(extra["step"])
 
@@ -203,8 +293,11 @@ class Trainer:
             if self.val_sets and (final or (cfg.val_every and step % cfg.val_every == 0)):
                 last.update(self.validate())
             self.logger.log(step, last)
-            if final or (cfg.save_every and step % cfg.save_every == 0):
+            new_best = self._is_new_best(step, last)  # saved at once: rollback needs its weights
+            if new_best or final or (cfg.save_every and step % cfg.save_every == 0):
                 self.save(step)
+            if self._guard(step, last):
+                break
         return last
 
 
@@ -258,4 +351,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         actor.shutdown()
         logger.close()
     metrics.plot_curves(logger.jsonl_path, output_dir / "curves.png")
+    metrics.plot_curves(logger.jsonl_path, output_dir / "collapse.png",
+                        keys=[collapse.signal_name(s) for s in collapse.SIGNALS]
+                        + [metrics.SELF_CERTAINTY_MEAN, metrics.ENTROPY])
     return final

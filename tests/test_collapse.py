@@ -69,10 +69,12 @@ def test_kl_jump_left_out_while_previous_kl_is_zero():
 
 def test_val_acc_drop_only_while_self_certainty_rises():
     monitor = collapse.CollapseMonitor(collapse.CollapseConfig())
-    assert monitor.validation_signals(0.5, 6.0) == {"val_acc_drop": 0.0}
-    assert monitor.validation_signals(0.6, 6.5) == {"val_acc_drop": 0.0}  # new best
-    assert monitor.validation_signals(0.4, 6.2)["val_acc_drop"] == 0.0  # certainty fell too
-    assert monitor.validation_signals(0.45, 7.0)["val_acc_drop"] == pytest.approx(0.15)
+    assert monitor.validation_signals({"a": (0.5, 6.0)}) == {"val_acc_drop": 0.0}
+    assert monitor.validation_signals({"a": (0.6, 6.5)}) == {"val_acc_drop": 0.0}  # new best
+    assert monitor.validation_signals({"a": (0.4, 6.2)})["val_acc_drop"] == 0.0  # certainty fell
+    # dataset b starts its own history; a drops 0.15 from its best while certainty rose
+    drop = monitor.validation_signals({"a": (0.45, 7.0), "b": (0.1, 9.0)})["val_acc_drop"]
+    assert drop == pytest.approx(0.15)
 
 
 def test_alarms_name_signal_value_threshold_step():
@@ -109,7 +111,8 @@ def test_monitor_state_round_trip():
     config = collapse.CollapseConfig(entropy_baseline_steps=1, kl_window=1)
     monitor = collapse.CollapseMonitor(config)
     _step(monitor, 2.0, kl=0.1)
-    monitor.validation_signals(0.5, 6.0)
+    monitor.validation_signals({"a": (0.5, 6.0)})
     restored = collapse.CollapseMonitor(config)
     restored.load_state_dict(monitor.state_dict())
     assert _step(restored, 1.0, kl=0.4) == _step(monitor, 1.0, kl=0.4)
+    assert restored.validation_signals({"a": (0.3, 7.0)}) == {"val_acc_drop": pytest.approx(0.2)}

@@ -249,12 +249,14 @@ class ActorWorker(Worker):
 
     # --------------------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, root: str, step: int, extra: dict, keep_last: int) -> str:
+    def save_checkpoint(self, root: str, step: int, extra: dict, keep_last: int,
+                        keep_steps: tuple[int, ...] = ()) -> str:
         from megatron_intuitor.checkpoint import save_checkpoint
 
         extra = {**extra, "lr_scheduler": self.lr_scheduler.state_dict()}
         return str(save_checkpoint(root, step, self.policy, self.optimizer, extra=extra,
-                                   keep_last=keep_last, hf_assets_dir=self.model_dir))
+                                   keep_last=keep_last, keep_steps=keep_steps,
+                                   hf_assets_dir=self.model_dir))
 
     def load_checkpoint(self, path: str) -> dict:
         from megatron_intuitor.checkpoint import load_checkpoint
@@ -345,8 +347,10 @@ class ActorGroup:
         """How rank 0's weights reach its engine: "shard to shard" or why they stream."""
         return self.group.execute_rank0("get_weight_sync_path")
 
-    def save_checkpoint(self, root: str, step: int, extra: dict, keep_last: int) -> str:
-        return self.group.execute_all("save_checkpoint", root, step, extra, keep_last)[0]
+    def save_checkpoint(self, root: str, step: int, extra: dict, keep_last: int,
+                        keep_steps: tuple[int, ...] = ()) -> str:
+        return self.group.execute_all("save_checkpoint", root, step, extra, keep_last,
+                                      keep_steps)[0]
 
     def load_checkpoint(self, path: str) -> dict:
         return self.group.execute_all("load_checkpoint", path)[0]
