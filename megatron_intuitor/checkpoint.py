@@ -469,6 +469,15 @@ def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
     return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
 
 
+def _steps_per_group(opt: torch.optim.Optimizer) -> bool:
+    """Whether `opt` keeps Adam's step in its param groups, as Transformer Engine's FusedAdam
+    (what Megatron uses on GPU) does (TE 2.20.2 `optimizers/fused_adam.py:571-587`); its
+    per-parameter state may then hold only its moments: its `state_dict` and `load_state_dict`
+    look every key up in `name_to_dtype_map` (`fused_adam.py:203-207, 283, 390`). torch's Adam
+    keeps a step per parameter."""
+    return not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _adam_steps(optimizer: Any) -> Optional[list[Optional[float]]]:
     """Adam's step per inner torch optimizer (None: no step taken yet). Megatron's
     `dp_reshardable` format does not restore it (FACTS), so it travels in the rank state."""
@@ -476,7 +485,10 @@ def _adam_steps(optimizer: Any) -> Optional[list[Optional[float]]]:
         return None
     steps = []
     for opt in _torch_optimizers(optimizer):
-        values = {float(s["step"]) for s in opt.state.values() if "step" in s}
+        if _steps_per_group(opt):
+            values = {float(g["step"]) for g in opt.param_groups if g["params"] and "step" in g}
+        else:
+            values = {float(s["step"]) for s in opt.state.values() if "step" in s}
         if len(values) > 1:
             raise RuntimeError(f"inner optimizer has parameters at different Adam steps {values}")
         steps.append(values.pop() if values else None)
@@ -489,12 +501,12 @@ def _init_empty_adam_states(optimizer: Any) -> None:
     the saved Adam step then replace them. Megatron's distributed optimizer cannot describe its
     state before that (its `state_dict` asserts one common step)."""
     for opt in _torch_optimizers(optimizer):
+        step = {} if _steps_per_group(opt) else {"step": torch.tensor(0.0)}
         for group in opt.param_groups:
             for param in group["params"]:
                 if not opt.state[param]:
                     opt.state[param].update(exp_avg=torch.zeros_like(param),
-                                            exp_avg_sq=torch.zeros_like(param),
-                                            step=torch.tensor(0.0))
+                                            exp_avg_sq=torch.zeros_like(param), **step)
 
 
 def _set_adam_steps(optimizer: Any, steps: Optional[list[Optional[float]]], path: Path) -> None:
@@ -505,6 +517,12 @@ def _set_adam_steps(optimizer: Any, steps: Optional[list[Optional[float]]], path
                          f"has {len(inner)}")
     for opt, step in zip(inner, steps):
         if step is None:
+            continue
+        if _steps_per_group(opt):
+            for group in opt.param_groups:  # empty groups too: FusedAdam advances them alike
+                old = group.get("step")
+                group["step"] = (torch.tensor([step], dtype=old.dtype, device=old.device)
+                                 if isinstance(old, torch.Tensor) else int(step))
             continue
         for param_state in opt.state.values():
             # One tensor per parameter: torch's Adam increments each state's step in place, so a

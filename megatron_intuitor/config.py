@@ -331,6 +331,7 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("rollout.gpu_memory_utilization", lambda v: _is_number(v) and 0 < v <= 1,
      "a number in (0, 1]"),
     ("rollout.dtype", _one_of(ROLLOUT_DTYPES), f"one of {', '.join(ROLLOUT_DTYPES)}"),
+    ("rollout.sleep_level", lambda v: _is_int(v) and v in (1, 2), "1 or 2"),
     ("rollout.weight_sync_bucket_mb", lambda v: _is_number(v) and v > 0, "a number > 0"),
     ("rollout.tis_cap", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0"),
     ("trainer.nnodes", _positive_int, "a positive integer"),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_intuitor.platform import ensure_platform, on_gpu
+from megatron_intuitor.platform import device, ensure_platform, on_gpu
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,27 @@ def init_model_parallel(sizes: ParallelSizes, seed: int = 1234) -> None:
             virtual_pipeline_model_parallel_size=sizes.virtual_pipeline,
         )
     set_seed(seed)
+
+
+def warm_up_groups() -> None:
+    """One tiny all-reduce on each of Megatron's groups this rank belongs to: NCCL creates a
+    communicator (and its buffers, hundreds of MB per group on GPU) at a group's first
+    collective, so that memory is taken before the rollout engine sizes itself from what is
+    free. Collective over the world."""
+    from megatron.core import parallel_state
+
+    groups = [parallel_state.get_tensor_model_parallel_group(),
+              parallel_state.get_pipeline_model_parallel_group(),
+              parallel_state.get_data_parallel_group(with_context_parallel=True),
+              parallel_state.get_model_parallel_group(),
+              parallel_state.get_amax_reduction_group(with_context_parallel=True)]
+    if parallel_state.is_rank_in_embedding_group():
+        groups.append(parallel_state.get_embedding_group())
+    probe = torch.zeros(1, device=device())
+    for group in groups:
+        dist.all_reduce(probe, group=group)
+    if on_gpu():
+        torch.cuda.synchronize()
 
 
 def set_seed(seed: int) -> None:

@@ -2,6 +2,7 @@
 fail on a GPU's first contact. The GPU itself is exercised by tests/gpu/ (marker `gpu`)."""
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -193,7 +194,7 @@ def test_fp8_layout_gives_equal_scores_gradients_and_dp_micro_batch_counts(tiny_
             assert any(rows * width % 16 for rows, width in plain["seen"]), where
 
 
-# ------------------------------------------------------------ configuration (defects 3, 8)
+# --------------------------------------------------------- configuration (defects 3, 8, 9)
 
 def test_cuda_run_without_transformer_engine_is_refused_naming_the_key(monkeypatch):
     """Defect 3: on CUDA the TE layer spec is always built; without TE the config is refused up
@@ -211,8 +212,9 @@ def test_cuda_run_without_transformer_engine_is_refused_naming_the_key(monkeypat
     ("actor.fp8_recipe=current", "actor.fp8_recipe='current': expected one of tensorwise, "
                                  "delayed, blockwise, mxfp8"),
     ("actor.fp8_amax_reduction=dp", "actor.fp8_amax_reduction='dp': expected one of tp, tp_dp"),
+    ("rollout.sleep_level=3", "rollout.sleep_level=3: expected 1 or 2"),
 ])
-def test_fp8_recipe_settings_are_validated_naming_the_key(override, message):
+def test_gpu_settings_are_validated_naming_the_key(override, message):
     from megatron_intuitor import config
 
     with pytest.raises(config.ConfigError, match=message):
@@ -237,3 +239,110 @@ def test_fp8_recipe_reaches_megatron_config(monkeypatch, tiny_qwen2):
     hf.intermediate_size = 200  # 200 / TP 1 is not a multiple of 16
     with pytest.raises(ValueError, match="intermediate_size / TP = 200"):
         model_config.transformer_config_from_hf(hf, sizes, fp8="hybrid")
+
+
+# ------------------------------------------------------------------ resume with FusedAdam (7)
+
+class _GroupStepAdam(torch.optim.Optimizer):
+    """Adam as Transformer Engine's FusedAdam keeps it: `step` in each param group, only the
+    moments per parameter, and a state_dict that refuses any other per-parameter key (TE looks
+    every key up in `name_to_dtype_map`)."""
+
+    def __init__(self, params, lr=0.1, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @staticmethod
+    def _check_keys(state):
+        for param_state in state.values():
+            unknown = set(param_state) - {"exp_avg", "exp_avg_sq"}
+            if unknown:
+                raise KeyError(f"unexpected optimizer state {sorted(unknown)}")
+
+    def state_dict(self):
+        self._check_keys(self.state)
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict):
+        self._check_keys(state_dict["state"])
+        super().load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            (beta1, beta2), t = group["betas"], group["step"]
+            for param in group["params"]:
+                state = self.state[param]
+                if not state:
+                    state.update(exp_avg=torch.zeros_like(param),
+                                 exp_avg_sq=torch.zeros_like(param))
+                state["exp_avg"].mul_(beta1).add_(param.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                m_hat = state["exp_avg"] / (1 - beta1 ** t)
+                v_hat = state["exp_avg_sq"] / (1 - beta2 ** t)
+                param.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
+
+
+def test_resume_restores_a_param_group_step(tmp_path):
+    """Defect 7: a FusedAdam-style optimizer resumed with the checkpoint's helpers takes the
+    same next step as the run that never stopped (Adam's bias correction reads the step)."""
+    from megatron_intuitor import checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, generator=gen) for _ in range(4)]
+
+    def optimizer_at(values):
+        param = torch.nn.Parameter(values.clone())
+        return param, SimpleNamespace(optimizer=_GroupStepAdam([param]))
+
+    param, running = optimizer_at(torch.ones(5))
+    for grad in grads[:3]:
+        param.grad = grad
+        running.optimizer.step()
+    steps = checkpoint._adam_steps(running)
+    assert steps == [3.0]
+    saved = copy.deepcopy(running.optimizer.state_dict())  # its tensors are the live state
+
+    resumed_param, resumed = optimizer_at(param.detach())
+    checkpoint._init_empty_adam_states(resumed)  # shapes to load into, no per-parameter step
+    resumed.optimizer.load_state_dict(
+        {"state": saved["state"], "param_groups": [{**g, "step": 0} for g in
+                                                   saved["param_groups"]]})
+    checkpoint._set_adam_steps(resumed, steps, tmp_path)
+    assert resumed.optimizer.param_groups[0]["step"] == 3
+    param.grad = resumed_param.grad = grads[3]
+    running.optimizer.step()
+    resumed.optimizer.step()
+    torch.testing.assert_close(resumed_param.detach(), param.detach(), rtol=0, atol=0)
+
+
+# --------------------------------------------------- memory before the engine starts (6)
+
+def _adam_state_on_rank(rank, world_size, model_dir):
+    from megatron_intuitor import parallel
+    from megatron_intuitor.models.optimizer import build_optimizer, pending_adam_state_bytes
+    from megatron_intuitor.ppo import load_policy
+
+    sizes = parallel.ParallelSizes(1, 1)
+    parallel.init_model_parallel(sizes, seed=1)
+    parallel.warm_up_groups()
+    _, chunks = load_policy(model_dir, sizes)
+    chunks, optimizer = build_optimizer(chunks, 1e-3)
+    before = pending_adam_state_bytes(optimizer)
+    inner = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+    untouched = all(len(opt.state) == 0 for opt in inner)
+    for param in chunks[0].parameters():
+        param.main_grad.fill_(1e-3)
+    optimizer.step()
+    created = sum(value.nbytes for opt in inner for state in opt.state.values()
+                  for name, value in state.items() if name in ("exp_avg", "exp_avg_sq"))
+    return before, created, untouched, pending_adam_state_bytes(optimizer)
+
+
+def test_pending_adam_state_is_what_the_first_step_allocates(tiny_qwen2):
+    """Defect 6: the reserve the engine keeps free equals the moments the first optimizer step
+    creates (counted without creating any state), and nothing once they exist."""
+    (before, created, untouched, after), = run_distributed(_adam_state_on_rank, 1,
+                                                           str(tiny_qwen2))
+    assert untouched and created > 0
+    assert (before, after) == (created, 0)

@@ -54,3 +54,26 @@ def build_optimizer(
     no_sync = [chunk.no_sync for chunk in ddp_chunks]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     return ddp_chunks, optimizer
+
+
+# What the training phase still allocates after the engine is built besides Adam's moments
+# (cuBLAS / TE workspaces, allocator fragmentation): kept free when vLLM sizes itself.
+TRAINING_HEADROOM_BYTES = 2 * 2**30
+
+
+def pending_adam_state_bytes(optimizer) -> int:
+    """Bytes Adam's two fp32 moments will take on this rank once created: torch's Adam and TE's
+    FusedAdam both create them at the first step, after the rollout engine has taken its share
+    of the GPU. Counts the parameters (this rank's shards) that have no state yet."""
+    total = 0
+    for inner in [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]:
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state.get(param):  # .get: indexing would insert into the state
+                    total += 2 * param.numel() * 4
+    return total
+
+
+def training_reserve_bytes(optimizer) -> int:
+    """GPU memory the training phase will still allocate once the rollout engine exists."""
+    return pending_adam_state_bytes(optimizer) + TRAINING_HEADROOM_BYTES

@@ -381,8 +381,11 @@ class RolloutEngine:
             self._llm.sleep(level=level)
 
     def wake_up(self, tags: Optional[list[str]] = None) -> None:
-        """Take the memory back (`tags`: "weights" before a sync, "kv_cache" after)."""
+        """Take the memory back (`tags`: "weights" before a sync, "kv_cache" after). The
+        training phase's cached allocator blocks go back to the driver first: vLLM maps its
+        memory outside torch's allocator, which would otherwise keep them."""
         if on_gpu():
+            torch.cuda.empty_cache()
             self._llm.wake_up(tags)
 
 

@@ -112,6 +112,7 @@ class ActorWorker(Worker):
         self.ref_offload = bool(actor.ref_offload) and on_gpu()
         if self.ref_offload:
             self._move_reference("cpu")
+        parallel.warm_up_groups()  # NCCL communicators take their memory before vLLM sizes
         self.engine = self._build_engine()
         self.engine_asleep = False
         self.direct_sync = self._plan_direct_sync()
@@ -120,6 +121,7 @@ class ActorWorker(Worker):
     # ------------------------------------------------------------------------------- rollout
 
     def _build_engine(self):
+        from megatron_intuitor.models.optimizer import training_reserve_bytes
         from megatron_intuitor.rollout.engine import RolloutEngine
 
         rollout, data = self.cfg.rollout, self.cfg.data
@@ -129,6 +131,7 @@ class ActorWorker(Worker):
                              max_model_len=data.max_prompt_length + data.max_response_length,
                              tensor_parallel_size=rollout.tensor_parallel_size,
                              gpu_memory_utilization=rollout.gpu_memory_utilization,
+                             reserved_gpu_bytes=training_reserve_bytes(self.optimizer),
                              seed=self.cfg.trainer.seed)
 
     def _plan_direct_sync(self):
@@ -175,9 +178,10 @@ class ActorWorker(Worker):
 
     def _release_rollout_memory(self) -> None:
         """Colocation on GPU: the engine frees its weights and KV cache for the training phase
-        (level 2 drops the weights, the sync after the update brings new ones). A no-op on CPU."""
+        (level 2 drops the weights, the sync after the update brings new ones; level 1 keeps
+        them in host memory: `rollout.sleep_level`). A no-op on CPU."""
         if not self.engine_asleep:
-            self.engine.sleep(level=2)
+            self.engine.sleep(level=self.cfg.rollout.sleep_level)
             self.engine_asleep = True
 
     def _move_reference(self, device: str) -> None:
