@@ -116,3 +116,75 @@ def test_monitor_state_round_trip():
     restored.load_state_dict(monitor.state_dict())
     assert _step(restored, 1.0, kl=0.4) == _step(monitor, 1.0, kl=0.4)
     assert restored.validation_signals({"a": (0.3, 7.0)}) == {"val_acc_drop": pytest.approx(0.2)}
+
+
+# ---------------------------------------------------------------- the trainer's guard decisions
+
+
+class _FakeActor:
+    def __init__(self):
+        self.loaded, self.saved = [], []
+
+    def load_checkpoint(self, path):
+        self.loaded.append(path)
+        return {}
+
+    def save_checkpoint(self, root, step, extra, keep_last, keep_steps=()):
+        self.saved.append((step, keep_last, keep_steps, extra["best"]))
+
+
+class _FakeLogger:
+    def __init__(self):
+        self.alerts = []
+
+    def alert(self, step, title, text):
+        self.alerts.append((step, title, text))
+
+
+class _FakeLoader:
+    def state_dict(self):
+        return {}
+
+
+def _trainer(tmp_path, *overrides):
+    from types import SimpleNamespace
+
+    from megatron_intuitor.config import load
+    from megatron_intuitor.trainer import Trainer
+
+    cfg = load([f"trainer.output_dir={tmp_path}", "trainer.guard.max_entropy_drop=0.2",
+                "trainer.best_metric=val/x/acc", *overrides])
+    tokenizer = SimpleNamespace(eos_token_id=1, pad_token_id=0)
+    return Trainer(cfg, None, _FakeActor(), _FakeLoader(), [], _FakeLogger(), tokenizer)
+
+
+DROP = {collapse.signal_name("entropy_drop"): 0.5}
+
+
+def test_rollback_then_continue_until_max_rollbacks(tmp_path):
+    trainer = _trainer(tmp_path, "trainer.guard.action=rollback", "trainer.guard.max_rollbacks=1")
+    assert trainer._is_new_best(2, {"val/x/acc": 0.25}) and trainer.best == {"step": 2,
+                                                                           "value": 0.25}
+    assert not trainer._is_new_best(4, {"val/x/acc": 0.25})  # not better: the first stays
+    assert not trainer._is_new_best(5, {"actor/entropy": 1.0})  # no validation this step
+    trainer.save(4)
+    assert trainer.actor.saved == [(4, 2, (2,), {"step": 2, "value": 0.25})]
+    assert trainer._guard(5, DROP) is False  # rolled back, continues
+    assert trainer.actor.loaded == [str(tmp_path / "checkpoints" / "step_2")]
+    assert trainer.logger.alerts[0] == (5, "INTUITOR collapse alarm",
+                                        "collapse alarm at step 5: intuitor/collapse/entropy_drop"
+                                        " = 0.5 > threshold 0.2")
+    assert "rolled back to" in trainer.logger.alerts[1][2]
+    assert trainer._guard(6, {collapse.signal_name("entropy_drop"): 0.1}) is False  # no alarm
+    assert trainer._guard(7, DROP) is True  # max_rollbacks reached: stops
+    assert "cannot roll back (1 rollback(s) already" in trainer.logger.alerts[-1][2]
+    assert len(trainer.actor.loaded) == 1
+
+
+def test_rollback_without_a_best_checkpoint_stops_and_warn_never_acts(tmp_path):
+    trainer = _trainer(tmp_path, "trainer.guard.action=rollback")
+    assert trainer._guard(3, DROP) is True
+    assert "cannot roll back (no best checkpoint yet)" in trainer.logger.alerts[-1][2]
+    warn = _trainer(tmp_path, "trainer.guard.action=warn")
+    assert warn._guard(3, DROP) is False and len(warn.logger.alerts) == 1
+    assert warn.actor.loaded == []
