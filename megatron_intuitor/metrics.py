@@ -191,26 +191,40 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path,
                 keys: Optional[Iterable[str]] = None) -> Path:
     """Draw one panel per metric (default: `MAIN_CURVES` and every val/*/acc) against the step
     into a PNG; metrics absent from the file are skipped, none present is an error."""
+    return plot_runs({"": jsonl_path}, png_path, keys)
+
+
+def plot_runs(runs: Mapping[str, str | Path], png_path: str | Path,
+              keys: Optional[Iterable[str]] = None) -> Path:
+    """`plot_curves` with several runs overlaid, one line per `{label: metrics.jsonl}` (a
+    legend when labels are given); the default keys are those of the first run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    series = read_metrics(jsonl_path)
+    series = {label: read_metrics(path) for label, path in runs.items()}
+    first = next(iter(series.values()))
     if keys is None:
-        keys = list(MAIN_CURVES) + sorted(k for k in series if k.startswith("val/"))
-    keys = [k for k in keys if k in series]
+        keys = list(MAIN_CURVES) + sorted(k for k in first if k.startswith("val/"))
+    keys = [k for k in keys if any(k in run for run in series.values())]
     if not keys:
-        raise ValueError(f"{jsonl_path}: none of the metrics to plot has a value")
+        raise ValueError(f"{', '.join(map(str, runs.values()))}: none of the metrics to plot "
+                         f"has a value")
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     figure = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")
     FigureCanvasAgg(figure)
     for index, key in enumerate(keys):
         axes = figure.add_subplot(rows, cols, index + 1)
-        steps, values = zip(*series[key])
-        axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
+        for label, run in series.items():
+            if key in run:
+                steps, values = zip(*run[key])
+                axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3,
+                          label=label or None)
         axes.set_title(key, fontsize=10)
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
+        if any(series) and index == 0:
+            axes.legend(fontsize=8)
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png_path, dpi=100)
