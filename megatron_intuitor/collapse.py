@@ -11,7 +11,7 @@ logged as `intuitor/collapse/<signal>` every step, make that visible:
     short_share        share of responses with fewer than `short_tokens` tokens (0 = empty)
     entropy_drop       1 - entropy / (mean entropy of the first `entropy_baseline_steps` steps)
     sc_group_spread    mean over prompt groups of the std of self-certainty (0 = no signal)
-    kl_jump            KL loss / mean KL loss of the previous `kl_window` steps
+    kl_jump            KL loss / mean KL loss of the previous `kl_window` steps (all > 0)
     val_acc_drop       best validation accuracy so far minus the current one, while validation
                        self-certainty is above its value at that best (reward up, accuracy down)
 
@@ -207,8 +207,8 @@ class CollapseMonitor:
                      self_certainty: torch.Tensor, group_index: Sequence[int] | torch.Tensor,
                      entropy: float, kl: Optional[float]) -> dict[str, float]:
         """The training-step signals {signal: value}; a signal without enough history yet
-        (entropy_drop in its baseline steps, kl_jump in its first window or while the previous
-        KL is 0, e.g. at KL coefficient 0) is left out."""
+        (entropy_drop in its baseline steps, kl_jump until `kl_window` previous steps all had a
+        KL above 0) is left out; `kl` None (no KL loss) leaves kl_jump out."""
         cfg = self.config
         repetitive, mean_ratio = repetition(responses, cfg.ngram, cfg.repetitive_ratio)
         signals = {
@@ -225,10 +225,10 @@ class CollapseMonitor:
             if baseline > 0:
                 signals["entropy_drop"] = 1.0 - float(entropy) / baseline
         if kl is not None:
-            if len(self._kls) == cfg.kl_window:
-                previous = sum(self._kls) / len(self._kls)
-                if previous > 0:
-                    signals["kl_jump"] = float(kl) / previous
+            # KL starts at 0 (policy = reference): a ratio to a window holding those first
+            # near-zero steps would be large in any run, so it waits for a window of KL > 0
+            if len(self._kls) == cfg.kl_window and min(self._kls) > 0:
+                signals["kl_jump"] = float(kl) / (sum(self._kls) / len(self._kls))
             self._kls = (self._kls + [float(kl)])[-cfg.kl_window:]
         return signals
 

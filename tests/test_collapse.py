@@ -48,23 +48,25 @@ def _step(monitor, entropy, kl=None, responses=([1, 2, 3],) * 4):
 def test_entropy_drop_relative_to_first_steps_and_kl_jump():
     monitor = collapse.CollapseMonitor(collapse.CollapseConfig(entropy_baseline_steps=2,
                                                                kl_window=2))
-    first = _step(monitor, entropy=4.0, kl=0.0)
+    first = _step(monitor, entropy=4.0, kl=0.005)
     assert "entropy_drop" not in first and "kl_jump" not in first
     assert first["sc_group_spread"] == pytest.approx((math.sqrt(0.5) + math.sqrt(2)) / 2)
     second = _step(monitor, entropy=2.0, kl=0.01)
     assert "entropy_drop" not in second and "kl_jump" not in second  # window not full yet
     third = _step(monitor, entropy=1.5, kl=0.02)
     assert third["entropy_drop"] == pytest.approx(1 - 1.5 / 3.0)  # baseline (4 + 2) / 2
-    assert third["kl_jump"] == pytest.approx(0.02 / 0.005)  # previous window (0, 0.01)
+    assert third["kl_jump"] == pytest.approx(0.02 / 0.0075)  # previous window (0.005, 0.01)
     fourth = _step(monitor, entropy=3.0, kl=0.15)
     assert fourth["entropy_drop"] == pytest.approx(0.0)
     assert fourth["kl_jump"] == pytest.approx(0.15 / 0.015)  # window (0.01, 0.02)
 
 
-def test_kl_jump_left_out_while_previous_kl_is_zero():
-    monitor = collapse.CollapseMonitor(collapse.CollapseConfig(kl_window=1))
-    _step(monitor, 1.0, kl=0.0)
-    assert "kl_jump" not in _step(monitor, 1.0, kl=0.3)
+def test_kl_jump_waits_for_a_window_without_zero_kl():
+    monitor = collapse.CollapseMonitor(collapse.CollapseConfig(kl_window=2))
+    _step(monitor, 1.0, kl=0.0)  # the first step: policy = reference
+    _step(monitor, 1.0, kl=0.01)
+    assert "kl_jump" not in _step(monitor, 1.0, kl=0.3)  # window (0, 0.01) holds a zero
+    assert _step(monitor, 1.0, kl=0.6)["kl_jump"] == pytest.approx(0.6 / 0.155)
 
 
 def test_val_acc_drop_only_while_self_certainty_rises():
