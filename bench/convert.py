@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 GiB = 2**30
 SETTLE_S = 10.0  # freed memory goes back to the host over ~10 s here (see above)

@@ -23,7 +23,7 @@ import time
 import torch
 
 from megatron_intuitor.batch import MicroBatching
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 TEMPERATURE = 1.0
 REPEATS = 3
@@ -53,11 +53,10 @@ def _batch(vocab_size: int):
         ids = torch.randint(0, vocab_size, (length,), generator=gen).tolist()
         samples.append(RolloutSample(row // 4, ids[:PROMPT], ids[PROMPT:], "", "stop",
                                      [0.0] * (length - PROMPT)))
-    batch = batch_from_rollouts(samples, pad_token_id=0)
-    batch.advantages = torch.randn(len(LENGTHS), generator=gen)
-    batch.old_log_probs = torch.where(batch.response_mask, -2.0, 0.0)
-    batch.ref_log_probs = batch.old_log_probs.clone()
-    return batch
+    rollouts = batch_from_rollouts(samples, pad_token_id=0)
+    old_log_probs = torch.where(rollouts.response_mask, -2.0, 0.0)
+    return rollouts.for_update(torch.randn(len(LENGTHS), generator=gen), old_log_probs,
+                               old_log_probs.clone())
 
 
 def _seconds_on_rank(rank: int, world_size: int, model_dir: str, pp: int,
@@ -65,8 +64,9 @@ def _seconds_on_rank(rank: int, world_size: int, model_dir: str, pp: int,
     """{mode: {"score_s", "ppo_s"}}; each mode is (batching, variable_seq_lengths)."""
     from megatron_intuitor.models.forward import score_batch
     from megatron_intuitor.models.optimizer import build_optimizer
+    from megatron_intuitor.models.policy import load_policy
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
-    from megatron_intuitor.ppo import PPOSettings, load_policy, ppo_forward_backward
+    from megatron_intuitor.ppo import PPOSettings, ppo_forward_backward
 
     sizes = ParallelSizes(1, pp)
     init_model_parallel(sizes, seed=1)

@@ -38,8 +38,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_intuitor.local_ranks import run_distributed
 from megatron_intuitor.scoring import vocab_parallel_token_scores
-from megatron_intuitor.testing import run_distributed
 
 VOCAB = 152064  # Qwen2.5 lm_head width: divisible by 128 * 2, so no padding at TP=2
 TP = 2

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)

@@ -14,41 +14,56 @@ from typing import Callable, Optional, Sequence
 import torch
 
 
-@dataclass
-class TrainingBatch:
+@dataclass(frozen=True)
+class RolloutBatch:
+    """The step's sampled responses as token tensors, before anything is scored."""
+
     input_ids: torch.Tensor  # [B, L] long, pad-filled after the last real token
     response_mask: torch.Tensor  # [B, L] bool: token t is a response token
     lengths: torch.Tensor  # [B] long: prompt + response tokens
     group_index: torch.Tensor  # [B] long: the prompt a response answers (GRPO group)
     rollout_log_probs: torch.Tensor  # [B, L] float: engine log-prob of token t (0 off-response)
-    # Filled in by the controller before the update:
-    advantages: Optional[torch.Tensor] = None  # [B]
-    old_log_probs: Optional[torch.Tensor] = None  # [B, L] the rollout-time policy
-    ref_log_probs: Optional[torch.Tensor] = None  # [B, L] the reference model
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def _map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> "TrainingBatch":
-        return TrainingBatch(**{f.name: None if getattr(self, f.name) is None
-                                else fn(f.name, getattr(self, f.name)) for f in fields(self)})
+    def _map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]):
+        return type(self)(**{f.name: None if getattr(self, f.name) is None
+                             else fn(f.name, getattr(self, f.name)) for f in fields(self)})
 
-    def select(self, index: torch.Tensor | slice) -> "TrainingBatch":
+    def select(self, index: torch.Tensor | slice):
+        """The rows `index`, as a batch of the same kind."""
         return self._map(lambda _, tensor: tensor[index])
 
-    def trimmed(self) -> "TrainingBatch":
+    def trimmed(self):
         """Drop the padding columns no row needs (after selecting a subset of rows)."""
         width = int(self.lengths.max())
         return self._map(lambda name, tensor: tensor[:, :width] if name in _TOKEN_FIELDS
                          else tensor)
+
+    def for_update(self, advantages: torch.Tensor, old_log_probs: torch.Tensor,
+                   ref_log_probs: Optional[torch.Tensor]) -> "TrainingBatch":
+        """These rollouts with what the PPO update needs besides them."""
+        return TrainingBatch(**{f.name: getattr(self, f.name) for f in fields(RolloutBatch)},
+                             advantages=advantages, old_log_probs=old_log_probs,
+                             ref_log_probs=ref_log_probs)
+
+
+@dataclass(frozen=True)
+class TrainingBatch(RolloutBatch):
+    """Rollouts plus their advantages and pre-update log-probs: what one PPO update reads."""
+
+    advantages: torch.Tensor  # [B]
+    old_log_probs: torch.Tensor  # [B, L] the rollout-time policy
+    ref_log_probs: Optional[torch.Tensor]  # [B, L] the reference model; None without a KL term
 
 
 _TOKEN_FIELDS = {"input_ids", "response_mask", "rollout_log_probs", "old_log_probs",
                  "ref_log_probs"}
 
 
-def batch_from_rollouts(samples: Sequence, pad_token_id: int) -> TrainingBatch:
-    """Pack `RolloutSample`s (prompt/response ids, per-token log-probs) into a TrainingBatch."""
+def batch_from_rollouts(samples: Sequence, pad_token_id: int) -> RolloutBatch:
+    """Pack `RolloutSample`s (prompt/response ids, per-token log-probs) into a RolloutBatch."""
     if not samples:
         raise ValueError("no rollouts to train on")
     lengths = [len(s.prompt_token_ids) + len(s.response_token_ids) for s in samples]
@@ -62,13 +77,13 @@ def batch_from_rollouts(samples: Sequence, pad_token_id: int) -> TrainingBatch:
         response_mask[row, prompt_len:end] = True
         rollout_log_probs[row, prompt_len:end] = torch.tensor(sample.log_probs,
                                                               dtype=torch.float32)
-    return TrainingBatch(input_ids=input_ids, response_mask=response_mask,
-                         lengths=torch.tensor(lengths),
-                         group_index=torch.tensor([s.prompt_index for s in samples]),
-                         rollout_log_probs=rollout_log_probs)
+    return RolloutBatch(input_ids=input_ids, response_mask=response_mask,
+                        lengths=torch.tensor(lengths),
+                        group_index=torch.tensor([s.prompt_index for s in samples]),
+                        rollout_log_probs=rollout_log_probs)
 
 
-def data_parallel_shard(batch: TrainingBatch, dp_rank: int, dp_size: int) -> TrainingBatch:
+def data_parallel_shard(batch: RolloutBatch, dp_rank: int, dp_size: int) -> RolloutBatch:
     """This DP rank's contiguous share of the rows (the controller checks divisibility)."""
     if len(batch) % dp_size:
         raise ValueError(f"batch of {len(batch)} rollouts does not split over {dp_size} "
@@ -119,7 +134,7 @@ class MicroBatching:
         return [torch.tensor(rows) for rows in groups]
 
 
-def group_mini_batches(batch: TrainingBatch, prompts_per_mini_batch: int,
+def group_mini_batches(batch: RolloutBatch, prompts_per_mini_batch: int,
                        generator: torch.Generator) -> list[torch.Tensor]:
     """Row indices of the PPO mini-batches: whole prompt groups (a group's responses share one
     z-score), in a seeded random order, `prompts_per_mini_batch` groups each."""

@@ -136,6 +136,7 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
     continues its own streams exactly); otherwise they are left alone with a warning."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron.core.utils import unwrap_model
 
     path = Path(path)
     state = read_trainer_state(path)
@@ -162,7 +163,7 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
         loaded = dist_checkpointing.load(sharded, str(path),
                                          strict=StrictHandling.RAISE_UNEXPECTED)
         for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
-            _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+            unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
 
@@ -366,14 +367,6 @@ def _step_dirs(root: Path) -> Iterator[tuple[int, Path]]:
 # State dicts
 # --------------------------------------------------------------------------------------------
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    # DDP / Float16Module wrappers would prefix every key with "module."; unwrapped keys are the
-    # same for the trainer's wrapped chunks and the converter's bare ones.
-    from megatron.core.utils import unwrap_model
-
-    return unwrap_model(chunk)
-
-
 def _model_keys(num_chunks: int) -> list[str]:
     # Megatron's convention; the ShardedTensor keys inside are global, so a checkpoint saved
     # with one chunk loads into several (VPP) and back.
@@ -382,9 +375,13 @@ def _model_keys(num_chunks: int) -> list[str]:
 
 def _sharded_state_dict(model_chunks: Sequence[torch.nn.Module], optimizer: Any,
                         is_loading: bool) -> dict:
+    # DDP / Float16Module wrappers would prefix every key with "module."; unwrapped keys are the
+    # same for the trainer's wrapped chunks and the converter's bare ones.
+    from megatron.core.utils import unwrap_model
+
     if not model_chunks:
         raise ValueError("model_chunks is empty")
-    sharded = {key: _unwrap(chunk).sharded_state_dict()
+    sharded = {key: unwrap_model(chunk).sharded_state_dict()
                for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks)}
     if optimizer is not None:
         model_sharded: dict = {}

@@ -152,27 +152,27 @@ def distinct_ngram_ratio(token_ids: Sequence[int], n: int) -> float:
     return len({tokens[i:i + n] for i in range(count)}) / count
 
 
-def repetition(responses: Sequence[Sequence[int]], n: int,
-               ratio_threshold: float) -> tuple[float, float]:
-    """(share of responses with a distinct n-gram ratio below `ratio_threshold`, mean ratio)."""
-    if not responses:
+def repetition(ratios: Sequence[float], ratio_threshold: float) -> tuple[float, float]:
+    """(share of responses whose distinct n-gram ratio is below `ratio_threshold`, mean ratio)
+    from the responses' `distinct_ngram_ratio`s."""
+    if not len(ratios):
         raise ValueError("no responses")
-    ratios = [distinct_ngram_ratio(ids, n) for ids in responses]
+    ratios = [float(r) for r in ratios]
     return sum(r < ratio_threshold for r in ratios) / len(ratios), sum(ratios) / len(ratios)
 
 
-def share_truncated(finish_reasons: Sequence[str]) -> float:
+def share_truncated(truncated: Sequence[bool]) -> float:
     """Share of responses the engine stopped at max_tokens (finish reason "length")."""
-    if not finish_reasons:
+    if not len(truncated):
         raise ValueError("no responses")
-    return sum(reason == "length" for reason in finish_reasons) / len(finish_reasons)
+    return sum(bool(t) for t in truncated) / len(truncated)
 
 
 def share_short(lengths: Sequence[int], short_tokens: int) -> float:
     """Share of responses with fewer than `short_tokens` tokens."""
-    if not lengths:
+    if not len(lengths):
         raise ValueError("no responses")
-    return sum(length < short_tokens for length in lengths) / len(lengths)
+    return sum(int(length) < short_tokens for length in lengths) / len(lengths)
 
 
 def group_spread(rewards: torch.Tensor, group_index: Sequence[int] | torch.Tensor) -> float:
@@ -203,19 +203,22 @@ class CollapseMonitor:
         self._kls: list[float] = []  # the last kl_window steps
         self._best_val: dict[str, tuple[float, float]] = {}  # dataset -> (acc, self-cert.)
 
-    def step_signals(self, responses: Sequence[Sequence[int]], finish_reasons: Sequence[str],
-                     self_certainty: torch.Tensor, group_index: Sequence[int] | torch.Tensor,
-                     entropy: float, kl: Optional[float]) -> dict[str, float]:
+    def step_signals(self, distinct_ngram: Sequence[float], truncated: Sequence[bool],
+                     response_lengths: Sequence[int], self_certainty: torch.Tensor,
+                     group_index: Sequence[int] | torch.Tensor, entropy: float,
+                     kl: Optional[float]) -> dict[str, float]:
         """The training-step signals {signal: value}; a signal without enough history yet
         (entropy_drop in its baseline steps, kl_jump until `kl_window` previous steps all had a
-        KL above 0) is left out; `kl` None (no KL loss) leaves kl_jump out."""
+        KL above 0) is left out; `kl` None (no KL loss) leaves kl_jump out. Per response:
+        `distinct_ngram` its `distinct_ngram_ratio` with n = `config.ngram` (computed where the
+        token ids are), `truncated` whether it was cut at max_tokens, `response_lengths`."""
         cfg = self.config
-        repetitive, mean_ratio = repetition(responses, cfg.ngram, cfg.repetitive_ratio)
+        repetitive, mean_ratio = repetition(distinct_ngram, cfg.repetitive_ratio)
         signals = {
             "repetitive_share": repetitive,
             "distinct_ngram": mean_ratio,
-            "truncated_share": share_truncated(finish_reasons),
-            "short_share": share_short([len(ids) for ids in responses], cfg.short_tokens),
+            "truncated_share": share_truncated(truncated),
+            "short_share": share_short(response_lengths, cfg.short_tokens),
             "sc_group_spread": group_spread(self_certainty, group_index),
         }
         if len(self._entropies) < cfg.entropy_baseline_steps:

@@ -19,8 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from megatron_intuitor.algorithm import COV_POLICY_LOSSES
 from megatron_intuitor.collapse import CollapseConfig, CollapseConfigError
-from megatron_intuitor.data.datasets import FORMATS as DATA_FORMATS
-from megatron_intuitor.workers.group import PLACEMENT_STRATEGIES
+from megatron_intuitor.data.records import FORMATS as DATA_FORMATS
 
 if TYPE_CHECKING:
     from megatron_intuitor.parallel import ParallelSizes
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 ALGORITHMS = ("intuitor", "grpo", "hybrid")
-KL_TYPES = ("low_var_kl", "kl", "mse")
+KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")  # algorithm.kl_penalty's
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
 FP8_RECIPES = (None, "hybrid", "e4m3")
@@ -39,6 +38,7 @@ FP8_SCALING_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
 FP8_AMAX_REDUCTIONS = ("tp", "tp_dp")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's
 LOGGER_BACKENDS = ("console", "jsonl", "wandb")
 HYBRID_WEIGHT_KEYS = ("self_certainty", "verifiable")
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")  # what data.datasets.read_rows reads
@@ -146,30 +146,16 @@ class Schedule(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Layout:
-    """What the config implies for ranks and batches, computed in one place."""
+class RankLayout:
+    """How the ranks are laid out, computed in one place."""
 
     device: str
-    nnodes: int
-    ranks_per_node: int
     world_size: int
     tensor_parallel: int
     pipeline_parallel: int
     virtual_pipeline_parallel: Optional[int]
     data_parallel: int
-    prompts_per_step: int
-    responses_per_step: int  # prompts x rollout.n
-    responses_per_rank: int  # per data-parallel rank and step
-    mini_batches_per_step: int  # optimizer steps per PPO epoch
-    ppo_epochs: int
-    mini_batch_responses_per_rank: int
-    # Fixed micro-batching only (None with actor.use_dynamic_bsz):
-    micro_batches_per_mini_batch: Optional[int]
-    log_prob_micro_batches_per_step: Optional[int]
-
-    @property
-    def optimizer_steps_per_step(self) -> int:
-        return self.mini_batches_per_step * self.ppo_epochs
+    optimizer_steps_per_step: int  # mini-batches per step x PPO epochs
 
     def parallel_sizes(self) -> ParallelSizes:
         from megatron_intuitor.parallel import ParallelSizes
@@ -178,7 +164,7 @@ class Layout:
                              self.virtual_pipeline_parallel)
 
 
-def derive_layout(cfg: DictConfig) -> Layout:
+def derive_layout(cfg: DictConfig) -> RankLayout:
     """The sizes that follow from `cfg`; ConfigError if they do not divide evenly."""
     actor, trainer = cfg.actor, cfg.trainer
     problems: list[str] = []
@@ -200,7 +186,6 @@ def derive_layout(cfg: DictConfig) -> Layout:
         problems.append(f"actor.ppo_mini_batch_size x rollout.n = {mini} x {n} responses is not "
                         f"divisible by the data-parallel size {dp}")
     mini_per_rank = mini * n // dp
-    micro_per_mini = log_prob_micro = None
     if not actor.use_dynamic_bsz:
         micro, log_prob = (actor.ppo_micro_batch_size_per_gpu,
                            actor.log_prob_micro_batch_size_per_gpu)
@@ -212,19 +197,14 @@ def derive_layout(cfg: DictConfig) -> Layout:
             problems.append(f"actor.log_prob_micro_batch_size_per_gpu={log_prob} does not divide "
                             f"the {responses // dp} responses per step on each of the {dp} "
                             f"data-parallel ranks (data.prompts_per_step x rollout.n / DP)")
-        micro_per_mini, log_prob_micro = mini_per_rank // micro, responses // dp // log_prob
     if problems:
         raise ConfigError(problems)
-    return Layout(
-        device=trainer.device, nnodes=trainer.nnodes, ranks_per_node=trainer.n_gpus_per_node,
-        world_size=world_size, tensor_parallel=actor.tensor_model_parallel_size,
+    return RankLayout(
+        device=trainer.device, world_size=world_size,
+        tensor_parallel=actor.tensor_model_parallel_size,
         pipeline_parallel=actor.pipeline_model_parallel_size,
         virtual_pipeline_parallel=actor.virtual_pipeline_model_parallel_size, data_parallel=dp,
-        prompts_per_step=prompts, responses_per_step=responses, responses_per_rank=responses // dp,
-        mini_batches_per_step=prompts // mini, ppo_epochs=actor.ppo_epochs,
-        mini_batch_responses_per_rank=mini_per_rank,
-        micro_batches_per_mini_batch=micro_per_mini,
-        log_prob_micro_batches_per_step=log_prob_micro)
+        optimizer_steps_per_step=prompts // mini * actor.ppo_epochs)
 
 
 def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
@@ -239,6 +219,83 @@ def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
     optimizer_steps = training_steps * derive_layout(cfg).optimizer_steps_per_step
     warmup_steps = math.ceil(cfg.actor.lr_warmup_ratio * optimizer_steps)
     return Schedule(training_steps, optimizer_steps, warmup_steps)
+
+
+@dataclass(frozen=True)
+class ActorSettings:
+    """Everything an actor rank reads of the run's configuration, built once on the controller
+    (`actor_settings`) and handed to every rank: the ranks never see the raw config."""
+
+    layout: RankLayout
+    schedule: Schedule
+    seed: int
+    # the model
+    precision: str  # fp32 / bf16
+    fp8: Optional[str]
+    fp8_recipe: str
+    fp8_amax_reduction: str
+    recompute: bool
+    keep_reference: bool  # a frozen reference model for the KL term (algorithm.kl_coef > 0)
+    ref_offload: bool
+    # the optimizer
+    lr: float
+    lr_scheduler: str
+    weight_decay: float
+    grad_clip: float
+    # the PPO update
+    ppo_epochs: int
+    ppo_mini_batch_prompts: int
+    ppo_micro_batch_size: int
+    log_prob_micro_batch_size: int
+    max_tokens_per_micro_batch: int  # > 0: token-budget micro-batches (actor.use_dynamic_bsz)
+    packed: bool  # sequence packing (actor.use_remove_padding)
+    temperature: float
+    clip_ratio: float
+    kl_coef: float
+    kl_type: str
+    entropy_coef: float
+    tis_cap: Optional[float]
+    policy_loss: str  # ppo | clip_cov | kl_cov
+    cov_select_ratio: float
+    cov_clip_lower: float
+    cov_clip_upper: float
+    cov_kl_coef: float
+    # the rollout engine
+    rollout_dtype: str  # a precision or a torch dtype name
+    max_model_len: int
+    rollout_tensor_parallel: int
+    gpu_memory_utilization: float
+    sleep_level: int  # the engine's sleep in the training phase (GPU)
+    weight_sync_bucket_bytes: int
+    pad_token_id: int
+
+
+def actor_settings(cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> ActorSettings:
+    """The ranks' settings from a validated config and the run's schedule."""
+    actor, algorithm, rollout, data = cfg.actor, cfg.algorithm, cfg.rollout, cfg.data
+    return ActorSettings(
+        layout=derive_layout(cfg), schedule=schedule, seed=cfg.trainer.seed,
+        precision=actor.precision, fp8=actor.fp8, fp8_recipe=actor.fp8_recipe,
+        fp8_amax_reduction=actor.fp8_amax_reduction, recompute=actor.recompute,
+        keep_reference=algorithm.kl_coef > 0, ref_offload=actor.ref_offload,
+        lr=actor.lr, lr_scheduler=actor.lr_scheduler, weight_decay=actor.weight_decay,
+        grad_clip=actor.grad_clip, ppo_epochs=actor.ppo_epochs,
+        ppo_mini_batch_prompts=actor.ppo_mini_batch_size,
+        ppo_micro_batch_size=actor.ppo_micro_batch_size_per_gpu,
+        log_prob_micro_batch_size=actor.log_prob_micro_batch_size_per_gpu,
+        max_tokens_per_micro_batch=actor.max_tokens_per_gpu if actor.use_dynamic_bsz else 0,
+        packed=actor.use_remove_padding, temperature=rollout.temperature,
+        clip_ratio=algorithm.clip_ratio, kl_coef=algorithm.kl_coef, kl_type=algorithm.kl_type,
+        entropy_coef=algorithm.entropy_coef, tis_cap=rollout.tis_cap,
+        policy_loss=algorithm.policy_loss, cov_select_ratio=algorithm.cov.select_ratio,
+        cov_clip_lower=algorithm.cov.clip_lower, cov_clip_upper=algorithm.cov.clip_upper,
+        cov_kl_coef=algorithm.cov.kl_coef,
+        rollout_dtype=actor.precision if rollout.dtype == "auto" else rollout.dtype,
+        max_model_len=data.max_prompt_length + data.max_response_length,
+        rollout_tensor_parallel=rollout.tensor_parallel_size,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        sleep_level=rollout.sleep_level, weight_sync_bucket_bytes=int(rollout.weight_sync_bucket_mb * 2**20),
+        pad_token_id=pad_token_id)
 
 
 # --------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class MetricsLogger:
       `<run_dir>/wandb`, the run id kept in `<run_dir>/wandb_run_id` so a resumed run continues
       the same W&B run.
     Always: `<log_dir>/<experiment>_<timestamp>.log`, a python-logging file that takes every
-    `megatron_intuitor.*` log record, each step's full metrics included.
+    `megatron_intuitor.*` log record, each step's full metrics included; and `plot_curves`.
     """
 
     def __init__(self, run_dir: str | Path, experiment: str,
@@ -87,6 +87,7 @@ class MetricsLogger:
         self.log_path = Path(log_dir) / f"{experiment}_{time.strftime('%Y%m%d_%H%M%S')}.log"
         self._file_handler = self._attach_log_file(self.log_path)
         self.jsonl_path = self.run_dir / "metrics.jsonl" if "jsonl" in backends else None
+        self._logged: dict[str, dict[int, float]] = {}  # this process's steps, for plot_curves
         self._console = None
         if "console" in backends:
             from rich.console import Console
@@ -124,6 +125,9 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         values = {name: _number(name, value) for name, value in metrics.items()}
+        for name, value in values.items():
+            if math.isfinite(value):
+                self._logged.setdefault(name, {})[step] = value
         if self.jsonl_path is not None:
             row = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
             with open(self.jsonl_path, "a", encoding="utf-8") as out:
@@ -158,6 +162,16 @@ class MetricsLogger:
         return f"[bold cyan]step {step}[/] " + "  ".join(
             f"[dim]{label}[/] {value:.4g}" for label, value in columns)
 
+    def plot_curves(self, png_path: str | Path, keys: Optional[Iterable[str]] = None) -> Path:
+        """The curves of `keys` (default: the main ones) as a PNG: from the JSONL (a resumed
+        run's earlier steps included), or without the jsonl backend from the steps this logger
+        logged."""
+        if self.jsonl_path is not None:
+            return plot_curves(self.jsonl_path, png_path, keys)
+        return _plot_series({"": {name: sorted(points.items())
+                                  for name, points in self._logged.items()}},
+                            png_path, keys, f"experiment {self.experiment}")
+
     def close(self) -> None:
         if self._wandb_run is not None:
             self._wandb_run.finish()
@@ -191,39 +205,45 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path,
                 keys: Optional[Iterable[str]] = None) -> Path:
     """Draw one panel per metric (default: `MAIN_CURVES` and every val/*/acc) against the step
     into a PNG; metrics absent from the file are skipped, none present is an error."""
-    return plot_runs({"": jsonl_path}, png_path, keys)
+    return _plot_series({"": read_metrics(jsonl_path)}, png_path, keys, str(jsonl_path))
 
 
 def plot_runs(runs: Mapping[str, str | Path], png_path: str | Path,
               keys: Optional[Iterable[str]] = None) -> Path:
-    """`plot_curves` with several runs overlaid, one line per `{label: metrics.jsonl}` (a
-    legend when labels are given); the default keys are those of the first run."""
+    """`plot_curves` with several runs overlaid, one line per `{label: metrics.jsonl}` and a
+    legend; the default keys are those of the first run."""
+    return _plot_series({label: read_metrics(path) for label, path in runs.items()}, png_path,
+                        keys, ", ".join(map(str, runs.values())))
+
+
+def _plot_series(runs: Mapping[str, Mapping[str, list[tuple[int, float]]]],
+                 png_path: str | Path, keys: Optional[Iterable[str]], source: str) -> Path:
+    """One panel per key, one line per run ({label: {metric: [(step, value)]}}; a legend when
+    the labels are not empty)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    series = {label: read_metrics(path) for label, path in runs.items()}
-    first = next(iter(series.values()))
+    first = next(iter(runs.values()))
     if keys is None:
         keys = list(MAIN_CURVES) + sorted(k for k in first if k.startswith("val/"))
-    keys = [k for k in keys if any(k in run for run in series.values())]
+    keys = [k for k in keys if any(k in series for series in runs.values())]
     if not keys:
-        raise ValueError(f"{', '.join(map(str, runs.values()))}: none of the metrics to plot "
-                         f"has a value")
+        raise ValueError(f"{source}: none of the metrics to plot has a value")
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     figure = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")
     FigureCanvasAgg(figure)
     for index, key in enumerate(keys):
         axes = figure.add_subplot(rows, cols, index + 1)
-        for label, run in series.items():
-            if key in run:
-                steps, values = zip(*run[key])
+        for label, series in runs.items():
+            if key in series:
+                steps, values = zip(*series[key])
                 axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3,
                           label=label or None)
         axes.set_title(key, fontsize=10)
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
-        if any(series) and index == 0:
+        if index == 0 and any(runs):
             axes.legend(fontsize=8)
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,22 +10,19 @@ of the mini-batch however it is cut into micro-batches and laid out (padded or p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-import transformers
 
 from megatron_intuitor import algorithm, metrics
 from megatron_intuitor.batch import MicroBatching, TrainingBatch
 from megatron_intuitor.models.forward import micro_batches, run_pipeline, shifted_token_scores
-from megatron_intuitor.parallel import ParallelSizes
 from megatron_intuitor.platform import device
 
 # Per-micro-batch sums the head reports, reduced over micro-batches and DP, then / tokens.
-_SUMMED = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC, metrics.PG_CLIPFRAC_LOWER,
-           metrics.PPO_KL)
+LOSS_METRICS = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC,
+                metrics.PG_CLIPFRAC_LOWER, metrics.PPO_KL)
 
 
 @dataclass(frozen=True)
@@ -42,26 +39,6 @@ class PPOSettings:
     cov_clip_lower: float = 1.0
     cov_clip_upper: float = 5.0
     cov_kl_coef: float = 1.0
-
-
-def load_policy(model_dir: str | Path, sizes: ParallelSizes, *,
-                params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
-                recompute: bool = False, fp8_recipe: str = "tensorwise",
-                fp8_amax_reduction: str = "tp") -> tuple[transformers.PretrainedConfig, list]:
-    """This rank's Megatron chunks of the HF checkpoint `model_dir`, configured for the PPO
-    update: `calculate_per_token_loss`, so the loss head's sums become an exact token mean."""
-    from megatron_intuitor.models.bridge import load_hf_weights
-    from megatron_intuitor.models.config import (build_model, load_hf_config,
-                                                 transformer_config_from_hf)
-
-    hf_config = load_hf_config(model_dir)
-    config = transformer_config_from_hf(hf_config, sizes, params_dtype=params_dtype, fp8=fp8,
-                                        recompute=recompute, fp8_recipe=fp8_recipe,
-                                        fp8_amax_reduction=fp8_amax_reduction)
-    config.calculate_per_token_loss = True
-    chunks = build_model(hf_config, config)
-    load_hf_weights(chunks, model_dir, hf_config)
-    return hf_config, chunks
 
 
 def _ppo_head(settings: PPOSettings):
@@ -141,7 +118,7 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
     reporting = (parallel_state.is_pipeline_last_stage()
                  and parallel_state.get_tensor_model_parallel_rank() == 0)
     sums = torch.stack([item["sums"] for item in stats]).sum(0) if reporting \
-        else torch.zeros(len(_SUMMED) + 1, device=device())
+        else torch.zeros(len(LOSS_METRICS) + 1, device=device())
     dist.all_reduce(sums)
     tokens = max(float(sums[-1]), 1.0)
-    return {name: float(value) / tokens for name, value in zip(_SUMMED, sums[:-1])}
+    return {name: float(value) / tokens for name, value in zip(LOSS_METRICS, sums[:-1])}

@@ -3,16 +3,18 @@
     for each step:
         rollout      n responses per prompt from the current policy (vLLM, one engine per rank)
         score        old log-probs, entropy and self-certainty: the pre-update policy, one forward
+        (the engines' GPU memory goes to training)
+        score        old log-probs, entropy and self-certainty: the pre-update policy, one forward
         reference    reference log-probs for the KL loss
         advantage    reward = sentence-mean self-certainty, z-scored within each prompt's group
         update       PPO clipped loss + KL to the reference, Megatron distributed optimizer
-        sync         stream the new weights from the Megatron shards into every engine
+        sync         the new weights from the Megatron shards into every engine (its memory back)
     then metrics, validation every k steps, checkpoint every k steps; collapse signals every
     step, and the guards (`trainer.guard`) act on their alarms: warn, stop, or roll back to the
     best checkpoint by `trainer.best_metric`.
 
-The controller holds no model: it owns the data, the advantages and the bookkeeping; the ranks
-(workers/actor.py) own the tensors.
+The controller holds no model and no per-token tensor: it owns the data, the advantages and the
+bookkeeping, and receives one number per response; the ranks (workers/actor.py) own the tensors.
 """
 from __future__ import annotations
 
@@ -28,14 +30,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_intuitor import algorithm, collapse, metrics
-from megatron_intuitor.batch import TrainingBatch, batch_from_rollouts
-from megatron_intuitor.config import Schedule, derive_layout, training_schedule
+from megatron_intuitor.config import Schedule, actor_settings, training_schedule
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
 from megatron_intuitor.evaluation.best_of_n import best_of_n_metrics
-from megatron_intuitor.evaluation.registry import grade_record, validation_metrics
+from megatron_intuitor.evaluation.registry import validation_metrics
 from megatron_intuitor.rollout.engine import SamplingConfig
+from megatron_intuitor.workers.reports import RolloutReport
 
 log = logging.getLogger(__name__)
 
@@ -116,105 +118,90 @@ class Trainer:
         self.rollbacks = 0
 
     def train_step(self, step: int, prompts: list[Prompt]) -> dict[str, float]:
-        """One INTUITOR step: rollout -> score -> advantage -> update -> sync."""
+        """One INTUITOR step: rollout -> score -> advantage -> update -> sync. The step's tokens
+        and per-token log-probs stay on the ranks; only one number per response crosses."""
         cfg, timings = self.cfg, {}
         step_start = time.perf_counter()
+        graded = cfg.algorithm.name != "intuitor"  # grpo / hybrid: the 0/1 answer reward too
         with _timed(timings, "rollout"):
-            samples = self.actor.generate([p.token_ids for p in prompts], self.sampling,
-                                          seed=cfg.trainer.seed * 1_000_003 + step)
-            batch = batch_from_rollouts(samples, self.tokenizer.pad_token_id)
+            rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
+                                          seed=cfg.trainer.seed * 1_000_003 + step,
+                                          records=[p.record for p in prompts] if graded else None,
+                                          ngram=self.guard.ngram)
+        with _timed(timings, "release_rollout_memory"):  # GPU: the engines' memory to training
+            self.actor.release_rollout_memory()
         with _timed(timings, "old_log_prob"):  # the rollout-time policy: never a frozen scorer
-            scores = self.actor.compute_log_probs(batch)
-        with _timed(timings, "ref"):
-            ref_log_probs = self.actor.compute_ref_log_probs(batch) \
-                if cfg.algorithm.kl_coef > 0 else None
+            scores = self.actor.score()
+        if cfg.algorithm.kl_coef > 0:
+            with _timed(timings, "ref"):
+                self.actor.score_reference()
         with _timed(timings, "advantage"):
-            self_certainty = algorithm.sequence_rewards_from_self_certainty(
-                scores["self_certainty"], batch.response_mask)
-            advantages = self._advantages(self_certainty, samples, prompts, batch)
+            advantages = self._advantages(scores.self_certainty, rollouts)
         with _timed(timings, "update"):
-            batch.advantages, batch.old_log_probs = advantages, scores["log_probs"]
-            batch.ref_log_probs = ref_log_probs
-            update_metrics = self.actor.update_policy(batch, step)
-        with _timed(timings, "weight_sync"):
+            update_metrics = self.actor.update_policy(advantages, step)
+        with _timed(timings, "weight_sync"):  # the engines' memory back, with the new weights
             self.actor.sync_weights()
         elapsed = time.perf_counter() - step_start
-        mask = batch.response_mask
-        logprob_diff = (scores["log_probs"] - batch.rollout_log_probs).abs()
-        entropy = algorithm.masked_token_mean(scores["entropy"], mask)
+        response_tokens = rollouts.response_lengths.sum().clamp(min=1)
+        entropy = scores.entropy_sum.sum() / response_tokens
         signals = self.monitor.step_signals(
-            [s.response_token_ids for s in samples], [s.finish_reason for s in samples],
-            self_certainty, batch.group_index, float(entropy),
+            rollouts.distinct_ngram, rollouts.truncated, rollouts.response_lengths,
+            scores.self_certainty, rollouts.group_index, float(entropy),
             update_metrics.get(metrics.KL_LOSS) if cfg.algorithm.kl_coef > 0 else None)
         return {
-            metrics.SELF_CERTAINTY_MEAN: self_certainty.mean(),
-            metrics.SELF_CERTAINTY_STD: self_certainty.std(),
+            metrics.SELF_CERTAINTY_MEAN: scores.self_certainty.mean(),
+            metrics.SELF_CERTAINTY_STD: scores.self_certainty.std(),
             metrics.ENTROPY: entropy,
             metrics.ADVANTAGES_MEAN: advantages.mean(),
-            metrics.RESPONSE_LENGTH_MEAN: mask.sum(-1).float().mean(),
-            metrics.ROLLOUT_LOGPROB_DIFF: algorithm.masked_token_mean(logprob_diff, mask),
-            metrics.THROUGHPUT: float(batch.lengths.sum()) / elapsed,
+            metrics.RESPONSE_LENGTH_MEAN: rollouts.response_lengths.float().mean(),
+            metrics.ROLLOUT_LOGPROB_DIFF: scores.logprob_diff_sum.sum() / response_tokens,
+            metrics.THROUGHPUT: float(rollouts.lengths.sum()) / elapsed,
             **update_metrics,
             **{metrics.timing(phase): seconds for phase, seconds in timings.items()},
             metrics.timing("step"): elapsed,
             **{collapse.signal_name(name): value for name, value in signals.items()},
         }
 
-    def _advantages(self, self_certainty: torch.Tensor, samples, prompts: list[Prompt],
-                    batch: TrainingBatch) -> torch.Tensor:
+    def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport) -> torch.Tensor:
         """Per-response advantages for `algorithm.name`: intuitor (self-certainty), grpo
         (verifiable 0/1 reward) or hybrid (weighted sum of the separately z-scored two)."""
-        name, group = self.cfg.algorithm.name, batch.group_index
-        if name == "intuitor":
-            return algorithm.grpo_advantages(self_certainty, group)
-        correct = torch.tensor([float(grade_record(prompts[s.prompt_index].record, s.text))
-                                for s in samples])
-        if name == "grpo":
-            return algorithm.grpo_advantages(correct, group)
-        weights = self.cfg.algorithm.hybrid_weights
-        return algorithm.hybrid_advantages(
-            {"self_certainty": self_certainty, "verifiable": correct},
-            {"self_certainty": weights.self_certainty, "verifiable": weights.verifiable}, group)
+        return response_advantages(self.cfg.algorithm, self_certainty, rollouts.verifiable,
+                                   rollouts.group_index)
 
     def validate(self) -> dict[str, float]:
         """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`, and their
         mean self-certainty `val/<dataset>/self_certainty`; with `trainer.val_best_of_n=N`
         also N sampled responses per prompt: `acc_sc_best_of_<N>`, `maj@<N>`, `pass@<N>`."""
-        result, accuracy_and_certainty = {}, {}
         best_of = self.cfg.trainer.val_best_of_n
+        generated = []
         for prompt_set in self.val_sets:
             prompt_ids = [p.token_ids for p in prompt_set.prompts]
-            records = [p.record for p in prompt_set.prompts]
-            samples = self.actor.generate(prompt_ids, self.greedy, seed=0)
-            accuracy = validation_metrics(records, [s.text for s in samples])
+            greedy = self.actor.generate(prompt_ids, self.greedy, seed=0)
+            sampled = (self.actor.generate(prompt_ids, replace(self.sampling, n=best_of), seed=1)
+                       if best_of else [])
+            generated.append(([p.record for p in prompt_set.prompts], greedy, sampled))
+        # the scores after all generation: on GPU the engines give their memory back meanwhile
+        self.actor.release_rollout_memory()
+        result, accuracy_and_certainty = {}, {}
+        for records, greedy, sampled in generated:
+            accuracy = validation_metrics(records, [s.text for s in greedy])
             result.update(accuracy)
-            certainty = self._sequence_self_certainty(samples)
-            for source in {r.data_source for r in records}:
+            certainty = self.actor.score_samples(greedy).self_certainty.tolist()
+            for source in dict.fromkeys(r.data_source for r in records):
                 rows = [i for i, r in enumerate(records) if r.data_source == source]
                 mean = sum(certainty[i] for i in rows) / len(rows)
                 result[f"val/{source}/self_certainty"] = mean
                 accuracy_and_certainty[source] = (accuracy[metrics.val_accuracy(source)], mean)
             if best_of:
-                sampled = self.actor.generate(prompt_ids, replace(self.sampling, n=best_of),
-                                              seed=1)
-                scores = self._sequence_self_certainty(sampled)
+                scores = self.actor.score_samples(sampled).self_certainty.tolist()
                 result.update(best_of_n_metrics(
                     records, [[s.text for s in sampled[i * best_of:(i + 1) * best_of]]
                               for i in range(len(records))],
                     [scores[i * best_of:(i + 1) * best_of] for i in range(len(records))]))
+        self.actor.sync_weights()  # the engines' memory back (GPU); same weights
         result.update({collapse.signal_name(name): value for name, value in
                        self.monitor.validation_signals(accuracy_and_certainty).items()})
         return result
-
-    def _sequence_self_certainty(self, samples) -> list[float]:
-        """Each sample's self-certainty under the current policy (the trainer's scorer); the
-        batch is padded with repeated rows to split evenly over the data-parallel ranks."""
-        ranks = derive_layout(self.cfg).data_parallel
-        padded = list(samples) + [samples[-1]] * (-len(samples) % ranks)
-        batch = batch_from_rollouts(padded, self.tokenizer.pad_token_id)
-        scores = self.actor.compute_log_probs(batch)
-        return algorithm.sequence_rewards_from_self_certainty(
-            scores["self_certainty"], batch.response_mask)[:len(samples)].tolist()
 
     def save(self, step: int) -> None:
         """A checkpoint of this step; the best one by `trainer.best_metric` is kept past
@@ -301,6 +288,23 @@ class Trainer:
         return last
 
 
+def response_advantages(settings: DictConfig, self_certainty: torch.Tensor,
+                        verifiable: Optional[torch.Tensor],
+                        group_index: torch.Tensor) -> torch.Tensor:
+    """Advantages per response for the `algorithm` config group `settings`: intuitor z-scores
+    the self-certainty within each prompt's group, grpo the verifiable 0/1 reward, hybrid
+    adds the two z-scores weighted by `hybrid_weights`."""
+    if settings.name == "intuitor":
+        return algorithm.grpo_advantages(self_certainty, group_index)
+    if settings.name == "grpo":
+        return algorithm.grpo_advantages(verifiable, group_index)
+    weights = settings.hybrid_weights
+    return algorithm.hybrid_advantages(
+        {"self_certainty": self_certainty, "verifiable": verifiable},
+        {"self_certainty": weights.self_certainty, "verifiable": weights.verifiable},
+        group_index)
+
+
 @contextmanager
 def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -318,7 +322,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     from megatron_intuitor.workers.actor import ActorGroup
 
-    layout = derive_layout(cfg)
     output_dir = Path(cfg.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(cfg)
@@ -328,6 +331,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.warning("dropped %d training prompts longer than data.max_prompt_length=%d",
                     train_set.num_dropped, cfg.data.max_prompt_length)
     schedule = training_schedule(cfg, len(train_set.prompts))
+    settings = actor_settings(cfg, schedule, tokenizer.pad_token_id)
     loader = PromptLoader(train_set.prompts, cfg.data.prompts_per_step, cfg.data.seed,
                           shuffle=cfg.data.shuffle)
     logger = metrics.MetricsLogger(output_dir, cfg.trainer.experiment_name,
@@ -340,18 +344,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
             ray.init(address=cfg.trainer.ray_address)
         else:  # a fresh local cluster, never one that happens to run on this machine
             ray.init(address="local", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, layout.world_size))
-    actor = ActorGroup(cfg, layout, schedule, model_dir)
+                     num_cpus=max(os.cpu_count() or 1, settings.layout.world_size))
+    actor = ActorGroup.start(settings, model_dir, placement=cfg.trainer.placement,
+                             cpus_per_worker=cfg.trainer.cpus_per_worker)
     try:
         log.info("weight sync: %s", actor.weight_sync_path())
         trainer = Trainer(cfg, schedule, actor, loader, val_sets, logger, tokenizer)
         final = trainer.fit()
         actor.export_hf(str(output_dir / "hf_final"))
+        logger.plot_curves(output_dir / "curves.png")
+        logger.plot_curves(output_dir / "collapse.png",
+                           keys=[collapse.signal_name(s) for s in collapse.SIGNALS]
+                           + [metrics.SELF_CERTAINTY_MEAN, metrics.ENTROPY])
     finally:
         actor.shutdown()
         logger.close()
-    metrics.plot_curves(logger.jsonl_path, output_dir / "curves.png")
-    metrics.plot_curves(logger.jsonl_path, output_dir / "collapse.png",
-                        keys=[collapse.signal_name(s) for s in collapse.SIGNALS]
-                        + [metrics.SELF_CERTAINTY_MEAN, metrics.ENTROPY])
     return final

@@ -102,8 +102,6 @@ def check_python_and_packages(report: Report, device: str) -> None:
     extra = "gpu" if device == "cuda" else "cpu"
     problems, checked = [], 0
     for requirement in _requirements(extra):
-        if requirement.name == "transformer-engine":
-            continue  # needed by actor.fp8 only: the config check names it
         try:
             installed = metadata.version(requirement.name)
         except metadata.PackageNotFoundError:
@@ -119,6 +117,44 @@ def check_python_and_packages(report: Report, device: str) -> None:
     if device == "cpu" and importlib.util.find_spec("torchvision") is not None:
         report.warn("torchvision is installed: its PyPI build breaks `import vllm` next to the "
                     "CPU torch; pip uninstall -y torchvision torchaudio torchcodec")
+
+
+# Transformer Engine's three distributions: the Python package, its CUDA 13 core library (CUDA
+# 13 like the torch vLLM 0.32.0 pins) and the torch extension built against the installed torch.
+TE_DISTRIBUTIONS = ("transformer_engine", "transformer_engine_cu13", "transformer_engine_torch")
+
+
+def check_transformer_engine(report: Report) -> None:
+    """On GPU the model is built from Transformer Engine's layer spec: its three parts at one
+    version, no CUDA 12 core next to CUDA 13, and `transformer_engine.pytorch` importable (the
+    import is where a CUDA or torch ABI mismatch shows)."""
+    versions = {}
+    for name in TE_DISTRIBUTIONS + ("transformer_engine_cu12",):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    missing = [name for name in TE_DISTRIBUTIONS if name not in versions]
+    if missing:
+        report.error(f"Transformer Engine: {', '.join(missing)} not installed: see README, "
+                     f"'Install on GPU'")
+        return
+    if len({versions[name] for name in TE_DISTRIBUTIONS}) > 1:
+        report.error(f"Transformer Engine parts at different versions "
+                     f"{ {name: versions[name] for name in TE_DISTRIBUTIONS} }: reinstall them "
+                     f"together (README, 'Install on GPU')")
+    if "transformer_engine_cu12" in versions:
+        report.error("transformer_engine_cu12 is installed next to transformer_engine_cu13: "
+                     "pip uninstall -y transformer_engine_cu12")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any import failure is the finding
+        report.error(f"import transformer_engine.pytorch failed ({type(error).__name__}: "
+                     f"{error}): rebuild transformer_engine_torch against this torch (README, "
+                     f"'Install on GPU')")
+        return
+    report.ok(f"Transformer Engine {versions['transformer_engine']} (core cu13, torch "
+              f"extension) imports")
 
 
 def check_ray_cluster(report: Report, cfg) -> None:
@@ -364,6 +400,8 @@ def main() -> int:
     cfg = load_config(report, args.overrides)
     device = cfg.trainer.device if cfg is not None else "cpu"
     check_python_and_packages(report, device)
+    if device == "cuda":
+        check_transformer_engine(report)
     if cfg is not None:
         check_model(report, cfg)
         check_ray_cluster(report, cfg)

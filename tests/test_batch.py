@@ -1,4 +1,6 @@
 """Rollouts -> padded training tensors, DP shards and micro-batch partitions."""
+from dataclasses import FrozenInstanceError
+
 import pytest
 import torch
 
@@ -77,10 +79,12 @@ def test_mini_batches_hold_whole_prompt_groups_in_a_seeded_order():
 
 
 def test_select_and_trim_carry_the_update_columns():
-    batch = batch_from_rollouts([_sample(0, [5, 6], [7, 8, 9]), _sample(0, [5], [4])], 0)
-    batch.advantages = torch.tensor([1.0, -1.0])
-    batch.old_log_probs = torch.arange(10.0).view(2, 5)
+    rollouts = batch_from_rollouts([_sample(0, [5, 6], [7, 8, 9]), _sample(0, [5], [4])], 0)
+    batch = rollouts.for_update(torch.tensor([1.0, -1.0]), torch.arange(10.0).view(2, 5), None)
     second = batch.select(torch.tensor([1])).trimmed()
     assert second.advantages.tolist() == [-1.0]
     assert second.old_log_probs.tolist() == [[5.0, 6.0]]
+    assert second.input_ids.tolist() == [[5, 4]]
     assert second.ref_log_probs is None
+    with pytest.raises(FrozenInstanceError):
+        batch.advantages = torch.zeros(2)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_intuitor.data.datasets import PromptRecord
+from megatron_intuitor.data.records import PromptRecord
 from megatron_intuitor.evaluation import best_of_n as bon
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_intuitor.local_ranks import run_distributed
 from megatron_intuitor.models.tiny import make_tiny_model
-from megatron_intuitor.testing import run_distributed
 
 SEQ = 16
 ATOL = 1e-5

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 VOCAB = 1100  # Megatron pads it to 1152 at TP=1 and 1280 at TP=2: loads across TP cope with both
 SEQ = 16

@@ -20,13 +20,14 @@ def test_distinct_ngram_ratio_by_hand():
 def test_repetition_share_and_mean():
     responses = [[1, 2, 1, 2, 1, 2], [1, 2, 3, 4], [7, 7, 7, 7, 7]]
     # bigram ratios: 2/5, 3/3, 1/4 -> below 0.5: two of three; mean (0.4 + 1 + 0.25) / 3
-    share, mean = collapse.repetition(responses, 2, 0.5)
+    share, mean = collapse.repetition([collapse.distinct_ngram_ratio(r, 2) for r in responses],
+                                      0.5)
     assert share == pytest.approx(2 / 3)
     assert mean == pytest.approx((0.4 + 1.0 + 0.25) / 3)
 
 
 def test_truncated_and_short_shares():
-    assert collapse.share_truncated(["stop", "length", "length", "stop"]) == 0.5
+    assert collapse.share_truncated(torch.tensor([False, True, True, False])) == 0.5
     assert collapse.share_short([0, 1, 2, 5], short_tokens=2) == 0.5
     assert collapse.share_short([0, 1, 2, 5], short_tokens=0) == 0.0
 
@@ -40,9 +41,10 @@ def test_group_spread_is_mean_within_group_std():
         collapse.group_spread(torch.tensor([1.0, 2.0]), [0, 1])
 
 
-def _step(monitor, entropy, kl=None, responses=([1, 2, 3],) * 4):
-    return monitor.step_signals(list(responses), ["stop"] * len(responses),
-                                torch.tensor([1.0, 2.0, 3.0, 5.0]), [0, 0, 1, 1], entropy, kl)
+def _step(monitor, entropy, kl=None):
+    return monitor.step_signals([1.0, 0.5, 1.0, 0.25], [False, True, False, False],
+                                torch.tensor([3, 1, 4, 0]), torch.tensor([1.0, 2.0, 3.0, 5.0]),
+                                [0, 0, 1, 1], entropy, kl)
 
 
 def test_entropy_drop_relative_to_first_steps_and_kl_jump():
@@ -50,6 +52,9 @@ def test_entropy_drop_relative_to_first_steps_and_kl_jump():
                                                                kl_window=2))
     first = _step(monitor, entropy=4.0, kl=0.005)
     assert "entropy_drop" not in first and "kl_jump" not in first
+    # ratios 1, 0.5, 1, 0.25 (threshold 0.5: one below), one of four cut, two shorter than 2
+    assert (first["repetitive_share"], first["distinct_ngram"]) == (0.25, 0.6875)
+    assert (first["truncated_share"], first["short_share"]) == (0.25, 0.5)
     assert first["sc_group_spread"] == pytest.approx((math.sqrt(0.5) + math.sqrt(2)) / 2)
     second = _step(monitor, entropy=2.0, kl=0.01)
     assert "entropy_drop" not in second and "kl_jump" not in second  # window not full yet

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from megatron_intuitor.config import (ConfigError, compose, derive_layout, load, resolve,
-                                      training_schedule, validate)
+from megatron_intuitor.config import (KL_TYPES, ConfigError, actor_settings, compose,
+                                      derive_layout, load, resolve, training_schedule, validate)
+from megatron_intuitor.parallel import ParallelSizes
 
 TASKS = ("tiny", "default", "math_gsm8k", "math_math500", "code_humaneval", "reasoning_arc",
          "custom_config")
@@ -217,9 +218,8 @@ def test_model_shape_is_read_from_the_checkpoint(tmp_path):
 
 
 def test_layout_of_a_multi_node_run():
-    """2 nodes x 8 GPUs, TP 2 x PP 2 -> DP 4; 128 prompts x n 8 = 1024 responses, 256 per DP
-    rank; mini-batches of 64 prompts -> 2 per step, 128 responses per rank, 32 micro-batches
-    of 4; log-probs in 64 micro-batches of 4."""
+    """2 nodes x 8 GPUs, TP 2 x PP 2 -> DP 4; 128 prompts in mini-batches of 64 over 2 PPO
+    epochs -> 4 optimizer steps per step."""
     cfg = resolve(compose(["task=math_gsm8k", "trainer.nnodes=2", "trainer.n_gpus_per_node=8",
                            "actor.tensor_model_parallel_size=2",
                            "actor.pipeline_model_parallel_size=2",
@@ -227,14 +227,22 @@ def test_layout_of_a_multi_node_run():
                            "trainer.device=cpu"]))
     layout = derive_layout(cfg)
     assert (layout.world_size, layout.data_parallel) == (16, 4)
-    assert (layout.responses_per_step, layout.responses_per_rank) == (1024, 256)
-    assert (layout.mini_batches_per_step, layout.mini_batch_responses_per_rank) == (2, 128)
-    assert layout.micro_batches_per_mini_batch == 32
-    assert layout.log_prob_micro_batches_per_step == 64
     assert layout.optimizer_steps_per_step == 4
-    assert layout.parallel_sizes().data(layout.world_size) == 4
-    dynamic = derive_layout(resolve(compose(["actor.use_dynamic_bsz=true"])))
-    assert dynamic.micro_batches_per_mini_batch is None
+    assert layout.parallel_sizes() == ParallelSizes(2, 2, None)
+
+
+def test_actor_settings_carry_what_the_ranks_read():
+    cfg = load(["actor.use_dynamic_bsz=true", "actor.max_tokens_per_gpu=4096",
+                "rollout.weight_sync_bucket_mb=1.5", "algorithm.kl_coef=0", "rollout.dtype=auto"])
+    settings = actor_settings(cfg, training_schedule(cfg, 1000), pad_token_id=7)
+    assert settings.layout == derive_layout(cfg)
+    assert settings.max_tokens_per_micro_batch == 4096
+    assert settings.weight_sync_bucket_bytes == 1_572_864
+    assert settings.rollout_dtype == cfg.actor.precision  # rollout.dtype=auto
+    assert settings.max_model_len == cfg.data.max_prompt_length + cfg.data.max_response_length
+    assert not settings.keep_reference and settings.pad_token_id == 7
+    fixed = actor_settings(load([]), training_schedule(load([]), 1000), pad_token_id=0)
+    assert fixed.max_tokens_per_micro_batch == 0 and fixed.keep_reference
 
 
 def test_training_schedule():
@@ -267,3 +275,23 @@ def test_entry_point_prints_the_config_and_rejects_bad_ones(tmp_path):
     assert rejected.returncode == 2
     assert "invalid configuration" in rejected.stderr and "rollout.n=1" in rejected.stderr
     assert "Traceback" not in rejected.stderr
+
+
+def test_importing_the_config_loads_neither_ray_nor_the_graders():
+    """Validating a config (the preflight) must stay cheap: no Ray, no math-verify."""
+    heavy = ("ray", "math_verify", "megatron_intuitor.evaluation.registry",
+             "megatron_intuitor.workers.group")
+    code = ("import sys, megatron_intuitor.config; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_every_kl_type_the_algorithm_computes_is_accepted():
+    from megatron_intuitor import algorithm
+
+    assert set(KL_TYPES) == set(algorithm.KL_KINDS)
+    assert load(["algorithm.kl_type=k3"]).algorithm.kl_type == "k3"
+    with pytest.raises(ConfigError, match="algorithm.kl_type='k4'"):
+        load(["algorithm.kl_type=k4"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 GLOBAL_BATCH, SEQ = 4, 16
 # Adam's first step moves each weight by lr * g / (|g| + eps): entries whose gradient is near eps

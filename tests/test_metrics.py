@@ -9,18 +9,6 @@ import torch
 from megatron_intuitor import metrics as M
 
 
-def test_metric_names():
-    assert (M.SELF_CERTAINTY_MEAN, M.SELF_CERTAINTY_STD, M.ENTROPY, M.ADVANTAGES_MEAN,
-            M.THROUGHPUT, M.PG_LOSS, M.KL_LOSS, M.GRAD_NORM, M.LR, M.PG_CLIPFRAC,
-            M.RESPONSE_LENGTH_MEAN, M.ROLLOUT_LOGPROB_DIFF) == (
-        "intuitor/self_certainty/mean", "intuitor/self_certainty/std", "actor/entropy",
-        "critic/advantages/mean", "perf/throughput", "actor/pg_loss", "actor/kl_loss",
-        "actor/grad_norm", "actor/lr", "actor/pg_clipfrac", "response_length/mean",
-        "rollout/logprob_diff")
-    assert M.timing("rollout") == "timing/rollout"
-    assert M.val_accuracy("gsm8k") == "val/gsm8k/acc"
-
-
 def _steps():
     return [
         {M.SELF_CERTAINTY_MEAN: torch.tensor(1.5), M.PG_LOSS: np.float32(0.25),
@@ -122,3 +110,18 @@ def test_plot_runs_overlays_runs_and_alerts_are_recorded(tmp_path):
     assert json.loads((tmp_path / "collapsing" / "alerts.jsonl").read_text()) == {
         "step": 3, "title": "alarm", "text": "entropy fell"}
     assert not (tmp_path / "healthy" / "alerts.jsonl").exists()
+
+
+def test_curves_without_the_jsonl_backend(tmp_path):
+    """The run ends with curves.png whatever the backends: without the JSONL, from the steps
+    the logger logged (non-finite values left out)."""
+    with M.MetricsLogger(tmp_path / "run", "exp5", backends=("console",),
+                         log_dir=tmp_path) as logger:
+        for step, values in enumerate(_steps(), start=1):
+            logger.log(step, values)
+        png = logger.plot_curves(tmp_path / "curves.png")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    from matplotlib.image import imread
+
+    # self-certainty, pg_loss, grad_norm (step 2 only) and val acc: 3 columns x 2 rows
+    assert imread(png).shape[:2] == (640, 1350)

@@ -2,12 +2,13 @@
 and gradients as fixed padded micro-batches and as the naive formulas on transformers' logits,
 at TP=1, TP=2 and PP=2, on rows of very unequal lengths."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from megatron_intuitor.batch import MicroBatching
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 TEMPERATURE, CLIP, KL_COEF = 0.8, 0.2, 0.1
 # (prompt, response) lengths: one row far longer than the budget, one without a response.
@@ -30,8 +31,9 @@ def _batch():
     for row, (p, r) in enumerate(ROWS):
         ids = torch.randint(0, 1003, (p + r,), generator=gen).tolist()
         samples.append(RolloutSample(row // 2, ids[:p], ids[p:], "", "stop", [0.0] * r))
-    batch = batch_from_rollouts(samples, pad_token_id=0)
-    batch.advantages = torch.randn(len(ROWS), generator=gen)
+    rollouts = batch_from_rollouts(samples, pad_token_id=0)
+    unset = torch.zeros(rollouts.input_ids.shape)  # old / reference log-probs: set by the caller
+    batch = rollouts.for_update(torch.randn(len(ROWS), generator=gen), unset, unset)
     return batch, torch.randn(batch.input_ids.shape, generator=gen)
 
 
@@ -73,15 +75,16 @@ def _every_batching_on_rank(rank, world_size, tp, pp, model_dir, old, ref):
     from megatron_intuitor import metrics
     from megatron_intuitor.models.forward import micro_batches, run_pipeline, score_batch
     from megatron_intuitor.models.optimizer import build_optimizer
+    from megatron_intuitor.models.policy import load_policy
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
-    from megatron_intuitor.ppo import PPOSettings, load_policy, ppo_forward_backward
+    from megatron_intuitor.ppo import PPOSettings, ppo_forward_backward
 
     sizes = ParallelSizes(tp, pp)
     init_model_parallel(sizes, seed=1)
     hf_config, chunks = load_policy(model_dir, sizes)
     chunks, optimizer = build_optimizer(chunks, 1e-3)
     batch, _ = _batch()
-    batch.old_log_probs, batch.ref_log_probs = old, ref
+    batch = replace(batch, old_log_probs=old, ref_log_probs=ref)
     attention = torch.arange(batch.input_ids.shape[1]) < batch.lengths[:, None]
     settings = PPOSettings(temperature=TEMPERATURE, vocab_size=hf_config.vocab_size,
                            clip_ratio=CLIP, kl_coef=KL_COEF, kl_type="low_var_kl",

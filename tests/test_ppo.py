@@ -2,11 +2,12 @@
 and DP ranks) gives the loss and gradient norm of the naive formula applied to transformers'
 logits; a non-finite loss skips the step and leaves the weights untouched."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 TEMPERATURE, CLIP, DUAL_CLIP, KL_COEF = 0.7, 0.2, 3.0, 0.1
 PROMPT_LENGTHS, RESPONSE_LENGTHS = [3, 5, 2, 4], [6, 2, 7, 4]
@@ -21,8 +22,9 @@ def _batch(vocab_size: int):
     for row, (p, r) in enumerate(zip(PROMPT_LENGTHS, RESPONSE_LENGTHS)):
         ids = torch.randint(0, 500, (p + r,), generator=gen).tolist()
         samples.append(RolloutSample(row // 2, ids[:p], ids[p:], "", "stop", [0.0] * r))
-    batch = batch_from_rollouts(samples, pad_token_id=0)
-    batch.advantages = torch.tensor([1.5, -0.7, -1.2, 0.4])
+    rollouts = batch_from_rollouts(samples, pad_token_id=0)
+    unset = torch.zeros(rollouts.input_ids.shape)  # old / reference log-probs: set by the caller
+    batch = rollouts.for_update(torch.tensor([1.5, -0.7, -1.2, 0.4]), unset, unset)
     noise = torch.randn(batch.input_ids.shape, generator=gen)
     return batch, noise
 
@@ -62,8 +64,9 @@ def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison):
     from megatron_intuitor.batch import MicroBatching, data_parallel_shard
     from megatron_intuitor.models.bridge import export_hf_weights
     from megatron_intuitor.models.optimizer import build_optimizer
+    from megatron_intuitor.models.policy import load_policy
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
-    from megatron_intuitor.ppo import PPOSettings, load_policy, ppo_forward_backward
+    from megatron_intuitor.ppo import PPOSettings, ppo_forward_backward
     from megatron_intuitor.workers.actor import guarded_optimizer_step
 
     sizes = ParallelSizes(tp, 1)
@@ -71,7 +74,7 @@ def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison):
     hf_config, chunks = load_policy(model_dir, sizes)
     chunks, optimizer = build_optimizer(chunks, 1e-3, clip_grad=1.0)
     batch, _ = _batch(hf_config.vocab_size)
-    batch.old_log_probs, batch.ref_log_probs = old, ref
+    batch = replace(batch, old_log_probs=old, ref_log_probs=ref)
     if poison:
         batch.advantages[0] = float("nan")
     shard = data_parallel_shard(batch, parallel_state.get_data_parallel_rank(),

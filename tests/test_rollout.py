@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_intuitor.local_ranks import run_distributed
 from megatron_intuitor.rollout.engine import (RolloutEngine, SamplingConfig, check_gpu_memory,
                                               fit_prompts)
 from megatron_intuitor.rollout.weight_sync import sync_weights
-from megatron_intuitor.testing import run_distributed
 
 MAX_MODEL_LEN = 512
 NEW_TOKENS = 12

@@ -1,7 +1,8 @@
 """The launch scripts, run as a user runs them (bash, a fresh environment, --dry-run): the
-resolved config they print equals what `megatron_intuitor.config` composes for the same
-overrides, environment variables reach their config keys, and bad input (an unknown config, a
-missing data file, an unreachable Ray cluster) fails with the thing named. No training here:
+resolved config they print equals Hydra's own composition of the same overrides (paths made
+absolute, dataset lists normalised), environment variables reach their config keys, and bad
+input (an unknown config, a missing data file, an unreachable Ray cluster) fails with the
+thing named. No training here:
 `run_intuitor.sh default` running to completion is the end-to-end test's job."""
 import os
 import re
@@ -58,17 +59,42 @@ def run_script(script: str, *args: str, env: dict | None = None, cwd: Path,
     return ScriptRun(result, dry_run)
 
 
-def composed(*overrides: str, cwd: Path) -> dict:
-    """The reference: `megatron_intuitor.config` composing the same overrides in this process
-    (relative paths resolved against `cwd`, as the script's were)."""
+# Keys the project itself resolves after Hydra (`config.resolve`): checked against hand-made
+# expectations in the tests, not against Hydra's composition.
+RESOLVED_BY_THE_PROJECT = ("data.train_files", "data.val_files", "model.path",
+                           "trainer.output_dir", "trainer.resume", "trainer.device")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def assert_hydra_composition(printed: dict, *overrides: str, cwd: Path) -> None:
+    """`printed` is what Hydra itself composes from `conf/` with `overrides` (its compose API,
+    not `megatron_intuitor.config`), every key the project does not resolve itself equal;
+    the output directory is made absolute against `cwd`."""
+    from hydra import compose, initialize_config_dir
+
     saved = {name: os.environ.pop(name) for name in SCRIPT_VARIABLES if name in os.environ}
-    start = Path.cwd()
-    os.chdir(cwd)
     try:
-        return OmegaConf.to_container(config.resolve(config.compose(list(overrides))))
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            raw = OmegaConf.to_container(compose("config", overrides=list(overrides)),
+                                         resolve=True)
     finally:
-        os.chdir(start)
         os.environ.update(saved)
+
+    def ours(key: str) -> bool:
+        return key.startswith(RESOLVED_BY_THE_PROJECT)
+
+    expected = {k: v for k, v in _flatten(raw).items() if not ours(k)}
+    assert {k: v for k, v in _flatten(printed).items() if not ours(k)} == expected
+    assert printed["trainer"]["output_dir"] == str(cwd / raw["trainer"]["output_dir"])
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +134,7 @@ def test_run_intuitor_named_config(name, data_root, tmp_path):
     assert run.returncode == 0, run
     assert run.command.endswith(f"-m megatron_intuitor.main task={name} "
                                 + " ".join(overrides).replace("[", r"\[").replace("]", r"\]"))
-    assert run.config == composed(f"task={name}", *overrides, cwd=tmp_path)
+    assert_hydra_composition(run.config, f"task={name}", *overrides, cwd=tmp_path)
     assert run.config["data"]["train_files"] == [str(path) for path in train_files]
     if val_file is not None:
         assert [entry["path"] for entry in run.config["data"]["val_files"]] == [str(val_file)]
@@ -123,8 +149,8 @@ def test_run_intuitor_without_config_name_is_default(tmp_path):
     assert run.returncode == 0, run
     assert run.command.endswith("-m megatron_intuitor.main task=default rollout.n=6 "
                                 "trainer.device=cpu")
-    assert run.config == composed("task=default", "rollout.n=6", "trainer.device=cpu",
-                                  cwd=tmp_path)
+    assert_hydra_composition(run.config, "task=default", "rollout.n=6", "trainer.device=cpu",
+                             cwd=tmp_path)
     assert run.config["rollout"]["n"] == 6
 
 

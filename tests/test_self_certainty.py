@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_intuitor.local_ranks import run_distributed
 from megatron_intuitor.scoring import (masked_mean_per_packed_sequence, masked_mean_per_sequence,
                                        vocab_parallel_token_scores)
-from megatron_intuitor.testing import run_distributed
 
 
 def _padded(vocab_size: int, tp: int) -> int:

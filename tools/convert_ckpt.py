@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_intuitor.testing import run_distributed
+from megatron_intuitor.local_ranks import run_distributed
 
 VERIFY_PROMPTS = (
     "What is 12 + 30? Let's think step by step.",

@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
-from megatron_intuitor.data.datasets import (DataError, DatasetSpec, PromptRecord, RowProblem,
-                                             humaneval_path, parse_rows, read_rows)
+from megatron_intuitor.data.datasets import (DataError, DatasetSpec, RowProblem, humaneval_path,
+                                             parse_rows, read_rows)
+from megatron_intuitor.data.records import PromptRecord
 
 # dataset -> (record format, HF hub id, hub config, hub splits)
 DATASETS = {

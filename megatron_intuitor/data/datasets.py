@@ -21,31 +21,16 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+from megatron_intuitor.data.records import (FORMAT_ALIASES, FORMATS, TASK_CODE, TASK_MATH,
+                                            TASK_MULTIPLE_CHOICE, PromptRecord)
+from megatron_intuitor.data.synthetic import arithmetic_records
 from megatron_intuitor.evaluation.math import gsm8k_ground_truth, last_boxed
-# A record's `task` picks its grader (the evaluation registry dispatches on it).
-from megatron_intuitor.evaluation.registry import TASK_CODE, TASK_MATH, TASK_MULTIPLE_CHOICE
-
-FORMAT_ALIASES = {"math500": "math", "arc_challenge": "arc"}
-FORMATS = ("auto", "gsm8k", "math", "math500", "arc", "arc_challenge", "humaneval", "prompt",
-           "synthetic")
 # A file named after its split takes its dataset name from its folder (gsm8k/test.jsonl).
 _SPLIT_STEMS = {"train", "test", "validation", "val", "dev", "valid"}
-
-
-@dataclass
-class PromptRecord:
-    """One prompt as read from a dataset, before the chat template."""
-
-    messages: list[dict[str, str]]  # chat messages; the configured system prompt is added later
-    ground_truth: Optional[str]  # reference answer for the grader; None: no verifiable answer
-    data_source: str  # dataset name: validation metrics are `val/<data_source>/acc`
-    task: Optional[str]  # TASK_MATH / TASK_MULTIPLE_CHOICE / TASK_CODE; None: no grader
-    location: str  # "<file>:<line>" (JSONL) or "<file> row <n>" (parquet), for messages
-    extra: dict[str, Any] = field(default_factory=dict)  # format-specific grader fields
 
 
 @dataclass
@@ -295,8 +280,6 @@ def read_records(spec: DatasetSpec) -> tuple[list[PromptRecord], list[RowProblem
     if spec.format not in FORMATS:
         raise DataError(f"unknown dataset format {spec.format!r}; choose one of {list(FORMATS)}")
     if spec.format == "synthetic":
-        from megatron_intuitor.data.synthetic import arithmetic_records
-
         if not spec.size:
             raise DataError("synthetic dataset needs size > 0")
         return arithmetic_records(spec.size, seed=spec.seed, name=spec.name), []

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from megatron_intuitor.data.datasets import DataError, PromptRecord
+from megatron_intuitor.data.datasets import DataError
+from megatron_intuitor.data.records import PromptRecord
 
 # The official INTUITOR recipe's instruction.
 DEFAULT_SYSTEM_PROMPT = "Let's think step by step and output the final answer within \\boxed{}."

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from typing import Optional
 
-from megatron_intuitor.data.datasets import TASK_MATH, PromptRecord
+from megatron_intuitor.data.records import TASK_MATH, PromptRecord
 
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from megatron_intuitor.data.records import TASK_CODE, TASK_MATH, TASK_MULTIPLE_CHOICE
 from megatron_intuitor.evaluation.arc import arc_row_answer, grade_arc
 from megatron_intuitor.evaluation.code import grade_humaneval
 from megatron_intuitor.evaluation.math import grade_gsm8k, grade_math
@@ -27,8 +28,6 @@ from megatron_intuitor.metrics import val_accuracy as metric_name
 GroundTruth = Mapping | str
 Grader = Callable[[str, GroundTruth], bool]
 
-# Record tasks (`data.PromptRecord.task`) and the graders they select.
-TASK_MATH, TASK_MULTIPLE_CHOICE, TASK_CODE = "math", "multiple_choice", "code"
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 

@@ -1,12 +1,15 @@
 """The actor: one Megatron rank of the policy (with its reference model, optimizer and colocated
 vLLM engine), and the controller-side handle that drives all ranks.
 
-`ActorWorker` runs inside a Ray actor, one per rank. Each rank takes the whole batch from the
-object store and works on its data-parallel share; results come back from one rank of each
-data-parallel group (every rank of the group holds them: the last pipeline stage broadcasts).
+`ActorWorker` runs inside a Ray actor, one per rank, built from `ActorSettings` (made once on the
+controller). The data of a step stays on the ranks: each rollout replica samples its share of
+the prompts, the ranks exchange the samples among themselves (torch.distributed) so every rank
+holds the step's `RolloutBatch`, score their data-parallel share and exchange the per-token
+log-probs over the data-parallel group; the controller only ever receives one number per
+response (`workers/reports.py`) and sends one advantage per response back.
 
-`ActorGroup` is what the trainer sees: generate, compute_log_probs, compute_ref_log_probs,
-update_policy, sync_weights, save/load, export. It splits and gathers; it never touches a model.
+`ActorGroup` is what the trainer sees: rollout, release_rollout_memory, score, score_reference,
+update_policy, sync_weights, generate (validation), save/load, export. It never touches a model.
 """
 from __future__ import annotations
 
@@ -14,102 +17,123 @@ import math
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
-import ray
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from megatron_intuitor import metrics
-from megatron_intuitor.batch import (MicroBatching, TrainingBatch, data_parallel_shard,
-                                     group_mini_batches)
-from megatron_intuitor.config import Layout, Schedule
+from megatron_intuitor.batch import (MicroBatching, RolloutBatch, batch_from_rollouts,
+                                     data_parallel_shard, group_mini_batches)
+from megatron_intuitor.config import ActorSettings
 from megatron_intuitor.platform import on_gpu
-from megatron_intuitor.ppo import PPOSettings, load_policy
+from megatron_intuitor.ppo import PPOSettings
 from megatron_intuitor.rollout.engine import RolloutSample, SamplingConfig
 from megatron_intuitor.workers.group import Worker, WorkerGroup
+from megatron_intuitor.workers.reports import (RolloutReport, ScoreReport, rollout_report,
+                                               score_report)
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _lr_scheduler(optimizer, actor: DictConfig, schedule: Schedule):
+def _lr_scheduler(optimizer, settings: ActorSettings):
     """Linear warm-up from 0 over `schedule.warmup_steps`, then `actor.lr_scheduler` decay to 0
     over the run's optimizer steps (verl's defaults: cosine, warm-up ratio 0.1)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    schedule = settings.schedule
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=actor.lr, min_lr=0.0,
+        optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=0.0,
         lr_warmup_steps=schedule.warmup_steps,
         lr_decay_steps=max(schedule.optimizer_steps, schedule.warmup_steps + 1),
-        lr_decay_style=actor.lr_scheduler, start_wd=actor.weight_decay,
-        end_wd=actor.weight_decay, wd_incr_steps=max(schedule.optimizer_steps, 1),
+        lr_decay_style=settings.lr_scheduler, start_wd=settings.weight_decay,
+        end_wd=settings.weight_decay, wd_incr_steps=max(schedule.optimizer_steps, 1),
         wd_incr_style="constant")
 
 
-def _micro_batching(actor: DictConfig, micro_batch_size: int) -> MicroBatching:
-    """`actor.use_dynamic_bsz`: token-budget micro-batches of `actor.max_tokens_per_gpu`, else
-    `micro_batch_size` rows; `actor.use_remove_padding`: sequence packing."""
+def _micro_batching(settings: ActorSettings, micro_batch_size: int) -> MicroBatching:
+    """Token-budget micro-batches when the settings have a budget, else `micro_batch_size`
+    rows; packed or padded as the settings say."""
     return MicroBatching(micro_batch_size=micro_batch_size,
-                         max_tokens=actor.max_tokens_per_gpu if actor.use_dynamic_bsz else 0,
-                         packed=actor.use_remove_padding)
+                         max_tokens=settings.max_tokens_per_micro_batch, packed=settings.packed)
 
 
 def guarded_optimizer_step(optimizer, grad_clip: float) -> tuple[bool, float]:
     """Step unless the gradient norm is not finite; then the step is skipped and the weights
-    stay untouched. Returns (stepped, grad_norm)."""
+    stay untouched. The norm is computed once (one all-reduce): clipping computes it, so it is
+    not asked for separately. Returns (stepped, grad_norm before clipping)."""
     found_inf = optimizer.prepare_grads()
-    grad_norm = float(optimizer.get_grad_norm())
+    grad_norm = float(optimizer.clip_grad_norm(grad_clip) if grad_clip > 0
+                      else optimizer.get_grad_norm())
     if found_inf or not math.isfinite(grad_norm):
-        optimizer.zero_grad()
+        optimizer.zero_grad()  # clipping by a non-finite norm touched only these gradients
         return False, grad_norm
-    if grad_clip > 0:
-        optimizer.clip_grad_norm(grad_clip)
     optimizer.step_with_ready_grads()
     return True, grad_norm
 
 
-class ActorWorker(Worker):
-    """Policy shards, frozen reference shards, distributed optimizer and one rollout engine."""
+def scheduled_optimizer_step(optimizer, lr_scheduler, grad_clip: float,
+                             finite_loss: bool = True) -> tuple[bool, float, float]:
+    """`guarded_optimizer_step` under the LR schedule: the schedule advances only when the step
+    is taken (as in Megatron's training loop), so a skipped step does not eat the warm-up.
+    Returns (stepped, grad_norm, the learning rate this step used)."""
+    lr = optimizer.param_groups[0]["lr"]
+    if finite_loss:
+        stepped, grad_norm = guarded_optimizer_step(optimizer, grad_clip)
+    else:
+        optimizer.zero_grad()
+        stepped, grad_norm = False, float("nan")
+    if stepped:
+        lr_scheduler.step(increment=1)
+    return stepped, grad_norm, lr
 
-    def __init__(self, cfg: dict, model_dir: str, schedule: Schedule) -> None:
+
+class ActorWorker(Worker):
+    """Policy shards, frozen reference shards, distributed optimizer and one rollout engine;
+    between the calls of a step it holds the step's rollouts and their old / reference
+    log-probs."""
+
+    def __init__(self, settings: ActorSettings, model_dir: str) -> None:
         super().__init__()  # joins the default process group
         from megatron.core import parallel_state
 
         from megatron_intuitor import parallel
+        from megatron_intuitor.models.policy import load_policy
         from megatron_intuitor.models.optimizer import build_optimizer
 
-        self.cfg = cfg = OmegaConf.create(cfg)
-        actor = cfg.actor
-        sizes = parallel.ParallelSizes(actor.tensor_model_parallel_size,
-                                       actor.pipeline_model_parallel_size,
-                                       actor.virtual_pipeline_model_parallel_size)
-        parallel.init_model_parallel(sizes, seed=cfg.trainer.seed)
+        self.settings = settings
+        sizes = settings.layout.parallel_sizes()
+        parallel.init_model_parallel(sizes, seed=settings.seed)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        # one rank per data-parallel group reports its share (every rank of the group holds it:
+        # the last pipeline stage broadcasts); one rank per rollout replica reports its samples
+        self.reports_for_dp_group = (parallel_state.get_tensor_model_parallel_rank() == 0
+                                     and parallel_state.get_pipeline_model_parallel_rank() == 0)
+        self.reports_for_replica = self.rank % settings.rollout_tensor_parallel == 0
         self.model_dir = model_dir
-        precision = dict(params_dtype=_DTYPES[actor.precision], fp8=actor.fp8,
-                         recompute=actor.recompute, fp8_recipe=actor.fp8_recipe,
-                         fp8_amax_reduction=actor.fp8_amax_reduction)
+        precision = dict(params_dtype=_DTYPES[settings.precision], fp8=settings.fp8,
+                         recompute=settings.recompute, fp8_recipe=settings.fp8_recipe,
+                         fp8_amax_reduction=settings.fp8_amax_reduction)
         self.hf_config, self.policy = load_policy(model_dir, sizes, **precision)
         self.policy, self.optimizer = build_optimizer(
-            self.policy, actor.lr, weight_decay=actor.weight_decay, clip_grad=actor.grad_clip)
-        self.lr_scheduler = _lr_scheduler(self.optimizer, actor, schedule)
+            self.policy, settings.lr, weight_decay=settings.weight_decay,
+            clip_grad=settings.grad_clip)
+        self.lr_scheduler = _lr_scheduler(self.optimizer, settings)
         self.reference = None
-        if cfg.algorithm.kl_coef > 0:
+        if settings.keep_reference:
             _, self.reference = load_policy(model_dir, sizes, **precision)
             for chunk in self.reference:
                 chunk.requires_grad_(False)
                 chunk.eval()
         self.ppo_settings = PPOSettings(
-            temperature=cfg.rollout.temperature, vocab_size=self.hf_config.vocab_size,
-            clip_ratio=cfg.algorithm.clip_ratio, kl_coef=cfg.algorithm.kl_coef,
-            kl_type=cfg.algorithm.kl_type, entropy_coef=cfg.algorithm.entropy_coef,
-            tis_cap=cfg.rollout.tis_cap, policy_loss=cfg.algorithm.policy_loss,
-            cov_select_ratio=cfg.algorithm.cov.select_ratio,
-            cov_clip_lower=cfg.algorithm.cov.clip_lower,
-            cov_clip_upper=cfg.algorithm.cov.clip_upper, cov_kl_coef=cfg.algorithm.cov.kl_coef)
-        self.ref_offload = bool(actor.ref_offload) and on_gpu()
+            temperature=settings.temperature, vocab_size=self.hf_config.vocab_size,
+            clip_ratio=settings.clip_ratio, kl_coef=settings.kl_coef, kl_type=settings.kl_type,
+            entropy_coef=settings.entropy_coef, tis_cap=settings.tis_cap,
+            policy_loss=settings.policy_loss, cov_select_ratio=settings.cov_select_ratio,
+            cov_clip_lower=settings.cov_clip_lower, cov_clip_upper=settings.cov_clip_upper,
+            cov_kl_coef=settings.cov_kl_coef)
+        self.ref_offload = settings.ref_offload and on_gpu()
         if self.ref_offload:
             self._move_reference("cpu")
         parallel.warm_up_groups()  # NCCL communicators take their memory before vLLM sizes
@@ -117,6 +141,10 @@ class ActorWorker(Worker):
         self.engine_asleep = False
         self.direct_sync = self._plan_direct_sync()
         self.sync_weights()
+        # the step's data, kept here between the controller's calls
+        self.rollouts: Optional[RolloutBatch] = None
+        self.old_log_probs: Optional[torch.Tensor] = None
+        self.ref_log_probs: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------------------- rollout
 
@@ -124,15 +152,13 @@ class ActorWorker(Worker):
         from megatron_intuitor.models.optimizer import training_reserve_bytes
         from megatron_intuitor.rollout.engine import RolloutEngine
 
-        rollout, data = self.cfg.rollout, self.cfg.data
-        # "auto": the rollout runs in the training precision
-        dtype = _DTYPES[self.cfg.actor.precision if rollout.dtype == "auto" else rollout.dtype]
-        return RolloutEngine(self.model_dir, dtype=dtype,
-                             max_model_len=data.max_prompt_length + data.max_response_length,
-                             tensor_parallel_size=rollout.tensor_parallel_size,
-                             gpu_memory_utilization=rollout.gpu_memory_utilization,
+        settings = self.settings
+        return RolloutEngine(self.model_dir, dtype=_DTYPES[settings.rollout_dtype],
+                             max_model_len=settings.max_model_len,
+                             tensor_parallel_size=settings.rollout_tensor_parallel,
+                             gpu_memory_utilization=settings.gpu_memory_utilization,
                              reserved_gpu_bytes=training_reserve_bytes(self.optimizer),
-                             seed=self.cfg.trainer.seed)
+                             seed=settings.seed)
 
     def _plan_direct_sync(self):
         """The direct shard-to-shard sync when the engine is sharded like the policy, else None
@@ -154,34 +180,67 @@ class ActorWorker(Worker):
     def get_weight_sync_path(self) -> str:
         return self.weight_sync_path
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[RolloutSample]:
-        return self.engine.generate(prompts, sampling) if prompts else []
+    def generate(self, prompts: list[list[int]],
+                 sampling: SamplingConfig) -> Optional[list[RolloutSample]]:
+        """This replica's samples (validation), from the replica's first rank; None from the
+        others (every rank of a replica samples the same)."""
+        samples = self.engine.generate(prompts, sampling) if prompts else []
+        return samples if self.reports_for_replica else None
 
-    def sync_weights(self) -> dict[str, float]:
+    def rollout(self, prompts: list[list[int]], sampling: SamplingConfig, first_prompt: int,
+                records: Optional[list], ngram: int = 3) -> Optional[RolloutReport]:
+        """Sample this replica's prompts (global indices from `first_prompt`), grade them when
+        `records` (their prompt records) are given, and share the samples with every rank: each
+        rank then holds the step's whole RolloutBatch. Rank 0 reports it; the others None."""
+        import torch.distributed as dist
+
+        samples = self.engine.generate(prompts, sampling) if prompts else []
+        shared: tuple[list, Optional[list[float]]] = ([], None)
+        if self.reports_for_replica:
+            verifiable = None
+            if records is not None:
+                from megatron_intuitor.evaluation.registry import grade_record
+
+                verifiable = [float(grade_record(records[s.prompt_index], s.text))
+                              for s in samples]
+            # the text was needed only to grade
+            shared = ([replace(s, prompt_index=s.prompt_index + first_prompt, text="")
+                       for s in samples], verifiable)
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, shared)
+        step_samples = [sample for rank_samples, _ in gathered for sample in rank_samples]
+        self.rollouts = batch_from_rollouts(step_samples, self.settings.pad_token_id)
+        self.old_log_probs = self.ref_log_probs = None
+        if self.rank != 0:
+            return None
+        graded = [score for _, scores in gathered if scores is not None for score in scores]
+        return rollout_report(self.rollouts, graded if records is not None else None,
+                              step_samples, ngram)
+
+    def sync_weights(self) -> None:
         """The policy's weights into this rank's engine: shard to shard when they are sharded
-        alike, else streamed (HF names, full tensors). On GPU the engine's weight memory comes
-        back first and its KV cache after the sync."""
+        alike, else streamed (HF names, full tensors). After `release_rollout_memory` (GPU), the
+        engine's weight memory comes back first and its KV cache after the sync."""
         from megatron_intuitor.models.bridge import export_hf_weights
         from megatron_intuitor.rollout.weight_sync import sync_weights
 
         if self.engine_asleep:
             self.engine.wake_up(["weights"])
         if self.direct_sync is not None:
-            report = self.direct_sync()
+            self.direct_sync()
         else:
-            report = sync_weights(self.engine, export_hf_weights(self.policy, self.hf_config),
-                                  bucket_bytes=int(self.cfg.rollout.weight_sync_bucket_mb * 2**20))
+            sync_weights(self.engine, export_hf_weights(self.policy, self.hf_config),
+                         bucket_bytes=self.settings.weight_sync_bucket_bytes)
         if self.engine_asleep:
             self.engine.wake_up(["kv_cache"])
             self.engine_asleep = False
-        return {"bytes": report.bytes, "seconds": report.seconds}
 
-    def _release_rollout_memory(self) -> None:
+    def release_rollout_memory(self) -> None:
         """Colocation on GPU: the engine frees its weights and KV cache for the training phase
         (level 2 drops the weights, the sync after the update brings new ones; level 1 keeps
         them in host memory: `rollout.sleep_level`). A no-op on CPU."""
         if not self.engine_asleep:
-            self.engine.sleep(level=self.cfg.rollout.sleep_level)
+            self.engine.sleep(level=self.settings.sleep_level)
             self.engine_asleep = True
 
     def _move_reference(self, device: str) -> None:
@@ -191,45 +250,79 @@ class ActorWorker(Worker):
     # ------------------------------------------------------------------------------- scoring
 
     @torch.no_grad()
-    def _score(self, model_chunks, batch: TrainingBatch) -> dict[str, torch.Tensor]:
+    def _score_shard(self, model_chunks, batch: Optional[RolloutBatch] = None
+                     ) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
+        """This data-parallel rank's share of `batch` (default: the step's rollouts) and its
+        per-token scores."""
         from megatron_intuitor.models.forward import score_batch
 
+        batch = self.rollouts if batch is None else batch
         shard = data_parallel_shard(batch, self.dp_rank, self.dp_size).trimmed()
         attention_mask = torch.arange(shard.input_ids.shape[1]) < shard.lengths[:, None]
-        return score_batch(model_chunks, shard.input_ids, attention_mask, shard.response_mask,
-                           temperature=self.cfg.rollout.temperature,
-                           vocab_size=self.hf_config.vocab_size,
-                           batching=_micro_batching(
-                               self.cfg.actor, self.cfg.actor.log_prob_micro_batch_size_per_gpu))
+        return shard, score_batch(
+            model_chunks, shard.input_ids, attention_mask, shard.response_mask,
+            temperature=self.settings.temperature, vocab_size=self.hf_config.vocab_size,
+            batching=_micro_batching(self.settings, self.settings.log_prob_micro_batch_size))
 
-    def compute_log_probs(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
-        """log_probs, entropy, self_certainty per token of this rank's DP share (pre-update)."""
-        self._release_rollout_memory()
-        return self._score(self.policy, batch)
+    def _gather_data_parallel(self, shard_values: torch.Tensor) -> torch.Tensor:
+        """[shard rows, width] per data-parallel rank -> [all rows, the batch's width] on
+        every rank, rows in batch order (padding columns 0)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
 
-    def compute_ref_log_probs(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
-        """The reference model's log-probs; with `actor.ref_offload` on GPU its weights live in
-        host memory except during this forward."""
-        self._release_rollout_memory()
+        from megatron_intuitor.platform import device
+
+        width = self.rollouts.input_ids.shape[1]
+        padded = torch.nn.functional.pad(shard_values, (0, width - shard_values.shape[1]))
+        if self.dp_size == 1:
+            return padded
+        padded = padded.to(device())
+        parts = [torch.empty_like(padded) for _ in range(self.dp_size)]
+        dist.all_gather(parts, padded, group=parallel_state.get_data_parallel_group())
+        return torch.cat(parts).cpu()
+
+    def score(self) -> Optional[ScoreReport]:
+        """Score this rank's share with the pre-update policy; the old log-probs of the whole
+        batch stay on every rank, the per-response figures go to the controller from one rank
+        per data-parallel group (None from the others)."""
+        shard, scores = self._score_shard(self.policy)
+        self.old_log_probs = self._gather_data_parallel(scores["log_probs"])
+        return score_report(scores, shard) if self.reports_for_dp_group else None
+
+    def score_samples(self, samples: list[RolloutSample]) -> Optional[ScoreReport]:
+        """The current policy's figures of given responses (validation), padded with repeated
+        rows to split over the data-parallel ranks; one rank per data-parallel group reports."""
+        padded = list(samples) + [samples[-1]] * (-len(samples) % self.dp_size)
+        shard, scores = self._score_shard(self.policy,
+                                          batch_from_rollouts(padded, self.settings.pad_token_id))
+        return score_report(scores, shard) if self.reports_for_dp_group else None
+
+    def score_reference(self) -> None:
+        """The reference model's log-probs of the whole batch, kept on every rank; with
+        `actor.ref_offload` on GPU its weights live in host memory except during this forward."""
         if self.ref_offload:
             self._move_reference("cuda")
         try:
-            return {"log_probs": self._score(self.reference, batch)["log_probs"]}
+            _, scores = self._score_shard(self.reference)
         finally:
             if self.ref_offload:
                 self._move_reference("cpu")
+        self.ref_log_probs = self._gather_data_parallel(scores["log_probs"])
 
     # -------------------------------------------------------------------------------- update
 
-    def update_policy(self, batch: TrainingBatch, step: int) -> dict[str, float]:
-        """PPO epochs over mini-batches of whole prompt groups; one optimizer step each."""
+    def update_policy(self, advantages: torch.Tensor, step: int) -> Optional[dict[str, float]]:
+        """PPO epochs over mini-batches of whole prompt groups, one optimizer step each, on the
+        step's rollouts with `advantages` [responses]; rank 0 returns the metrics (identical on
+        every rank), the others None."""
         from megatron_intuitor.ppo import ppo_forward_backward
 
-        actor = self.cfg.actor
-        generator = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + step)
+        settings = self.settings
+        batch = self.rollouts.for_update(advantages, self.old_log_probs, self.ref_log_probs)
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
         per_step: list[dict[str, float]] = []
-        for _ in range(actor.ppo_epochs):
-            for rows in group_mini_batches(batch, actor.ppo_mini_batch_size, generator):
+        for _ in range(settings.ppo_epochs):
+            for rows in group_mini_batches(batch, settings.ppo_mini_batch_prompts, generator):
                 shard = data_parallel_shard(batch.select(rows), self.dp_rank,
                                             self.dp_size).trimmed()
                 for chunk in self.policy:
@@ -237,19 +330,16 @@ class ActorWorker(Worker):
                 self.optimizer.zero_grad()
                 losses = ppo_forward_backward(
                     self.policy, shard,
-                    _micro_batching(actor, actor.ppo_micro_batch_size_per_gpu), self.ppo_settings)
-                finite_loss = all(math.isfinite(v) for v in losses.values())
-                stepped, grad_norm = guarded_optimizer_step(self.optimizer, actor.grad_clip) \
-                    if finite_loss else (False, float("nan"))
-                if not finite_loss:
-                    self.optimizer.zero_grad()
-                self.lr_scheduler.step(increment=1)
-                per_step.append({**losses, metrics.GRAD_NORM: grad_norm,
+                    _micro_batching(settings, settings.ppo_micro_batch_size), self.ppo_settings)
+                stepped, grad_norm, lr = scheduled_optimizer_step(
+                    self.optimizer, self.lr_scheduler, settings.grad_clip,
+                    finite_loss=all(math.isfinite(v) for v in losses.values()))
+                per_step.append({**losses, metrics.GRAD_NORM: grad_norm, metrics.LR: lr,
                                  metrics.SKIPPED_STEPS: float(not stepped)})
         result = {name: sum(m[name] for m in per_step) / len(per_step) for name in per_step[0]}
         result[metrics.SKIPPED_STEPS] = sum(m[metrics.SKIPPED_STEPS] for m in per_step)
-        result[metrics.LR] = self.optimizer.param_groups[0]["lr"]
-        return result
+        result[metrics.LR] = per_step[-1][metrics.LR]  # the step's last optimizer step's
+        return result if self.rank == 0 else None
 
     # --------------------------------------------------------------------------- checkpoints
 
@@ -280,72 +370,107 @@ class ActorWorker(Worker):
 
     def data_parallel_coordinates(self) -> tuple[int, bool]:
         """(DP rank, whether this rank reports for its DP group)."""
-        from megatron.core import parallel_state
-
-        leader = (parallel_state.get_tensor_model_parallel_rank() == 0
-                  and parallel_state.get_pipeline_model_parallel_rank() == 0)
-        return self.dp_rank, leader
+        return self.dp_rank, self.reports_for_dp_group
 
 
 class ActorGroup:
-    """The controller's handle on all actor ranks."""
+    """The controller's handle on all actor ranks (`group`: their WorkerGroup, or anything with
+    its execute_* methods, e.g. the simulated ranks of `bench/controller_traffic.py`)."""
 
-    def __init__(self, cfg: DictConfig, layout: Layout, schedule: Schedule,
-                 model_dir: Path) -> None:
-        self.layout = layout
+    def __init__(self, settings: ActorSettings, group) -> None:
+        self.group = group
+        self.world_size = settings.layout.world_size
+        coordinates = group.execute_all("data_parallel_coordinates")
+        # one reporting rank per DP group, in DP order
+        self.dp_leaders = [rank for dp in range(settings.layout.data_parallel)
+                           for rank, (dp_rank, leader) in enumerate(coordinates)
+                           if dp_rank == dp and leader]
+        self.rollout_tp = settings.rollout_tensor_parallel
+        self.rollout_replicas = self.world_size // self.rollout_tp
+
+    @classmethod
+    def start(cls, settings: ActorSettings, model_dir: Path, *, placement: str,
+              cpus_per_worker: float) -> "ActorGroup":
+        """One Ray actor per rank, each building its models and engine from `settings`."""
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                "TOKENIZERS_PARALLELISM": "false",
                "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
-        self.group = WorkerGroup(
-            ActorWorker, layout.world_size, placement=cfg.trainer.placement,
-            num_cpus_per_worker=cfg.trainer.cpus_per_worker,
+        layout = settings.layout
+        group = WorkerGroup(
+            ActorWorker, layout.world_size, placement=placement,
+            num_cpus_per_worker=cpus_per_worker,
             num_gpus_per_worker=1 if layout.device == "cuda" else 0, env=env,
-            args=(OmegaConf.to_container(cfg), str(model_dir), schedule), name="actor")
-        coordinates = self.group.execute_all("data_parallel_coordinates")
-        # one reporting rank per DP group, in DP order
-        self.dp_leaders = [rank for dp in range(layout.data_parallel)
-                           for rank, (dp_rank, leader) in enumerate(coordinates)
-                           if dp_rank == dp and leader]
-        self.rollout_replicas = layout.world_size // cfg.rollout.tensor_parallel_size
-        self.rollout_tp = cfg.rollout.tensor_parallel_size
+            args=(settings, str(model_dir)), name="actor")
+        try:
+            return cls(settings, group)
+        except BaseException:
+            group.shutdown()
+            raise
+
+    def _per_replica(self, prompts: Sequence[list[int]], sampling: SamplingConfig,
+                     seed: int) -> list[tuple[int, list[list[int]], SamplingConfig]]:
+        """(first prompt, prompts, sampling with the replica's seed) of each rollout replica:
+        the prompts split in order."""
+        share = math.ceil(len(prompts) / self.rollout_replicas)
+        starts = [min(r * share, len(prompts)) for r in range(self.rollout_replicas)]
+        return [(start, list(prompts[start:start + share]),
+                 replace(sampling, seed=seed * 1009 + replica))
+                for replica, start in enumerate(starts)]
 
     def generate(self, prompts: Sequence[list[int]], sampling: SamplingConfig,
                  seed: int) -> list[RolloutSample]:
-        """Prompts split over the rollout replicas (the ranks of one replica get the same
-        share); samples come back grouped by prompt, prompt indices global."""
-        replicas = self.rollout_replicas
-        share = math.ceil(len(prompts) / replicas)
-        starts = [min(r * share, len(prompts)) for r in range(replicas)]
-        per_replica = [(list(prompts[start:start + share]),
-                        replace(sampling, seed=seed * 1009 + replica))
-                       for replica, start in enumerate(starts)]
+        """Samples of `prompts` (validation: the texts come back), split over the rollout
+        replicas; grouped by prompt, prompt indices global."""
+        replicas = self._per_replica(prompts, sampling, seed)
         results = self.group.execute_per_rank(
-            "generate", [per_replica[rank // self.rollout_tp]
-                         for rank in range(self.layout.world_size)])
+            "generate", [replicas[rank // self.rollout_tp][1:] for rank in range(self.world_size)])
         return [replace(sample, prompt_index=sample.prompt_index + start)
-                for replica, start in enumerate(starts)
+                for replica, (start, _, _) in enumerate(replicas)
                 for sample in results[replica * self.rollout_tp]]
 
-    def _gather_dp(self, results: list[dict]) -> dict[str, torch.Tensor]:
-        """Concatenate the DP shards' per-token tensors (padding widths may differ)."""
-        shards = [results[rank] for rank in self.dp_leaders]
-        width = max(shard["log_probs"].shape[1] for shard in shards)
-        return {key: torch.cat([torch.nn.functional.pad(s[key], (0, width - s[key].shape[1]))
-                                for s in shards]) for key in shards[0]}
+    def rollout(self, prompts: Sequence[list[int]], sampling: SamplingConfig, seed: int,
+                records: Optional[Sequence] = None, ngram: int = 3) -> RolloutReport:
+        """The step's responses to `prompts`, kept on the ranks; graded against `records` (the
+        prompts' records) when given. Returns a few figures per response (their distinct
+        `ngram`-gram ratios among them)."""
+        def replica_records(start: int, count: int) -> Optional[list]:
+            return None if records is None else list(records[start:start + count])
 
-    def compute_log_probs(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
-        return self._gather_dp(self.group.execute_all("compute_log_probs", ray.put(batch)))
+        replicas = self._per_replica(prompts, sampling, seed)
+        per_rank = []
+        for rank in range(self.world_size):
+            start, replica_prompts, replica_sampling = replicas[rank // self.rollout_tp]
+            per_rank.append((replica_prompts, replica_sampling, start,
+                             replica_records(start, len(replica_prompts)), ngram))
+        return self.group.execute_per_rank("rollout", per_rank)[0]
 
-    def compute_ref_log_probs(self, batch: TrainingBatch) -> torch.Tensor:
-        return self._gather_dp(self.group.execute_all("compute_ref_log_probs", ray.put(batch)))[
-            "log_probs"]
+    def release_rollout_memory(self) -> None:
+        """GPU: the engines free their weights and KV cache for training (`sync_weights` brings
+        them back). A no-op on CPU."""
+        self.group.execute_all("release_rollout_memory")
 
-    def update_policy(self, batch: TrainingBatch, step: int) -> dict[str, float]:
-        return self.group.execute_all("update_policy", ray.put(batch), step)[0]
+    def score(self) -> ScoreReport:
+        """Old log-probs of the step's rollouts (kept on the ranks); per-response figures."""
+        results = self.group.execute_all("score")
+        return ScoreReport.concatenate([results[rank] for rank in self.dp_leaders])
 
-    def sync_weights(self) -> dict[str, float]:
-        return self.group.execute_all("sync_weights")[0]
+    def score_samples(self, samples: Sequence[RolloutSample]) -> ScoreReport:
+        """The current policy's figures of `samples` (validation responses), in their order."""
+        results = self.group.execute_all("score_samples", list(samples))
+        report = ScoreReport.concatenate([results[rank] for rank in self.dp_leaders])
+        return ScoreReport(*(getattr(report, name)[:len(samples)]
+                             for name in ("self_certainty", "entropy_sum", "logprob_diff_sum")))
+
+    def score_reference(self) -> None:
+        """Reference log-probs of the step's rollouts, kept on the ranks."""
+        self.group.execute_all("score_reference")
+
+    def update_policy(self, advantages: torch.Tensor, step: int) -> dict[str, float]:
+        return self.group.execute_all("update_policy", advantages, step)[0]
+
+    def sync_weights(self) -> None:
+        self.group.execute_all("sync_weights")
 
     def weight_sync_path(self) -> str:
         """How rank 0's weights reach its engine: "shard to shard" or why they stream."""

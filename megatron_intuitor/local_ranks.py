@@ -1,5 +1,5 @@
-"""Run a function on N local processes joined in one gloo/NCCL group: the multi-rank harness
-for tests and benchmarks (the trainer itself uses Ray, not this)."""
+"""Run a function on N local processes joined in one gloo/NCCL group: the multi-rank harness of
+`tools/convert_ckpt.py`, the tests and the benchmarks (the trainer itself uses Ray, not this)."""
 from __future__ import annotations
 
 import os

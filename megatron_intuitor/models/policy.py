@@ -1,0 +1,31 @@
+"""A rank's policy (or reference) model: its Megatron chunks of a Hugging Face checkpoint,
+configured for the PPO update."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import transformers
+
+from megatron_intuitor.parallel import ParallelSizes
+
+
+def load_policy(model_dir: str | Path, sizes: ParallelSizes, *,
+                params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
+                recompute: bool = False, fp8_recipe: str = "tensorwise",
+                fp8_amax_reduction: str = "tp") -> tuple[transformers.PretrainedConfig, list]:
+    """This rank's Megatron chunks of the HF checkpoint `model_dir`, configured for the PPO
+    update: `calculate_per_token_loss`, so the loss head's sums become an exact token mean."""
+    from megatron_intuitor.models.bridge import load_hf_weights
+    from megatron_intuitor.models.config import (build_model, load_hf_config,
+                                                 transformer_config_from_hf)
+
+    hf_config = load_hf_config(model_dir)
+    config = transformer_config_from_hf(hf_config, sizes, params_dtype=params_dtype, fp8=fp8,
+                                        recompute=recompute, fp8_recipe=fp8_recipe,
+                                        fp8_amax_reduction=fp8_amax_reduction)
+    config.calculate_per_token_loss = True
+    chunks = build_model(hf_config, config)
+    load_hf_weights(chunks, model_dir, hf_config)
+    return hf_config, chunks

@@ -1,0 +1,64 @@
+"""The GPU suite's shared state: one process, world size 1 over NCCL, a Qwen2 at Qwen2.5-0.5B
+widths made locally (nothing is downloaded), the bf16 policy with its optimizer and one vLLM
+engine, built once and shared by the tests in file order (as the actor builds them)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Qwen2.5-0.5B's widths (hidden 896, 14 query / 2 key-value heads of 64, FFN 4864, vocabulary
+# 151936, tied embeddings) with 2 layers.
+QWEN_05B_SHAPE = dict(arch="qwen2", hidden_size=896, num_layers=2, num_heads=14, num_kv_heads=2,
+                      intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
+                      max_position_embeddings=4096, dtype=torch.bfloat16)
+MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    from megatron_intuitor.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("qwen2_05b_shape"), **QWEN_05B_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def world():
+    """This process as rank 0 of 1 (NCCL), Megatron at TP = PP = 1."""
+    from megatron_intuitor import parallel
+    from megatron_intuitor.testing import free_port
+
+    port = free_port()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    parallel.init_torch_distributed(0, 1, master_port=port)
+    sizes = parallel.ParallelSizes(1, 1)
+    parallel.init_model_parallel(sizes, seed=1)
+    yield sizes
+    parallel.destroy()
+
+
+@pytest.fixture(scope="session")
+def policy(world, model_dir):
+    """(hf_config, DDP chunks, optimizer): the bf16 policy as the actor builds it."""
+    from megatron_intuitor.models.optimizer import build_optimizer
+    from megatron_intuitor.ppo import load_policy
+
+    hf_config, chunks = load_policy(model_dir, world, params_dtype=torch.bfloat16)
+    chunks, optimizer = build_optimizer(chunks, 1e-5, weight_decay=0.0, clip_grad=1.0)
+    return hf_config, chunks, optimizer
+
+
+@pytest.fixture(scope="session")
+def engine(policy, model_dir):
+    from megatron_intuitor import parallel
+    from megatron_intuitor.models.optimizer import training_reserve_bytes
+    from megatron_intuitor.rollout.engine import RolloutEngine
+
+    parallel.warm_up_groups()
+    rollout = RolloutEngine(model_dir, dtype=torch.bfloat16, max_model_len=MAX_MODEL_LEN,
+                            gpu_memory_utilization=0.3, seed=0,
+                            reserved_gpu_bytes=training_reserve_bytes(policy[2]))
+    yield rollout
+    rollout.shutdown()
