@@ -63,8 +63,9 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
 
     `extra` (same on every rank, JSON-serialisable: data position, scheduler state, ...) comes
     back from `load_checkpoint` together with `step`. `keep_last` keeps that many newest
-    checkpoints, and those of `keep_steps` besides (the best one). `hf_assets_dir` (an HF model directory) has its config and tokenizer copied
-    into the checkpoint so it can later be exported to HF without the original directory.
+    checkpoints, and those of `keep_steps` besides (the best one). `hf_assets_dir` (an HF model
+    directory) has its config and tokenizer copied into the checkpoint so it can later be
+    exported to HF without the original directory.
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")

@@ -27,8 +27,9 @@ def _run(run_dir: Path, steps: int, extra: list[str]) -> str:
                  "trainer.val_every=0", "trainer.save_every=0", "logger.backends=[jsonl]",
                  f"logger.log_dir={run_dir / 'logs'}", "data.prompts_per_step=4",
                  "data.max_response_length=16", "data.synthetic.val_size=4",
-                 "actor.ppo_micro_batch_size_per_gpu=4", "actor.log_prob_micro_batch_size_per_gpu=8",
-                 "actor.ppo_mini_batch_size=2", *GUARDS, *extra]
+                 "actor.ppo_micro_batch_size_per_gpu=4",
+                 "actor.log_prob_micro_batch_size_per_gpu=8", "actor.ppo_mini_batch_size=2",
+                 *GUARDS, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "megatron_intuitor.main", *overrides], env=env,
                          capture_output=True, text=True, timeout=900)
