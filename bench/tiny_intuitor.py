@@ -116,6 +116,7 @@ def run_trl(cfg, model_dir: Path, output_dir: Path, steps: int) -> dict:
         return rewards.tolist()
 
     step_seconds: list[float] = []
+    step_entropy: list[float] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -123,6 +124,10 @@ def run_trl(cfg, model_dir: Path, output_dir: Path, steps: int) -> dict:
 
         def on_step_end(self, args, state, control, **kwargs):
             step_seconds.append(time.perf_counter() - self.start)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "entropy" in logs:  # token-mean entropy of the step's completions
+                step_entropy.append(float(logs["entropy"]))
 
     args = GRPOConfig(
         output_dir=str(output_dir), max_steps=steps,
@@ -139,14 +144,39 @@ def run_trl(cfg, model_dir: Path, output_dir: Path, steps: int) -> dict:
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=self_certainty_reward, args=args,
                           train_dataset=datasets.Dataset.from_dict({"prompt": texts}),
                           processing_class=tokenizer, callbacks=[StepTimer()])
+    phase_seconds = _time_trl_phases(trainer)
     trainer.train()
+    # rollout and reward per step as timed; scoring (TRL's reference log-probs) is the rest of
+    # preparing the batch; the update (loss forward, backward, optimizer) the rest of the step
+    prepare = phase_seconds.pop("prepare")
+    phase_seconds["score"] = [p - g - r for p, g, r in zip(prepare, phase_seconds["rollout"],
+                                                             phase_seconds["reward"])]
+    phase_seconds["update"] = [s - p for s, p in zip(step_seconds, prepare)]
     return {"trl_tokens_per_s": tokens_per_second(step_tokens, step_seconds),
+            "trl_step_tokens": step_tokens, "trl_step_seconds": step_seconds,
+            "trl_phase_seconds": phase_seconds, "trl_self_certainty": step_certainty,
+            "trl_entropy": step_entropy,
             "trl_step_s": sum(step_seconds[1:]) / len(step_seconds[1:]),
             "trl_response_length_mean": sum(response_lengths) / len(response_lengths),
             "trl_self_certainty_first": step_certainty[0],
             "trl_self_certainty_last": step_certainty[-1], "trl_steps": len(step_seconds),
             "trl_note": f"use_vllm=False (transformers generate), gradient_checkpointing="
                         f"{args.gradient_checkpointing}, 2 threads"}
+
+
+def _time_trl_phases(trainer) -> dict[str, list[float]]:
+    """Wrap the trainer's generation, reward and batch preparation to time them per step."""
+    seconds: dict[str, list[float]] = {"rollout": [], "reward": [], "prepare": []}
+    for phase, method in (("rollout", "_generate"), ("reward", "_calculate_rewards"),
+                          ("prepare", "_generate_and_score_completions")):
+        def timed(*args, _inner=getattr(trainer, method), _phase=phase, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                seconds[_phase].append(time.perf_counter() - start)
+        setattr(trainer, method, timed)
+    return seconds
 
 
 def main() -> None:

@@ -135,10 +135,12 @@ class MicroBatching:
 
 
 def group_mini_batches(batch: RolloutBatch, prompts_per_mini_batch: int,
-                       generator: torch.Generator) -> list[torch.Tensor]:
+                       generator: Optional[torch.Generator]) -> list[torch.Tensor]:
     """Row indices of the PPO mini-batches: whole prompt groups (a group's responses share one
-    z-score), in a seeded random order, `prompts_per_mini_batch` groups each."""
+    z-score), `prompts_per_mini_batch` groups each, in a random order drawn from `generator`, or
+    in prompt order without one (verl's unshuffled split)."""
     groups = batch.group_index.unique(sorted=True)
-    order = groups[torch.randperm(len(groups), generator=generator)]
+    order = groups if generator is None else groups[torch.randperm(len(groups),
+                                                                   generator=generator)]
     return [torch.isin(batch.group_index, chosen).nonzero().squeeze(-1)
             for chosen in order.split(prompts_per_mini_batch)]

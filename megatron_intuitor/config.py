@@ -10,7 +10,6 @@ second instead of after minutes of Ray, Megatron and vLLM start-up.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
@@ -31,6 +30,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ALGORITHMS = ("intuitor", "grpo", "hybrid")
 KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")  # algorithm.kl_penalty's
 LR_SCHEDULERS = ("cosine", "linear", "constant")
+# token-mean: the exact token mean of each mini-batch; micro-batch-token-mean: the official
+# INTUITOR (verl) aggregation, each micro-batch's token mean averaged over micro-batches and
+# data-parallel ranks (weighted by rows, as verl does for token-budget micro-batches).
+LOSS_AGG_MODES = ("token-mean", "micro-batch-token-mean")
 PRECISIONS = ("fp32", "bf16")
 FP8_RECIPES = (None, "hybrid", "e4m3")
 # Megatron-Core 0.16.1 `TransformerConfig.fp8_recipe` (transformer_config.py:436) less "custom"
@@ -140,9 +143,12 @@ def _cuda_device_count() -> int:
 
 
 class Schedule(NamedTuple):
+    """The run's length in training steps, the LR scheduler's unit: as in the official INTUITOR
+    code (verl), the learning rate changes once per training step, whatever the number of
+    mini-batches (optimizer steps) in it."""
+
     training_steps: int  # rollout + update steps
-    optimizer_steps: int  # mini-batch updates over the run (the LR scheduler's unit)
-    warmup_steps: int  # optimizer steps of linear warm-up
+    warmup_steps: int  # training steps of linear warm-up: int(lr_warmup_ratio x training_steps)
 
 
 @dataclass(frozen=True)
@@ -216,9 +222,8 @@ def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
                            f"fewer than data.prompts_per_step={prompts_per_step}"])
     training_steps = (cfg.trainer.total_steps
                       or num_train_prompts // prompts_per_step * cfg.trainer.total_epochs)
-    optimizer_steps = training_steps * derive_layout(cfg).optimizer_steps_per_step
-    warmup_steps = math.ceil(cfg.actor.lr_warmup_ratio * optimizer_steps)
-    return Schedule(training_steps, optimizer_steps, warmup_steps)
+    # int(), not ceil: verl's rounding (`int(lr_warmup_steps_ratio * total_training_steps)`)
+    return Schedule(training_steps, int(cfg.actor.lr_warmup_ratio * training_steps))
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,8 @@ class ActorSettings:
     # the PPO update
     ppo_epochs: int
     ppo_mini_batch_prompts: int
+    shuffle_mini_batches: bool  # actor.shuffle: prompt groups in a seeded order (verl: in order)
+    loss_agg_mode: str  # LOSS_AGG_MODES
     ppo_micro_batch_size: int
     log_prob_micro_batch_size: int
     max_tokens_per_micro_batch: int  # > 0: token-budget micro-batches (actor.use_dynamic_bsz)
@@ -280,7 +287,8 @@ def actor_settings(cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> Ac
         keep_reference=algorithm.kl_coef > 0, ref_offload=actor.ref_offload,
         lr=actor.lr, lr_scheduler=actor.lr_scheduler, weight_decay=actor.weight_decay,
         grad_clip=actor.grad_clip, ppo_epochs=actor.ppo_epochs,
-        ppo_mini_batch_prompts=actor.ppo_mini_batch_size,
+        ppo_mini_batch_prompts=actor.ppo_mini_batch_size, shuffle_mini_batches=actor.shuffle,
+        loss_agg_mode=actor.loss_agg_mode,
         ppo_micro_batch_size=actor.ppo_micro_batch_size_per_gpu,
         log_prob_micro_batch_size=actor.log_prob_micro_batch_size_per_gpu,
         max_tokens_per_micro_batch=actor.max_tokens_per_gpu if actor.use_dynamic_bsz else 0,
@@ -365,6 +373,8 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("actor.lr_warmup_ratio", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("actor.lr_scheduler", _one_of(LR_SCHEDULERS), f"one of {', '.join(LR_SCHEDULERS)}"),
     ("actor.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    ("actor.loss_agg_mode", _one_of(LOSS_AGG_MODES), f"one of {', '.join(LOSS_AGG_MODES)}"),
+    ("actor.shuffle", lambda v: isinstance(v, bool), "true or false"),
     ("actor.grad_clip", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
     ("actor.ppo_mini_batch_size", _positive_int, "a positive integer (prompts)"),
     ("actor.ppo_epochs", _positive_int, "a positive integer"),

@@ -2,10 +2,16 @@
 logits (clipped surrogate + KL to the reference - entropy bonus), run through the pipeline
 schedule, with its statistics reduced to token means over the whole mini-batch.
 
-The head returns the loss *summed* over its response tokens together with their count, and the
-model config has `calculate_per_token_loss`: Megatron then divides the gradients by the token
-count summed over micro-batches and data-parallel ranks, so the update is the exact token mean
-of the mini-batch however it is cut into micro-batches and laid out (padded or packed).
+The model config has `calculate_per_token_loss`: the head returns a loss and a weight, and
+Megatron divides the gradients by the weights summed over micro-batches and data-parallel ranks.
+`loss_agg_mode`:
+- "token-mean": the loss summed over the micro-batch's response tokens, weight = their count:
+  the exact token mean of the mini-batch however it is cut and laid out (padded or packed);
+- "micro-batch-token-mean" (the official INTUITOR code, verl's `token-mean` under gradient
+  accumulation): the micro-batch's token mean times its rows, weight = its rows: the mean of the
+  micro-batch token means over micro-batches and DP ranks (row-weighted, as verl weights
+  token-budget micro-batches); short responses then weigh more than in the exact token mean.
+The reported statistics are aggregated the same way.
 """
 from __future__ import annotations
 
@@ -17,10 +23,12 @@ import torch.distributed as dist
 
 from megatron_intuitor import algorithm, metrics
 from megatron_intuitor.batch import MicroBatching, TrainingBatch
-from megatron_intuitor.models.forward import micro_batches, run_pipeline, shifted_token_scores
+from megatron_intuitor.config import LOSS_AGG_MODES
+from megatron_intuitor.models.forward import micro_batches, run_pipeline, token_scores
 from megatron_intuitor.platform import device
 
-# Per-micro-batch sums the head reports, reduced over micro-batches and DP, then / tokens.
+# Per-micro-batch weighted sums the head reports, reduced over micro-batches and DP, then divided
+# by the summed weights (tokens or rows, per loss_agg_mode).
 LOSS_METRICS = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC,
                 metrics.PG_CLIPFRAC_LOWER, metrics.PPO_KL)
 
@@ -39,45 +47,57 @@ class PPOSettings:
     cov_clip_lower: float = 1.0
     cov_clip_upper: float = 5.0
     cov_kl_coef: float = 1.0
+    loss_agg_mode: str = "token-mean"  # config.LOSS_AGG_MODES
 
 
 def _ppo_head(settings: PPOSettings):
+    if settings.loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode {settings.loss_agg_mode!r}: choose one of "
+                         f"{list(LOSS_AGG_MODES)}")
+    token_mean = settings.loss_agg_mode == "token-mean"
+
     def head(logits_shard: torch.Tensor, micro_batch: dict) -> tuple:
-        scores = shifted_token_scores(logits_shard, micro_batch["input_ids"],
-                                      temperature=settings.temperature,
-                                      vocab_size=settings.vocab_size)
+        scores = token_scores(logits_shard, micro_batch, temperature=settings.temperature,
+                              vocab_size=settings.vocab_size)
         mask = micro_batch["response_mask"]
         tokens = mask.sum()
+        # loss terms are sum / divisor; Megatron divides their gradients by the summed weights
+        if token_mean:
+            weight, divisor = tokens, 1.0
+        else:
+            weight = torch.tensor(len(micro_batch.lengths), device=tokens.device)
+            divisor = tokens.clamp(min=1) / weight
         tis = None
         if settings.tis_cap:
             tis = algorithm.tis_weights(micro_batch["old_log_probs"],
                                         micro_batch["rollout_log_probs"], settings.tis_cap)
-        pg_sum, stats = _policy_loss(settings, scores.log_probs, micro_batch, mask, tis)
+        pg_sum, stats = _policy_loss(settings, scores.log_probs, micro_batch, mask, tis, divisor)
         loss = pg_sum
         kl_sum = pg_sum.new_zeros(())
         if settings.kl_coef > 0:
             kl_sum = algorithm.kl_loss(scores.log_probs, micro_batch["ref_log_probs"], mask,
-                                       settings.kl_type, num_tokens=1.0)
+                                       settings.kl_type, num_tokens=divisor)
             loss = loss + settings.kl_coef * kl_sum
         if settings.entropy_coef > 0:
             loss = loss - settings.entropy_coef * algorithm.entropy_loss(scores.entropy, mask,
-                                                                         num_tokens=1.0)
-        sums = torch.stack([pg_sum.detach(), kl_sum.detach(), stats.clipfrac * tokens,
-                            stats.clipfrac_lower * tokens, stats.approx_kl * tokens,
-                            tokens.to(torch.float32)])
-        return loss, tokens.to(torch.int), {"sums": sums}
+                                                                         num_tokens=divisor)
+        weight = weight.to(torch.float32)
+        sums = torch.stack([pg_sum.detach(), kl_sum.detach(), stats.clipfrac * weight,
+                            stats.clipfrac_lower * weight, stats.approx_kl * weight, weight])
+        return loss, weight.to(torch.int), {"sums": sums}
     return head
 
 
 def _policy_loss(settings: PPOSettings, log_probs: torch.Tensor, micro_batch: dict,
-                 mask: torch.Tensor, tis: Optional[torch.Tensor]
-                 ) -> tuple[torch.Tensor, algorithm.PolicyLossStats]:
-    """The micro-batch's summed surrogate (`settings.policy_loss`) and its statistics."""
+                 mask: torch.Tensor, tis: Optional[torch.Tensor],
+                 divisor: float | torch.Tensor) -> tuple[torch.Tensor, algorithm.PolicyLossStats]:
+    """The micro-batch's surrogate (`settings.policy_loss`) summed over its tokens and divided
+    by `divisor`, and its statistics."""
     old, advantages = micro_batch["old_log_probs"], micro_batch["advantages"]
     if settings.policy_loss == "kl_cov":
         loss, _ = algorithm.kl_cov_loss(log_probs, old, advantages, mask,
                                         select_ratio=settings.cov_select_ratio,
-                                        kl_coef=settings.cov_kl_coef, num_tokens=1.0)
+                                        kl_coef=settings.cov_kl_coef, num_tokens=divisor)
         zero = loss.new_zeros(()).detach()
         approx_kl = algorithm.masked_token_mean((old - log_probs).detach(), mask)
         return loss, algorithm.PolicyLossStats(zero, zero, approx_kl)
@@ -94,7 +114,7 @@ def _policy_loss(settings: PPOSettings, log_probs: torch.Tensor, micro_batch: di
     return algorithm.ppo_clip_loss(log_probs, old, advantages, mask,
                                    clip_ratio_low=settings.clip_ratio,
                                    clip_ratio_high=settings.clip_ratio, tis_weights=tis,
-                                   num_tokens=1.0)
+                                   num_tokens=divisor)
 
 
 def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: MicroBatching,
@@ -113,12 +133,13 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
         columns["ref_log_probs"] = shard.ref_log_probs
     stats = run_pipeline(model_chunks,
                          micro_batches(columns, shard.lengths, batching.partition(shard.lengths)),
-                         _ppo_head(settings), forward_only=False, packed=batching.packed)
+                         _ppo_head(settings), forward_only=False, packed=batching.packed,
+                         logits_at="response_mask")
     # Only the last stage's first TP rank contributes, so the world sum counts each DP shard once.
     reporting = (parallel_state.is_pipeline_last_stage()
                  and parallel_state.get_tensor_model_parallel_rank() == 0)
     sums = torch.stack([item["sums"] for item in stats]).sum(0) if reporting \
         else torch.zeros(len(LOSS_METRICS) + 1, device=device())
     dist.all_reduce(sums)
-    tokens = max(float(sums[-1]), 1.0)
-    return {name: float(value) / tokens for name, value in zip(LOSS_METRICS, sums[:-1])}
+    weight = max(float(sums[-1]), 1.0)
+    return {name: float(value) / weight for name, value in zip(LOSS_METRICS, sums[:-1])}

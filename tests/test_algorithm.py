@@ -173,6 +173,24 @@ def test_kl_kinds_by_hand():
     assert alg.kl_penalty(lp, ref, "k3").tolist() == k3.tolist()
 
 
+def test_k3_is_exact_for_small_differences():
+    """d = ref - lp down to 1e-7 in fp32: k3 equals float64's expm1(d) - d (~d^2/2) to fp32
+    rounding, where the textbook exp(d) - d - 1 in fp32 gives exactly 0; the gradient with
+    respect to lp is -expm1(d), as for the textbook form."""
+    ds = [1e-7, -1e-6, 3e-5, -2e-4, 1e-3, 0.5]
+    ref = torch.tensor(ds, dtype=torch.float32)
+    lp = torch.zeros(len(ds), requires_grad=True)
+    k3 = alg.kl_penalty(lp, ref, "k3")
+    assert k3.dtype == torch.float32
+    exact = [math.expm1(d) - d for d in ref.double().tolist()]  # the fp32 d, in float64
+    assert k3.tolist() == pytest.approx(exact, rel=1e-6)
+    textbook = (ref.exp() - ref - 1.0).tolist()
+    assert textbook[:4] == [0.0, 0.0, 0.0, 0.0]  # what the fp32 textbook form loses
+    k3.sum().backward()
+    assert lp.grad.tolist() == pytest.approx([-math.expm1(d) for d in ref.double().tolist()],
+                                             rel=1e-6)
+
+
 def test_k3_gradient_is_finite_when_clamped():
     lp = torch.tensor([0.0, -1.0], requires_grad=True)
     alg.kl_penalty(lp, torch.tensor([30.0, -2.0])).sum().backward()

@@ -76,6 +76,9 @@ def test_mini_batches_hold_whole_prompt_groups_in_a_seeded_order():
         for group in groups.unique():
             assert int((batch.group_index == group).sum()) == int((groups == group).sum())
     assert sorted(torch.cat(runs[0]).tolist()) == list(range(12))
+    # no generator (actor.shuffle=false): prompt order, as verl's unshuffled split
+    assert [r.tolist() for r in group_mini_batches(batch, 2, None)] == [list(range(8)),
+                                                                       list(range(8, 12))]
 
 
 def test_select_and_trim_carry_the_update_columns():

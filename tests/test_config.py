@@ -246,14 +246,15 @@ def test_actor_settings_carry_what_the_ranks_read():
 
 
 def test_training_schedule():
-    tiny = load([])  # total_steps 20, one mini-batch per step: 20 optimizer steps, 10% warm-up
-    assert tuple(training_schedule(tiny, 1024)) == (20, 20, 2)
+    tiny = load([])  # total_steps 20, 10% warm-up: 2 training steps
+    assert tuple(training_schedule(tiny, 1024)) == (20, 2)
     by_epochs = load(["trainer.total_steps=null", "trainer.total_epochs=2",
                       "actor.ppo_mini_batch_size=4", "actor.ppo_epochs=2",
                       "actor.ppo_micro_batch_size_per_gpu=4"])
     # 100 prompts // 8 = 12 steps per epoch (the partial batch dropped), x 2 epochs = 24 steps;
-    # 2 mini-batches x 2 PPO epochs = 4 optimizer steps each: 96, of which ceil(9.6) warm up.
-    assert tuple(training_schedule(by_epochs, 100)) == (24, 96, 10)
+    # the LR schedule counts training steps (not the 4 optimizer steps in each), and its
+    # warm-up rounds down as verl's int(): int(2.4) = 2 (ceil would give 3).
+    assert tuple(training_schedule(by_epochs, 100)) == (24, 2)
     with pytest.raises(ConfigError, match=r"data.train_files: 5 prompts left after filtering, "
                                           r"fewer than data.prompts_per_step=8"):
         training_schedule(tiny, 5)

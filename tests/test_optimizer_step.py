@@ -1,13 +1,15 @@
 """The update's optimizer bookkeeping (`workers/actor.py`): one gradient-norm computation per
-step, skipped steps leave the weights and the LR schedule alone, and the logged LR is the one
-the step used. A stand-in optimizer with Megatron's interface counts the norm computations (each
+step, skipped steps leave the weights alone, the LR schedule advances once per training step
+(verl's unit) unless all its optimizer steps were skipped, and the logged LR is the one the step
+used. A stand-in optimizer with Megatron's interface counts the norm computations (each
 is an all-reduce in a real run); the schedule is Megatron's own."""
 import math
 
 import pytest
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_intuitor.workers.actor import guarded_optimizer_step, scheduled_optimizer_step
+from megatron_intuitor.workers.actor import (end_of_training_step, guarded_optimizer_step,
+                                             optimizer_step_at_scheduled_lr)
 
 
 class _Optimizer:
@@ -53,20 +55,27 @@ def test_a_non_finite_norm_skips_the_step(grad_norm):
     assert optimizer.steps == 0 and optimizer.zeroed == 1
 
 
-def test_skipped_steps_do_not_advance_the_schedule_and_the_lr_logged_is_the_one_used():
-    """Linear warm-up to 1.0 over 2 steps: lr 0, 0.5, 1.0 at scheduler steps 0, 1, 2. A skipped
-    second step leaves the third at 0.5."""
+def test_the_schedule_advances_once_per_training_step_unless_all_its_steps_were_skipped():
+    """Linear warm-up to 1.0 over 2 training steps: lr 0, 0.5, 1.0 at scheduler steps 0, 1, 2.
+    Training steps of 2 optimizer steps each: both of the first at lr 0, both of the second at
+    0.5 (one skipped), a third whose steps are all skipped does not advance it: 3 scheduler
+    steps after 4 training steps."""
     optimizer = _Optimizer(grad_norm=1.0)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=1.0, min_lr=0.0, lr_warmup_steps=2, lr_decay_steps=10,
         lr_decay_style="constant", start_wd=0.0, end_wd=0.0, wd_incr_steps=10,
         wd_incr_style="constant")
     used = []
-    for grad_norm in (1.0, math.nan, 1.0):
-        optimizer.grad_norm = grad_norm
-        stepped, _, lr = scheduled_optimizer_step(optimizer, scheduler, grad_clip=1.0)
-        used.append((stepped, lr))
-    assert used == [(True, 0.0), (False, 0.5), (True, 0.5)]
-    assert scheduler.num_steps == 2
-    stepped, norm, lr = scheduled_optimizer_step(optimizer, scheduler, 1.0, finite_loss=False)
-    assert (stepped, math.isnan(norm), lr) == (False, True, 1.0) and scheduler.num_steps == 2
+    for grad_norms in ((1.0, 1.0), (math.nan, 1.0), (math.nan, math.inf), (1.0, 1.0)):
+        taken = []
+        for grad_norm in grad_norms:
+            optimizer.grad_norm = grad_norm
+            stepped, _, lr = optimizer_step_at_scheduled_lr(optimizer, grad_clip=1.0)
+            taken.append(stepped)
+            used.append((stepped, lr))
+        end_of_training_step(scheduler, taken)
+    assert used == [(True, 0.0), (True, 0.0), (False, 0.5), (True, 0.5),
+                    (False, 1.0), (False, 1.0), (True, 1.0), (True, 1.0)]
+    assert scheduler.num_steps == 3
+    stepped, norm, lr = optimizer_step_at_scheduled_lr(optimizer, 1.0, finite_loss=False)
+    assert (stepped, math.isnan(norm), lr) == (False, True, 1.0)

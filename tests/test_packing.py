@@ -68,12 +68,17 @@ def _hf_reference(model_dir) -> dict:
             "kl_loss": float(kl.detach()), "grad_norm": grad_norm, "old": old, "ref": ref}
 
 
+def _largest(values: torch.Tensor) -> float:
+    return float(values.abs().max()) if values.numel() else 0.0
+
+
 def _every_batching_on_rank(rank, world_size, tp, pp, model_dir, old, ref):
     """Scores, PPO losses, gradient norm and this rank's gradient shard for every batching."""
     from megatron.core import parallel_state
 
     from megatron_intuitor import metrics
-    from megatron_intuitor.models.forward import micro_batches, run_pipeline, score_batch
+    from megatron_intuitor.models.forward import (micro_batches, run_pipeline, score_batch,
+                                                  token_scores)
     from megatron_intuitor.models.optimizer import build_optimizer
     from megatron_intuitor.models.policy import load_policy
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
@@ -96,8 +101,12 @@ def _every_batching_on_rank(rank, world_size, tp, pp, model_dir, old, ref):
     def recording_head(name):
         def head(logits_shard, micro_batch):
             seen.setdefault(name, []).append(
-                (tuple(micro_batch["input_ids"].shape), micro_batch.packed_seq_params))
-            return logits_shard.sum() * 0.0, {}
+                (tuple(micro_batch["input_ids"].shape), micro_batch.packed_seq_params,
+                 tuple(logits_shard.shape[:2]), int(micro_batch["response_mask"].sum())))
+            scores = token_scores(logits_shard, micro_batch, temperature=TEMPERATURE,
+                                  vocab_size=hf_config.vocab_size)
+            return logits_shard.sum() * 0.0, {"scores": torch.stack(scores, -1),
+                                              "response": micro_batch["response_mask"].bool()}
         return head
 
     results = {}
@@ -113,12 +122,21 @@ def _every_batching_on_rank(rank, world_size, tp, pp, model_dir, old, ref):
                            for p in chunk.parameters()])
         optimizer.prepare_grads()
         grad_norm = float(optimizer.get_grad_norm())
-        cut = micro_batches({"input_ids": batch.input_ids}, batch.lengths,
-                            batching.partition(batch.lengths))
+        cut = micro_batches({"input_ids": batch.input_ids, "response_mask": batch.response_mask},
+                            batch.lengths, batching.partition(batch.lengths))
         with torch.no_grad():
-            run_pipeline(chunks, cut, recording_head(name), forward_only=True,
-                         packed=batching.packed)
-        results[name] = {"scores": scores, "pg_loss": losses[metrics.PG_LOSS],
+            every = run_pipeline(chunks, cut, recording_head(name), forward_only=True,
+                                 packed=batching.packed)
+            selected = run_pipeline(chunks, cut, recording_head(f"{name}/selected"),
+                                    forward_only=True, packed=batching.packed,
+                                    logits_at="response_mask")
+        # the LM head at response positions only: the same scores there, 0 elsewhere
+        selection_diff = max(
+            max(_largest((a["scores"] - b["scores"])[a["response"]]),
+                _largest(b["scores"][~a["response"]])) for a, b in zip(every, selected)
+        ) if every else None
+        results[name] = {"selection_diff": selection_diff, "scores": scores,
+                         "pg_loss": losses[metrics.PG_LOSS],
                          "kl_loss": losses[metrics.KL_LOSS], "grad_norm": grad_norm,
                          "grads": grads, "partition": [p.tolist() for p in
                                                        batching.partition(batch.lengths)]}
@@ -169,8 +187,15 @@ def test_packed_and_dynamic_batching_equal_padded_and_transformers(tiny_qwen2, r
     assert len(seen) == tp
     for name, batching in BATCHINGS.items():
         parts = ranks[0]["results"][name]["partition"]
-        shapes = [shape for shape, _ in seen[0][name]]
-        for part, (shape, params) in zip(parts, seen[0][name]):
+        shapes = [shape for shape, *_ in seen[0][name]]
+        for shape, _, logits, _ in seen[0][name]:
+            assert logits == shape  # every position: [1, t] packed, [b, s] padded
+        for _, _, logits, response_tokens in seen[0][f"{name}/selected"]:
+            assert logits == (1, response_tokens)  # one logits row per response token
+        for result in ranks:
+            diff = result["results"][name]["selection_diff"]
+            assert diff is None or diff <= 1e-6, (name, diff)
+        for part, (shape, params, _, _) in zip(parts, seen[0][name]):
             real = [lengths[r] for r in part]
             if batching.packed:
                 bounds = params.cu_seqlens_q.tolist()

@@ -1,6 +1,7 @@
 """The PPO update on Megatron (loss head on vocab-parallel logits, token mean over micro-batches
-and DP ranks) gives the loss and gradient norm of the naive formula applied to transformers'
-logits; a non-finite loss skips the step and leaves the weights untouched."""
+and DP ranks, or verl's mean of micro-batch token means) gives the loss and gradient norm of the
+naive formula applied to transformers' logits; a non-finite loss skips the step and leaves the
+weights untouched."""
 import math
 from dataclasses import replace
 
@@ -29,9 +30,11 @@ def _batch(vocab_size: int):
     return batch, noise
 
 
-def _hf_reference(model_dir):
+def _hf_reference(model_dir, row_groups=None):
     """Naive formulas on transformers' fp32 logits; the 'old' and reference log-probs are the
-    current ones shifted by fixed noise so that clipping and the KL term are active."""
+    current ones shifted by fixed noise so that clipping and the KL term are active. Losses are
+    the token mean over all rows, or with `row_groups` (the micro-batches) the mean over groups
+    of each group's token mean (verl's aggregation)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -48,16 +51,17 @@ def _hf_reference(model_dir):
     per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * DUAL_CLIP), per_token)
     d = ref - log_probs
     k3 = torch.exp(d) - d - 1
-    tokens = mask.sum()
-    pg = (per_token * mask).sum() / tokens
-    kl = (k3 * mask).sum() / tokens
+    groups = row_groups or [list(range(len(ids)))]
+    pg = sum((per_token[g] * mask[g]).sum() / mask[g].sum() for g in groups) / len(groups)
+    kl = sum((k3[g] * mask[g]).sum() / mask[g].sum() for g in groups) / len(groups)
     (pg + KL_COEF * kl).backward()
     grad_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
     return {"pg_loss": float(pg.detach()), "kl_loss": float(kl.detach()), "grad_norm": grad_norm,
             "old": old, "ref": ref}
 
 
-def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison):
+def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison,
+                     loss_agg_mode="token-mean", micro_batch_size=1):
     from megatron.core import parallel_state
 
     from megatron_intuitor import metrics
@@ -81,10 +85,11 @@ def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison):
                                 parallel_state.get_data_parallel_world_size()).trimmed()
     settings = PPOSettings(temperature=TEMPERATURE, vocab_size=hf_config.vocab_size,
                            clip_ratio=CLIP, kl_coef=KL_COEF, kl_type="low_var_kl",
-                           entropy_coef=0.0, tis_cap=None)
+                           entropy_coef=0.0, tis_cap=None, loss_agg_mode=loss_agg_mode)
     before = dict(export_hf_weights(chunks, hf_config))
-    # 1 row per micro-batch, packed (the trainer's default layout)
-    losses = ppo_forward_backward(chunks, shard, MicroBatching(micro_batch_size=1), settings)
+    # packed (the trainer's default layout)
+    losses = ppo_forward_backward(chunks, shard, MicroBatching(micro_batch_size=micro_batch_size),
+                                  settings)
     stepped, grad_norm = guarded_optimizer_step(optimizer, 1.0)
     after = dict(export_hf_weights(chunks, hf_config))
     changed = max(float((after[k] - before[k]).abs().max()) for k in before)
@@ -110,6 +115,23 @@ def test_ppo_update_matches_naive_loss_and_gradient(tiny_qwen2, reference, tp):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "tp2"])
+def test_micro_batch_token_mean_is_the_mean_of_micro_batch_token_means(tiny_qwen2, tp):
+    """loss_agg_mode=micro-batch-token-mean, 2 rows per micro-batch: rows {0, 1} and {2, 3}
+    (one micro-batch on each DP rank, or two on the one rank at TP=2) with 8 and 11 response
+    tokens; the loss is the plain mean of their two token means, not the 19-token mean."""
+    official = _hf_reference(str(tiny_qwen2), row_groups=[[0, 1], [2, 3]])
+    token_mean = _hf_reference(str(tiny_qwen2))
+    assert official["pg_loss"] != pytest.approx(token_mean["pg_loss"], rel=1e-3)
+    ranks = run_distributed(_megatron_update, 2, tp, str(tiny_qwen2), official["old"],
+                            official["ref"], False, "micro-batch-token-mean", 2)
+    for result in ranks:
+        assert result["pg_loss"] == pytest.approx(official["pg_loss"], rel=1e-5, abs=1e-7)
+        assert result["kl_loss"] == pytest.approx(official["kl_loss"], rel=1e-5, abs=1e-7)
+        assert result["grad_norm"] == pytest.approx(official["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_non_finite_loss_skips_the_step_and_keeps_the_weights(tiny_qwen2, reference):
     ranks = run_distributed(_megatron_update, 2, 2, str(tiny_qwen2), reference["old"],
                             reference["ref"], True)
@@ -120,6 +142,8 @@ def test_non_finite_loss_skips_the_step_and_keeps_the_weights(tiny_qwen2, refere
 
 
 def _head_inputs():
+    from megatron_intuitor.models.forward import ModelInput
+
     gen = torch.Generator().manual_seed(5)
     vocab = 11
     logits = torch.randn(2, 5, vocab, generator=gen, dtype=torch.float64).float()
@@ -134,8 +158,10 @@ def _head_inputs():
         -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1), (1, 0))
     old = log_probs + 0.05 * torch.randn(2, 5, generator=gen, dtype=torch.float64)
     advantages = torch.tensor([[1.0] * 5, [-1.0] * 5], dtype=torch.float64)
-    micro_batch = {"input_ids": input_ids, "response_mask": mask,
-                   "advantages": advantages.float(), "old_log_probs": old.float()}
+    micro_batch = ModelInput({"input_ids": input_ids, "response_mask": mask,
+                              "advantages": advantages.float(), "old_log_probs": old.float()},
+                             position_ids=torch.arange(5).expand(2, -1),
+                             lengths=torch.tensor([5, 5]))
     return logits, micro_batch, log_probs, entropy, old, advantages, mask
 
 
@@ -176,13 +202,26 @@ def test_head_entropy_bonus_and_kl_cov_against_naive_formulas(single_rank_head):
     assert loss.item() == pytest.approx(kl_tokens.sum().item(), abs=1e-5)  # fp32 sum of ~1s
 
 
+def test_head_micro_batch_token_mean_returns_rows_times_the_token_mean(single_rank_head):
+    """verl's aggregation: weight = the micro-batch's 2 rows, loss = 2 x its 6-token mean (so
+    that Megatron's division by the summed rows averages micro-batch means)."""
+    logits, micro_batch, log_probs, _, old, adv, mask = _head_inputs()
+    ratio = torch.exp(log_probs - old)
+    ppo_tokens = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
+    ppo_tokens = torch.where(adv < 0, torch.minimum(ppo_tokens, -adv * DUAL_CLIP), ppo_tokens)
+    head = single_rank_head(_settings(11, loss_agg_mode="micro-batch-token-mean"))
+    loss, weight, _ = head(logits, micro_batch)
+    assert int(weight) == 2
+    assert loss.item() == pytest.approx(2 * ppo_tokens[mask].mean().item(), abs=1e-5)
+
+
 def test_head_clip_cov_can_drop_every_unclipped_token(single_rank_head):
     from megatron_intuitor.models.forward import shifted_token_scores
 
     logits, micro_batch, *_ = _head_inputs()
     current = shifted_token_scores(logits, micro_batch["input_ids"], temperature=TEMPERATURE,
                                    vocab_size=11).log_probs
-    micro_batch["old_log_probs"] = current.detach()  # ratio 1: PPO clips nothing
+    micro_batch.tokens["old_log_probs"] = current.detach()  # ratio 1: PPO clips nothing
     wide = _settings(11, policy_loss="clip_cov", cov_select_ratio=1.0, cov_clip_lower=-1e9,
                      cov_clip_upper=1e9)
     logits.requires_grad_()

@@ -32,6 +32,7 @@ def test_shard_reports_reproduce_the_whole_batch_figures():
     report = ScoreReport.concatenate(reports)
 
     # the previous controller: per-token tensors of the whole batch
+    # to rounding: the shards are summed at their own widths, the batch figures shard by shard
     torch.testing.assert_close(report.self_certainty,
                                algorithm.sequence_rewards_from_self_certainty(
                                    scores["self_certainty"], mask), rtol=1e-6, atol=0)

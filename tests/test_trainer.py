@@ -162,16 +162,17 @@ def test_each_algorithm_z_scores_its_own_reward():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["grpo", "hybrid"])
 def test_verifiable_reward_algorithms_run_a_step(tmp_path, name):
-    """The tiny random model answers no synthetic sum right: grpo has no learning signal at all
-    (every advantage 0; at step 1 the policy is the reference, so the KL term has no gradient
-    either), hybrid keeps the self-certainty half of INTUITOR's."""
+    """The tiny random model answers no synthetic sum right: grpo has no reward signal (every
+    advantage 0, so a zero policy loss; what gradient there is comes from the KL term, once
+    weight decay has moved the policy off the reference: ~1e-9), while hybrid keeps the
+    self-certainty half of INTUITOR's (gradient norm ~1)."""
     _finish(_main(_overrides(tmp_path, 1) + [f"algorithm={name}"]))
     row = _rows(tmp_path)[1]
     if name == "grpo":
-        assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.GRAD_NORM]) == (
-            0.0, 0.0, 0.0)
+        assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS]) == (0.0, 0.0)
+        assert row[metrics.GRAD_NORM] < 1e-6
     else:
-        assert row[metrics.GRAD_NORM] > 0 and row[metrics.PG_LOSS] != 0.0
+        assert row[metrics.GRAD_NORM] > 0.1 and row[metrics.PG_LOSS] != 0.0
 
 
 @pytest.mark.slow

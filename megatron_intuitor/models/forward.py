@@ -16,6 +16,14 @@ Rows come right-padded, [prompt, response, padding], with their lengths. The mod
 A head sees each per-token tensor of its micro-batch laid out like the logits, and
 `ModelInput.to_rows` turns such a tensor back into right-padded rows.
 
+`run_pipeline(..., logits_at="response_mask")` computes the LM head only where its logits are
+used: at the positions whose next token the named mask marks (response tokens), not over the
+prompts. The head then receives logits [1, k, V/TP] for those k positions (row-major order) and
+`token_scores` scatters their scores back into the micro-batch's layout: the same values as
+scoring every position (the LM head is row-wise), without the vocabulary-wide matmul and softmax
+statistics over prompt tokens. Skipped (all positions computed) when the output layer runs
+sequence parallel, whose input is split over the sequence.
+
 At PP > 1, stages exchange activations of one shape per call (Megatron's schedule receives into
 buffers of `[seq_length, micro_batch_size, hidden]`): the micro-batches are padded to the largest
 of the call (padding rows and columns; packed, one padding sequence at the end of the pack, ahead
@@ -73,6 +81,8 @@ class ModelInput:
     position_ids: torch.Tensor
     lengths: torch.Tensor  # [b] real tokens of each of the micro-batch's rows
     packed_seq_params: Optional[object] = None  # megatron PackedSeqParams when packed
+    # tokens (layout of input_ids) whose predicting logits alone were computed; None: all
+    scored_tokens: Optional[torch.Tensor] = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tokens[name]
@@ -212,15 +222,31 @@ def _check_micro_batches(micro_batches: Sequence[dict[str, torch.Tensor]]) -> No
                              f"row, each in [1, {shape[1]}]")
 
 
+def _output_layers(model_chunks: list) -> list:
+    from megatron.core.utils import unwrap_model
+
+    return [layer for chunk in model_chunks
+            if (layer := getattr(unwrap_model(chunk), "output_layer", None)) is not None]
+
+
+def _predicting_positions(scored_tokens: torch.Tensor) -> torch.Tensor:
+    """Positions whose logits predict the marked tokens: each mark moved one to the left (a
+    marked token is never the first of its row or, packed, of its sequence)."""
+    return torch.cat([scored_tokens[:, 1:], torch.zeros_like(scored_tokens[:, :1])], dim=1)
+
+
 def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Tensor]],
-                 head: LogitsHead, *, forward_only: bool, packed: bool) -> list:
+                 head: LogitsHead, *, forward_only: bool, packed: bool,
+                 logits_at: Optional[str] = None) -> list:
     """Run `micro_batches` through the pipeline schedule. Each is a dict with `lengths` [b]
     (real tokens per row) and right-padded per-token tensors [b, s], `input_ids` among them;
     sizes may differ between micro-batches. `head` turns the last stage's logits shard of each
-    into Megatron's loss tuple. Returns the heads' stats, one entry per micro-batch in order, on
-    the last pipeline stage ([] on the others). With forward_only=False the losses are
-    back-propagated into the chunks' gradients. With FP8 the micro-batches are padded and
-    their number equalised over data parallelism (module docstring)."""
+    into Megatron's loss tuple; with `logits_at` (the name of a bool per-token column) only the
+    logits predicting the marked tokens are computed (see the module docstring). Returns the
+    heads' stats, one entry per micro-batch in order, on the last pipeline stage ([] on the
+    others). With forward_only=False the losses are back-propagated into the chunks'
+    gradients. With FP8 the micro-batches are padded and their number equalised over data
+    parallelism (module docstring)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
@@ -240,8 +266,25 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
             and not config.variable_seq_lengths):
         inputs = [_padded_to(item, rows, width) for item in inputs]
 
+    output_layers = _output_layers(model_chunks)
+    selecting = logits_at is not None and not any(layer.sequence_parallel
+                                                  for layer in output_layers)
+    if selecting:
+        inputs = [replace(item, scored_tokens=item[logits_at].bool()) for item in inputs]
+    current: dict[str, Optional[torch.Tensor]] = {"positions": None}
+
+    def select_hidden(_module, args, kwargs):
+        """hidden [s, b, h] -> the predicting positions [k, 1, h], row-major over [b, s]."""
+        hidden = args[0].transpose(0, 1)[current["positions"]]
+        return (hidden.unsqueeze(1), *args[1:]), kwargs
+
+    hooks = [layer.register_forward_pre_hook(select_hidden, with_kwargs=True)
+             for layer in output_layers] if selecting else []
+
     def forward_step(data_iterator, chunk):
         micro_batch = next(data_iterator)
+        if selecting:
+            current["positions"] = _predicting_positions(micro_batch.scored_tokens)
         # attention_mask None: causal attention is exact for right-padded rows, and packed
         # sequences are delimited by packed_seq_params.
         logits_shard = chunk(micro_batch["input_ids"], micro_batch.position_ids, None,
@@ -250,11 +293,15 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
 
     # Every chunk (virtual stage) consumes the same micro-batches through its own iterator.
     iterators = [iter(inputs) for _ in model_chunks]
-    stats = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-        model=model_chunks, num_microbatches=len(inputs), seq_length=width,
-        micro_batch_size=rows, forward_only=forward_only)
+    try:
+        stats = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+            model=model_chunks, num_microbatches=len(inputs), seq_length=width,
+            micro_batch_size=rows, forward_only=forward_only)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return stats[:real_count]  # the empty micro-batches' stats are nobody's
 
 
@@ -284,6 +331,28 @@ def shifted_token_scores(logits_shard: torch.Tensor, input_ids: torch.Tensor, *,
                                          vocab_size=vocab_size, tp_group=_tp_group())
     return TokenScores(*(torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
                          for v in scores))
+
+
+def token_scores(logits_shard: torch.Tensor, micro_batch: ModelInput, *, temperature: float,
+                 vocab_size: int) -> TokenScores:
+    """`shifted_token_scores` of the micro-batch's `input_ids` from the logits the head got: all
+    positions, or only those predicting `micro_batch.scored_tokens` (`run_pipeline(logits_at=)`),
+    in which case the other entries are 0."""
+    input_ids = micro_batch["input_ids"]
+    if micro_batch.scored_tokens is None:
+        return shifted_token_scores(logits_shard, input_ids, temperature=temperature,
+                                    vocab_size=vocab_size)
+    scored = micro_batch.scored_tokens
+    scores = vocab_parallel_token_scores(logits_shard, input_ids[scored][None],
+                                         temperature=temperature, vocab_size=vocab_size,
+                                         tp_group=_tp_group())
+
+    def laid_out(values: torch.Tensor) -> torch.Tensor:
+        # masked_scatter fills the marked entries in row-major order, as the selection took them
+        return torch.zeros(input_ids.shape, dtype=values.dtype,
+                           device=values.device).masked_scatter(scored, values[0])
+
+    return TokenScores(*(laid_out(v) for v in scores))
 
 
 def check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -328,8 +397,8 @@ def score_batch(model_chunks: list, input_ids: torch.Tensor, attention_mask: tor
     partition = batching.partition(lengths)
 
     def scores_head(logits_shard, micro_batch):
-        scores = shifted_token_scores(logits_shard, micro_batch["input_ids"],
-                                      temperature=temperature, vocab_size=vocab_size)
+        scores = token_scores(logits_shard, micro_batch, temperature=temperature,
+                              vocab_size=vocab_size)
         stacked = torch.where(micro_batch["response_mask"][..., None],
                               torch.stack(scores, dim=-1), 0.0)
         return stacked.new_zeros(()), {"scores": micro_batch.to_rows(stacked)}
@@ -339,7 +408,7 @@ def score_batch(model_chunks: list, input_ids: torch.Tensor, attention_mask: tor
             model_chunks,
             micro_batches({"input_ids": input_ids, "response_mask": response_mask.bool()},
                           lengths, partition),
-            scores_head, forward_only=True, packed=batching.packed)
+            scores_head, forward_only=True, packed=batching.packed, logits_at="response_mask")
     stacked = torch.zeros(*input_ids.shape, len(SCORE_NAMES), dtype=torch.float32,
                           device=device())
     if parallel_state.is_pipeline_last_stage():

@@ -38,16 +38,17 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 
 def _lr_scheduler(optimizer, settings: ActorSettings):
     """Linear warm-up from 0 over `schedule.warmup_steps`, then `actor.lr_scheduler` decay to 0
-    over the run's optimizer steps (verl's defaults: cosine, warm-up ratio 0.1)."""
+    over the run; stepped once per training step (verl's unit), so every mini-batch of a step
+    uses the same learning rate (the first step's is 0 when there is a warm-up, as in verl)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     schedule = settings.schedule
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=0.0,
         lr_warmup_steps=schedule.warmup_steps,
-        lr_decay_steps=max(schedule.optimizer_steps, schedule.warmup_steps + 1),
+        lr_decay_steps=max(schedule.training_steps, schedule.warmup_steps + 1),
         lr_decay_style=settings.lr_scheduler, start_wd=settings.weight_decay,
-        end_wd=settings.weight_decay, wd_incr_steps=max(schedule.optimizer_steps, 1),
+        end_wd=settings.weight_decay, wd_incr_steps=max(schedule.training_steps, 1),
         wd_incr_style="constant")
 
 
@@ -72,20 +73,25 @@ def guarded_optimizer_step(optimizer, grad_clip: float) -> tuple[bool, float]:
     return True, grad_norm
 
 
-def scheduled_optimizer_step(optimizer, lr_scheduler, grad_clip: float,
-                             finite_loss: bool = True) -> tuple[bool, float, float]:
-    """`guarded_optimizer_step` under the LR schedule: the schedule advances only when the step
-    is taken (as in Megatron's training loop), so a skipped step does not eat the warm-up.
-    Returns (stepped, grad_norm, the learning rate this step used)."""
+def optimizer_step_at_scheduled_lr(optimizer, grad_clip: float,
+                                   finite_loss: bool = True) -> tuple[bool, float, float]:
+    """`guarded_optimizer_step` at the learning rate the schedule set (a non-finite loss skips
+    it). Returns (stepped, grad_norm, the learning rate this step used)."""
     lr = optimizer.param_groups[0]["lr"]
     if finite_loss:
         stepped, grad_norm = guarded_optimizer_step(optimizer, grad_clip)
     else:
         optimizer.zero_grad()
         stepped, grad_norm = False, float("nan")
-    if stepped:
-        lr_scheduler.step(increment=1)
     return stepped, grad_norm, lr
+
+
+def end_of_training_step(lr_scheduler, stepped: Sequence[bool]) -> None:
+    """Advance the LR schedule once per training step, verl's unit, whatever the number of
+    optimizer steps in it; a training step whose optimizer steps were all skipped (non-finite)
+    leaves it, so skipped steps do not eat the warm-up."""
+    if any(stepped):
+        lr_scheduler.step(increment=1)
 
 
 class ActorWorker(Worker):
@@ -132,7 +138,7 @@ class ActorWorker(Worker):
             entropy_coef=settings.entropy_coef, tis_cap=settings.tis_cap,
             policy_loss=settings.policy_loss, cov_select_ratio=settings.cov_select_ratio,
             cov_clip_lower=settings.cov_clip_lower, cov_clip_upper=settings.cov_clip_upper,
-            cov_kl_coef=settings.cov_kl_coef)
+            cov_kl_coef=settings.cov_kl_coef, loss_agg_mode=settings.loss_agg_mode)
         self.ref_offload = settings.ref_offload and on_gpu()
         if self.ref_offload:
             self._move_reference("cpu")
@@ -319,7 +325,8 @@ class ActorWorker(Worker):
 
         settings = self.settings
         batch = self.rollouts.for_update(advantages, self.old_log_probs, self.ref_log_probs)
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step) \
+            if settings.shuffle_mini_batches else None
         per_step: list[dict[str, float]] = []
         for _ in range(settings.ppo_epochs):
             for rows in group_mini_batches(batch, settings.ppo_mini_batch_prompts, generator):
@@ -331,14 +338,16 @@ class ActorWorker(Worker):
                 losses = ppo_forward_backward(
                     self.policy, shard,
                     _micro_batching(settings, settings.ppo_micro_batch_size), self.ppo_settings)
-                stepped, grad_norm, lr = scheduled_optimizer_step(
-                    self.optimizer, self.lr_scheduler, settings.grad_clip,
+                stepped, grad_norm, lr = optimizer_step_at_scheduled_lr(
+                    self.optimizer, settings.grad_clip,
                     finite_loss=all(math.isfinite(v) for v in losses.values()))
                 per_step.append({**losses, metrics.GRAD_NORM: grad_norm, metrics.LR: lr,
                                  metrics.SKIPPED_STEPS: float(not stepped)})
+        end_of_training_step(self.lr_scheduler,
+                             [not m[metrics.SKIPPED_STEPS] for m in per_step])
         result = {name: sum(m[name] for m in per_step) / len(per_step) for name in per_step[0]}
         result[metrics.SKIPPED_STEPS] = sum(m[metrics.SKIPPED_STEPS] for m in per_step)
-        result[metrics.LR] = per_step[-1][metrics.LR]  # the step's last optimizer step's
+        result[metrics.LR] = per_step[-1][metrics.LR]  # the step's (one per training step)
         return result if self.rank == 0 else None
 
     # --------------------------------------------------------------------------- checkpoints
