@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import random
 import re
 import shutil
@@ -300,6 +301,7 @@ def _save_atomically(final: Path, model_chunks: Sequence[torch.nn.Module], optim
     _barrier()
 
     sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
+    _in_process_write_results()
     dist_checkpointing.save(sharded, str(tmp),
                             content_metadata={"distrib_optim_sharding_type":
                                               OPTIMIZER_SHARDING_TYPE})
@@ -314,6 +316,18 @@ def _save_atomically(final: Path, model_chunks: Sequence[torch.nn.Module], optim
         (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         _publish(tmp, final)
     _barrier()
+
+
+def _in_process_write_results() -> None:
+    """Megatron's torch_dist writer hands its write results back through a queue that it makes,
+    once per process, with a spawned `multiprocessing.Manager`: a server process (~300 MB) and a
+    resource tracker that outlive a rank killed with SIGKILL. This module saves synchronously
+    (`dist_checkpointing.save` without `async_sharded_save`), where the results are put and read
+    in this same process, so a plain in-process queue does the job and no process is spawned."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -30,7 +30,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_intuitor import algorithm, collapse, metrics
-from megatron_intuitor.config import Schedule, actor_settings, training_schedule
+from megatron_intuitor.config import (Schedule, actor_settings, derive_layout,
+                                      training_schedule)
+from megatron_intuitor.config import validate as validate_config
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
@@ -40,6 +42,10 @@ from megatron_intuitor.rollout.engine import SamplingConfig
 from megatron_intuitor.workers.reports import RolloutReport
 
 log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot make progress (e.g. every update skipped as non-finite)."""
 
 
 # --------------------------------------------------------------------------- the run's inputs
@@ -88,8 +94,13 @@ def load_prompt_sets(cfg: DictConfig, tokenizer) -> tuple[PromptSet, list[Prompt
     val_sets = [build_prompts(load_records(_dataset_spec(cfg, entry["path"] or None,
                                                          entry["format"], entry["name"], "val")),
                               tokenizer, data.system_prompt, data.max_prompt_length,
-                              name=f"validation set {entry['name']}")
+                              name=f"validation set {entry['name'] or entry['path']}")
                 for entry in val_entries]
+    for prompt_set in (train, *val_sets):
+        if prompt_set.num_dropped:
+            log.warning("%s: dropped %d of %d prompts longer than data.max_prompt_length=%d",
+                        prompt_set.name, prompt_set.num_dropped,
+                        prompt_set.num_dropped + len(prompt_set.prompts), data.max_prompt_length)
     return train, val_sets
 
 
@@ -116,6 +127,7 @@ class Trainer:
         self.monitor = collapse.CollapseMonitor(self.guard)
         self.best: Optional[dict] = None  # {"step", "value"}: trainer.best_metric's best checkpoint
         self.rollbacks = 0
+        self.last_step = 0  # the last step run (a guard may stop before the schedule's end)
 
     def train_step(self, step: int, prompts: list[Prompt]) -> dict[str, float]:
         """One INTUITOR step: rollout -> score -> advantage -> update -> sync. The step's tokens
@@ -123,23 +135,26 @@ class Trainer:
         cfg, timings = self.cfg, {}
         step_start = time.perf_counter()
         graded = cfg.algorithm.name != "intuitor"  # grpo / hybrid: the 0/1 answer reward too
-        with _timed(timings, "rollout"):
+        with self._timed(timings, "rollout"):
             rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
                                           seed=cfg.trainer.seed * 1_000_003 + step,
                                           records=[p.record for p in prompts] if graded else None,
                                           ngram=self.guard.ngram)
-        with _timed(timings, "release_rollout_memory"):  # GPU: the engines' memory to training
+        # GPU: the engines' memory to training
+        with self._timed(timings, "release_rollout_memory"):
             self.actor.release_rollout_memory()
-        with _timed(timings, "old_log_prob"):  # the rollout-time policy: never a frozen scorer
+        # the rollout-time policy: never a frozen scorer
+        with self._timed(timings, "old_log_prob"):
             scores = self.actor.score()
         if cfg.algorithm.kl_coef > 0:
-            with _timed(timings, "ref"):
+            with self._timed(timings, "ref"):
                 self.actor.score_reference()
-        with _timed(timings, "advantage"):
+        with self._timed(timings, "advantage"):
             advantages = self._advantages(scores.self_certainty, rollouts)
-        with _timed(timings, "update"):
+        with self._timed(timings, "update"):
             update_metrics = self.actor.update_policy(advantages, step)
-        with _timed(timings, "weight_sync"):  # the engines' memory back, with the new weights
+        # the engines' memory back, with the new weights
+        with self._timed(timings, "weight_sync"):
             self.actor.sync_weights()
         elapsed = time.perf_counter() - step_start
         response_tokens = rollouts.response_lengths.sum().clamp(min=1)
@@ -167,6 +182,18 @@ class Trainer:
         (verifiable 0/1 reward) or hybrid (weighted sum of the separately z-scored two)."""
         return response_advantages(self.cfg.algorithm, self_certainty, rollouts.verifiable,
                                    rollouts.group_index)
+
+    @contextmanager
+    def _timed(self, timings: dict[str, float], phase: str) -> Iterator[None]:
+        """Time a phase of the step into `timings`; a terminal shows the phase meanwhile."""
+        start = time.perf_counter()
+        with self.logger.phase(phase):
+            yield
+        timings[phase] = time.perf_counter() - start
+
+    def _all_updates_skipped(self, step_metrics: dict[str, float]) -> bool:
+        skipped = float(step_metrics.get(metrics.SKIPPED_STEPS, 0.0))
+        return skipped >= derive_layout(self.cfg).optimizer_steps_per_step
 
     def validate(self) -> dict[str, float]:
         """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`, and their
@@ -274,12 +301,23 @@ class Trainer:
         last: dict[str, float] = {}
         if cfg.val_before_train and start == 0 and self.val_sets:
             self.logger.log(0, self.validate())
+        skipped_in_a_row = 0
+        self.logger.start_progress(start, self.schedule.training_steps)
         for step in range(start + 1, self.schedule.training_steps + 1):
+            self.last_step = step
             last = self.train_step(step, self.loader.next_batch())
             final = step == self.schedule.training_steps
             if self.val_sets and (final or (cfg.val_every and step % cfg.val_every == 0)):
                 last.update(self.validate())
             self.logger.log(step, last)
+            skipped_in_a_row = skipped_in_a_row + 1 if self._all_updates_skipped(last) else 0
+            if cfg.max_consecutive_skipped_steps and \
+                    skipped_in_a_row >= cfg.max_consecutive_skipped_steps:
+                raise TrainingStopped(
+                    f"steps {step - skipped_in_a_row + 1}-{step}: every optimizer step was "
+                    f"skipped for a non-finite loss or gradient norm "
+                    f"(trainer.max_consecutive_skipped_steps={cfg.max_consecutive_skipped_steps})"
+                    f"; the weights have not changed since step {step - skipped_in_a_row}")
             new_best = self._is_new_best(step, last)  # saved at once: rollback needs its weights
             if new_best or final or (cfg.save_every and step % cfg.save_every == 0):
                 self.save(step)
@@ -305,13 +343,6 @@ def response_advantages(settings: DictConfig, self_certainty: torch.Tensor,
         group_index)
 
 
-@contextmanager
-def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[phase] = time.perf_counter() - start
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -319,17 +350,29 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Run the configured job (the config resolved and validated by `config.load`)."""
     import ray
     from transformers import AutoTokenizer
+    from transformers.utils.logging import disable_progress_bar
 
+    disable_progress_bar()  # the tiny model's "Writing model shards" bar: not for the console
+
+    from megatron_intuitor.lifetime import remove_orphaned_shm
     from megatron_intuitor.workers.actor import ActorGroup
+    from megatron_intuitor.workers.group import WORKER_LOG_ENV
+
+    orphans = remove_orphaned_shm()  # else a new vLLM-CPU engine fails on their names
+    if orphans:
+        log.info("removed the shared memory of a killed run: %s", ", ".join(map(str, orphans)))
 
     output_dir = Path(cfg.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(cfg)
+    if cfg.model.path and not Path(cfg.model.path).exists():
+        # A hub id downloaded just now: its files are checked like a local checkpoint's
+        # (weights, positions against the sequence length, heads against TP), before Ray.
+        downloaded = OmegaConf.create(OmegaConf.to_container(cfg))
+        downloaded.model.path = str(model_dir)
+        validate_config(downloaded)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set, val_sets = load_prompt_sets(cfg, tokenizer)
-    if train_set.num_dropped:
-        log.warning("dropped %d training prompts longer than data.max_prompt_length=%d",
-                    train_set.num_dropped, cfg.data.max_prompt_length)
     schedule = training_schedule(cfg, len(train_set.prompts))
     settings = actor_settings(cfg, schedule, tokenizer.pad_token_id)
     loader = PromptLoader(train_set.prompts, cfg.data.prompts_per_step, cfg.data.seed,
@@ -339,14 +382,24 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                    backends=list(cfg.logger.backends),
                                    wandb_project=cfg.logger.wandb_project,
                                    log_dir=cfg.logger.log_dir)
+    started, layout = time.monotonic(), settings.layout
+    logger.announce(
+        f"megatron-intuitor: {cfg.trainer.experiment_name}, {schedule.training_steps} steps of "
+        f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.n} responses on {layout.world_size} "
+        f"{layout.device} rank(s) (TP {layout.tensor_parallel} x PP {layout.pipeline_parallel} x "
+        f"DP {layout.data_parallel}); log {logger.log_path.absolute()}")
+    # Ranks (vLLM, Megatron, Ray) write to the log file, not the console.
+    os.environ[WORKER_LOG_ENV] = str(logger.log_path.absolute())
+    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
     if not ray.is_initialized():
         if cfg.trainer.ray_address:  # join the cluster started with `ray start` on every node
-            ray.init(address=cfg.trainer.ray_address)
+            ray.init(address=cfg.trainer.ray_address, **quiet)
         else:  # a fresh local cluster, never one that happens to run on this machine
             ray.init(address="local", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, settings.layout.world_size))
-    actor = ActorGroup.start(settings, model_dir, placement=cfg.trainer.placement,
-                             cpus_per_worker=cfg.trainer.cpus_per_worker)
+                     num_cpus=max(os.cpu_count() or 1, settings.layout.world_size), **quiet)
+    with logger.phase(f"starting {settings.layout.world_size} rank(s): Megatron-Core and vLLM"):
+        actor = ActorGroup.start(settings, model_dir, placement=cfg.trainer.placement,
+                                 cpus_per_worker=cfg.trainer.cpus_per_worker)
     try:
         log.info("weight sync: %s", actor.weight_sync_path())
         trainer = Trainer(cfg, schedule, actor, loader, val_sets, logger, tokenizer)
@@ -356,6 +409,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         logger.plot_curves(output_dir / "collapse.png",
                            keys=[collapse.signal_name(s) for s in collapse.SIGNALS]
                            + [metrics.SELF_CERTAINTY_MEAN, metrics.ENTROPY])
+        took = metrics.format_duration(time.monotonic() - started)
+        logger.announce(
+            f"megatron-intuitor: {cfg.trainer.experiment_name} finished "
+            f"{trainer.last_step} steps in {took}; final policy {output_dir / 'hf_final'}"
+            f"; log {logger.log_path.absolute()}")
     finally:
         actor.shutdown()
         logger.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import ray
@@ -28,6 +29,25 @@ from megatron_intuitor.config import PLACEMENT_STRATEGIES
 # picks its own with LOCAL_RANK, as under torchrun (what Megatron, NCCL and vLLM's
 # external_launcher expect), instead of seeing one GPU renumbered to 0.
 _NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+# The run's log file (set by the trainer): every rank appends its stdout and stderr to it (vLLM,
+# Megatron and Ray output), so that the console shows only the trainer's lines.
+WORKER_LOG_ENV = "MEGATRON_INTUITOR_WORKER_LOG"
+
+
+def _redirect_output(log_path: str) -> None:
+    """Point this process's stdout and stderr (file descriptors 1 and 2, so that C++ and child
+    processes follow) at the end of `log_path`."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 class WorkerDiedError(RuntimeError):
@@ -45,7 +65,12 @@ class Worker:
         import torch
 
         from megatron_intuitor import parallel
+        from megatron_intuitor.lifetime import die_with_parent_on_fork
 
+        if os.environ.get(WORKER_LOG_ENV):
+            _redirect_output(os.environ[WORKER_LOG_ENV])
+        # Megatron's checkpoint writers (forked per save) must not outlive a killed rank.
+        die_with_parent_on_fork()
         # Before anything creates a thread pool: more threads per rank only oversubscribe the
         # cores, and vLLM's CPU worker freezes the count once its engine exists.
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -123,6 +148,7 @@ class WorkerGroup:
         # Unnamed: placement group names must be unique, and groups may share a name.
         self._placement_group = placement_group([dict(bundle)] * world_size, strategy=placement)
         self.actors: list = []
+        self._rank_nodes: list[str] = []  # node id of each rank
         try:
             self._start(worker_cls, bundle, env or {}, args, kwargs or {}, ready_timeout_s)
         except BaseException:
@@ -153,13 +179,16 @@ class WorkerGroup:
         node_order = list(dict.fromkeys(bundle_nodes[i] for i in range(self.world_size)))
         bundles = sorted(range(self.world_size),
                          key=lambda i: (node_order.index(bundle_nodes[i]), i))
+        self._rank_nodes = [bundle_nodes[i] for i in bundles]
         master_addr, master_port = self._rendezvous_on(bundle_nodes[bundles[0]])
         remote_cls = ray.remote(worker_cls)
         local_ranks: dict[str, int] = {}
         for rank, bundle_index in enumerate(bundles):
             node = bundle_nodes[bundle_index]
             local_ranks[node] = local_ranks.get(node, -1) + 1
-            rank_env = {"OMP_NUM_THREADS": "1", **env,
+            forwarded = {WORKER_LOG_ENV: os.environ[WORKER_LOG_ENV]} \
+                if os.environ.get(WORKER_LOG_ENV) else {}
+            rank_env = {"OMP_NUM_THREADS": "1", **forwarded, **env,
                         "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
                         "LOCAL_RANK": str(local_ranks[node]),
                         "LOCAL_WORLD_SIZE": str(sum(n == node for n in bundle_nodes.values())),
@@ -230,11 +259,21 @@ class WorkerGroup:
         died = sorted(rank for rank, error in failures.items()
                       if not isinstance(error, RayTaskError))
         raised = sorted(rank for rank in failures if rank not in died)
-        lines = [f"worker rank {rank} {_how_it_died(failures[rank])}: "
+        nodes = _node_states()
+        lines = [f"worker rank {rank} {self._where(rank, nodes)}{_how_it_died(failures[rank])}: "
                  f"{_first_lines(failures[rank])}" for rank in died]
         lines += [f"worker rank {rank} raised in {self.name}.{method}: "
                   f"{_first_lines(failures[rank])}" for rank in raised]
         return "\n".join(lines)
+
+    def _where(self, rank: int, nodes: dict[str, dict]) -> str:
+        """'on node <id> (<ip>, lost) ' for a rank: a multi-node run names the machine."""
+        if rank >= len(self._rank_nodes):
+            return ""
+        node_id = self._rank_nodes[rank]
+        node = nodes.get(node_id, {})
+        state = "alive" if node.get("Alive") else "lost: Ray marked the node dead"
+        return f"on node {node_id} ({node.get('NodeManagerAddress', '?')}, {state}) "
 
     def shutdown(self, close_timeout_s: float = 10.0) -> None:
         """Let every rank `close` (ranks stuck in a collective never get to it: they are not
@@ -255,6 +294,15 @@ class WorkerGroup:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _node_states() -> dict[str, dict]:
+    """Ray's view of every node it knows, by node id (dead nodes included, marked Alive=False);
+    empty when Ray cannot say."""
+    try:
+        return {node["NodeID"]: node for node in ray.nodes()}
+    except Exception:  # the GCS itself may be gone with the node: name the rank without it
+        return {}
 
 
 def _how_it_died(error: Exception) -> str:
