@@ -188,6 +188,19 @@ class MetricsLogger:
         total = f"/{self._total_steps}" if self._total_steps else ""
         return f"{done + 1}{total}"
 
+    def alert(self, step: int, title: str, text: str) -> None:
+        """An event to notice (a collapse alarm): a warning on the console and in the log file,
+        one line {"step", "title", "text"} in `<run_dir>/alerts.jsonl`, a W&B alert."""
+        log.warning("%s", text)
+        if self._console is not None:
+            self._console.print(f"[bold red]{title}[/] {text}")
+        with open(self.run_dir / "alerts.jsonl", "a", encoding="utf-8") as out:
+            out.write(json.dumps({"step": step, "title": title, "text": text}) + "\n")
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+
     @staticmethod
     def console_line(step: int, values: Mapping[str, float], total_steps: Optional[int] = None,
                      eta_seconds: Optional[float] = None) -> str:
@@ -204,13 +217,15 @@ class MetricsLogger:
         return f"[bold cyan]step {step}{of_total}[/] " + "  ".join(
             f"[dim]{label}[/] {value:.4g}" for label, value in columns) + eta
 
-    def plot_curves(self, png_path: str | Path) -> Path:
-        """The main curves as a PNG: from the JSONL (a resumed run's earlier steps included),
-        or without the jsonl backend from the steps this logger logged."""
+    def plot_curves(self, png_path: str | Path, keys: Optional[Iterable[str]] = None) -> Path:
+        """The curves of `keys` (default: the main ones) as a PNG: from the JSONL (a resumed
+        run's earlier steps included), or without the jsonl backend from the steps this logger
+        logged."""
         if self.jsonl_path is not None:
-            return plot_curves(self.jsonl_path, png_path)
-        return _plot_series({name: sorted(points.items()) for name, points in self._logged.items()},
-                            png_path, None, f"experiment {self.experiment}")
+            return plot_curves(self.jsonl_path, png_path, keys)
+        return _plot_series({"": {name: sorted(points.items())
+                                  for name, points in self._logged.items()}},
+                            png_path, keys, f"experiment {self.experiment}")
 
     def close(self) -> None:
         if self._wandb_run is not None:
@@ -255,17 +270,28 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path,
                 keys: Optional[Iterable[str]] = None) -> Path:
     """Draw one panel per metric (default: `MAIN_CURVES` and every val/*/acc) against the step
     into a PNG; metrics absent from the file are skipped, none present is an error."""
-    return _plot_series(read_metrics(jsonl_path), png_path, keys, str(jsonl_path))
+    return _plot_series({"": read_metrics(jsonl_path)}, png_path, keys, str(jsonl_path))
 
 
-def _plot_series(series: Mapping[str, list[tuple[int, float]]], png_path: str | Path,
-                 keys: Optional[Iterable[str]], source: str) -> Path:
+def plot_runs(runs: Mapping[str, str | Path], png_path: str | Path,
+              keys: Optional[Iterable[str]] = None) -> Path:
+    """`plot_curves` with several runs overlaid, one line per `{label: metrics.jsonl}` and a
+    legend; the default keys are those of the first run."""
+    return _plot_series({label: read_metrics(path) for label, path in runs.items()}, png_path,
+                        keys, ", ".join(map(str, runs.values())))
+
+
+def _plot_series(runs: Mapping[str, Mapping[str, list[tuple[int, float]]]],
+                 png_path: str | Path, keys: Optional[Iterable[str]], source: str) -> Path:
+    """One panel per key, one line per run ({label: {metric: [(step, value)]}}; a legend when
+    the labels are not empty)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    first = next(iter(runs.values()))
     if keys is None:
-        keys = list(MAIN_CURVES) + sorted(k for k in series if k.startswith("val/"))
-    keys = [k for k in keys if k in series]
+        keys = list(MAIN_CURVES) + sorted(k for k in first if k.startswith("val/"))
+    keys = [k for k in keys if any(k in series for series in runs.values())]
     if not keys:
         raise ValueError(f"{source}: none of the metrics to plot has a value")
     cols = min(3, len(keys))
@@ -274,11 +300,16 @@ def _plot_series(series: Mapping[str, list[tuple[int, float]]], png_path: str | 
     FigureCanvasAgg(figure)
     for index, key in enumerate(keys):
         axes = figure.add_subplot(rows, cols, index + 1)
-        steps, values = zip(*series[key])
-        axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
+        for label, series in runs.items():
+            if key in series:
+                steps, values = zip(*series[key])
+                axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3,
+                          label=label or None)
         axes.set_title(key, fontsize=10)
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
+        if index == 0 and any(runs):
+            axes.legend(fontsize=8)
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png_path, dpi=100)

@@ -9,7 +9,9 @@
         advantage    reward = sentence-mean self-certainty, z-scored within each prompt's group
         update       PPO clipped loss + KL to the reference, Megatron distributed optimizer
         sync         the new weights from the Megatron shards into every engine (its memory back)
-    then metrics, validation every k steps, checkpoint every k steps.
+    then metrics, validation every k steps, checkpoint every k steps; collapse signals every
+    step, and the guards (`trainer.guard`) act on their alarms: warn, stop, or roll back to the
+    best checkpoint by `trainer.best_metric`.
 
 The controller holds no model and no per-token tensor: it owns the data, the advantages and the
 bookkeeping, and receives one number per response; the ranks (workers/actor.py) own the tensors.
@@ -20,19 +22,21 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_intuitor import algorithm, metrics
+from megatron_intuitor import algorithm, collapse, metrics
 from megatron_intuitor.config import (Schedule, actor_settings, derive_layout,
                                       training_schedule)
 from megatron_intuitor.config import validate as validate_config
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
+from megatron_intuitor.evaluation.best_of_n import best_of_n_metrics
 from megatron_intuitor.evaluation.registry import validation_metrics
 from megatron_intuitor.rollout.engine import SamplingConfig
 from megatron_intuitor.workers.reports import RolloutReport
@@ -118,6 +122,12 @@ class Trainer:
             stop_token_ids=stop_ids)
         self.greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=cfg.data.max_response_length,
                                      stop_token_ids=stop_ids)
+        self.guard = collapse.CollapseConfig.from_mapping(
+            OmegaConf.to_container(cfg.trainer.guard))
+        self.monitor = collapse.CollapseMonitor(self.guard)
+        self.best: Optional[dict] = None  # {"step", "value"}: trainer.best_metric's best checkpoint
+        self.rollbacks = 0
+        self.last_step = 0  # the last step run (a guard may stop before the schedule's end)
 
     def train_step(self, step: int, prompts: list[Prompt]) -> dict[str, float]:
         """One INTUITOR step: rollout -> score -> advantage -> update -> sync. The step's tokens
@@ -128,7 +138,8 @@ class Trainer:
         with self._timed(timings, "rollout"):
             rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
                                           seed=cfg.trainer.seed * 1_000_003 + step,
-                                          records=[p.record for p in prompts] if graded else None)
+                                          records=[p.record for p in prompts] if graded else None,
+                                          ngram=self.guard.ngram)
         # GPU: the engines' memory to training
         with self._timed(timings, "release_rollout_memory"):
             self.actor.release_rollout_memory()
@@ -147,10 +158,15 @@ class Trainer:
             self.actor.sync_weights()
         elapsed = time.perf_counter() - step_start
         response_tokens = rollouts.response_lengths.sum().clamp(min=1)
+        entropy = scores.entropy_sum.sum() / response_tokens
+        signals = self.monitor.step_signals(
+            rollouts.distinct_ngram, rollouts.truncated, rollouts.response_lengths,
+            scores.self_certainty, rollouts.group_index, float(entropy),
+            update_metrics.get(metrics.KL_LOSS) if cfg.algorithm.kl_coef > 0 else None)
         return {
             metrics.SELF_CERTAINTY_MEAN: scores.self_certainty.mean(),
             metrics.SELF_CERTAINTY_STD: scores.self_certainty.std(),
-            metrics.ENTROPY: scores.entropy_sum.sum() / response_tokens,
+            metrics.ENTROPY: entropy,
             metrics.ADVANTAGES_MEAN: advantages.mean(),
             metrics.RESPONSE_LENGTH_MEAN: rollouts.response_lengths.float().mean(),
             metrics.ROLLOUT_LOGPROB_DIFF: scores.logprob_diff_sum.sum() / response_tokens,
@@ -158,6 +174,7 @@ class Trainer:
             **update_metrics,
             **{metrics.timing(phase): seconds for phase, seconds in timings.items()},
             metrics.timing("step"): elapsed,
+            **{collapse.signal_name(name): value for name, value in signals.items()},
         }
 
     def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport) -> torch.Tensor:
@@ -179,19 +196,86 @@ class Trainer:
         return skipped >= derive_layout(self.cfg).optimizer_steps_per_step
 
     def validate(self) -> dict[str, float]:
-        """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`."""
-        result = {}
+        """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`, and their
+        mean self-certainty `val/<dataset>/self_certainty`; with `trainer.val_best_of_n=N`
+        also N sampled responses per prompt: `acc_sc_best_of_<N>`, `maj@<N>`, `pass@<N>`."""
+        best_of = self.cfg.trainer.val_best_of_n
+        generated = []
         for prompt_set in self.val_sets:
-            samples = self.actor.generate([p.token_ids for p in prompt_set.prompts], self.greedy,
-                                          seed=0)
-            result.update(validation_metrics([p.record for p in prompt_set.prompts],
-                                             [s.text for s in samples]))
+            prompt_ids = [p.token_ids for p in prompt_set.prompts]
+            greedy = self.actor.generate(prompt_ids, self.greedy, seed=0)
+            sampled = (self.actor.generate(prompt_ids, replace(self.sampling, n=best_of), seed=1)
+                       if best_of else [])
+            generated.append(([p.record for p in prompt_set.prompts], greedy, sampled))
+        # the scores after all generation: on GPU the engines give their memory back meanwhile
+        self.actor.release_rollout_memory()
+        result, accuracy_and_certainty = {}, {}
+        for records, greedy, sampled in generated:
+            accuracy = validation_metrics(records, [s.text for s in greedy])
+            result.update(accuracy)
+            certainty = self.actor.score_samples(greedy).self_certainty.tolist()
+            for source in dict.fromkeys(r.data_source for r in records):
+                rows = [i for i, r in enumerate(records) if r.data_source == source]
+                mean = sum(certainty[i] for i in rows) / len(rows)
+                result[f"val/{source}/self_certainty"] = mean
+                accuracy_and_certainty[source] = (accuracy[metrics.val_accuracy(source)], mean)
+            if best_of:
+                scores = self.actor.score_samples(sampled).self_certainty.tolist()
+                result.update(best_of_n_metrics(
+                    records, [[s.text for s in sampled[i * best_of:(i + 1) * best_of]]
+                              for i in range(len(records))],
+                    [scores[i * best_of:(i + 1) * best_of] for i in range(len(records))]))
+        self.actor.sync_weights()  # the engines' memory back (GPU); same weights
+        result.update({collapse.signal_name(name): value for name, value in
+                       self.monitor.validation_signals(accuracy_and_certainty).items()})
         return result
 
     def save(self, step: int) -> None:
-        self.actor.save_checkpoint(str(self.checkpoint_root), step,
-                                   {"data": self.loader.state_dict()},
-                                   keep_last=self.cfg.trainer.keep_last)
+        """A checkpoint of this step; the best one by `trainer.best_metric` is kept past
+        `trainer.keep_last`, and it and the guard's history travel in the trainer state."""
+        extra = {"data": self.loader.state_dict(), "best": self.best,
+                 "monitor": self.monitor.state_dict(), "rollbacks": self.rollbacks}
+        keep = (self.best["step"],) if self.best else ()
+        self.actor.save_checkpoint(str(self.checkpoint_root), step, extra,
+                                   keep_last=self.cfg.trainer.keep_last, keep_steps=keep)
+
+    def _is_new_best(self, step: int, values: dict[str, float]) -> bool:
+        """Whether this step's `trainer.best_metric` (higher is better) beats the best so far;
+        if so it becomes the best."""
+        name = self.cfg.trainer.best_metric
+        if not name or name not in values:
+            return False
+        if self.best is not None and values[name] <= self.best["value"]:
+            return False
+        self.best = {"step": step, "value": float(values[name])}
+        return True
+
+    def _guard(self, step: int, values: dict[str, float]) -> bool:
+        """Alarms of this step's signals, announced; the configured action. True: stop."""
+        signals = {name[len(collapse.PREFIX):]: value for name, value in values.items()
+                   if name.startswith(collapse.PREFIX)}
+        alarms = self.monitor.alarms(step, signals)
+        for alarm in alarms:
+            self.logger.alert(step, "INTUITOR collapse alarm", alarm.message())
+        if not alarms or self.guard.action == "warn":
+            return False
+        if self.guard.action == "stop":
+            self.logger.alert(step, "INTUITOR guard", f"trainer.guard.action=stop: stopping "
+                                                      f"at step {step}")
+            return True
+        if self.best is None or self.rollbacks >= self.guard.max_rollbacks:
+            why = ("no best checkpoint yet" if self.best is None
+                   else f"{self.rollbacks} rollback(s) already (max_rollbacks)")
+            self.logger.alert(step, "INTUITOR guard", f"cannot roll back ({why}): stopping at "
+                                                      f"step {step}")
+            return True
+        path = self.checkpoint_root / f"step_{self.best['step']}"
+        self.actor.load_checkpoint(str(path))  # weights, optimizer, schedule; engines synced
+        self.rollbacks += 1
+        self.logger.alert(step, "INTUITOR guard", f"rolled back to {path} "
+                          f"({self.cfg.trainer.best_metric}={self.best['value']:.4g}); "
+                          f"trainer.guard.after_rollback={self.guard.after_rollback}")
+        return self.guard.after_rollback == "stop"
 
     def resume(self) -> int:
         """The step to continue after (0 for a fresh run), per `trainer.resume`."""
@@ -205,6 +289,9 @@ class Trainer:
             return 0
         extra = self.actor.load_checkpoint(str(path))
         self.loader.load_state_dict(extra["data"])
+        self.best, self.rollbacks = extra.get("best"), extra.get("rollbacks", 0)
+        if "monitor" in extra:
+            self.monitor.load_state_dict(extra["monitor"])
         log.info("resumed from %s (step %d)", path, extra["step"])
         return int(extra["step"])
 
@@ -217,6 +304,7 @@ class Trainer:
         skipped_in_a_row = 0
         self.logger.start_progress(start, self.schedule.training_steps)
         for step in range(start + 1, self.schedule.training_steps + 1):
+            self.last_step = step
             last = self.train_step(step, self.loader.next_batch())
             final = step == self.schedule.training_steps
             if self.val_sets and (final or (cfg.val_every and step % cfg.val_every == 0)):
@@ -230,8 +318,11 @@ class Trainer:
                     f"skipped for a non-finite loss or gradient norm "
                     f"(trainer.max_consecutive_skipped_steps={cfg.max_consecutive_skipped_steps})"
                     f"; the weights have not changed since step {step - skipped_in_a_row}")
-            if final or (cfg.save_every and step % cfg.save_every == 0):
+            new_best = self._is_new_best(step, last)  # saved at once: rollback needs its weights
+            if new_best or final or (cfg.save_every and step % cfg.save_every == 0):
                 self.save(step)
+            if self._guard(step, last):
+                break
         return last
 
 
@@ -315,10 +406,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
         final = trainer.fit()
         actor.export_hf(str(output_dir / "hf_final"))
         logger.plot_curves(output_dir / "curves.png")
+        logger.plot_curves(output_dir / "collapse.png",
+                           keys=[collapse.signal_name(s) for s in collapse.SIGNALS]
+                           + [metrics.SELF_CERTAINTY_MEAN, metrics.ENTROPY])
         took = metrics.format_duration(time.monotonic() - started)
         logger.announce(
             f"megatron-intuitor: {cfg.trainer.experiment_name} finished "
-            f"{schedule.training_steps} steps in {took}; final policy {output_dir / 'hf_final'}"
+            f"{trainer.last_step} steps in {took}; final policy {output_dir / 'hf_final'}"
             f"; log {logger.log_path.absolute()}")
     finally:
         actor.shutdown()
