@@ -47,5 +47,6 @@ def test_two_node_run_then_a_lost_node_stops_it_naming_the_node(tmp_path):
     finally:
         cluster.shutdown()
     assert driver.returncode == 1, output[-4000:]
-    assert f"on node {second.node_id} (" in output and "lost: Ray marked the node dead" in output
+    assert f"was on node {second.node_id} (" in output
+    assert "lost: Ray marked the node dead)" in output
     assert "Traceback" not in output

@@ -123,6 +123,8 @@ class WorkerGroup:
     actor names and messages; ready_timeout_s bounds the wait for the placement group.
     """
 
+    _rank_nodes: Sequence[str] = ()  # the node id of each rank, once placed
+
     def __init__(self, worker_cls: type, world_size: int, *, placement: str = "PACK",
                  num_cpus_per_worker: float = 1.0, num_gpus_per_worker: int = 0,
                  env: Optional[dict[str, str]] = None, args: Sequence[Any] = (),
@@ -148,7 +150,6 @@ class WorkerGroup:
         # Unnamed: placement group names must be unique, and groups may share a name.
         self._placement_group = placement_group([dict(bundle)] * world_size, strategy=placement)
         self.actors: list = []
-        self._rank_nodes: list[str] = []  # node id of each rank
         try:
             self._start(worker_cls, bundle, env or {}, args, kwargs or {}, ready_timeout_s)
         except BaseException:
@@ -259,21 +260,21 @@ class WorkerGroup:
         died = sorted(rank for rank, error in failures.items()
                       if not isinstance(error, RayTaskError))
         raised = sorted(rank for rank in failures if rank not in died)
-        nodes = _node_states()
-        lines = [f"worker rank {rank} {self._where(rank, nodes)}{_how_it_died(failures[rank])}: "
+        lines = [f"worker rank {rank} {_how_it_died(failures[rank])}: "
                  f"{_first_lines(failures[rank])}" for rank in died]
         lines += [f"worker rank {rank} raised in {self.name}.{method}: "
                   f"{_first_lines(failures[rank])}" for rank in raised]
+        if died and self._rank_nodes:  # a multi-node run names the machines of the dead ranks
+            nodes = _node_states()
+            lines += [self._where(rank, nodes) for rank in died]
         return "\n".join(lines)
 
     def _where(self, rank: int, nodes: dict[str, dict]) -> str:
-        """'on node <id> (<ip>, lost) ' for a rank: a multi-node run names the machine."""
-        if rank >= len(self._rank_nodes):
-            return ""
         node_id = self._rank_nodes[rank]
         node = nodes.get(node_id, {})
         state = "alive" if node.get("Alive") else "lost: Ray marked the node dead"
-        return f"on node {node_id} ({node.get('NodeManagerAddress', '?')}, {state}) "
+        return (f"worker rank {rank} was on node {node_id} "
+                f"({node.get('NodeManagerAddress', '?')}, {state})")
 
     def shutdown(self, close_timeout_s: float = 10.0) -> None:
         """Let every rank `close` (ranks stuck in a collective never get to it: they are not
