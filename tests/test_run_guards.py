@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -28,16 +29,19 @@ class _Logger:
     def start_progress(self, first_step, total_steps):
         pass
 
+    def alert(self, step, title, message):
+        raise AssertionError(f"no guard is configured, yet: {title}: {message}")
+
 
 def _fit(skipped_per_step, max_skipped):
     """Trainer.fit over steps whose metrics say how many optimizer steps were skipped (the tiny
     config has one optimizer step per training step)."""
     cfg = load(["trainer.val_every=0", "trainer.save_every=0", "trainer.resume=disable",
                 f"trainer.max_consecutive_skipped_steps={max_skipped}"])
-    run = trainer.Trainer.__new__(trainer.Trainer)  # no actor: train_step is replaced below
-    run.cfg, run.schedule = cfg, training_schedule(cfg, 1024)._replace(
-        training_steps=len(skipped_per_step))
-    run.loader, run.val_sets, run.logger = _Loader(), [], _Logger()
+    schedule = training_schedule(cfg, 1024)._replace(training_steps=len(skipped_per_step))
+    tokenizer = types.SimpleNamespace(eos_token_id=1, pad_token_id=0)
+    # No actor: train_step (the only user of it here) is replaced below.
+    run = trainer.Trainer(cfg, schedule, None, _Loader(), [], _Logger(), tokenizer)
     run.save = lambda step: None
     run.train_step = lambda step, prompts: {metrics.SKIPPED_STEPS: skipped_per_step[step - 1]}
     return run
