@@ -151,7 +151,7 @@ def new_path(world_size: int, response_tokens: int, tp: int = 2, rollout_tp: int
         f"actor.tensor_model_parallel_size={tp}", f"rollout.tensor_parallel_size={rollout_tp}",
         f"data.prompts_per_step={PROMPTS}", f"rollout.n={N}",
         f"data.max_prompt_length={PROMPT_TOKENS}", f"data.max_response_length={response_tokens}"]))
-    settings = actor_settings(cfg, Schedule(1, 1, 0), pad_token_id=0)
+    settings = actor_settings(cfg, Schedule(training_steps=1, warmup_steps=0), pad_token_id=0)
     rollouts = step_rollouts(response_tokens)
     startup = Traffic()
     actor = ActorGroup(settings, SimulatedRanks(world_size, tp, rollout_tp, rollouts, startup))

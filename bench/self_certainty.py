@@ -11,9 +11,11 @@ at TP=2 on gloo, one rank per core, against its baselines, measured in the same 
          one cache-sized buffer (the chunk the fused pass uses), so that nothing but reading the
          logits and one exp per element is timed. Every exact method must do at least this.
   fused_fwd_bwd  the fused forward then the backward of log-prob + entropy (the training pass).
+  fused_t1  the fused forward at temperature 1 (the default rollout temperature), where the
+         scaling pass by 1 / T is skipped; every other path runs at T = 0.9.
 
-fused_over_exp is the forward over one exp pass (goal <= 2), fused_fwd_bwd_over_exp the training
-pass over one exp pass.
+fused_over_exp is the forward over one exp pass (goal <= 2), fused_t1_over_exp the same at T = 1,
+fused_fwd_bwd_over_exp the training pass over one exp pass.
 
 Peak extra memory: the first call of fresh processes per (path, tokens), as the rise of each
 rank's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over its
@@ -66,9 +68,13 @@ def _reset_high_water_mark() -> None:
         clear_refs.write("5")
 
 
-def _fused(shard, targets, group):
-    return vocab_parallel_token_scores(shard, targets, temperature=TEMPERATURE,
+def _fused(shard, targets, group, temperature=TEMPERATURE):
+    return vocab_parallel_token_scores(shard, targets, temperature=temperature,
                                        vocab_size=VOCAB, tp_group=group)
+
+
+def _fused_t1(shard, targets, group):
+    return _fused(shard, targets, group, temperature=1.0)
 
 
 def _naive(shard, targets, group):
@@ -107,7 +113,7 @@ def _fused_fwd_bwd(shard, targets, group):
 
 
 PATHS = {"fused": _fused, "naive": _naive, "floor": _floor, "exp": _exp,
-         "fused_fwd_bwd": _fused_fwd_bwd}
+         "fused_fwd_bwd": _fused_fwd_bwd, "fused_t1": _fused_t1}
 
 
 def _inputs(rank: int, world_size: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +178,7 @@ def _shard_mb(tokens: int) -> float:
 
 def _need_mb(path: str, tokens: int) -> float:
     """Estimated memory of the TP ranks together: their input shards plus the path's extra."""
-    extra_per_rank = {"fused": 64.0, "floor": _shard_mb(min(tokens, FLOOR_ROWS)), "exp": 8.0,
+    extra_per_rank = {"fused": 64.0, "fused_t1": 64.0, "floor": _shard_mb(min(tokens, FLOOR_ROWS)), "exp": 8.0,
                       "fused_fwd_bwd": _shard_mb(tokens) + 64.0,  # the logits' gradient
                       "naive": NAIVE_FULL_COPIES * TP * _shard_mb(tokens)}[path]
     return TP * (_shard_mb(tokens) + extra_per_rank)
@@ -189,7 +195,7 @@ def main() -> None:
     sizes: dict[int, dict] = {}
     for tokens in sorted(set(args.tokens) | set(args.naive_tokens)):
         entry = sizes.setdefault(tokens, {"tokens": tokens})
-        wanted = (["fused", "exp", "fused_fwd_bwd"] + (["floor"] if not args.skip_logsumexp else [])
+        wanted = (["fused", "fused_t1", "exp", "fused_fwd_bwd"] + (["floor"] if not args.skip_logsumexp else [])
                   + (["naive"] if tokens in args.naive_tokens else []))
         paths = []
         for path in wanted:
@@ -205,7 +211,7 @@ def main() -> None:
         if "fused_s" in entry and "floor_s" in entry:
             entry["fused_over_floor_time"] = round(entry["fused_s"] / entry["floor_s"], 3)
         if "exp_s" in entry:
-            for path in ("fused", "fused_fwd_bwd"):
+            for path in ("fused", "fused_t1", "fused_fwd_bwd"):
                 if f"{path}_s" in entry:
                     entry[f"{path}_over_exp"] = round(entry[f"{path}_s"] / entry["exp_s"], 3)
         if "naive_peak_mb" in entry:
@@ -231,6 +237,8 @@ def main() -> None:
         fused_peak_mb_range=[min(fused_peaks), max(fused_peaks)] if fused_peaks else None,
         max_fused_over_floor_time=max(time_ratios) if time_ratios else None,
         max_fused_over_exp=max(exp_ratios) if exp_ratios else None,
+        max_fused_t1_over_exp=max((e["fused_t1_over_exp"] for e in sizes.values()
+                                   if "fused_t1_over_exp" in e), default=None),
         max_fused_fwd_bwd_over_exp=max(train_exp_ratios) if train_exp_ratios else None,
         targets_met={
             "fused_peak_le_naive_peak_over_tp": (headline.get("naive_peak_mb") is not None

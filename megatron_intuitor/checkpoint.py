@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import random
 import re
 import shutil
@@ -57,14 +58,15 @@ _WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn.Module],
                     optimizer: Any = None, extra: Optional[dict] = None, *,
-                    keep_last: Optional[int] = None,
+                    keep_last: Optional[int] = None, keep_steps: Sequence[int] = (),
                     hf_assets_dir: Optional[str | Path] = None) -> Path:
     """Write `<root>/step_<step>` atomically on every rank (collective); return its path.
 
     `extra` (same on every rank, JSON-serialisable: data position, scheduler state, ...) comes
     back from `load_checkpoint` together with `step`. `keep_last` keeps that many newest
-    checkpoints. `hf_assets_dir` (an HF model directory) has its config and tokenizer copied
-    into the checkpoint so it can later be exported to HF without the original directory.
+    checkpoints, and those of `keep_steps` besides (the best one). `hf_assets_dir` (an HF model
+    directory) has its config and tokenizer copied into the checkpoint so it can later be
+    exported to HF without the original directory.
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
@@ -77,7 +79,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
     final = root / f"step_{step}"
     _save_atomically(final, model_chunks, optimizer, state, hf_assets_dir)
     if keep_last is not None and _rank() == 0:
-        _prune(root, keep_last)
+        _prune(root, keep_last, keep_steps)
     _barrier()
     return final
 
@@ -299,6 +301,7 @@ def _save_atomically(final: Path, model_chunks: Sequence[torch.nn.Module], optim
     _barrier()
 
     sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
+    _in_process_write_results()
     dist_checkpointing.save(sharded, str(tmp),
                             content_metadata={"distrib_optim_sharding_type":
                                               OPTIMIZER_SHARDING_TYPE})
@@ -313,6 +316,18 @@ def _save_atomically(final: Path, model_chunks: Sequence[torch.nn.Module], optim
         (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         _publish(tmp, final)
     _barrier()
+
+
+def _in_process_write_results() -> None:
+    """Megatron's torch_dist writer hands its write results back through a queue that it makes,
+    once per process, with a spawned `multiprocessing.Manager`: a server process (~300 MB) and a
+    resource tracker that outlive a rank killed with SIGKILL. This module saves synchronously
+    (`dist_checkpointing.save` without `async_sharded_save`), where the results are put and read
+    in this same process, so a plain in-process queue does the job and no process is spawned."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -343,10 +358,12 @@ def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"output directory {out_dir} is not empty (pass --overwrite)")
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints and any leftover temporary dirs."""
-    for _, path in sorted(_step_dirs(root))[:-keep_last]:
-        shutil.rmtree(path)
+def _prune(root: Path, keep_last: int, keep_steps: Sequence[int] = ()) -> None:
+    """Delete all but the newest `keep_last` checkpoints and those of `keep_steps`, and any
+    leftover temporary dirs."""
+    for step, path in sorted(_step_dirs(root))[:-keep_last]:
+        if step not in keep_steps:
+            shutil.rmtree(path)
     for path in root.iterdir():
         if path.is_dir() and path.name.startswith((_TMP_PREFIX + "step_", _OLD_PREFIX + "step_")):
             shutil.rmtree(path)

@@ -11,7 +11,7 @@ logged as `intuitor/collapse/<signal>` every step, make that visible:
     short_share        share of responses with fewer than `short_tokens` tokens (0 = empty)
     entropy_drop       1 - entropy / (mean entropy of the first `entropy_baseline_steps` steps)
     sc_group_spread    mean over prompt groups of the std of self-certainty (0 = no signal)
-    kl_jump            KL loss / mean KL loss of the previous `kl_window` steps
+    kl_jump            KL loss / mean KL loss of the previous `kl_window` steps (all > 0)
     val_acc_drop       best validation accuracy so far minus the current one, while validation
                        self-certainty is above its value at that best (reward up, accuracy down)
 
@@ -41,6 +41,10 @@ THRESHOLDS = {
     "kl_jump": ("max_kl_jump", True),
     "val_acc_drop": ("max_val_acc_drop", True),
 }
+
+
+SIGNALS = ("repetitive_share", "distinct_ngram", "truncated_share", "short_share",
+           "entropy_drop", "sc_group_spread", "kl_jump", "val_acc_drop")
 
 
 def signal_name(signal: str) -> str:
@@ -148,27 +152,27 @@ def distinct_ngram_ratio(token_ids: Sequence[int], n: int) -> float:
     return len({tokens[i:i + n] for i in range(count)}) / count
 
 
-def repetition(responses: Sequence[Sequence[int]], n: int,
-               ratio_threshold: float) -> tuple[float, float]:
-    """(share of responses with a distinct n-gram ratio below `ratio_threshold`, mean ratio)."""
-    if not responses:
+def repetition(ratios: Sequence[float], ratio_threshold: float) -> tuple[float, float]:
+    """(share of responses whose distinct n-gram ratio is below `ratio_threshold`, mean ratio)
+    from the responses' `distinct_ngram_ratio`s."""
+    if not len(ratios):
         raise ValueError("no responses")
-    ratios = [distinct_ngram_ratio(ids, n) for ids in responses]
+    ratios = [float(r) for r in ratios]
     return sum(r < ratio_threshold for r in ratios) / len(ratios), sum(ratios) / len(ratios)
 
 
-def share_truncated(finish_reasons: Sequence[str]) -> float:
+def share_truncated(truncated: Sequence[bool]) -> float:
     """Share of responses the engine stopped at max_tokens (finish reason "length")."""
-    if not finish_reasons:
+    if not len(truncated):
         raise ValueError("no responses")
-    return sum(reason == "length" for reason in finish_reasons) / len(finish_reasons)
+    return sum(bool(t) for t in truncated) / len(truncated)
 
 
 def share_short(lengths: Sequence[int], short_tokens: int) -> float:
     """Share of responses with fewer than `short_tokens` tokens."""
-    if not lengths:
+    if not len(lengths):
         raise ValueError("no responses")
-    return sum(length < short_tokens for length in lengths) / len(lengths)
+    return sum(int(length) < short_tokens for length in lengths) / len(lengths)
 
 
 def group_spread(rewards: torch.Tensor, group_index: Sequence[int] | torch.Tensor) -> float:
@@ -197,21 +201,24 @@ class CollapseMonitor:
         self.config = config
         self._entropies: list[float] = []  # the first entropy_baseline_steps steps
         self._kls: list[float] = []  # the last kl_window steps
-        self._best_val: Optional[tuple[float, float]] = None  # (accuracy, self-certainty)
+        self._best_val: dict[str, tuple[float, float]] = {}  # dataset -> (acc, self-cert.)
 
-    def step_signals(self, responses: Sequence[Sequence[int]], finish_reasons: Sequence[str],
-                     self_certainty: torch.Tensor, group_index: Sequence[int] | torch.Tensor,
-                     entropy: float, kl: Optional[float]) -> dict[str, float]:
+    def step_signals(self, distinct_ngram: Sequence[float], truncated: Sequence[bool],
+                     response_lengths: Sequence[int], self_certainty: torch.Tensor,
+                     group_index: Sequence[int] | torch.Tensor, entropy: float,
+                     kl: Optional[float]) -> dict[str, float]:
         """The training-step signals {signal: value}; a signal without enough history yet
-        (entropy_drop in its baseline steps, kl_jump in its first window or while the previous
-        KL is 0, e.g. at KL coefficient 0) is left out."""
+        (entropy_drop in its baseline steps, kl_jump until `kl_window` previous steps all had a
+        KL above 0) is left out; `kl` None (no KL loss) leaves kl_jump out. Per response:
+        `distinct_ngram` its `distinct_ngram_ratio` with n = `config.ngram` (computed where the
+        token ids are), `truncated` whether it was cut at max_tokens, `response_lengths`."""
         cfg = self.config
-        repetitive, mean_ratio = repetition(responses, cfg.ngram, cfg.repetitive_ratio)
+        repetitive, mean_ratio = repetition(distinct_ngram, cfg.repetitive_ratio)
         signals = {
             "repetitive_share": repetitive,
             "distinct_ngram": mean_ratio,
-            "truncated_share": share_truncated(finish_reasons),
-            "short_share": share_short([len(ids) for ids in responses], cfg.short_tokens),
+            "truncated_share": share_truncated(truncated),
+            "short_share": share_short(response_lengths, cfg.short_tokens),
             "sc_group_spread": group_spread(self_certainty, group_index),
         }
         if len(self._entropies) < cfg.entropy_baseline_steps:
@@ -221,23 +228,27 @@ class CollapseMonitor:
             if baseline > 0:
                 signals["entropy_drop"] = 1.0 - float(entropy) / baseline
         if kl is not None:
-            if len(self._kls) == cfg.kl_window:
-                previous = sum(self._kls) / len(self._kls)
-                if previous > 0:
-                    signals["kl_jump"] = float(kl) / previous
+            # KL starts at 0 (policy = reference): a ratio to a window holding those first
+            # near-zero steps would be large in any run, so it waits for a window of KL > 0
+            if len(self._kls) == cfg.kl_window and min(self._kls) > 0:
+                signals["kl_jump"] = float(kl) / (sum(self._kls) / len(self._kls))
             self._kls = (self._kls + [float(kl)])[-cfg.kl_window:]
         return signals
 
-    def validation_signals(self, accuracy: float, self_certainty: float) -> dict[str, float]:
-        """val_acc_drop: the best validation accuracy so far minus this one, reported while the
-        validation self-certainty is above its value at that best (else 0)."""
-        accuracy, self_certainty = float(accuracy), float(self_certainty)
-        if self._best_val is None or accuracy >= self._best_val[0]:
-            self._best_val = (accuracy, self_certainty)
-            return {"val_acc_drop": 0.0}
-        best_accuracy, best_certainty = self._best_val
-        drop = best_accuracy - accuracy if self_certainty > best_certainty else 0.0
-        return {"val_acc_drop": drop}
+    def validation_signals(self, results: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+        """val_acc_drop from {dataset: (accuracy, mean self-certainty)} of one validation: per
+        dataset, its best accuracy so far minus this one while its self-certainty is above its
+        value at that best (else 0); the largest over the datasets."""
+        drops = []
+        for dataset, (accuracy, self_certainty) in results.items():
+            accuracy, self_certainty = float(accuracy), float(self_certainty)
+            best = self._best_val.get(dataset)
+            if best is None or accuracy >= best[0]:
+                self._best_val[dataset] = (accuracy, self_certainty)
+                drops.append(0.0)
+            else:
+                drops.append(best[0] - accuracy if self_certainty > best[1] else 0.0)
+        return {"val_acc_drop": max(drops)} if drops else {}
 
     def alarms(self, step: int, signals: Mapping[str, float]) -> list[Alarm]:
         """The signals past their thresholds, in the order of `THRESHOLDS`."""
@@ -253,8 +264,8 @@ class CollapseMonitor:
 
     def state_dict(self) -> dict:
         return {"entropies": list(self._entropies), "kls": list(self._kls),
-                "best_val": self._best_val}
+                "best_val": {k: list(v) for k, v in self._best_val.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._entropies, self._kls = list(state["entropies"]), list(state["kls"])
-        self._best_val = None if state["best_val"] is None else tuple(state["best_val"])
+        self._best_val = {k: tuple(v) for k, v in state["best_val"].items()}

@@ -9,13 +9,13 @@ second instead of after minutes of Ray, Megatron and vLLM start-up.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from megatron_intuitor import validation
 from megatron_intuitor.algorithm import COV_POLICY_LOSSES
 from megatron_intuitor.collapse import CollapseConfig, CollapseConfigError
 from megatron_intuitor.data.records import FORMATS as DATA_FORMATS
@@ -313,8 +313,9 @@ def actor_settings(cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> Ac
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing the problems of a resolved config (see `resolve`), each naming
     its key: first every ill-typed or out-of-range value, else every inconsistency between
-    values, missing file and GPU-only option. Cheap: reads at most the model's config.json."""
-    problems = _check_values(cfg)
+    values, missing file and GPU-only option. Cheap: reads config.json and file headers only
+    (`validation`), never a whole weight, checkpoint or data file."""
+    problems = validation.unknown_keys(cfg) + _check_values(cfg)
     if problems:  # the checks below do arithmetic on these values
         raise ConfigError(problems)
     try:
@@ -412,6 +413,8 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.val_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: at the end)"),
     ("trainer.save_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: at the end)"),
     ("trainer.keep_last", _positive_int, "a positive integer"),
+    ("trainer.max_consecutive_skipped_steps", lambda v: _is_int(v) and v >= 0,
+     "an integer >= 0 (0: never stop)"),
     ("trainer.seed", _is_int, "an integer"),
     ("trainer.best_metric", lambda v: v is None or (isinstance(v, str) and v != ""),
      "null or a metric name such as val/gsm8k/acc"),
@@ -496,20 +499,39 @@ def _check_transformer_engine(device: str) -> list[str]:
             f"trainer.device=cpu"]
 
 
-def _model_shape(cfg: DictConfig) -> Optional[dict]:
-    """Layer/head counts of the model to train, when knowable without downloading anything."""
+def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
+    """Layer/head counts of the model to train, when knowable without downloading anything
+    (a local checkpoint, a hub id already cached, the tiny model), or the problems of its
+    config.json and weights."""
     if not cfg.model.path:
         tiny = cfg.model.tiny
         return {"source": "model.tiny", "num_hidden_layers": tiny.num_layers,
                 "num_attention_heads": tiny.num_heads, "num_key_value_heads": tiny.num_kv_heads,
-                "max_position_embeddings": None}
-    config_file = Path(cfg.model.path) / "config.json"
-    if not config_file.is_file():
-        return None
-    hf = json.loads(config_file.read_text())
+                "max_position_embeddings": _tiny_max_positions()}, []
+    local = Path(cfg.model.path)
+    if local.is_dir():
+        config_file: Optional[Path] = local / "config.json"
+    else:
+        config_file = validation.cached_hub_file(cfg.model.path, "config.json")
+        if config_file is None:
+            return None, validation.check_hub_model("model.path", cfg.model.path)
+    hf, problems = validation.read_model_config("model.path", config_file)
+    if local.is_dir():
+        problems += validation.check_model_weights("model.path", local)
+    if hf is None:
+        return None, problems
     return {"source": str(config_file), **{key: hf.get(key) for key in (
         "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "max_position_embeddings")}}
+        "max_position_embeddings")}}, problems
+
+
+def _tiny_max_positions() -> int:
+    """The tiny model's position limit: make_tiny_model's default (model.tiny does not set it)."""
+    import inspect
+
+    from megatron_intuitor.models.tiny import make_tiny_model
+
+    return inspect.signature(make_tiny_model).parameters["max_position_embeddings"].default
 
 
 def _check_model(cfg: DictConfig) -> list[str]:
@@ -523,10 +545,10 @@ def _check_model(cfg: DictConfig) -> list[str]:
                 f"org/name is expected)"]
     elif Path(model.path).exists() and not (Path(model.path) / "config.json").is_file():
         return [f"model.path={model.path} has no config.json: not a Hugging Face checkpoint"]
-    shape = _model_shape(cfg)
+    shape, problems = _model_shape(cfg)
     if shape is None:
-        return []
-    problems, source = [], shape["source"]
+        return problems
+    source = shape["source"]
     tp, pp = actor.tensor_model_parallel_size, actor.pipeline_model_parallel_size
     chunks = pp * (actor.virtual_pipeline_model_parallel_size or 1)
     layers, heads = shape["num_hidden_layers"], shape["num_attention_heads"]
@@ -577,6 +599,9 @@ def _check_data(cfg: DictConfig) -> list[str]:
 def _check_file(key: str, path: str) -> list[str]:
     if not path:
         return [f"{key} is empty"]
+    if Path(path).is_dir():
+        return [f"{key}={path} is a directory: name the data file(s) in it, e.g. "
+                f"{key}=[{path}/train.parquet]"]
     if not Path(path).is_file():
         return [f"{key}={path} does not exist"]
     if not path.endswith(DATA_SUFFIXES):
@@ -610,9 +635,21 @@ def _check_algorithm(cfg: DictConfig) -> list[str]:
 def _check_trainer(cfg: DictConfig) -> list[str]:
     trainer, logger = cfg.trainer, cfg.logger
     problems = []
-    if trainer.resume not in ("auto", "disable") and not Path(trainer.resume).exists():
-        problems.append(f"trainer.resume={trainer.resume} does not exist (expected auto, "
-                        f"disable or a checkpoint path)")
+    if trainer.resume not in ("auto", "disable"):
+        if not Path(trainer.resume).exists():
+            problems.append(f"trainer.resume={trainer.resume} does not exist (expected auto, "
+                            f"disable or a checkpoint path)")
+        else:
+            problems += [f"trainer.resume: {problem}"
+                         for problem in validation.check_checkpoint(Path(trainer.resume))]
+    elif trainer.resume == "auto":
+        from megatron_intuitor.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(Path(trainer.output_dir) / "checkpoints")
+        if latest is not None:
+            problems += [f"trainer.resume=auto found {latest}, which cannot be resumed: "
+                         f"{problem} (move it away, or set trainer.resume=disable)"
+                         for problem in validation.check_checkpoint(latest)]
     if "wandb" in logger.backends and not logger.wandb_project:
         problems.append("logger.wandb_project is empty but logger.backends includes wandb")
     try:

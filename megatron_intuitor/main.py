@@ -22,8 +22,20 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     # Imported only now: the trainer pulls in Ray, Megatron-Core and vLLM.
     from megatron_intuitor import trainer
+    from megatron_intuitor.data.datasets import DataError
+    from megatron_intuitor.workers.group import WorkerDiedError
 
-    trainer.run(cfg)
+    try:
+        trainer.run(cfg)
+    except (ConfigError, DataError) as error:  # the message names the file / key: no traceback
+        print(f"megatron-intuitor: {error}", file=sys.stderr)
+        sys.exit(2)
+    except trainer.TrainingStopped as error:
+        print(f"megatron-intuitor: training stopped: {error}", file=sys.stderr)
+        sys.exit(1)
+    except WorkerDiedError as error:  # names the rank, its node and what ended it
+        print(f"megatron-intuitor: the run stopped:\n{error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 # Metric names (verl's where verl has one, so dashboards carry over).
 SELF_CERTAINTY_MEAN = "intuitor/self_certainty/mean"  # the INTUITOR reward, per response
@@ -92,7 +93,12 @@ class MetricsLogger:
         if "console" in backends:
             from rich.console import Console
 
-            self._console = Console(highlight=False)
+            # soft_wrap: a step's line stays one line whatever the terminal's width.
+            self._console = Console(highlight=False, soft_wrap=True)
+        self._total_steps: Optional[int] = None
+        self._clock: Optional[tuple[int, float]] = None  # (step, time) progress counts from
+        self._status = None  # the live phase line on a terminal
+        self._last_step: Optional[int] = None
         self._wandb_run = self._start_wandb(config, wandb_project) if "wandb" in backends \
             else None
         log.info("experiment %s: metrics to %s, log file %s", experiment,
@@ -119,11 +125,12 @@ class MetricsLogger:
                          id=id_file.read_text().strip() if id_file.exists() else None,
                          resume="allow", dir=str(self.run_dir), mode=mode,
                          config=dict(config) if config is not None else None,
-                         settings=wandb.Settings(console="off", quiet=True))
+                         settings=wandb.Settings(console="off", quiet=True, silent=True))
         id_file.write_text(run.id)
         return run
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        self._last_step = step
         values = {name: _number(name, value) for name, value in metrics.items()}
         for name, value in values.items():
             if math.isfinite(value):
@@ -136,26 +143,89 @@ class MetricsLogger:
             self._wandb_run.log(values, step=step)
         log.info("step %d %s", step, " ".join(f"{k}={v:.6g}" for k, v in values.items()))
         if self._console is not None:
-            self._console.print(self.console_line(step, values))
+            self._console.print(self.console_line(step, values, self._total_steps,
+                                                  self._eta_seconds(step)))
+
+    def start_progress(self, first_step: int, total_steps: int) -> None:
+        """Steps after `first_step` up to `total_steps` are to come: step lines show k/N and the
+        estimated time left (wall time per step so far, validation and saves included)."""
+        self._total_steps = total_steps
+        self._clock = (first_step, time.monotonic())
+
+    def _eta_seconds(self, step: int) -> Optional[float]:
+        if self._clock is None or self._total_steps is None or step <= self._clock[0]:
+            return None
+        first, started = self._clock
+        return (time.monotonic() - started) / (step - first) * (self._total_steps - step)
+
+    def announce(self, message: str) -> None:
+        """A line for the user (run start and end): on the console and in the log file."""
+        log.info("%s", message)
+        if self._console is not None:
+            self._console.print(message, markup=False)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """While a phase runs, a transient status line names it (on a terminal only: a log or
+        a pipe gets the step lines alone)."""
+        if self._console is None or not self._console.is_terminal:
+            yield
+            return
+        label = f"step {self._next_step()}: {name}" if self._clock else name
+        if self._status is None:
+            self._status = self._console.status(label)
+            self._status.start()
+        else:
+            self._status.update(label)
+        try:
+            yield
+        finally:
+            self._status.stop()
+            self._status = None
+
+    def _next_step(self) -> str:
+        done = self._last_step if self._last_step is not None else self._clock[0]
+        total = f"/{self._total_steps}" if self._total_steps else ""
+        return f"{done + 1}{total}"
+
+    def alert(self, step: int, title: str, text: str) -> None:
+        """An event to notice (a collapse alarm): a warning on the console and in the log file,
+        one line {"step", "title", "text"} in `<run_dir>/alerts.jsonl`, a W&B alert."""
+        log.warning("%s", text)
+        if self._console is not None:
+            self._console.print(f"[bold red]{title}[/] {text}")
+        with open(self.run_dir / "alerts.jsonl", "a", encoding="utf-8") as out:
+            out.write(json.dumps({"step": step, "title": title, "text": text}) + "\n")
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
 
     @staticmethod
-    def console_line(step: int, values: Mapping[str, float]) -> str:
+    def console_line(step: int, values: Mapping[str, float], total_steps: Optional[int] = None,
+                     eta_seconds: Optional[float] = None) -> str:
         columns = [(label, values[name]) for name, label in CONSOLE_COLUMNS if name in values]
         columns += [(name[len("val/"):], v) for name, v in values.items()
                     if name.startswith("val/")]
-        step_time = sum(v for name, v in values.items() if name.startswith("timing/"))
+        step_time = values.get(timing("step"))
+        if step_time is None:
+            step_time = sum(v for name, v in values.items() if name.startswith("timing/"))
         if step_time:
             columns.append(("s", step_time))
-        return f"[bold cyan]step {step}[/] " + "  ".join(
-            f"[dim]{label}[/] {value:.4g}" for label, value in columns)
+        of_total = f"/{total_steps}" if total_steps else ""
+        eta = f"  [dim]eta[/] {format_duration(eta_seconds)}" if eta_seconds is not None else ""
+        return f"[bold cyan]step {step}{of_total}[/] " + "  ".join(
+            f"[dim]{label}[/] {value:.4g}" for label, value in columns) + eta
 
-    def plot_curves(self, png_path: str | Path) -> Path:
-        """The main curves as a PNG: from the JSONL (a resumed run's earlier steps included),
-        or without the jsonl backend from the steps this logger logged."""
+    def plot_curves(self, png_path: str | Path, keys: Optional[Iterable[str]] = None) -> Path:
+        """The curves of `keys` (default: the main ones) as a PNG: from the JSONL (a resumed
+        run's earlier steps included), or without the jsonl backend from the steps this logger
+        logged."""
         if self.jsonl_path is not None:
-            return plot_curves(self.jsonl_path, png_path)
-        return _plot_series({name: sorted(points.items()) for name, points in self._logged.items()},
-                            png_path, None, f"experiment {self.experiment}")
+            return plot_curves(self.jsonl_path, png_path, keys)
+        return _plot_series({"": {name: sorted(points.items())
+                                  for name, points in self._logged.items()}},
+                            png_path, keys, f"experiment {self.experiment}")
 
     def close(self) -> None:
         if self._wandb_run is not None:
@@ -169,6 +239,16 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def format_duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def read_metrics(jsonl_path: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -190,17 +270,28 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path,
                 keys: Optional[Iterable[str]] = None) -> Path:
     """Draw one panel per metric (default: `MAIN_CURVES` and every val/*/acc) against the step
     into a PNG; metrics absent from the file are skipped, none present is an error."""
-    return _plot_series(read_metrics(jsonl_path), png_path, keys, str(jsonl_path))
+    return _plot_series({"": read_metrics(jsonl_path)}, png_path, keys, str(jsonl_path))
 
 
-def _plot_series(series: Mapping[str, list[tuple[int, float]]], png_path: str | Path,
-                 keys: Optional[Iterable[str]], source: str) -> Path:
+def plot_runs(runs: Mapping[str, str | Path], png_path: str | Path,
+              keys: Optional[Iterable[str]] = None) -> Path:
+    """`plot_curves` with several runs overlaid, one line per `{label: metrics.jsonl}` and a
+    legend; the default keys are those of the first run."""
+    return _plot_series({label: read_metrics(path) for label, path in runs.items()}, png_path,
+                        keys, ", ".join(map(str, runs.values())))
+
+
+def _plot_series(runs: Mapping[str, Mapping[str, list[tuple[int, float]]]],
+                 png_path: str | Path, keys: Optional[Iterable[str]], source: str) -> Path:
+    """One panel per key, one line per run ({label: {metric: [(step, value)]}}; a legend when
+    the labels are not empty)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    first = next(iter(runs.values()))
     if keys is None:
-        keys = list(MAIN_CURVES) + sorted(k for k in series if k.startswith("val/"))
-    keys = [k for k in keys if k in series]
+        keys = list(MAIN_CURVES) + sorted(k for k in first if k.startswith("val/"))
+    keys = [k for k in keys if any(k in series for series in runs.values())]
     if not keys:
         raise ValueError(f"{source}: none of the metrics to plot has a value")
     cols = min(3, len(keys))
@@ -209,11 +300,16 @@ def _plot_series(series: Mapping[str, list[tuple[int, float]]], png_path: str | 
     FigureCanvasAgg(figure)
     for index, key in enumerate(keys):
         axes = figure.add_subplot(rows, cols, index + 1)
-        steps, values = zip(*series[key])
-        axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
+        for label, series in runs.items():
+            if key in series:
+                steps, values = zip(*series[key])
+                axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3,
+                          label=label or None)
         axes.set_title(key, fontsize=10)
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
+        if index == 0 and any(runs):
+            axes.legend(fontsize=8)
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png_path, dpi=100)

@@ -11,13 +11,14 @@ Under tensor parallelism rank r holds columns [r * V_shard, (r + 1) * V_shard) o
 padded by Megatron to a multiple of 128 * TP (Megatron's `VocabUtility`); the padded columns
 (index >= V) hold zeros, not -inf, and are left out of every statistic. Nothing is gathered:
 
-1. the row max of each rank's real columns, then ONE MAX all-reduce: the global max m;
-2. per chunk of rows, in fp32, with zm = z - m and e = exp(zm), the per-row statistics
-   S = sum(e), D = sum(e * zm), Z = sum(zm) and zm[t] (on the rank owning t, 0 elsewhere),
-   then ONE SUM all-reduce of the packed [tokens, 4] statistics;
+1. per chunk of rows, in fp32, the row max m_r of this rank's real columns (read while the chunk
+   is in cache), zm = z - m_r and e = exp(zm), and the per-row statistics S = sum(e),
+   D = sum(e * zm), Z = sum(zm) and zm[t] (on the rank owning t, 0 elsewhere);
+2. ONE MAX all-reduce: the global max m; each rank moves its statistics from m_r to m
+   (`_shift_statistics`), then ONE SUM all-reduce of the packed [tokens, 4] statistics;
 3. log_prob = zm[t] - log S, entropy = log S - D / S, self_certainty = log S - Z / V.
 
-Every statistic is taken relative to the global max, so nothing cancels catastrophically even for
+Every statistic is taken relative to a row max, so nothing cancels catastrophically even for
 logits of +-1e4. The backward pass recomputes each chunk from the saved logits and needs no
 communication (the global log S and D / S are saved per token), so the extra memory is a few
 [chunk, V_shard] fp32 buffers however many tokens there are. The caller's logits are never
@@ -65,14 +66,11 @@ class _VocabParallelTokenScores(torch.autograd.Function):
         num_rows = logits.shape[0]
         stats_options = dict(dtype=torch.float32, device=logits.device)
 
-        # The max of z = x / T is max(x) / T: no scaled copy is needed to find it.
-        if real_width > 0:
-            row_max = real_logits.amax(dim=-1).float()
-        else:
-            row_max = torch.full((num_rows,), float("-inf"), **stats_options)
-        if tp_size > 1:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-
+        # Each chunk is shifted by this rank's own row max, taken from the chunk while it is in
+        # cache (a separate max pass would stream the whole shard from memory once more); the
+        # statistics move to the global max after ONE MAX all-reduce. The max of z = x / T is
+        # max(x) / T: no scaled copy is needed to find it.
+        row_max = torch.full((num_rows,), float("-inf"), **stats_options)
         stats = torch.zeros(num_rows, 4, **stats_options)  # S, D, Z, zm[target]
         local_targets, owned = _local_targets(targets, vocab_start, real_width)
         if real_width > 0:
@@ -81,13 +79,21 @@ class _VocabParallelTokenScores(torch.autograd.Function):
             exps = torch.empty(rows_per_chunk, real_width, **stats_options)
             for start in range(0, num_rows, rows_per_chunk):
                 end = min(start + rows_per_chunk, num_rows)
-                zm = _shifted_logits(real_logits[start:end], row_max[start:end], temperature,
+                chunk = real_logits[start:end]
+                row_max[start:end] = chunk.amax(dim=-1)
+                zm = _shifted_logits(chunk, row_max[start:end], temperature,
                                      out=shifted[: end - start])
                 e = torch.exp(zm, out=exps[: end - start])
                 stats[start:end, 0] = e.sum(dim=-1)
                 stats[start:end, 2] = zm.sum(dim=-1)
                 stats[start:end, 3] = zm.gather(1, local_targets[start:end, None]).squeeze(1)
                 stats[start:end, 1] = e.mul_(zm).sum(dim=-1)
+        if tp_size > 1:
+            local_max = row_max.clone()
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+            if real_width > 0:
+                _shift_statistics(stats, (local_max - row_max) / temperature, real_width)
+        if real_width > 0:
             stats[:, 3].mul_(owned)
         if tp_size > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
@@ -136,6 +142,19 @@ class _VocabParallelTokenScores(torch.autograd.Function):
                     grad_z.mul_(1.0 / temperature)
                 grad_logits[rows, :real_width] = grad_z
         return grad_logits, None, None, None, None, None
+
+
+def _shift_statistics(stats: torch.Tensor, delta: torch.Tensor, width: int) -> None:
+    """Move a rank's S, D, Z, zm[target] (columns of `stats`, taken relative to its own row max)
+    to the global max, in place: with delta = (local max - global max) / T <= 0 and zm' = zm +
+    delta, S' = S e^delta, D' = e^delta (D + delta S), Z' = Z + width delta. No term cancels:
+    D, delta S and Z, width delta are all <= 0."""
+    scale = delta.exp()
+    sum_exp, sum_exp_zm, sum_zm, target_zm = stats.unbind(dim=-1)
+    sum_exp_zm.add_(delta * sum_exp).mul_(scale)
+    sum_exp.mul_(scale)
+    sum_zm.add_(width * delta)
+    target_zm.add_(delta)
 
 
 def _shifted_logits(logits: torch.Tensor, row_max: torch.Tensor, temperature: float,

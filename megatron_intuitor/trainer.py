@@ -9,7 +9,9 @@
         advantage    reward = sentence-mean self-certainty, z-scored within each prompt's group
         update       PPO clipped loss + KL to the reference, Megatron distributed optimizer
         sync         the new weights from the Megatron shards into every engine (its memory back)
-    then metrics, validation every k steps, checkpoint every k steps.
+    then metrics, validation every k steps, checkpoint every k steps; collapse signals every
+    step, and the guards (`trainer.guard`) act on their alarms: warn, stop, or roll back to the
+    best checkpoint by `trainer.best_metric`.
 
 The controller holds no model and no per-token tensor: it owns the data, the advantages and the
 bookkeeping, and receives one number per response; the ranks (workers/actor.py) own the tensors.
@@ -20,22 +22,30 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_intuitor import algorithm, metrics
-from megatron_intuitor.config import Schedule, actor_settings, training_schedule
+from megatron_intuitor import algorithm, collapse, metrics
+from megatron_intuitor.config import (Schedule, actor_settings, derive_layout,
+                                      training_schedule)
+from megatron_intuitor.config import validate as validate_config
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
+from megatron_intuitor.evaluation.best_of_n import best_of_n_metrics
 from megatron_intuitor.evaluation.registry import validation_metrics
 from megatron_intuitor.rollout.engine import SamplingConfig
 from megatron_intuitor.workers.reports import RolloutReport
 
 log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot make progress (e.g. every update skipped as non-finite)."""
 
 
 # --------------------------------------------------------------------------- the run's inputs
@@ -84,8 +94,13 @@ def load_prompt_sets(cfg: DictConfig, tokenizer) -> tuple[PromptSet, list[Prompt
     val_sets = [build_prompts(load_records(_dataset_spec(cfg, entry["path"] or None,
                                                          entry["format"], entry["name"], "val")),
                               tokenizer, data.system_prompt, data.max_prompt_length,
-                              name=f"validation set {entry['name']}")
+                              name=f"validation set {entry['name'] or entry['path']}")
                 for entry in val_entries]
+    for prompt_set in (train, *val_sets):
+        if prompt_set.num_dropped:
+            log.warning("%s: dropped %d of %d prompts longer than data.max_prompt_length=%d",
+                        prompt_set.name, prompt_set.num_dropped,
+                        prompt_set.num_dropped + len(prompt_set.prompts), data.max_prompt_length)
     return train, val_sets
 
 
@@ -107,6 +122,12 @@ class Trainer:
             stop_token_ids=stop_ids)
         self.greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=cfg.data.max_response_length,
                                      stop_token_ids=stop_ids)
+        self.guard = collapse.CollapseConfig.from_mapping(
+            OmegaConf.to_container(cfg.trainer.guard))
+        self.monitor = collapse.CollapseMonitor(self.guard)
+        self.best: Optional[dict] = None  # {"step", "value"}: trainer.best_metric's best checkpoint
+        self.rollbacks = 0
+        self.last_step = 0  # the last step run (a guard may stop before the schedule's end)
 
     def train_step(self, step: int, prompts: list[Prompt]) -> dict[str, float]:
         """One INTUITOR step: rollout -> score -> advantage -> update -> sync. The step's tokens
@@ -114,29 +135,38 @@ class Trainer:
         cfg, timings = self.cfg, {}
         step_start = time.perf_counter()
         graded = cfg.algorithm.name != "intuitor"  # grpo / hybrid: the 0/1 answer reward too
-        with _timed(timings, "rollout"):
+        with self._timed(timings, "rollout"):
             rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
                                           seed=cfg.trainer.seed * 1_000_003 + step,
-                                          records=[p.record for p in prompts] if graded else None)
-        with _timed(timings, "release_rollout_memory"):  # GPU: the engines' memory to training
+                                          records=[p.record for p in prompts] if graded else None,
+                                          ngram=self.guard.ngram)
+        # GPU: the engines' memory to training
+        with self._timed(timings, "release_rollout_memory"):
             self.actor.release_rollout_memory()
-        with _timed(timings, "old_log_prob"):  # the rollout-time policy: never a frozen scorer
+        # the rollout-time policy: never a frozen scorer
+        with self._timed(timings, "old_log_prob"):
             scores = self.actor.score()
         if cfg.algorithm.kl_coef > 0:
-            with _timed(timings, "ref"):
+            with self._timed(timings, "ref"):
                 self.actor.score_reference()
-        with _timed(timings, "advantage"):
+        with self._timed(timings, "advantage"):
             advantages = self._advantages(scores.self_certainty, rollouts)
-        with _timed(timings, "update"):
+        with self._timed(timings, "update"):
             update_metrics = self.actor.update_policy(advantages, step)
-        with _timed(timings, "weight_sync"):  # the engines' memory back, with the new weights
+        # the engines' memory back, with the new weights
+        with self._timed(timings, "weight_sync"):
             self.actor.sync_weights()
         elapsed = time.perf_counter() - step_start
         response_tokens = rollouts.response_lengths.sum().clamp(min=1)
+        entropy = scores.entropy_sum.sum() / response_tokens
+        signals = self.monitor.step_signals(
+            rollouts.distinct_ngram, rollouts.truncated, rollouts.response_lengths,
+            scores.self_certainty, rollouts.group_index, float(entropy),
+            update_metrics.get(metrics.KL_LOSS) if cfg.algorithm.kl_coef > 0 else None)
         return {
             metrics.SELF_CERTAINTY_MEAN: scores.self_certainty.mean(),
             metrics.SELF_CERTAINTY_STD: scores.self_certainty.std(),
-            metrics.ENTROPY: scores.entropy_sum.sum() / response_tokens,
+            metrics.ENTROPY: entropy,
             metrics.ADVANTAGES_MEAN: advantages.mean(),
             metrics.RESPONSE_LENGTH_MEAN: rollouts.response_lengths.float().mean(),
             metrics.ROLLOUT_LOGPROB_DIFF: scores.logprob_diff_sum.sum() / response_tokens,
@@ -144,6 +174,7 @@ class Trainer:
             **update_metrics,
             **{metrics.timing(phase): seconds for phase, seconds in timings.items()},
             metrics.timing("step"): elapsed,
+            **{collapse.signal_name(name): value for name, value in signals.items()},
         }
 
     def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport) -> torch.Tensor:
@@ -152,20 +183,99 @@ class Trainer:
         return response_advantages(self.cfg.algorithm, self_certainty, rollouts.verifiable,
                                    rollouts.group_index)
 
+    @contextmanager
+    def _timed(self, timings: dict[str, float], phase: str) -> Iterator[None]:
+        """Time a phase of the step into `timings`; a terminal shows the phase meanwhile."""
+        start = time.perf_counter()
+        with self.logger.phase(phase):
+            yield
+        timings[phase] = time.perf_counter() - start
+
+    def _all_updates_skipped(self, step_metrics: dict[str, float]) -> bool:
+        skipped = float(step_metrics.get(metrics.SKIPPED_STEPS, 0.0))
+        return skipped >= derive_layout(self.cfg).optimizer_steps_per_step
+
     def validate(self) -> dict[str, float]:
-        """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`."""
-        result = {}
+        """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`, and their
+        mean self-certainty `val/<dataset>/self_certainty`; with `trainer.val_best_of_n=N`
+        also N sampled responses per prompt: `acc_sc_best_of_<N>`, `maj@<N>`, `pass@<N>`."""
+        best_of = self.cfg.trainer.val_best_of_n
+        generated = []
         for prompt_set in self.val_sets:
-            samples = self.actor.generate([p.token_ids for p in prompt_set.prompts], self.greedy,
-                                          seed=0)
-            result.update(validation_metrics([p.record for p in prompt_set.prompts],
-                                             [s.text for s in samples]))
+            prompt_ids = [p.token_ids for p in prompt_set.prompts]
+            greedy = self.actor.generate(prompt_ids, self.greedy, seed=0)
+            sampled = (self.actor.generate(prompt_ids, replace(self.sampling, n=best_of), seed=1)
+                       if best_of else [])
+            generated.append(([p.record for p in prompt_set.prompts], greedy, sampled))
+        # the scores after all generation: on GPU the engines give their memory back meanwhile
+        self.actor.release_rollout_memory()
+        result, accuracy_and_certainty = {}, {}
+        for records, greedy, sampled in generated:
+            accuracy = validation_metrics(records, [s.text for s in greedy])
+            result.update(accuracy)
+            certainty = self.actor.score_samples(greedy).self_certainty.tolist()
+            for source in dict.fromkeys(r.data_source for r in records):
+                rows = [i for i, r in enumerate(records) if r.data_source == source]
+                mean = sum(certainty[i] for i in rows) / len(rows)
+                result[f"val/{source}/self_certainty"] = mean
+                accuracy_and_certainty[source] = (accuracy[metrics.val_accuracy(source)], mean)
+            if best_of:
+                scores = self.actor.score_samples(sampled).self_certainty.tolist()
+                result.update(best_of_n_metrics(
+                    records, [[s.text for s in sampled[i * best_of:(i + 1) * best_of]]
+                              for i in range(len(records))],
+                    [scores[i * best_of:(i + 1) * best_of] for i in range(len(records))]))
+        self.actor.sync_weights()  # the engines' memory back (GPU); same weights
+        result.update({collapse.signal_name(name): value for name, value in
+                       self.monitor.validation_signals(accuracy_and_certainty).items()})
         return result
 
     def save(self, step: int) -> None:
-        self.actor.save_checkpoint(str(self.checkpoint_root), step,
-                                   {"data": self.loader.state_dict()},
-                                   keep_last=self.cfg.trainer.keep_last)
+        """A checkpoint of this step; the best one by `trainer.best_metric` is kept past
+        `trainer.keep_last`, and it and the guard's history travel in the trainer state."""
+        extra = {"data": self.loader.state_dict(), "best": self.best,
+                 "monitor": self.monitor.state_dict(), "rollbacks": self.rollbacks}
+        keep = (self.best["step"],) if self.best else ()
+        self.actor.save_checkpoint(str(self.checkpoint_root), step, extra,
+                                   keep_last=self.cfg.trainer.keep_last, keep_steps=keep)
+
+    def _is_new_best(self, step: int, values: dict[str, float]) -> bool:
+        """Whether this step's `trainer.best_metric` (higher is better) beats the best so far;
+        if so it becomes the best."""
+        name = self.cfg.trainer.best_metric
+        if not name or name not in values:
+            return False
+        if self.best is not None and values[name] <= self.best["value"]:
+            return False
+        self.best = {"step": step, "value": float(values[name])}
+        return True
+
+    def _guard(self, step: int, values: dict[str, float]) -> bool:
+        """Alarms of this step's signals, announced; the configured action. True: stop."""
+        signals = {name[len(collapse.PREFIX):]: value for name, value in values.items()
+                   if name.startswith(collapse.PREFIX)}
+        alarms = self.monitor.alarms(step, signals)
+        for alarm in alarms:
+            self.logger.alert(step, "INTUITOR collapse alarm", alarm.message())
+        if not alarms or self.guard.action == "warn":
+            return False
+        if self.guard.action == "stop":
+            self.logger.alert(step, "INTUITOR guard", f"trainer.guard.action=stop: stopping "
+                                                      f"at step {step}")
+            return True
+        if self.best is None or self.rollbacks >= self.guard.max_rollbacks:
+            why = ("no best checkpoint yet" if self.best is None
+                   else f"{self.rollbacks} rollback(s) already (max_rollbacks)")
+            self.logger.alert(step, "INTUITOR guard", f"cannot roll back ({why}): stopping at "
+                                                      f"step {step}")
+            return True
+        path = self.checkpoint_root / f"step_{self.best['step']}"
+        self.actor.load_checkpoint(str(path))  # weights, optimizer, schedule; engines synced
+        self.rollbacks += 1
+        self.logger.alert(step, "INTUITOR guard", f"rolled back to {path} "
+                          f"({self.cfg.trainer.best_metric}={self.best['value']:.4g}); "
+                          f"trainer.guard.after_rollback={self.guard.after_rollback}")
+        return self.guard.after_rollback == "stop"
 
     def resume(self) -> int:
         """The step to continue after (0 for a fresh run), per `trainer.resume`."""
@@ -179,6 +289,9 @@ class Trainer:
             return 0
         extra = self.actor.load_checkpoint(str(path))
         self.loader.load_state_dict(extra["data"])
+        self.best, self.rollbacks = extra.get("best"), extra.get("rollbacks", 0)
+        if "monitor" in extra:
+            self.monitor.load_state_dict(extra["monitor"])
         log.info("resumed from %s (step %d)", path, extra["step"])
         return int(extra["step"])
 
@@ -188,14 +301,28 @@ class Trainer:
         last: dict[str, float] = {}
         if cfg.val_before_train and start == 0 and self.val_sets:
             self.logger.log(0, self.validate())
+        skipped_in_a_row = 0
+        self.logger.start_progress(start, self.schedule.training_steps)
         for step in range(start + 1, self.schedule.training_steps + 1):
+            self.last_step = step
             last = self.train_step(step, self.loader.next_batch())
             final = step == self.schedule.training_steps
             if self.val_sets and (final or (cfg.val_every and step % cfg.val_every == 0)):
                 last.update(self.validate())
             self.logger.log(step, last)
-            if final or (cfg.save_every and step % cfg.save_every == 0):
+            skipped_in_a_row = skipped_in_a_row + 1 if self._all_updates_skipped(last) else 0
+            if cfg.max_consecutive_skipped_steps and \
+                    skipped_in_a_row >= cfg.max_consecutive_skipped_steps:
+                raise TrainingStopped(
+                    f"steps {step - skipped_in_a_row + 1}-{step}: every optimizer step was "
+                    f"skipped for a non-finite loss or gradient norm "
+                    f"(trainer.max_consecutive_skipped_steps={cfg.max_consecutive_skipped_steps})"
+                    f"; the weights have not changed since step {step - skipped_in_a_row}")
+            new_best = self._is_new_best(step, last)  # saved at once: rollback needs its weights
+            if new_best or final or (cfg.save_every and step % cfg.save_every == 0):
                 self.save(step)
+            if self._guard(step, last):
+                break
         return last
 
 
@@ -216,13 +343,6 @@ def response_advantages(settings: DictConfig, self_certainty: torch.Tensor,
         group_index)
 
 
-@contextmanager
-def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[phase] = time.perf_counter() - start
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -230,17 +350,29 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Run the configured job (the config resolved and validated by `config.load`)."""
     import ray
     from transformers import AutoTokenizer
+    from transformers.utils.logging import disable_progress_bar
 
+    disable_progress_bar()  # the tiny model's "Writing model shards" bar: not for the console
+
+    from megatron_intuitor.lifetime import remove_orphaned_shm
     from megatron_intuitor.workers.actor import ActorGroup
+    from megatron_intuitor.workers.group import WORKER_LOG_ENV
+
+    orphans = remove_orphaned_shm()  # else a new vLLM-CPU engine fails on their names
+    if orphans:
+        log.info("removed the shared memory of a killed run: %s", ", ".join(map(str, orphans)))
 
     output_dir = Path(cfg.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(cfg)
+    if cfg.model.path and not Path(cfg.model.path).exists():
+        # A hub id downloaded just now: its files are checked like a local checkpoint's
+        # (weights, positions against the sequence length, heads against TP), before Ray.
+        downloaded = OmegaConf.create(OmegaConf.to_container(cfg))
+        downloaded.model.path = str(model_dir)
+        validate_config(downloaded)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set, val_sets = load_prompt_sets(cfg, tokenizer)
-    if train_set.num_dropped:
-        log.warning("dropped %d training prompts longer than data.max_prompt_length=%d",
-                    train_set.num_dropped, cfg.data.max_prompt_length)
     schedule = training_schedule(cfg, len(train_set.prompts))
     settings = actor_settings(cfg, schedule, tokenizer.pad_token_id)
     loader = PromptLoader(train_set.prompts, cfg.data.prompts_per_step, cfg.data.seed,
@@ -250,20 +382,38 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                    backends=list(cfg.logger.backends),
                                    wandb_project=cfg.logger.wandb_project,
                                    log_dir=cfg.logger.log_dir)
+    started, layout = time.monotonic(), settings.layout
+    logger.announce(
+        f"megatron-intuitor: {cfg.trainer.experiment_name}, {schedule.training_steps} steps of "
+        f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.n} responses on {layout.world_size} "
+        f"{layout.device} rank(s) (TP {layout.tensor_parallel} x PP {layout.pipeline_parallel} x "
+        f"DP {layout.data_parallel}); log {logger.log_path.absolute()}")
+    # Ranks (vLLM, Megatron, Ray) write to the log file, not the console.
+    os.environ[WORKER_LOG_ENV] = str(logger.log_path.absolute())
+    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
     if not ray.is_initialized():
         if cfg.trainer.ray_address:  # join the cluster started with `ray start` on every node
-            ray.init(address=cfg.trainer.ray_address)
+            ray.init(address=cfg.trainer.ray_address, **quiet)
         else:  # a fresh local cluster, never one that happens to run on this machine
             ray.init(address="local", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, settings.layout.world_size))
-    actor = ActorGroup.start(settings, model_dir, placement=cfg.trainer.placement,
-                             cpus_per_worker=cfg.trainer.cpus_per_worker)
+                     num_cpus=max(os.cpu_count() or 1, settings.layout.world_size), **quiet)
+    with logger.phase(f"starting {settings.layout.world_size} rank(s): Megatron-Core and vLLM"):
+        actor = ActorGroup.start(settings, model_dir, placement=cfg.trainer.placement,
+                                 cpus_per_worker=cfg.trainer.cpus_per_worker)
     try:
         log.info("weight sync: %s", actor.weight_sync_path())
         trainer = Trainer(cfg, schedule, actor, loader, val_sets, logger, tokenizer)
         final = trainer.fit()
         actor.export_hf(str(output_dir / "hf_final"))
         logger.plot_curves(output_dir / "curves.png")
+        logger.plot_curves(output_dir / "collapse.png",
+                           keys=[collapse.signal_name(s) for s in collapse.SIGNALS]
+                           + [metrics.SELF_CERTAINTY_MEAN, metrics.ENTROPY])
+        took = metrics.format_duration(time.monotonic() - started)
+        logger.announce(
+            f"megatron-intuitor: {cfg.trainer.experiment_name} finished "
+            f"{trainer.last_step} steps in {took}; final policy {output_dir / 'hf_final'}"
+            f"; log {logger.log_path.absolute()}")
     finally:
         actor.shutdown()
         logger.close()

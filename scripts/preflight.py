@@ -230,7 +230,10 @@ def _hf_config(cfg) -> Optional[dict]:
         return None
     local = Path(path) / "config.json"
     if local.is_file():
-        return json.loads(local.read_text())
+        try:
+            return json.loads(local.read_text())
+        except ValueError:  # not JSON (or not UTF-8): the config validation named it
+            return None
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(path, "config.json")
@@ -243,19 +246,17 @@ def check_model(report: Report, cfg) -> None:
     if not path:
         report.ok("model: a tiny Qwen2 made locally (model.make_tiny)")
         return
+    from megatron_intuitor import validation
+
     if Path(path).is_dir():
-        if not any(Path(path).glob("*.safetensors")):
-            report.error(f"model.path={path} has no *.safetensors weights (the bridge reads "
-                         f"safetensors): re-save with save_pretrained(safe_serialization=True)")
-        else:
+        # config.json and the weights' headers and sizes: checked by the config validation.
+        if not validation.check_model_weights("model.path", Path(path)):
             report.ok(f"model: {path}")
         return
     if _hf_config(cfg) is not None:
         report.ok(f"model: {path} (in the Hugging Face cache)")
-    elif os.environ.get("HF_HUB_OFFLINE") == "1":
-        report.error(f"model.path={path} is not in the Hugging Face cache and HF_HUB_OFFLINE=1: "
-                     f"download it on a machine with internet (`hf download {path}`) or point "
-                     f"MODEL_PATH / model.path at a local checkpoint")
+    elif validation.offline_mode():
+        pass  # the config validation named model.path
     else:
         report.warn(f"model: {path} is not in the Hugging Face cache; it is downloaded at start "
                     f"(needs internet). Pre-download: `hf download {path}`")
@@ -286,22 +287,30 @@ def check_disk(report: Report, cfg) -> None:
     """Free space under trainer.output_dir for keep_last checkpoints (+1 while saving) and the
     final HF export."""
     output_dir = Path(cfg.trainer.output_dir)
-    free = shutil.disk_usage(_existing_parent(output_dir)).free
+    existing = _existing_parent(output_dir)
+    if not existing.is_dir():
+        report.error(f"trainer.output_dir={output_dir}: {existing} is a file, not a directory")
+        return
+    if not os.access(existing, os.W_OK | os.X_OK):
+        report.error(f"trainer.output_dir={output_dir}: {existing} is not writable (read-only "
+                     f"filesystem or permissions): set trainer.output_dir elsewhere")
+        return
+    free = shutil.disk_usage(existing).free
     hf = _hf_config(cfg)
     if hf is None:
         size = "tiny" if not cfg.model.path else "unknown until the model is downloaded"
-        report.ok(f"disk: {free / GIB:.0f} GiB free for {output_dir} (checkpoint size {size})")
+        report.ok(f"disk: {free / GIB:.1f} GiB free for {output_dir} (checkpoint size {size})")
         return
     try:
         params = _parameter_count(hf)
     except KeyError as missing:
         report.warn(f"disk: cannot estimate the checkpoint size ({missing} not in config.json); "
-                    f"{free / GIB:.0f} GiB free for {output_dir}")
+                    f"{free / GIB:.1f} GiB free for {output_dir}")
         return
     checkpoint = params * CHECKPOINT_BYTES_PER_PARAM
     export = params * 4
     needed = checkpoint * (cfg.trainer.keep_last + 1) + export
-    summary = (f"{free / GIB:.0f} GiB free for {output_dir}; {params / 1e9:.2f}B parameters: "
+    summary = (f"{free / GIB:.1f} GiB free for {output_dir}; {params / 1e9:.2f}B parameters: "
                f"~{checkpoint / GIB:.0f} GiB per checkpoint, ~{needed / GIB:.0f} GiB for "
                f"trainer.keep_last={cfg.trainer.keep_last} (+1 while saving) and the HF export")
     if free < checkpoint + export:

@@ -258,3 +258,15 @@ def test_save_hf_checkpoint_refuses_nonempty_output_and_leaves_nothing_when_kill
     assert not fresh.exists()
     save_hf_checkpoint(_named_tensors(), out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
+
+
+def test_prune_keeps_the_newest_and_the_protected_steps(tmp_path):
+    from megatron_intuitor.checkpoint import _prune
+
+    for step in (1, 2, 3, 4, 5):
+        (tmp_path / f"step_{step}").mkdir()
+    (tmp_path / ".tmp_step_6").mkdir()  # a save that never finished
+    _prune(tmp_path, keep_last=2, keep_steps=(2,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2", "step_4", "step_5"]
+    _prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_5"]

@@ -20,13 +20,14 @@ def test_distinct_ngram_ratio_by_hand():
 def test_repetition_share_and_mean():
     responses = [[1, 2, 1, 2, 1, 2], [1, 2, 3, 4], [7, 7, 7, 7, 7]]
     # bigram ratios: 2/5, 3/3, 1/4 -> below 0.5: two of three; mean (0.4 + 1 + 0.25) / 3
-    share, mean = collapse.repetition(responses, 2, 0.5)
+    share, mean = collapse.repetition([collapse.distinct_ngram_ratio(r, 2) for r in responses],
+                                      0.5)
     assert share == pytest.approx(2 / 3)
     assert mean == pytest.approx((0.4 + 1.0 + 0.25) / 3)
 
 
 def test_truncated_and_short_shares():
-    assert collapse.share_truncated(["stop", "length", "length", "stop"]) == 0.5
+    assert collapse.share_truncated(torch.tensor([False, True, True, False])) == 0.5
     assert collapse.share_short([0, 1, 2, 5], short_tokens=2) == 0.5
     assert collapse.share_short([0, 1, 2, 5], short_tokens=0) == 0.0
 
@@ -40,39 +41,47 @@ def test_group_spread_is_mean_within_group_std():
         collapse.group_spread(torch.tensor([1.0, 2.0]), [0, 1])
 
 
-def _step(monitor, entropy, kl=None, responses=([1, 2, 3],) * 4):
-    return monitor.step_signals(list(responses), ["stop"] * len(responses),
-                                torch.tensor([1.0, 2.0, 3.0, 5.0]), [0, 0, 1, 1], entropy, kl)
+def _step(monitor, entropy, kl=None):
+    return monitor.step_signals([1.0, 0.5, 1.0, 0.25], [False, True, False, False],
+                                torch.tensor([3, 1, 4, 0]), torch.tensor([1.0, 2.0, 3.0, 5.0]),
+                                [0, 0, 1, 1], entropy, kl)
 
 
 def test_entropy_drop_relative_to_first_steps_and_kl_jump():
     monitor = collapse.CollapseMonitor(collapse.CollapseConfig(entropy_baseline_steps=2,
                                                                kl_window=2))
-    first = _step(monitor, entropy=4.0, kl=0.0)
+    first = _step(monitor, entropy=4.0, kl=0.005)
     assert "entropy_drop" not in first and "kl_jump" not in first
+    # ratios 1, 0.5, 1, 0.25 (threshold 0.5: one below), one of four cut, two shorter than 2
+    assert (first["repetitive_share"], first["distinct_ngram"]) == (0.25, 0.6875)
+    assert (first["truncated_share"], first["short_share"]) == (0.25, 0.5)
     assert first["sc_group_spread"] == pytest.approx((math.sqrt(0.5) + math.sqrt(2)) / 2)
     second = _step(monitor, entropy=2.0, kl=0.01)
     assert "entropy_drop" not in second and "kl_jump" not in second  # window not full yet
     third = _step(monitor, entropy=1.5, kl=0.02)
     assert third["entropy_drop"] == pytest.approx(1 - 1.5 / 3.0)  # baseline (4 + 2) / 2
-    assert third["kl_jump"] == pytest.approx(0.02 / 0.005)  # previous window (0, 0.01)
+    assert third["kl_jump"] == pytest.approx(0.02 / 0.0075)  # previous window (0.005, 0.01)
     fourth = _step(monitor, entropy=3.0, kl=0.15)
     assert fourth["entropy_drop"] == pytest.approx(0.0)
     assert fourth["kl_jump"] == pytest.approx(0.15 / 0.015)  # window (0.01, 0.02)
 
 
-def test_kl_jump_left_out_while_previous_kl_is_zero():
-    monitor = collapse.CollapseMonitor(collapse.CollapseConfig(kl_window=1))
-    _step(monitor, 1.0, kl=0.0)
-    assert "kl_jump" not in _step(monitor, 1.0, kl=0.3)
+def test_kl_jump_waits_for_a_window_without_zero_kl():
+    monitor = collapse.CollapseMonitor(collapse.CollapseConfig(kl_window=2))
+    _step(monitor, 1.0, kl=0.0)  # the first step: policy = reference
+    _step(monitor, 1.0, kl=0.01)
+    assert "kl_jump" not in _step(monitor, 1.0, kl=0.3)  # window (0, 0.01) holds a zero
+    assert _step(monitor, 1.0, kl=0.6)["kl_jump"] == pytest.approx(0.6 / 0.155)
 
 
 def test_val_acc_drop_only_while_self_certainty_rises():
     monitor = collapse.CollapseMonitor(collapse.CollapseConfig())
-    assert monitor.validation_signals(0.5, 6.0) == {"val_acc_drop": 0.0}
-    assert monitor.validation_signals(0.6, 6.5) == {"val_acc_drop": 0.0}  # new best
-    assert monitor.validation_signals(0.4, 6.2)["val_acc_drop"] == 0.0  # certainty fell too
-    assert monitor.validation_signals(0.45, 7.0)["val_acc_drop"] == pytest.approx(0.15)
+    assert monitor.validation_signals({"a": (0.5, 6.0)}) == {"val_acc_drop": 0.0}
+    assert monitor.validation_signals({"a": (0.6, 6.5)}) == {"val_acc_drop": 0.0}  # new best
+    assert monitor.validation_signals({"a": (0.4, 6.2)})["val_acc_drop"] == 0.0  # certainty fell
+    # dataset b starts its own history; a drops 0.15 from its best while certainty rose
+    drop = monitor.validation_signals({"a": (0.45, 7.0), "b": (0.1, 9.0)})["val_acc_drop"]
+    assert drop == pytest.approx(0.15)
 
 
 def test_alarms_name_signal_value_threshold_step():
@@ -109,7 +118,80 @@ def test_monitor_state_round_trip():
     config = collapse.CollapseConfig(entropy_baseline_steps=1, kl_window=1)
     monitor = collapse.CollapseMonitor(config)
     _step(monitor, 2.0, kl=0.1)
-    monitor.validation_signals(0.5, 6.0)
+    monitor.validation_signals({"a": (0.5, 6.0)})
     restored = collapse.CollapseMonitor(config)
     restored.load_state_dict(monitor.state_dict())
     assert _step(restored, 1.0, kl=0.4) == _step(monitor, 1.0, kl=0.4)
+    assert restored.validation_signals({"a": (0.3, 7.0)}) == {"val_acc_drop": pytest.approx(0.2)}
+
+
+# ---------------------------------------------------------------- the trainer's guard decisions
+
+
+class _FakeActor:
+    def __init__(self):
+        self.loaded, self.saved = [], []
+
+    def load_checkpoint(self, path):
+        self.loaded.append(path)
+        return {}
+
+    def save_checkpoint(self, root, step, extra, keep_last, keep_steps=()):
+        self.saved.append((step, keep_last, keep_steps, extra["best"]))
+
+
+class _FakeLogger:
+    def __init__(self):
+        self.alerts = []
+
+    def alert(self, step, title, text):
+        self.alerts.append((step, title, text))
+
+
+class _FakeLoader:
+    def state_dict(self):
+        return {}
+
+
+def _trainer(tmp_path, *overrides):
+    from types import SimpleNamespace
+
+    from megatron_intuitor.config import load
+    from megatron_intuitor.trainer import Trainer
+
+    cfg = load([f"trainer.output_dir={tmp_path}", "trainer.guard.max_entropy_drop=0.2",
+                "trainer.best_metric=val/x/acc", *overrides])
+    tokenizer = SimpleNamespace(eos_token_id=1, pad_token_id=0)
+    return Trainer(cfg, None, _FakeActor(), _FakeLoader(), [], _FakeLogger(), tokenizer)
+
+
+DROP = {collapse.signal_name("entropy_drop"): 0.5}
+
+
+def test_rollback_then_continue_until_max_rollbacks(tmp_path):
+    trainer = _trainer(tmp_path, "trainer.guard.action=rollback", "trainer.guard.max_rollbacks=1")
+    assert trainer._is_new_best(2, {"val/x/acc": 0.25}) and trainer.best == {"step": 2,
+                                                                           "value": 0.25}
+    assert not trainer._is_new_best(4, {"val/x/acc": 0.25})  # not better: the first stays
+    assert not trainer._is_new_best(5, {"actor/entropy": 1.0})  # no validation this step
+    trainer.save(4)
+    assert trainer.actor.saved == [(4, 2, (2,), {"step": 2, "value": 0.25})]
+    assert trainer._guard(5, DROP) is False  # rolled back, continues
+    assert trainer.actor.loaded == [str(tmp_path / "checkpoints" / "step_2")]
+    assert trainer.logger.alerts[0] == (5, "INTUITOR collapse alarm",
+                                        "collapse alarm at step 5: intuitor/collapse/entropy_drop"
+                                        " = 0.5 > threshold 0.2")
+    assert "rolled back to" in trainer.logger.alerts[1][2]
+    assert trainer._guard(6, {collapse.signal_name("entropy_drop"): 0.1}) is False  # no alarm
+    assert trainer._guard(7, DROP) is True  # max_rollbacks reached: stops
+    assert "cannot roll back (1 rollback(s) already" in trainer.logger.alerts[-1][2]
+    assert len(trainer.actor.loaded) == 1
+
+
+def test_rollback_without_a_best_checkpoint_stops_and_warn_never_acts(tmp_path):
+    trainer = _trainer(tmp_path, "trainer.guard.action=rollback")
+    assert trainer._guard(3, DROP) is True
+    assert "cannot roll back (no best checkpoint yet)" in trainer.logger.alerts[-1][2]
+    warn = _trainer(tmp_path, "trainer.guard.action=warn")
+    assert warn._guard(3, DROP) is False and len(warn.logger.alerts) == 1
+    assert warn.actor.loaded == []

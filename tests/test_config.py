@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from megatron_intuitor.config import (KL_TYPES, ConfigError, actor_settings, compose,
                                       derive_layout, load, resolve, training_schedule, validate)
@@ -175,7 +177,8 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["actor.lr=abc"], "actor.lr='abc': expected a number > 0"),
     (["trainer.guard.action=panic"], "trainer.guard.action='panic': expected one of warn"),
     (["trainer.guard.max_kl_jump=high"], "trainer.guard.max_kl_jump='high'"),
-    (["+trainer.guard.max_kl=1"], "trainer.guard.max_kl: unknown key"),
+    (["+trainer.guard.max_kl=1"], "trainer.guard.max_kl is not a configuration key (did you mean "
+     "trainer.guard.max_kl_jump?)"),
     (["trainer.guard.action=rollback"], "trainer.guard.action=rollback restores the best "
                                         "checkpoint: set trainer.best_metric"),
     (["algorithm.policy_loss=clip", "algorithm.cov.select_ratio=2"],
@@ -201,7 +204,8 @@ def test_model_shape_is_read_from_the_checkpoint(tmp_path):
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({
         "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 2,
-        "max_position_embeddings": 128}))
+        "max_position_embeddings": 128, "hidden_size": 64, "vocab_size": 100}))
+    save_file({"weight": torch.zeros(2)}, str(model_dir / "model.safetensors"))
     base = [f"model.path={model_dir}", "model.make_tiny=false"]
     load(base)  # TP 2 divides 8 heads and 2 KV heads; 64 + 32 tokens fit in 128
     text = _problems(base + ["actor.tensor_model_parallel_size=4", "trainer.n_gpus_per_node=4",

@@ -93,6 +93,25 @@ def test_plot_curves_png(tmp_path):
         M.plot_curves(jsonl, tmp_path / "x.png", keys=["actor/kl_loss"])
 
 
+def test_plot_runs_overlays_runs_and_alerts_are_recorded(tmp_path):
+    paths = {}
+    for label, slope in (("healthy", 0.1), ("collapsing", 1.0)):
+        run_dir = tmp_path / label
+        with M.MetricsLogger(run_dir, label, backends=("jsonl",), log_dir=tmp_path) as logger:
+            for step in range(1, 4):
+                logger.log(step, {M.ENTROPY: 6 - slope * step})
+            if label == "collapsing":
+                logger.alert(3, "alarm", "entropy fell")
+        paths[label] = run_dir / "metrics.jsonl"
+    png = M.plot_runs(paths, tmp_path / "cmp.png", keys=[M.ENTROPY, M.SELF_CERTAINTY_MEAN])
+    from matplotlib.image import imread
+
+    assert imread(png).shape[:2] == (320, 450)  # one panel: the metric no run has is skipped
+    assert json.loads((tmp_path / "collapsing" / "alerts.jsonl").read_text()) == {
+        "step": 3, "title": "alarm", "text": "entropy fell"}
+    assert not (tmp_path / "healthy" / "alerts.jsonl").exists()
+
+
 def test_curves_without_the_jsonl_backend(tmp_path):
     """The run ends with curves.png whatever the backends: without the JSONL, from the steps
     the logger logged (non-finite values left out)."""

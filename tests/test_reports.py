@@ -32,6 +32,7 @@ def test_shard_reports_reproduce_the_whole_batch_figures():
     report = ScoreReport.concatenate(reports)
 
     # the previous controller: per-token tensors of the whole batch
+    # to rounding: the shards are summed at their own widths, the batch figures shard by shard
     torch.testing.assert_close(report.self_certainty,
                                algorithm.sequence_rewards_from_self_certainty(
                                    scores["self_certainty"], mask), rtol=1e-6, atol=0)
@@ -49,3 +50,13 @@ def test_shard_reports_reproduce_the_whole_batch_figures():
     assert summary.group_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert summary.verifiable.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
     assert rollout_report(rollouts, verifiable=None).verifiable is None
+
+
+def test_rollout_report_carries_the_collapse_inputs():
+    samples = [RolloutSample(0, [1, 1], [5, 6, 5, 6, 5], "", "length", [0.0] * 5),
+               RolloutSample(0, [1, 1], [7, 8], "", "stop", [0.0] * 2)]
+    report = rollout_report(batch_from_rollouts(samples, pad_token_id=0), None, samples, ngram=2)
+    # bigrams of 5 6 5 6 5: (5,6) (6,5) (5,6) (6,5) -> 2 distinct of 4; 7 8: 1 of 1
+    assert report.distinct_ngram.tolist() == [0.5, 1.0]
+    assert report.truncated.tolist() == [True, False]
+    assert rollout_report(batch_from_rollouts(samples, 0), None).distinct_ngram is None

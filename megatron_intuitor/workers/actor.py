@@ -194,7 +194,7 @@ class ActorWorker(Worker):
         return samples if self.reports_for_replica else None
 
     def rollout(self, prompts: list[list[int]], sampling: SamplingConfig, first_prompt: int,
-                records: Optional[list]) -> Optional[RolloutReport]:
+                records: Optional[list], ngram: int = 3) -> Optional[RolloutReport]:
         """Sample this replica's prompts (global indices from `first_prompt`), grade them when
         `records` (their prompt records) are given, and share the samples with every rank: each
         rank then holds the step's whole RolloutBatch. Rank 0 reports it; the others None."""
@@ -220,7 +220,8 @@ class ActorWorker(Worker):
         if self.rank != 0:
             return None
         graded = [score for _, scores in gathered if scores is not None for score in scores]
-        return rollout_report(self.rollouts, graded if records is not None else None)
+        return rollout_report(self.rollouts, graded if records is not None else None,
+                              step_samples, ngram)
 
     def sync_weights(self) -> None:
         """The policy's weights into this rank's engine: shard to shard when they are sharded
@@ -255,11 +256,14 @@ class ActorWorker(Worker):
     # ------------------------------------------------------------------------------- scoring
 
     @torch.no_grad()
-    def _score_shard(self, model_chunks) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
-        """This data-parallel rank's share of the rollouts and its per-token scores."""
+    def _score_shard(self, model_chunks, batch: Optional[RolloutBatch] = None
+                     ) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
+        """This data-parallel rank's share of `batch` (default: the step's rollouts) and its
+        per-token scores."""
         from megatron_intuitor.models.forward import score_batch
 
-        shard = data_parallel_shard(self.rollouts, self.dp_rank, self.dp_size).trimmed()
+        batch = self.rollouts if batch is None else batch
+        shard = data_parallel_shard(batch, self.dp_rank, self.dp_size).trimmed()
         attention_mask = torch.arange(shard.input_ids.shape[1]) < shard.lengths[:, None]
         return shard, score_batch(
             model_chunks, shard.input_ids, attention_mask, shard.response_mask,
@@ -289,6 +293,14 @@ class ActorWorker(Worker):
         per data-parallel group (None from the others)."""
         shard, scores = self._score_shard(self.policy)
         self.old_log_probs = self._gather_data_parallel(scores["log_probs"])
+        return score_report(scores, shard) if self.reports_for_dp_group else None
+
+    def score_samples(self, samples: list[RolloutSample]) -> Optional[ScoreReport]:
+        """The current policy's figures of given responses (validation), padded with repeated
+        rows to split over the data-parallel ranks; one rank per data-parallel group reports."""
+        padded = list(samples) + [samples[-1]] * (-len(samples) % self.dp_size)
+        shard, scores = self._score_shard(self.policy,
+                                          batch_from_rollouts(padded, self.settings.pad_token_id))
         return score_report(scores, shard) if self.reports_for_dp_group else None
 
     def score_reference(self) -> None:
@@ -340,12 +352,14 @@ class ActorWorker(Worker):
 
     # --------------------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, root: str, step: int, extra: dict, keep_last: int) -> str:
+    def save_checkpoint(self, root: str, step: int, extra: dict, keep_last: int,
+                        keep_steps: tuple[int, ...] = ()) -> str:
         from megatron_intuitor.checkpoint import save_checkpoint
 
         extra = {**extra, "lr_scheduler": self.lr_scheduler.state_dict()}
         return str(save_checkpoint(root, step, self.policy, self.optimizer, extra=extra,
-                                   keep_last=keep_last, hf_assets_dir=self.model_dir))
+                                   keep_last=keep_last, keep_steps=keep_steps,
+                                   hf_assets_dir=self.model_dir))
 
     def load_checkpoint(self, path: str) -> dict:
         from megatron_intuitor.checkpoint import load_checkpoint
@@ -425,9 +439,10 @@ class ActorGroup:
                 for sample in results[replica * self.rollout_tp]]
 
     def rollout(self, prompts: Sequence[list[int]], sampling: SamplingConfig, seed: int,
-                records: Optional[Sequence] = None) -> RolloutReport:
+                records: Optional[Sequence] = None, ngram: int = 3) -> RolloutReport:
         """The step's responses to `prompts`, kept on the ranks; graded against `records` (the
-        prompts' records) when given. Returns one figure per response."""
+        prompts' records) when given. Returns a few figures per response (their distinct
+        `ngram`-gram ratios among them)."""
         def replica_records(start: int, count: int) -> Optional[list]:
             return None if records is None else list(records[start:start + count])
 
@@ -436,7 +451,7 @@ class ActorGroup:
         for rank in range(self.world_size):
             start, replica_prompts, replica_sampling = replicas[rank // self.rollout_tp]
             per_rank.append((replica_prompts, replica_sampling, start,
-                             replica_records(start, len(replica_prompts))))
+                             replica_records(start, len(replica_prompts)), ngram))
         return self.group.execute_per_rank("rollout", per_rank)[0]
 
     def release_rollout_memory(self) -> None:
@@ -448,6 +463,13 @@ class ActorGroup:
         """Old log-probs of the step's rollouts (kept on the ranks); per-response figures."""
         results = self.group.execute_all("score")
         return ScoreReport.concatenate([results[rank] for rank in self.dp_leaders])
+
+    def score_samples(self, samples: Sequence[RolloutSample]) -> ScoreReport:
+        """The current policy's figures of `samples` (validation responses), in their order."""
+        results = self.group.execute_all("score_samples", list(samples))
+        report = ScoreReport.concatenate([results[rank] for rank in self.dp_leaders])
+        return ScoreReport(*(getattr(report, name)[:len(samples)]
+                             for name in ("self_certainty", "entropy_sum", "logprob_diff_sum")))
 
     def score_reference(self) -> None:
         """Reference log-probs of the step's rollouts, kept on the ranks."""
@@ -463,8 +485,10 @@ class ActorGroup:
         """How rank 0's weights reach its engine: "shard to shard" or why they stream."""
         return self.group.execute_rank0("get_weight_sync_path")
 
-    def save_checkpoint(self, root: str, step: int, extra: dict, keep_last: int) -> str:
-        return self.group.execute_all("save_checkpoint", root, step, extra, keep_last)[0]
+    def save_checkpoint(self, root: str, step: int, extra: dict, keep_last: int,
+                        keep_steps: tuple[int, ...] = ()) -> str:
+        return self.group.execute_all("save_checkpoint", root, step, extra, keep_last,
+                                      keep_steps)[0]
 
     def load_checkpoint(self, path: str) -> dict:
         return self.group.execute_all("load_checkpoint", path)[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import ray
@@ -28,6 +29,25 @@ from megatron_intuitor.config import PLACEMENT_STRATEGIES
 # picks its own with LOCAL_RANK, as under torchrun (what Megatron, NCCL and vLLM's
 # external_launcher expect), instead of seeing one GPU renumbered to 0.
 _NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+# The run's log file (set by the trainer): every rank appends its stdout and stderr to it (vLLM,
+# Megatron and Ray output), so that the console shows only the trainer's lines.
+WORKER_LOG_ENV = "MEGATRON_INTUITOR_WORKER_LOG"
+
+
+def _redirect_output(log_path: str) -> None:
+    """Point this process's stdout and stderr (file descriptors 1 and 2, so that C++ and child
+    processes follow) at the end of `log_path`."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 class WorkerDiedError(RuntimeError):
@@ -45,7 +65,12 @@ class Worker:
         import torch
 
         from megatron_intuitor import parallel
+        from megatron_intuitor.lifetime import die_with_parent_on_fork
 
+        if os.environ.get(WORKER_LOG_ENV):
+            _redirect_output(os.environ[WORKER_LOG_ENV])
+        # Megatron's checkpoint writers (forked per save) must not outlive a killed rank.
+        die_with_parent_on_fork()
         # Before anything creates a thread pool: more threads per rank only oversubscribe the
         # cores, and vLLM's CPU worker freezes the count once its engine exists.
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -97,6 +122,8 @@ class WorkerGroup:
     OMP_NUM_THREADS defaults to 1. args/kwargs go to every rank's constructor. name appears in
     actor names and messages; ready_timeout_s bounds the wait for the placement group.
     """
+
+    _rank_nodes: Sequence[str] = ()  # the node id of each rank, once placed
 
     def __init__(self, worker_cls: type, world_size: int, *, placement: str = "PACK",
                  num_cpus_per_worker: float = 1.0, num_gpus_per_worker: int = 0,
@@ -153,13 +180,16 @@ class WorkerGroup:
         node_order = list(dict.fromkeys(bundle_nodes[i] for i in range(self.world_size)))
         bundles = sorted(range(self.world_size),
                          key=lambda i: (node_order.index(bundle_nodes[i]), i))
+        self._rank_nodes = [bundle_nodes[i] for i in bundles]
         master_addr, master_port = self._rendezvous_on(bundle_nodes[bundles[0]])
         remote_cls = ray.remote(worker_cls)
         local_ranks: dict[str, int] = {}
         for rank, bundle_index in enumerate(bundles):
             node = bundle_nodes[bundle_index]
             local_ranks[node] = local_ranks.get(node, -1) + 1
-            rank_env = {"OMP_NUM_THREADS": "1", **env,
+            forwarded = {WORKER_LOG_ENV: os.environ[WORKER_LOG_ENV]} \
+                if os.environ.get(WORKER_LOG_ENV) else {}
+            rank_env = {"OMP_NUM_THREADS": "1", **forwarded, **env,
                         "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
                         "LOCAL_RANK": str(local_ranks[node]),
                         "LOCAL_WORLD_SIZE": str(sum(n == node for n in bundle_nodes.values())),
@@ -234,7 +264,17 @@ class WorkerGroup:
                  f"{_first_lines(failures[rank])}" for rank in died]
         lines += [f"worker rank {rank} raised in {self.name}.{method}: "
                   f"{_first_lines(failures[rank])}" for rank in raised]
+        if died and self._rank_nodes:  # a multi-node run names the machines of the dead ranks
+            nodes = _node_states()
+            lines += [self._where(rank, nodes) for rank in died]
         return "\n".join(lines)
+
+    def _where(self, rank: int, nodes: dict[str, dict]) -> str:
+        node_id = self._rank_nodes[rank]
+        node = nodes.get(node_id, {})
+        state = "alive" if node.get("Alive") else "lost: Ray marked the node dead"
+        return (f"worker rank {rank} was on node {node_id} "
+                f"({node.get('NodeManagerAddress', '?')}, {state})")
 
     def shutdown(self, close_timeout_s: float = 10.0) -> None:
         """Let every rank `close` (ranks stuck in a collective never get to it: they are not
@@ -255,6 +295,15 @@ class WorkerGroup:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _node_states() -> dict[str, dict]:
+    """Ray's view of every node it knows, by node id (dead nodes included, marked Alive=False);
+    empty when Ray cannot say."""
+    try:
+        return {node["NodeID"]: node for node in ray.nodes()}
+    except Exception:  # the GCS itself may be gone with the node: name the rank without it
+        return {}
 
 
 def _how_it_died(error: Exception) -> str:

@@ -11,7 +11,9 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_intuitor import algorithm
+from megatron_intuitor.collapse import distinct_ngram_ratio
 from megatron_intuitor.batch import RolloutBatch
+from megatron_intuitor.rollout.engine import RolloutSample
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,9 @@ class RolloutReport:
     lengths: torch.Tensor  # prompt + response tokens
     response_lengths: torch.Tensor
     verifiable: Optional[torch.Tensor]  # graded 0/1 answer reward, when the algorithm uses it
+    # collapse signals' inputs (megatron_intuitor.collapse), from the token ids on the ranks
+    distinct_ngram: Optional[torch.Tensor] = None  # distinct n-gram ratio of each response
+    truncated: Optional[torch.Tensor] = None  # bool: cut at max_tokens
 
 
 @dataclass(frozen=True)
@@ -39,11 +44,19 @@ class ScoreReport:
                              for name in ("self_certainty", "entropy_sum", "logprob_diff_sum")))
 
 
-def rollout_report(rollouts: RolloutBatch, verifiable: Optional[Sequence[float]]) -> RolloutReport:
+def rollout_report(rollouts: RolloutBatch, verifiable: Optional[Sequence[float]],
+                   samples: Optional[Sequence[RolloutSample]] = None,
+                   ngram: int = 3) -> RolloutReport:
+    """The per-response figures of `rollouts`; with its `samples` (in batch order) also each
+    response's distinct `ngram`-gram ratio and whether it was cut at max_tokens."""
     return RolloutReport(
         group_index=rollouts.group_index, lengths=rollouts.lengths,
         response_lengths=rollouts.response_mask.sum(-1),
-        verifiable=None if verifiable is None else torch.tensor(verifiable, dtype=torch.float32))
+        verifiable=None if verifiable is None else torch.tensor(verifiable, dtype=torch.float32),
+        distinct_ngram=None if samples is None else torch.tensor(
+            [distinct_ngram_ratio(s.response_token_ids, ngram) for s in samples]),
+        truncated=None if samples is None else torch.tensor(
+            [s.finish_reason == "length" for s in samples]))
 
 
 def score_report(scores: dict[str, torch.Tensor], shard: RolloutBatch) -> ScoreReport:

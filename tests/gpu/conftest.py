@@ -27,7 +27,7 @@ def model_dir(tmp_path_factory):
 def world():
     """This process as rank 0 of 1 (NCCL), Megatron at TP = PP = 1."""
     from megatron_intuitor import parallel
-    from megatron_intuitor.testing import free_port
+    from megatron_intuitor.local_ranks import free_port
 
     port = free_port()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -43,7 +43,7 @@ def world():
 def policy(world, model_dir):
     """(hf_config, DDP chunks, optimizer): the bf16 policy as the actor builds it."""
     from megatron_intuitor.models.optimizer import build_optimizer
-    from megatron_intuitor.ppo import load_policy
+    from megatron_intuitor.models.policy import load_policy
 
     hf_config, chunks = load_policy(model_dir, world, params_dtype=torch.bfloat16)
     chunks, optimizer = build_optimizer(chunks, 1e-5, weight_decay=0.0, clip_grad=1.0)

@@ -1,0 +1,32 @@
+"""bench/controller_traffic.py at small shapes (8 prompts x 8 responses, 16 prompt tokens, 512
+or 2048 response tokens): the new step sends no per-token tensor to the controller and its bytes
+do not grow with the response length, while the previous flow's did (the bench's own
+measurement, kept runnable)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "controller_traffic.py"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("controller_traffic", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "PROMPTS", 8)
+    monkeypatch.setattr(module, "PROMPT_TOKENS", 16)
+    return module
+
+
+def test_no_per_token_tensor_reaches_the_controller(bench):
+    short, long = bench.new_path(8, 512), bench.new_path(8, 2048)
+    before_short, before_long = bench.before_path(8, 512), bench.before_path(8, 2048)
+    assert short["per_token_tensors_to_controller"] == 0
+    assert before_short["per_token_tensors_to_controller"] > 0
+    for key in ("bytes_to_controller", "bytes_from_controller"):
+        assert short[key] == long[key]  # independent of the response length
+        assert before_long[key] > before_short[key] > short[key]

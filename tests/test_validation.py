@@ -1,0 +1,186 @@
+"""Bad inputs refused by config validation (and the converter) before Ray or a model starts,
+each naming its key and file: unknown keys, weights missing or truncated, broken config.json,
+an uncached hub id offline, sequences longer than the model's positions, a data directory, a
+resume path that is not a checkpoint, a truncated .distcp."""
+import json
+import os
+import subprocess
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_intuitor.config import ConfigError, load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _problems(overrides) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(overrides)
+    return str(caught.value)
+
+
+def _model(path: Path) -> list[str]:
+    return [f"model.path={path}", "model.make_tiny=false"]
+
+
+def test_unknown_keys_are_refused_with_the_nearest_known_key():
+    text = _problems(["+trainer.typo=4", "+model.tiny.hiden_size=3"])
+    assert "trainer.typo is not a configuration key" in text
+    assert "model.tiny.hiden_size is not a configuration key (did you mean " \
+           "model.tiny.hidden_size?)" in text
+    load(["++trainer.seed=4"])  # forcing a key that exists is fine
+
+
+def test_model_dir_without_weights(tiny_qwen2, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2, model, ignore=shutil.ignore_patterns("*.safetensors*"))
+    assert f"model.path={model} has no *.safetensors weights" in _problems(_model(model))
+
+
+def test_truncated_safetensors_named_with_its_sizes(tiny_qwen2, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2, model)
+    [weights] = model.glob("*.safetensors")
+    full = weights.stat().st_size
+    with open(weights, "r+b") as file:
+        file.truncate(full - 100)
+    assert f"{weights} is truncated: {full - 100} bytes, its header describes {full}" \
+        in _problems(_model(model))
+    weights.write_bytes(b"\x07")
+    assert f"{weights} is truncated: 1 bytes" in _problems(_model(model))
+
+
+def test_broken_config_json(tiny_qwen2, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2, model)
+    config_file = model / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text('{\n  "hidden_size": 128,\n  oops\n}')
+    assert f"model.path: {config_file} is not valid JSON: Expecting property name enclosed in " \
+           f"double quotes at line 3 column 3" in _problems(_model(model))
+    del config["num_hidden_layers"]
+    config_file.write_text(json.dumps(config))
+    assert f"model.path: {config_file} has no integer num_hidden_layers" \
+        in _problems(_model(model))
+
+
+def test_uncached_hub_id_offline_names_model_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    text = _problems(["task=math_gsm8k", "model.path=NoSuchOrg/no-such-model"])
+    assert "model.path=NoSuchOrg/no-such-model is a Hugging Face hub id that is not in the " \
+           "local cache, and HF_HUB_OFFLINE=1" in text
+
+
+def test_sequence_longer_than_the_tiny_models_positions():
+    # make_tiny_model builds max_position_embeddings=1024: 64 + 961 = 1025 tokens do not fit.
+    assert "data.max_prompt_length + data.max_response_length = 1025 exceeds " \
+           "max_position_embeddings=1024 of model.tiny" in _problems(
+               ["data.max_response_length=961"])
+    load(["data.max_response_length=960"])
+
+
+def test_data_directory_is_named_as_a_directory(tmp_path):
+    assert f"data.train_files[0]={tmp_path} is a directory" in _problems(
+        ["data.format=gsm8k", f"data.train_files=[{tmp_path}]"])
+
+
+def test_resume_path_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert f"trainer.resume: {tmp_path} is not a checkpoint: it has no trainer_state.json" \
+        in _problems([f"trainer.resume={tmp_path}"])
+
+
+@pytest.fixture(scope="module")
+def converted_checkpoint(tiny_qwen2, tmp_path_factory) -> Path:
+    """A model-only Megatron checkpoint of tiny_qwen2 (TP=1), made by the converter."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import convert_ckpt
+
+    out = tmp_path_factory.mktemp("ckpt") / "megatron"
+    assert convert_ckpt.main(["hf-to-megatron", str(tiny_qwen2), str(out)]) == 0
+    return out
+
+
+def test_truncated_distcp_is_named_by_resume_check_and_converter(converted_checkpoint, tmp_path,
+                                                                 capsys):
+    import convert_ckpt
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(converted_checkpoint, ckpt)
+    load([f"trainer.resume={ckpt}"])  # intact: accepted
+    distcp = sorted(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)[-1]
+    full = distcp.stat().st_size
+    with open(distcp, "r+b") as file:
+        file.truncate(full // 2)
+    assert f"trainer.resume: {distcp} is truncated: {full // 2} bytes, the checkpoint's " \
+           f".metadata needs {full}" in _problems([f"trainer.resume={ckpt}"])
+    assert convert_ckpt.main(["megatron-to-hf", str(ckpt), str(tmp_path / "hf")]) == 2
+    assert f"{distcp} is truncated" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_invalid_utf8_row_is_named_with_file_and_line(tmp_path):
+    from megatron_intuitor.data.datasets import DataError, DatasetSpec, load_records
+
+    rows = [{"question": "1+1?", "answer": "#### 2"}, {"question": "2+2?", "answer": "#### 4"}]
+    lines = [json.dumps(row).encode() for row in rows]
+    lines[1] = lines[1].replace(b"2+2", b"2\xff2")
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=rf"{path}:2: invalid UTF-8 \(invalid start byte: "
+                                        rf"byte 0xff at column 16\)"):
+        load_records(DatasetSpec(path=str(path), format="gsm8k"))
+    array = tmp_path / "train.json"
+    array.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")
+    with pytest.raises(DataError, match=rf"{array}:3: invalid UTF-8"):
+        load_records(DatasetSpec(path=str(array), format="gsm8k"))
+
+
+def _preflight(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "preflight.py"), "--",
+                           *overrides], capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env={**os.environ, "NO_COLOR": "1", "PYTHONPATH": str(REPO)})
+
+
+def test_preflight_fails_truncated_weights_bad_resume_and_read_only_output(tiny_qwen2,
+                                                                          tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2, model)
+    [weights] = model.glob("*.safetensors")
+    with open(weights, "r+b") as file:
+        file.truncate(weights.stat().st_size - 1)
+    result = _preflight(*_model(model), f"trainer.resume={model}",
+                        f"trainer.output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"FAIL model.path: {weights} is truncated" in result.stderr
+    assert f"FAIL trainer.resume: {model} is not a checkpoint" in result.stderr
+    assert "ok   model:" not in result.stderr
+    (model / "config.json").write_text("{not json")
+    result = _preflight(*_model(model), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"FAIL model.path: {model / 'config.json'} is not valid JSON" in result.stderr
+    if os.access("/proc/sys", os.W_OK):
+        pytest.skip("no read-only directory on this machine (/proc/sys is writable)")
+    result = _preflight("trainer.output_dir=/proc/sys/mi_run", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "FAIL trainer.output_dir=/proc/sys/mi_run: /proc/sys is not writable" in result.stderr
+
+
+def test_cached_hub_model_is_checked_from_its_cached_config(monkeypatch, tmp_path):
+    """A hub id already in the Hugging Face cache: its cached config.json is read (no
+    download) and a sequence longer than its positions is refused before anything starts."""
+    snapshot = tmp_path / "models--SomeOrg--some-model" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    (snapshot / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "hidden_size": 128, "vocab_size": 1000, "max_position_embeddings": 64}))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    text = _problems(["model.path=SomeOrg/some-model", "model.make_tiny=false"])
+    assert f"data.max_prompt_length + data.max_response_length = 96 exceeds " \
+           f"max_position_embeddings=64 of {snapshot / 'config.json'}" in text
