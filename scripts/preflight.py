@@ -277,6 +277,23 @@ def _parameter_count(hf: dict) -> int:
     return layers * (attention + mlp) + embeddings
 
 
+def check_sandbox(report: Report, cfg) -> None:
+    """HumanEval grading runs model-written code only inside the sandbox: a sandbox that cannot
+    start on this machine is an error now, not at the first validation after the model started."""
+    graded = cfg.algorithm.name != "intuitor"
+    needs = [entry["name"] for entry in cfg.data.val_files if entry["format"] == "humaneval"]
+    if graded and cfg.data.format == "humaneval":
+        needs.append("data.train_files")
+    if not needs:
+        return
+    from megatron_intuitor.evaluation.sandbox import SandboxUnavailable, check_sandbox as probe
+
+    try:
+        report.ok(f"code sandbox for {', '.join(needs)}: {probe()}")
+    except SandboxUnavailable as error:
+        report.error(f"code sandbox for {', '.join(needs)} cannot start: {error}")
+
+
 def _existing_parent(path: Path) -> Path:
     while not path.exists():
         path = path.parent
@@ -415,6 +432,7 @@ def main() -> int:
         check_model(report, cfg)
         check_ray_cluster(report, cfg)
         check_disk(report, cfg)
+        check_sandbox(report, cfg)
 
     if args.dry_run:
         if cfg is not None:

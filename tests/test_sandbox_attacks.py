@@ -401,6 +401,30 @@ def test_a_sandbox_that_cannot_start_raises_instead_of_grading(monkeypatch):
         run_python("print(1)")
 
 
+def test_preflight_refuses_a_humaneval_run_whose_sandbox_cannot_start(monkeypatch):
+    """The preflight probes the sandbox when validation grades HumanEval: without bubblewrap it
+    reports an error naming the dataset and the cause, before anything starts."""
+    import importlib.util
+
+    from megatron_intuitor import config
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "preflight.py"
+    spec = importlib.util.spec_from_file_location("preflight_under_test", path)
+    preflight = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preflight)
+    cfg = config.resolve(config.compose(["task=code_humaneval"]))
+    report = preflight.Report()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda *args, **kwargs: None)
+    sandbox.check_sandbox.cache_clear()  # probed once per process: probe again without bwrap
+    preflight.check_sandbox(report, cfg)
+    assert report.errors == 1
+    assert "code sandbox for humaneval cannot start" in report.lines[0]
+    assert "bubblewrap" in report.lines[0]
+    default = preflight.Report()
+    preflight.check_sandbox(default, config.resolve(config.compose([])))  # nothing graded as code
+    assert (default.errors, default.lines) == (0, [])
+
+
 @pytest.mark.skipif(not ROOT, reason="only a root trainer hands programs to nobody")
 def test_an_interpreter_prefix_nobody_cannot_read_is_named(monkeypatch, tmp_path):
     tmp_path.chmod(0o700)
