@@ -37,3 +37,16 @@ def tiny_llama(tmp_path_factory):
 def tiny_qwen3(tmp_path_factory):
     """Qwen3 (qk-norm), tied."""
     return _tiny(tmp_path_factory, "qwen3", arch="qwen3", vocab_size=1003)
+
+
+@pytest.fixture
+def preflight():
+    """`scripts/preflight.py` as a module (a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "preflight.py"
+    spec = importlib.util.spec_from_file_location("preflight_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -388,22 +388,11 @@ def test_gpu_smoke_script_exits_at_once_without_cuda():
     assert time.monotonic() - started < 30
 
 
-def _preflight():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "preflight.py"
-    spec = importlib.util.spec_from_file_location("preflight_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_preflight_names_missing_and_mismatched_transformer_engine_parts(monkeypatch):
+def test_preflight_names_missing_and_mismatched_transformer_engine_parts(monkeypatch, preflight):
     """Defects 3 and 4: on GPU the preflight wants TE's three parts at one version and no CUDA
     12 core next to the CUDA 13 one (versions faked: this machine has no TE)."""
     from importlib import metadata
 
-    preflight = _preflight()
     report = preflight.Report()
     preflight.check_transformer_engine(report)
     assert report.errors == 1

@@ -401,17 +401,11 @@ def test_a_sandbox_that_cannot_start_raises_instead_of_grading(monkeypatch):
         run_python("print(1)")
 
 
-def test_preflight_refuses_a_humaneval_run_whose_sandbox_cannot_start(monkeypatch):
+def test_preflight_refuses_a_humaneval_run_whose_sandbox_cannot_start(monkeypatch, preflight):
     """The preflight probes the sandbox when validation grades HumanEval: without bubblewrap it
     reports an error naming the dataset and the cause, before anything starts."""
-    import importlib.util
-
     from megatron_intuitor import config
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "preflight.py"
-    spec = importlib.util.spec_from_file_location("preflight_under_test", path)
-    preflight = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(preflight)
     cfg = config.resolve(config.compose(["task=code_humaneval"]))
     report = preflight.Report()
     monkeypatch.setattr(sandbox.shutil, "which", lambda *args, **kwargs: None)
