@@ -370,7 +370,8 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("actor.pipeline_model_parallel_size", _positive_int, "a positive integer"),
     ("actor.virtual_pipeline_model_parallel_size", lambda v: v is None or _positive_int(v),
      "null or a positive integer"),
-    ("actor.lr", lambda v: _is_number(v) and v > 0, "a number > 0"),
+    ("actor.lr", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: a control run whose "
+                                                      "weights never change)"),
     ("actor.lr_warmup_ratio", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("actor.lr_scheduler", _one_of(LR_SCHEDULERS), f"one of {', '.join(LR_SCHEDULERS)}"),
     ("actor.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
@@ -573,7 +574,10 @@ def _check_data(cfg: DictConfig) -> list[str]:
         if data.train_files:
             problems.append("data.train_files is set but data.format=synthetic generates its "
                             "prompts: clear data.train_files or choose another data.format")
-    elif not data.train_files:
+    if data.format == "synthetic" or any(entry["format"] == "synthetic"
+                                         for entry in data.val_files if "format" in entry):
+        problems += _check_synthetic(data.synthetic)
+    if data.format != "synthetic" and not data.train_files:
         problems.append(f"data.train_files is empty (data.format={data.format} reads files)")
     for index, path in enumerate(data.train_files):
         problems += _check_file(f"data.train_files[{index}]", path)
@@ -593,6 +597,20 @@ def _check_data(cfg: DictConfig) -> list[str]:
             problems += _check_file(key, entry["path"])
     if data.format == "prompt" and not data.prompt_key:
         problems.append("data.prompt_key is empty: data.format=prompt reads the prompt from it")
+    return problems
+
+
+def _check_synthetic(synthetic: DictConfig) -> list[str]:
+    from megatron_intuitor.data.synthetic import OPERATORS
+
+    problems = []
+    operators = synthetic.operators
+    if not isinstance(operators, str) or not operators or set(operators) - set(OPERATORS):
+        problems.append(f"data.synthetic.operators={operators!r}: expected a non-empty string of "
+                        f"operators from {''.join(OPERATORS)!r}")
+    operand = synthetic.max_operand
+    if isinstance(operand, bool) or not isinstance(operand, int) or operand < 0:
+        problems.append(f"data.synthetic.max_operand={operand!r}: expected an integer >= 0")
     return problems
 
 

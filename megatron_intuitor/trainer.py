@@ -73,12 +73,15 @@ def _dataset_spec(cfg: DictConfig, path: Optional[str], fmt: str, name: Optional
     synthetic = cfg.data.synthetic
     return DatasetSpec(path=path, format=fmt, name=name, prompt_key=cfg.data.prompt_key,
                        answer_key=cfg.data.answer_key,
-                       size=synthetic[f"{split}_size"],
+                       size=synthetic[f"{split}_size"], max_operand=synthetic.max_operand,
+                       operators=synthetic.operators,
                        seed=cfg.data.seed + (0 if split == "train" else 1))
 
 
 def load_prompt_sets(cfg: DictConfig, tokenizer) -> tuple[PromptSet, list[PromptSet]]:
-    """Training prompts and one prompt set per validation dataset, chat-templated and filtered."""
+    """Training prompts and one prompt set per validation dataset, chat-templated and filtered.
+    A training prompt that is also a validation prompt (the same messages) is dropped, so that
+    validation stays held out (small synthetic tasks repeat prompts)."""
     data = cfg.data
     if data.format == "synthetic":
         train_specs = [_dataset_spec(cfg, None, "synthetic", None, "train")]
@@ -88,20 +91,30 @@ def load_prompt_sets(cfg: DictConfig, tokenizer) -> tuple[PromptSet, list[Prompt
         train_specs = [_dataset_spec(cfg, path, data.format, None, "train")
                        for path in data.train_files]
         val_entries = data.val_files
+    val_records = [(entry, load_records(_dataset_spec(cfg, entry["path"] or None,
+                                                       entry["format"], entry["name"], "val")))
+                   for entry in val_entries]
+    held_out = {_messages_key(record) for _, records in val_records for record in records}
     records = [record for spec in train_specs for record in load_records(spec)]
-    train = build_prompts(records, tokenizer, data.system_prompt, data.max_prompt_length,
+    train_records = [record for record in records if _messages_key(record) not in held_out]
+    if len(train_records) < len(records):
+        log.warning("data.train_files: dropped %d of %d training prompts that are also "
+                    "validation prompts", len(records) - len(train_records), len(records))
+    train = build_prompts(train_records, tokenizer, data.system_prompt, data.max_prompt_length,
                           name="data.train_files")
-    val_sets = [build_prompts(load_records(_dataset_spec(cfg, entry["path"] or None,
-                                                         entry["format"], entry["name"], "val")),
-                              tokenizer, data.system_prompt, data.max_prompt_length,
+    val_sets = [build_prompts(records, tokenizer, data.system_prompt, data.max_prompt_length,
                               name=f"validation set {entry['name'] or entry['path']}")
-                for entry in val_entries]
+                for entry, records in val_records]
     for prompt_set in (train, *val_sets):
         if prompt_set.num_dropped:
             log.warning("%s: dropped %d of %d prompts longer than data.max_prompt_length=%d",
                         prompt_set.name, prompt_set.num_dropped,
                         prompt_set.num_dropped + len(prompt_set.prompts), data.max_prompt_length)
     return train, val_sets
+
+
+def _messages_key(record) -> tuple:
+    return tuple((message["role"], message["content"]) for message in record.messages)
 
 
 # --------------------------------------------------------------------------------- the loop

@@ -33,6 +33,19 @@ def test_default_is_the_tiny_cpu_preset():
     assert cfg.actor.precision == "fp32"
 
 
+def test_synthetic_task_settings_are_checked_and_reach_the_prompts():
+    """Bad `data.synthetic.operators` / `max_operand` are refused naming the key; good ones reach
+    the generated training prompts."""
+    problems = _problems(["data.synthetic.operators=+/", "data.synthetic.max_operand=-1"])
+    assert "data.synthetic.operators='+/'" in problems
+    assert "data.synthetic.max_operand=-1" in problems
+    from megatron_intuitor.trainer import _dataset_spec
+
+    cfg = load(["data.synthetic.operators=*", "data.synthetic.max_operand=7"])
+    spec = _dataset_spec(cfg, None, "synthetic", None, "train")
+    assert (spec.operators, spec.max_operand) == ("*", 7)
+
+
 def test_groups_hold_the_official_intuitor_recipe():
     cfg = compose(["task=math_gsm8k"])
     assert cfg.actor.lr == 3e-6 and cfg.actor.lr_scheduler == "cosine"
@@ -174,7 +187,8 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["trainer.resume=/no/such/checkpoint"], "trainer.resume=/no/such/checkpoint does not exist"),
     (["trainer.experiment_name=a/b"], "trainer.experiment_name='a/b'"),
     (["trainer.placement=RANDOM"], "trainer.placement='RANDOM': expected one of PACK"),
-    (["actor.lr=abc"], "actor.lr='abc': expected a number > 0"),
+    (["actor.lr=abc"], "actor.lr='abc': expected a number >= 0"),
+    (["actor.lr=-1e-6"], "actor.lr=-1e-06: expected a number >= 0"),
     (["trainer.guard.action=panic"], "trainer.guard.action='panic': expected one of warn"),
     (["trainer.guard.max_kl_jump=high"], "trainer.guard.max_kl_jump='high'"),
     (["+trainer.guard.max_kl=1"], "trainer.guard.max_kl is not a configuration key (did you mean "

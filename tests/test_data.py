@@ -193,6 +193,21 @@ def test_synthetic_arithmetic_deterministic_and_correct():
     assert ops == {"+", "-", "*"}
 
 
+def test_synthetic_operands_and_operators_are_configurable():
+    """`data.synthetic.max_operand` / `operators` reach the records: only those operators, operands
+    within the bound (each checked by parsing the prompt), answers computed by hand."""
+    records = load_records(DatasetSpec(format="synthetic", size=200, seed=5, max_operand=20,
+                                       operators="+-"))
+    seen = set()
+    for record in records:
+        a, op, b = re.fullmatch(r"What is (\d+) ([-+]) (\d+)\?",
+                                record.messages[0]["content"]).groups()
+        assert 0 <= int(a) <= 20 and 0 <= int(b) <= 20
+        assert record.ground_truth == str(int(a) + int(b) if op == "+" else int(a) - int(b))
+        seen.add(op)
+    assert seen == {"+", "-"}
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_qwen2):
     from transformers import AutoTokenizer
@@ -280,3 +295,22 @@ def test_loader_errors():
         PromptLoader(list(range(8)), 4, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="saved with num_items=8 but this run has num_items=9"):
         PromptLoader(list(range(9)), 4, seed=0).load_state_dict(state)
+
+
+def test_training_prompts_that_are_validation_prompts_are_dropped(tokenizer, tiny_qwen2):
+    """A small synthetic task repeats prompts: every training prompt equal to a validation prompt
+    is dropped (validation stays held out), the others are kept in order."""
+    from megatron_intuitor.config import load
+    from megatron_intuitor.trainer import load_prompt_sets
+
+    cfg = load([f"model.path={tiny_qwen2}", "model.make_tiny=false",
+                "data.synthetic.max_operand=3", "data.synthetic.operators=+",
+                "data.synthetic.train_size=64", "data.synthetic.val_size=6"])
+    train, [val] = load_prompt_sets(cfg, tokenizer)
+    validation = {p.record.messages[0]["content"] for p in val.prompts}
+    every_train = [r.messages[0]["content"]
+                   for r in arithmetic_records(64, seed=cfg.data.seed, max_operand=3,
+                                               operators="+")]
+    assert [p.record.messages[0]["content"] for p in train.prompts] == \
+        [text for text in every_train if text not in validation]
+    assert 0 < len(train.prompts) < 64  # 16 distinct prompts: some were validation prompts

@@ -47,6 +47,8 @@ class DatasetSpec:
     max_rows: Optional[int] = None  # keep only the first rows (validation subsets)
     size: Optional[int] = None  # synthetic: number of prompts
     seed: int = 0  # synthetic
+    max_operand: int = 99  # synthetic: operands in [0, max_operand]
+    operators: str = "+-*"  # synthetic: drawn from these
 
 
 @dataclass
@@ -298,7 +300,8 @@ def read_records(spec: DatasetSpec) -> tuple[list[PromptRecord], list[RowProblem
     if spec.format == "synthetic":
         if not spec.size:
             raise DataError("synthetic dataset needs size > 0")
-        return arithmetic_records(spec.size, seed=spec.seed, name=spec.name), []
+        return arithmetic_records(spec.size, seed=spec.seed, max_operand=spec.max_operand,
+                                  operators=spec.operators, name=spec.name), []
     path = _resolve_path(spec)
     return parse_rows(read_rows(path), spec, spec.name or _default_name(spec, path))
 
