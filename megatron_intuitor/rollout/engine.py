@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from megatron_intuitor.platform import on_gpu
+from megatron_intuitor.rollout import sampling_scores
 
 LOGPROBS_MODE = "processed_logprobs"
 
@@ -70,6 +71,9 @@ class RolloutSample:
     text: str
     finish_reason: str  # "stop" (EOS or a stop token) or "length" (max_tokens reached)
     log_probs: list[float]
+    # per response token, from the engine's logits (an engine built with score_at_sampling)
+    self_certainty: Optional[list[float]] = None
+    entropy: Optional[list[float]] = None
 
 
 def fit_prompts(prompts: Sequence[Sequence[int]], max_model_len: int, max_tokens: int,
@@ -127,8 +131,11 @@ def check_gpu_memory(utilization: float, free_bytes: int, total_bytes: int,
 def engine_options(*, gpu: bool, dtype: torch.dtype, max_model_len: int,
                    tensor_parallel_size: int, gpu_memory_utilization: float, seed: int,
                    cpu_kv_cache_gib: float, enforce_eager: Optional[bool],
-                   engine_kwargs: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """The keyword arguments of `vllm.LLM` for an in-process engine on this rank."""
+                   engine_kwargs: Optional[dict[str, Any]],
+                   score_at_sampling: bool = False) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM` for an in-process engine on this rank; with
+    `score_at_sampling` the sampling-scores logits processor (`rollout.sampling_scores`) and the
+    synchronous scheduler it needs."""
     options: dict[str, Any] = dict(
         load_format="dummy",
         dtype=dtype,
@@ -150,6 +157,11 @@ def engine_options(*, gpu: bool, dtype: torch.dtype, max_model_len: int,
         # One shard per training rank, each in its own process, no worker processes; on GPU at
         # any TP, because it is the backend that puts the engine on cuda:LOCAL_RANK.
         options["distributed_executor_backend"] = "external_launcher"
+    if score_at_sampling:
+        from megatron_intuitor.rollout.sampling_scores import processor_class
+
+        options["logits_processors"] = [processor_class()]
+        options["async_scheduling"] = False
     options.update(engine_kwargs or {})
     return options
 
@@ -216,13 +228,17 @@ class RolloutEngine:
         cpu_kv_cache_gib: float = 1.0,
         enforce_eager: Optional[bool] = None,
         engine_kwargs: Optional[dict[str, Any]] = None,
+        score_at_sampling: bool = False,
     ) -> None:
         """`model_dir` holds the HF config and tokenizer (weights there are not read).
 
         `gpu_memory_utilization` bounds the GPU share of vLLM (weights + KV cache), which must
         be free now beyond `reserved_gpu_bytes` (see `check_gpu_memory`); `cpu_kv_cache_gib`
         sizes the KV cache on CPU. `enforce_eager` defaults to eager on CPU
-        and CUDA graphs on GPU. `engine_kwargs` go to `vllm.LLM` unchanged.
+        and CUDA graphs on GPU. `engine_kwargs` go to `vllm.LLM` unchanged. With
+        `score_at_sampling`, sampled (temperature > 0) responses come with their per-token
+        self-certainty and entropy from the engine's logits (`rollout.sampling_scores`); on GPU
+        the engine then runs vLLM's V1 model runner, whose logits-processor interface that uses.
         """
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
@@ -243,7 +259,10 @@ class RolloutEngine:
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed,
             cpu_kv_cache_gib=cpu_kv_cache_gib, enforce_eager=enforce_eager,
-            engine_kwargs=engine_kwargs)
+            engine_kwargs=engine_kwargs, score_at_sampling=score_at_sampling)
+        if score_at_sampling and gpu:
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # V2 has another processor interface
+        self.score_at_sampling = score_at_sampling
         self._vllm = vllm
         try:
             self._llm = vllm.LLM(str(model_dir), **options)
@@ -283,13 +302,23 @@ class RolloutEngine:
                 f"failed part-way ({self._failed_sync}); run a complete sync before generating")
         prompts = fit_prompts(prompt_token_ids, self.max_model_len, params.max_tokens,
                               self.vocab_size, self.truncate_long_prompts)
+        scored = self.score_at_sampling and params.temperature > 0
+        if scored and params.seed is None:
+            raise ValueError("rollout engine: scores at sampling need a seed (they tell the n "
+                             "responses of a prompt apart by their seeds)")
+        seeds = _request_seeds(params.seed, len(prompts))
+        call = sampling_scores.new_call() if scored else None
         sampling = [self._vllm.SamplingParams(
             n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             max_tokens=params.max_tokens, stop_token_ids=list(params.stop_token_ids),
-            ignore_eos=params.ignore_eos, seed=seed, logprobs=0)
-            for seed in _request_seeds(params.seed, len(prompts))]
-        outputs = self._llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling,
-                                     use_tqdm=False)
+            ignore_eos=params.ignore_eos, seed=seed, logprobs=0,
+            extra_args={sampling_scores.SCORES_KEY: (call, index)} if scored else None)
+            for index, seed in enumerate(seeds)]
+        try:
+            outputs = self._llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+                                         sampling, use_tqdm=False)
+        finally:
+            table = sampling_scores.take_call(call) if scored else {}
         samples = []
         for index, (ids, output) in enumerate(zip(prompts, outputs)):
             for completion in sorted(output.outputs, key=lambda c: c.index):
@@ -297,8 +326,14 @@ class RolloutEngine:
                 # logprobs=0 returns exactly the sampled token's entry at each position
                 log_probs = [step[token].logprob for step, token in zip(completion.logprobs,
                                                                        tokens)]
+                certainty = entropy = None
+                if scored:  # a child's seed is its request's seed + its index
+                    certainty, entropy = sampling_scores.per_token(
+                        table.get((index, seeds[index] + completion.index), {}), len(tokens),
+                        f"prompt {index} response {completion.index}")
                 samples.append(RolloutSample(index, ids, tokens, completion.text,
-                                             completion.finish_reason, log_probs))
+                                             completion.finish_reason, log_probs, certainty,
+                                             entropy))
         return samples
 
     # ----------------------------------------------------------------------- weights in place
