@@ -23,6 +23,9 @@ class RolloutBatch:
     lengths: torch.Tensor  # [B] long: prompt + response tokens
     group_index: torch.Tensor  # [B] long: the prompt a response answers (GRPO group)
     rollout_log_probs: torch.Tensor  # [B, L] float: engine log-prob of token t (0 off-response)
+    # [B, L] float, from the engine's logits at sampling time (rollout.score_at_sampling)
+    sampling_self_certainty: Optional[torch.Tensor] = None
+    sampling_entropy: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -41,25 +44,27 @@ class RolloutBatch:
         return self._map(lambda name, tensor: tensor[:, :width] if name in _TOKEN_FIELDS
                          else tensor)
 
-    def for_update(self, advantages: torch.Tensor, old_log_probs: torch.Tensor,
+    def for_update(self, advantages: torch.Tensor, old_log_probs: Optional[torch.Tensor],
                    ref_log_probs: Optional[torch.Tensor]) -> "TrainingBatch":
-        """These rollouts with what the PPO update needs besides them."""
+        """These rollouts with what the PPO update needs besides them (old log-probs None: the
+        update's own forward, detached, on-policy)."""
         return TrainingBatch(**{f.name: getattr(self, f.name) for f in fields(RolloutBatch)},
                              advantages=advantages, old_log_probs=old_log_probs,
                              ref_log_probs=ref_log_probs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainingBatch(RolloutBatch):
     """Rollouts plus their advantages and pre-update log-probs: what one PPO update reads."""
 
     advantages: torch.Tensor  # [B]
-    old_log_probs: torch.Tensor  # [B, L] the rollout-time policy
+    # [B, L] the rollout-time policy; None: on-policy, the update's own forward (detached)
+    old_log_probs: Optional[torch.Tensor]
     ref_log_probs: Optional[torch.Tensor]  # [B, L] the reference model; None without a KL term
 
 
-_TOKEN_FIELDS = {"input_ids", "response_mask", "rollout_log_probs", "old_log_probs",
-                 "ref_log_probs"}
+_TOKEN_FIELDS = {"input_ids", "response_mask", "rollout_log_probs", "sampling_self_certainty",
+                 "sampling_entropy", "old_log_probs", "ref_log_probs"}
 
 
 def batch_from_rollouts(samples: Sequence, pad_token_id: int) -> RolloutBatch:
@@ -70,17 +75,22 @@ def batch_from_rollouts(samples: Sequence, pad_token_id: int) -> RolloutBatch:
     batch, width = len(samples), max(lengths)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((batch, width), dtype=torch.bool)
-    rollout_log_probs = torch.zeros((batch, width), dtype=torch.float32)
+    scored = all(s.self_certainty is not None for s in samples)
+    per_token = {name: torch.zeros((batch, width), dtype=torch.float32) for name in
+                 ("log_probs", *(("self_certainty", "entropy") if scored else ()))}
     for row, sample in enumerate(samples):
         prompt_len, end = len(sample.prompt_token_ids), lengths[row]
         input_ids[row, :end] = torch.tensor(sample.prompt_token_ids + sample.response_token_ids)
         response_mask[row, prompt_len:end] = True
-        rollout_log_probs[row, prompt_len:end] = torch.tensor(sample.log_probs,
-                                                              dtype=torch.float32)
+        for name, values in per_token.items():
+            values[row, prompt_len:end] = torch.tensor(getattr(sample, name),
+                                                       dtype=torch.float32)
     return RolloutBatch(input_ids=input_ids, response_mask=response_mask,
                         lengths=torch.tensor(lengths),
                         group_index=torch.tensor([s.prompt_index for s in samples]),
-                        rollout_log_probs=rollout_log_probs)
+                        rollout_log_probs=per_token["log_probs"],
+                        sampling_self_certainty=per_token.get("self_certainty"),
+                        sampling_entropy=per_token.get("entropy"))
 
 
 def data_parallel_shard(batch: RolloutBatch, dp_rank: int, dp_size: int) -> RolloutBatch:

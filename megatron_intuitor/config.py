@@ -273,6 +273,9 @@ class ActorSettings:
     rollout_tensor_parallel: int
     gpu_memory_utilization: float
     sleep_level: int  # the engine's sleep in the training phase (GPU)
+    # rollout.score_at_sampling: self-certainty and entropy from the engine's logits, the old
+    # log-probs from the update's own forward (on-policy), no scoring forward
+    score_at_sampling: bool
     weight_sync_bucket_bytes: int
     pad_token_id: int
 
@@ -302,7 +305,8 @@ def actor_settings(cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> Ac
         max_model_len=data.max_prompt_length + data.max_response_length,
         rollout_tensor_parallel=rollout.tensor_parallel_size,
         gpu_memory_utilization=rollout.gpu_memory_utilization,
-        sleep_level=rollout.sleep_level, weight_sync_bucket_bytes=int(rollout.weight_sync_bucket_mb * 2**20),
+        sleep_level=rollout.sleep_level, score_at_sampling=rollout.score_at_sampling,
+        weight_sync_bucket_bytes=int(rollout.weight_sync_bucket_mb * 2**20),
         pad_token_id=pad_token_id)
 
 
@@ -403,6 +407,7 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("rollout.sleep_level", lambda v: _is_int(v) and v in (1, 2), "1 or 2"),
     ("rollout.weight_sync_bucket_mb", lambda v: _is_number(v) and v > 0, "a number > 0"),
     ("rollout.tis_cap", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0"),
+    ("rollout.score_at_sampling", lambda v: isinstance(v, bool), "true or false"),
     ("trainer.nnodes", _positive_int, "a positive integer"),
     ("trainer.n_gpus_per_node", _positive_int, "a positive integer"),
     ("trainer.cpus_per_worker", lambda v: _is_number(v) and v > 0, "a number > 0"),
@@ -644,6 +649,14 @@ def _check_algorithm(cfg: DictConfig) -> list[str]:
         problems.append(f"algorithm.policy_loss={algorithm.policy_loss} with "
                         f"actor.ppo_micro_batch_size_per_gpu=1: the token covariance is taken "
                         f"within a micro-batch, and within one response (one advantage) it is 0")
+    on_policy = (cfg.actor.ppo_epochs == 1
+                 and cfg.actor.ppo_mini_batch_size == cfg.data.prompts_per_step)
+    if cfg.rollout.score_at_sampling and not on_policy:
+        problems.append(
+            f"rollout.score_at_sampling=true skips the old-policy forward, which is exact only "
+            f"on-policy (one optimizer step per training step): set actor.ppo_epochs=1 (now "
+            f"{cfg.actor.ppo_epochs}) and actor.ppo_mini_batch_size=data.prompts_per_step (now "
+            f"{cfg.actor.ppo_mini_batch_size} and {cfg.data.prompts_per_step})")
     if algorithm.cov.clip_lower >= algorithm.cov.clip_upper:
         problems.append(f"algorithm.cov.clip_lower={algorithm.cov.clip_lower} must be below "
                         f"algorithm.cov.clip_upper={algorithm.cov.clip_upper}")

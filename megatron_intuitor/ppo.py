@@ -12,6 +12,12 @@ Megatron divides the gradients by the weights summed over micro-batches and data
   micro-batch token means over micro-batches and DP ranks (row-weighted, as verl weights
   token-budget micro-batches); short responses then weigh more than in the exact token mean.
 The reported statistics are aggregated the same way.
+
+Old log-probs: the pre-update policy's, recomputed by the scoring forward; or, on-policy (one
+optimizer step per training step, `rollout.score_at_sampling`), this forward's own log-probs,
+detached: the weights have not moved yet, so they are the same policy and the ratio is exactly
+1. Then the forward also reports `rollout/logprob_diff` (engine vs Megatron), which the scoring
+forward would otherwise have measured.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from megatron_intuitor.platform import device
 # Per-micro-batch weighted sums the head reports, reduced over micro-batches and DP, then divided
 # by the summed weights (tokens or rows, per loss_agg_mode).
 LOSS_METRICS = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC,
-                metrics.PG_CLIPFRAC_LOWER, metrics.PPO_KL)
+                metrics.PG_CLIPFRAC_LOWER, metrics.PPO_KL, metrics.ROLLOUT_LOGPROB_DIFF)
 
 
 @dataclass(frozen=True)
@@ -67,11 +73,13 @@ def _ppo_head(settings: PPOSettings):
         else:
             weight = torch.tensor(len(micro_batch.lengths), device=tokens.device)
             divisor = tokens.clamp(min=1) / weight
+        on_policy = "old_log_probs" not in micro_batch.tokens  # see the module doc
+        old = scores.log_probs.detach() if on_policy else micro_batch["old_log_probs"]
         tis = None
         if settings.tis_cap:
-            tis = algorithm.tis_weights(micro_batch["old_log_probs"],
-                                        micro_batch["rollout_log_probs"], settings.tis_cap)
-        pg_sum, stats = _policy_loss(settings, scores.log_probs, micro_batch, mask, tis, divisor)
+            tis = algorithm.tis_weights(old, micro_batch["rollout_log_probs"], settings.tis_cap)
+        pg_sum, stats = _policy_loss(settings, scores.log_probs, old, micro_batch, mask, tis,
+                                     divisor)
         loss = pg_sum
         kl_sum = pg_sum.new_zeros(())
         if settings.kl_coef > 0:
@@ -82,18 +90,21 @@ def _ppo_head(settings: PPOSettings):
             loss = loss - settings.entropy_coef * algorithm.entropy_loss(scores.entropy, mask,
                                                                          num_tokens=divisor)
         weight = weight.to(torch.float32)
+        logprob_diff = algorithm.masked_token_mean(
+            (old - micro_batch["rollout_log_probs"]).abs(), mask) if on_policy else weight * 0
         sums = torch.stack([pg_sum.detach(), kl_sum.detach(), stats.clipfrac * weight,
-                            stats.clipfrac_lower * weight, stats.approx_kl * weight, weight])
+                            stats.clipfrac_lower * weight, stats.approx_kl * weight,
+                            logprob_diff * weight, weight])
         return loss, weight.to(torch.int), {"sums": sums}
     return head
 
 
-def _policy_loss(settings: PPOSettings, log_probs: torch.Tensor, micro_batch: dict,
-                 mask: torch.Tensor, tis: Optional[torch.Tensor],
+def _policy_loss(settings: PPOSettings, log_probs: torch.Tensor, old: torch.Tensor,
+                 micro_batch: dict, mask: torch.Tensor, tis: Optional[torch.Tensor],
                  divisor: float | torch.Tensor) -> tuple[torch.Tensor, algorithm.PolicyLossStats]:
     """The micro-batch's surrogate (`settings.policy_loss`) summed over its tokens and divided
-    by `divisor`, and its statistics."""
-    old, advantages = micro_batch["old_log_probs"], micro_batch["advantages"]
+    by `divisor`, and its statistics; `old` are the old log-probs."""
+    advantages = micro_batch["advantages"]
     if settings.policy_loss == "kl_cov":
         loss, _ = algorithm.kl_cov_loss(log_probs, old, advantages, mask,
                                         select_ratio=settings.cov_select_ratio,
@@ -127,8 +138,9 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
     # Every column per token, so that packing lays them out like the logits.
     columns = {"input_ids": shard.input_ids, "response_mask": shard.response_mask,
                "advantages": shard.advantages[:, None].expand_as(shard.input_ids),
-               "old_log_probs": shard.old_log_probs,
                "rollout_log_probs": shard.rollout_log_probs}
+    if shard.old_log_probs is not None:
+        columns["old_log_probs"] = shard.old_log_probs
     if settings.kl_coef > 0:
         columns["ref_log_probs"] = shard.ref_log_probs
     stats = run_pipeline(model_chunks,
@@ -142,4 +154,7 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
         else torch.zeros(len(LOSS_METRICS) + 1, device=device())
     dist.all_reduce(sums)
     weight = max(float(sums[-1]), 1.0)
-    return {name: float(value) / weight for name, value in zip(LOSS_METRICS, sums[:-1])}
+    result = {name: float(value) / weight for name, value in zip(LOSS_METRICS, sums[:-1])}
+    if shard.old_log_probs is not None:  # measured by the scoring forward instead
+        del result[metrics.ROLLOUT_LOGPROB_DIFF]
+    return result

@@ -156,7 +156,8 @@ class Trainer:
         # GPU: the engines' memory to training
         with self._timed(timings, "release_rollout_memory"):
             self.actor.release_rollout_memory()
-        # the rollout-time policy: never a frozen scorer
+        # the rollout-time policy: never a frozen scorer (rollout.score_at_sampling: the
+        # engine's figures, taken while sampling; no forward)
         with self._timed(timings, "old_log_prob"):
             scores = self.actor.score()
         if cfg.algorithm.kl_coef > 0:
@@ -182,9 +183,10 @@ class Trainer:
             metrics.ENTROPY: entropy,
             metrics.ADVANTAGES_MEAN: advantages.mean(),
             metrics.RESPONSE_LENGTH_MEAN: rollouts.response_lengths.float().mean(),
-            metrics.ROLLOUT_LOGPROB_DIFF: scores.logprob_diff_sum.sum() / response_tokens,
             metrics.THROUGHPUT: float(rollouts.lengths.sum()) / elapsed,
-            **update_metrics,
+            **update_metrics,  # scored at sampling: rollout/logprob_diff, from the update
+            **({} if scores.logprob_diff_sum is None else {
+                metrics.ROLLOUT_LOGPROB_DIFF: scores.logprob_diff_sum.sum() / response_tokens}),
             **{metrics.timing(phase): seconds for phase, seconds in timings.items()},
             metrics.timing("step"): elapsed,
             **{collapse.signal_name(name): value for name, value in signals.items()},

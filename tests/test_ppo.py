@@ -231,3 +231,35 @@ def test_head_clip_cov_can_drop_every_unclipped_token(single_rank_head):
     plain, _, _ = single_rank_head(_settings(11))(logits, micro_batch)
     plain.backward()
     assert float(logits.grad.abs().max()) > 1e-3  # without Clip-Cov the tokens carry gradient
+
+
+def test_head_on_policy_takes_the_old_log_probs_from_its_own_forward(single_rank_head):
+    """Without old log-probs (rollout.score_at_sampling, on-policy) the head uses its forward's
+    own, detached: loss and logits gradient equal those of the head given exactly those
+    log-probs as old ones (ratio 1: loss = -sum A over tokens), and it reports the engine's
+    |log-prob difference| as the float64 token mean."""
+    logits, micro_batch, log_probs, _, _, adv, mask = _head_inputs()
+    rollout = log_probs + 0.01 * torch.randn(2, 5, generator=torch.Generator().manual_seed(3),
+                                             dtype=torch.float64)
+    micro_batch.tokens["rollout_log_probs"] = rollout.float()
+    given = dict(micro_batch.tokens, old_log_probs=log_probs.float())
+    del micro_batch.tokens["old_log_probs"]
+    head = single_rank_head(_settings(11))
+    gradients, losses = [], []
+    for tokens in (micro_batch.tokens, given):
+        leaf = logits.clone().requires_grad_()
+        loss, _, extra = head(leaf, replace(micro_batch, tokens=tokens))
+        loss.backward()
+        gradients.append(leaf.grad)
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(-adv[mask].sum().item(), abs=1e-5)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
+    assert float(gradients[0].abs().max()) > 1e-3
+    sums = head(logits, micro_batch)[2]["sums"]
+    from megatron_intuitor import metrics
+    from megatron_intuitor.ppo import LOSS_METRICS
+
+    diff = sums[LOSS_METRICS.index(metrics.ROLLOUT_LOGPROB_DIFF)] / sums[-1]
+    assert float(diff) == pytest.approx((rollout - log_probs).abs()[mask].mean().item(),
+                                        abs=1e-6)

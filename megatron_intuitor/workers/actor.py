@@ -30,7 +30,7 @@ from megatron_intuitor.ppo import PPOSettings
 from megatron_intuitor.rollout.engine import RolloutSample, SamplingConfig
 from megatron_intuitor.workers.group import Worker, WorkerGroup
 from megatron_intuitor.workers.reports import (RolloutReport, ScoreReport, rollout_report,
-                                               score_report)
+                                               sampling_score_report, score_report)
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -164,7 +164,7 @@ class ActorWorker(Worker):
                              tensor_parallel_size=settings.rollout_tensor_parallel,
                              gpu_memory_utilization=settings.gpu_memory_utilization,
                              reserved_gpu_bytes=training_reserve_bytes(self.optimizer),
-                             seed=settings.seed)
+                             seed=settings.seed, score_at_sampling=settings.score_at_sampling)
 
     def _plan_direct_sync(self):
         """The direct shard-to-shard sync when the engine is sharded like the policy, else None
@@ -290,7 +290,12 @@ class ActorWorker(Worker):
     def score(self) -> Optional[ScoreReport]:
         """Score this rank's share with the pre-update policy; the old log-probs of the whole
         batch stay on every rank, the per-response figures go to the controller from one rank
-        per data-parallel group (None from the others)."""
+        per data-parallel group (None from the others). Scored at sampling
+        (`rollout.score_at_sampling`), the figures are the engine's and no forward runs: the
+        update takes the old log-probs from its own forward (on-policy)."""
+        if self.settings.score_at_sampling:
+            shard = data_parallel_shard(self.rollouts, self.dp_rank, self.dp_size).trimmed()
+            return sampling_score_report(shard) if self.reports_for_dp_group else None
         shard, scores = self._score_shard(self.policy)
         self.old_log_probs = self._gather_data_parallel(scores["log_probs"])
         return score_report(scores, shard) if self.reports_for_dp_group else None

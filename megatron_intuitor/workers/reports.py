@@ -35,12 +35,15 @@ class ScoreReport:
 
     self_certainty: torch.Tensor  # INTUITOR's reward: response-mean self-certainty
     entropy_sum: torch.Tensor  # summed over the response tokens
-    logprob_diff_sum: torch.Tensor  # |engine - Megatron| log-prob, summed over response tokens
+    # |engine - Megatron| log-prob, summed over response tokens; None: scored at sampling (the
+    # update's forward measures it)
+    logprob_diff_sum: Optional[torch.Tensor]
 
     @staticmethod
     def concatenate(reports: Sequence["ScoreReport"]) -> "ScoreReport":
         """Reports of consecutive row ranges (the data-parallel shards, in order) as one."""
-        return ScoreReport(*(torch.cat([getattr(r, name) for r in reports])
+        return ScoreReport(*(None if getattr(reports[0], name) is None
+                             else torch.cat([getattr(r, name) for r in reports])
                              for name in ("self_certainty", "entropy_sum", "logprob_diff_sum")))
 
 
@@ -60,8 +63,9 @@ def rollout_report(rollouts: RolloutBatch, verifiable: Optional[Sequence[float]]
 
 
 def score_report(scores: dict[str, torch.Tensor], shard: RolloutBatch) -> ScoreReport:
-    """Reduce a shard's per-token `log_probs`, `entropy`, `self_certainty` [rows, L] (aligned
-    with `shard`'s token positions) to per-response figures."""
+    """Reduce a shard's per-token `entropy`, `self_certainty` and, unless they are the engine's
+    own (scored at sampling), `log_probs` [rows, L] (aligned with `shard`'s token positions) to
+    per-response figures."""
     mask = shard.response_mask
 
     def response_sum(values: torch.Tensor) -> torch.Tensor:
@@ -71,4 +75,11 @@ def score_report(scores: dict[str, torch.Tensor], shard: RolloutBatch) -> ScoreR
         self_certainty=algorithm.sequence_rewards_from_self_certainty(scores["self_certainty"],
                                                                       mask),
         entropy_sum=response_sum(scores["entropy"]),
-        logprob_diff_sum=response_sum((scores["log_probs"] - shard.rollout_log_probs).abs()))
+        logprob_diff_sum=response_sum((scores["log_probs"] - shard.rollout_log_probs).abs())
+        if "log_probs" in scores else None)
+
+
+def sampling_score_report(shard: RolloutBatch) -> ScoreReport:
+    """The per-response figures of the engine's own per-token scores, taken at sampling."""
+    return score_report({"self_certainty": shard.sampling_self_certainty,
+                         "entropy": shard.sampling_entropy}, shard)
