@@ -2,9 +2,9 @@
 
     for each step:
         rollout      n responses per prompt from the current policy (vLLM, one engine per rank)
-        score        old log-probs, entropy and self-certainty: the pre-update policy, one forward
         (the engines' GPU memory goes to training)
         score        old log-probs, entropy and self-certainty: the pre-update policy, one forward
+                     (`rollout.score_at_sampling`: the engine's, taken while sampling; no forward)
         reference    reference log-probs for the KL loss
         advantage    reward = sentence-mean self-certainty, z-scored within each prompt's group
         update       PPO clipped loss + KL to the reference, Megatron distributed optimizer

@@ -322,6 +322,37 @@ print(json.dumps(statuses))
     assert result.memory_peak_bytes <= 1 << 30
 
 
+@needs_cgroup
+def test_a_killed_runs_empty_cgroups_are_swept_but_not_a_busy_one():
+    """SIGKILL skips a run's cleanup and leaves its empty cgroup: the next run's start removes
+    ours when old enough; one with a process in it, and other names, stay."""
+    kind = sandbox._cgroup_kind()
+    parents = dict(sandbox._cgroup_parents())[kind]
+    parent = next(iter(parents.values()))
+    stale = os.path.join(parent, f"{sandbox.CGROUP_PREFIX}stale_{uuid.uuid4().hex[:6]}")
+    busy = os.path.join(parent, f"{sandbox.CGROUP_PREFIX}busy_{uuid.uuid4().hex[:6]}")
+    other = os.path.join(parent, f"someone_else_{uuid.uuid4().hex[:6]}")
+    for directory in (stale, busy, other):
+        os.mkdir(directory)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        with open(os.path.join(busy, "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        assert sandbox.remove_stale_cgroups({"": parent}, older_than=3600) == []
+        assert sandbox.remove_stale_cgroups({"": parent}, older_than=0) == [stale]
+        assert not os.path.exists(stale) and os.path.isdir(busy) and os.path.isdir(other)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for directory in (busy, other):
+            for _ in range(100):
+                try:
+                    os.rmdir(directory)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
 @pytest.mark.parametrize("aggregate", ["cgroup", "rlimit"])
 def test_number_of_processes_is_capped(attack, monkeypatch, aggregate):
     if aggregate == "cgroup" and sandbox._cgroup_kind() is None:
@@ -349,7 +380,8 @@ while True:
 
 def test_fork_bomb_is_contained_and_leaves_nothing(attack):
     marker = f"sandbox_marker_{uuid.uuid4().hex}"
-    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    bomb = ("import os\nwhile True:\n    try:\n        os.fork()\n"
+            "    except OSError:\n        pass\n")
     program = f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', {bomb!r}, " \
               f"{marker!r}])\n"
     result = attack("fork bomb", program, 8, wall_seconds=2)

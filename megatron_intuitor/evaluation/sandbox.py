@@ -344,12 +344,39 @@ def _below(mount_point: str, mount_root: str, path: str) -> str | None:
         os.path.join(mount_point, relative))
 
 
+CGROUP_PREFIX = "megatron_intuitor_sandbox_"
+STALE_CGROUP_SECONDS = 60.0  # far longer than a sandboxed program lives between mkdir and join
+
+
+def remove_stale_cgroups(parents: dict[str, str],
+                         older_than: float = STALE_CGROUP_SECONDS) -> list[str]:
+    """Remove the empty run cgroups a killed trainer left behind (SIGKILL skips `remove`): ours by
+    name, older than `older_than` seconds (a concurrent run's fresh one is left alone), empty
+    (rmdir refuses a cgroup with processes). Returns the removed directories."""
+    removed = []
+    now = time.time()
+    for parent in dict.fromkeys(parents.values()):
+        try:
+            names = [n for n in os.listdir(parent) if n.startswith(CGROUP_PREFIX)]
+        except OSError:
+            continue
+        for name in names:
+            directory = os.path.join(parent, name)
+            try:
+                if now - os.stat(directory).st_mtime >= older_than:
+                    os.rmdir(directory)
+                    removed.append(directory)
+            except OSError:  # in use (EBUSY), or gone meanwhile
+                continue
+    return removed
+
+
 class _Cgroup:
     """One run's cgroup(s): memory and pids limits, join, kill, peak memory, remove."""
 
     def __init__(self, kind: str, parents: dict[str, str], limits: SandboxLimits):
         self.kind = kind
-        name = f"megatron_intuitor_sandbox_{uuid.uuid4().hex[:12]}"
+        name = f"{CGROUP_PREFIX}{uuid.uuid4().hex[:12]}"
         self.dirs = {c: os.path.join(p, name) for c, p in parents.items()}
         made = []
         try:
@@ -375,7 +402,9 @@ class _Cgroup:
     @classmethod
     def create(cls, limits: SandboxLimits) -> _Cgroup:
         kind = _cgroup_kind()
-        return cls(kind, dict(_cgroup_parents())[kind], limits)
+        parents = dict(_cgroup_parents())[kind]
+        remove_stale_cgroups(parents)
+        return cls(kind, parents, limits)
 
     @property
     def procs_files(self) -> list[str]:
