@@ -131,3 +131,20 @@ def test_engine_scores_equal_transformers_on_the_sampled_tokens(engine, tiny_qwe
 def test_engine_scores_need_a_seed(engine):
     with pytest.raises(ValueError, match="need a seed"):
         engine.generate([[5, 6]], SamplingConfig(n=2, temperature=1.0, max_tokens=2))
+
+
+def test_engine_options_add_the_processor_and_the_synchronous_scheduler():
+    """Scores at sampling need the processor and positions that match the logits: vLLM's
+    asynchronous scheduler (placeholder tokens ahead of the logits) is turned off."""
+    from megatron_intuitor.rollout.engine import engine_options
+
+    common = dict(gpu=True, dtype=torch.bfloat16, max_model_len=64, tensor_parallel_size=1,
+                  gpu_memory_utilization=0.5, seed=0, cpu_kv_cache_gib=1.0, enforce_eager=None,
+                  engine_kwargs=None)
+    plain = engine_options(**common)
+    scored = engine_options(**common, score_at_sampling=True)
+    assert "logits_processors" not in plain and "async_scheduling" not in plain
+    [processor] = scored["logits_processors"]
+    assert processor.__name__ == "SamplingScores" and scored["async_scheduling"] is False
+    assert {k: v for k, v in scored.items() if k not in ("logits_processors",
+                                                         "async_scheduling")} == plain
