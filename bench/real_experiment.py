@@ -12,8 +12,8 @@ Each run validates greedily before its first step and after its last (`val/.../a
 held-out mean self-certainty); its rollouts give the training self-certainty, entropy and
 response length per step. A seed is `trainer.seed` (the sampling); the data order is the same
 for every run. Per arm the table gives the mean over seeds and the spread (min..max). Micro-batches
-of 8 rows keep a rank's peak memory near 5 GB (the loss is the exact token mean however the rows
-are cut).
+of 8 rows (a rank held ~7 GB resident; the loss is the exact token mean however the rows are
+cut).
 
     PYTHONPATH=. python bench/real_experiment.py [--steps 10] [--seeds 1 2] \
         [--arms intuitor grpo control] [--output-dir DIR] [override ...]
