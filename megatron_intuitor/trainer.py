@@ -98,8 +98,9 @@ def load_prompt_sets(cfg: DictConfig, tokenizer) -> tuple[PromptSet, list[Prompt
     records = [record for spec in train_specs for record in load_records(spec)]
     train_records = [record for record in records if _messages_key(record) not in held_out]
     if len(train_records) < len(records):
-        log.warning("data.train_files: dropped %d of %d training prompts that are also "
-                    "validation prompts", len(records) - len(train_records), len(records))
+        # expected of small synthetic tasks, nothing to act on: the log file, not the console
+        log.info("data.train_files: dropped %d of %d training prompts that are also "
+                 "validation prompts", len(records) - len(train_records), len(records))
     train = build_prompts(train_records, tokenizer, data.system_prompt, data.max_prompt_length,
                           name="data.train_files")
     val_sets = [build_prompts(records, tokenizer, data.system_prompt, data.max_prompt_length,
