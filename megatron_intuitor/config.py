@@ -606,13 +606,12 @@ def _check_data(cfg: DictConfig) -> list[str]:
 
 
 def _check_synthetic(synthetic: DictConfig) -> list[str]:
-    from megatron_intuitor.data.synthetic import OPERATORS
+    from megatron_intuitor.data.synthetic import operators_problem
 
     problems = []
-    operators = synthetic.operators
-    if not isinstance(operators, str) or not operators or set(operators) - set(OPERATORS):
-        problems.append(f"data.synthetic.operators={operators!r}: expected a non-empty string of "
-                        f"operators from {''.join(OPERATORS)!r}")
+    problem = operators_problem(synthetic.operators)
+    if problem:
+        problems.append(f"data.synthetic.operators={synthetic.operators!r}: {problem}")
     operand = synthetic.max_operand
     if isinstance(operand, bool) or not isinstance(operand, int) or operand < 0:
         problems.append(f"data.synthetic.max_operand={operand!r}: expected an integer >= 0")

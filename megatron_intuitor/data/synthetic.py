@@ -11,13 +11,20 @@ from megatron_intuitor.data.records import TASK_MATH, PromptRecord
 OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
+def operators_problem(operators: str) -> Optional[str]:
+    """What is wrong with `operators` (None: a non-empty string of OPERATORS' keys)."""
+    if not isinstance(operators, str) or not operators or set(operators) - set(OPERATORS):
+        return f"expected a non-empty string of operators from {''.join(OPERATORS)!r}"
+    return None
+
+
 def arithmetic_records(size: int, seed: int = 0, max_operand: int = 99,
                        operators: str = "+-*",
                        name: Optional[str] = None) -> list[PromptRecord]:
     """`size` prompts "What is a <op> b?" with 0 <= a, b <= max_operand; ground truth a <op> b."""
-    unknown = set(operators) - set(OPERATORS)
-    if unknown or not operators:
-        raise ValueError(f"operators {operators!r}: choose from {''.join(OPERATORS)}")
+    problem = operators_problem(operators)
+    if problem:
+        raise ValueError(f"operators {operators!r}: {problem}")
     rng = random.Random(seed)
     source = name or "synthetic_arithmetic"
     records = []

@@ -158,9 +158,7 @@ def engine_options(*, gpu: bool, dtype: torch.dtype, max_model_len: int,
         # any TP, because it is the backend that puts the engine on cuda:LOCAL_RANK.
         options["distributed_executor_backend"] = "external_launcher"
     if score_at_sampling:
-        from megatron_intuitor.rollout.sampling_scores import processor_class
-
-        options["logits_processors"] = [processor_class()]
+        options["logits_processors"] = [sampling_scores.processor_class()]
         options["async_scheduling"] = False
     options.update(engine_kwargs or {})
     return options
