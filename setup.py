@@ -32,7 +32,7 @@ setup(
         "rich==15.0.0",
         "matplotlib==3.11.2",
         "numpy==2.3.5",
-        "packaging==26.3",  # scripts/preflight.py reads the pins below
+        "packaging==26.3",  # megatron_intuitor/preflight.py reads the pins below
     ],
     extras_require={
         # CPU face: vLLM's CPU build. Afterwards `pip uninstall -y torchvision torchaudio

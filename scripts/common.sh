@@ -75,7 +75,7 @@ mi_cluster_overrides() {
 }
 
 # mi_launch OVERRIDES...: the checked, logged run of `python -m megatron_intuitor.main
-# OVERRIDES...`. The preflight (scripts/preflight.py) composes, resolves and validates the config
+# OVERRIDES...`. The preflight (megatron_intuitor/preflight.py) composes, resolves and validates the config
 # and checks the machine; with --dry-run it then prints the command and the resolved config on
 # stdout and stops. Otherwise the run's output is also written to
 # <logger.log_dir>/<experiment>_<timestamp>.log. Exits with the run's status.
@@ -87,7 +87,7 @@ mi_launch() {
 
     mi_phase 1 2 "Preflight: environment and config"
     if ((MI_DRY_RUN)); then
-        "$PYTHON" "$MI_REPO_ROOT/scripts/preflight.py" --dry-run --command "$printed" -- "$@"
+        "$PYTHON" -m megatron_intuitor.preflight --dry-run --command "$printed" -- "$@"
         local status=$?
         mi_phase 2 2 "Dry run: nothing started"
         if ((status == 0)); then
@@ -101,7 +101,7 @@ mi_launch() {
 
     local log_path_file
     log_path_file=$(mktemp)
-    if ! "$PYTHON" "$MI_REPO_ROOT/scripts/preflight.py" --command "$printed" \
+    if ! "$PYTHON" -m megatron_intuitor.preflight --command "$printed" \
             --log-path-out "$log_path_file" -- "$@"; then
         rm -f "$log_path_file"
         mi_die "preflight failed: fix the problems above (nothing was started)"

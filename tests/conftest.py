@@ -41,12 +41,7 @@ def tiny_qwen3(tmp_path_factory):
 
 @pytest.fixture
 def preflight():
-    """`scripts/preflight.py` as a module (a script, not part of the package)."""
-    import importlib.util
-    from pathlib import Path
+    """`megatron_intuitor.preflight`, the launch scripts' checks."""
+    from megatron_intuitor import preflight as module
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "preflight.py"
-    spec = importlib.util.spec_from_file_location("preflight_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     return module

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_ckpt.py"
 
 

@@ -17,9 +17,8 @@ from omegaconf import OmegaConf
 
 from megatron_intuitor import config
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
+from repo_paths import REPO, SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT / ".." / "shared" / "data"
 # Every variable a script reads: removed from the test environment so that only what a test sets
 # reaches the scripts.
 SCRIPT_VARIABLES = (
@@ -51,7 +50,7 @@ def run_script(script: str, *args: str, env: dict | None = None, cwd: Path,
                dry_run: bool = True) -> ScriptRun:
     environment = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARIABLES}
     environment.update(env or {})
-    result = subprocess.run(["bash", str(ROOT / script), *args] + (["--dry-run"] if dry_run
+    result = subprocess.run(["bash", str(REPO / script), *args] + (["--dry-run"] if dry_run
                                                                     else []),
                             cwd=cwd, env=environment, capture_output=True, text=True, timeout=180)
     # Not a terminal: no colour codes, whatever NO_COLOR says.
@@ -83,7 +82,7 @@ def assert_hydra_composition(printed: dict, *overrides: str, cwd: Path) -> None:
 
     saved = {name: os.environ.pop(name) for name in SCRIPT_VARIABLES if name in os.environ}
     try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             raw = OmegaConf.to_container(compose("config", overrides=list(overrides)),
                                          resolve=True)
     finally:
@@ -103,7 +102,7 @@ def data_root(tmp_path_factory) -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"the shared data directory {SHARED_DATA.resolve()} is missing")
     root = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "all",
+    subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), "all",
                     "--input-dir", str(SHARED_DATA), "--output-dir", str(root)],
                    check=True, capture_output=True, timeout=300)
     return root
@@ -275,7 +274,7 @@ def test_archercoder_port_is_the_original_recipe(data_root, tmp_path):
     tools/prepare_data.py (here from MATH500, the MATH problems the shared data has)."""
     home = tmp_path / "home"
     for split in ("train", "test"):
-        subprocess.run([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "math",
+        subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), "math",
                         "--input", str(SHARED_DATA / "math500" / "test.jsonl"), "--split", split,
                         "--output-dir", str(home / "data")],
                        check=True, capture_output=True, timeout=120)

@@ -5,7 +5,6 @@ import json
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +17,8 @@ from megatron_intuitor.evaluation.code import extract_code, humaneval_problems
 from megatron_intuitor.evaluation.math import (grade_gsm8k, grade_math, gsm8k_ground_truth,
                                                last_boxed, last_number)
 from megatron_intuitor.evaluation.sandbox import SandboxUnavailable, check_sandbox
+from repo_paths import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 try:
     check_sandbox()
     SANDBOX_PROBLEM = None
@@ -31,7 +30,7 @@ needs_sandbox = pytest.mark.skipif(SANDBOX_PROBLEM is not None,
 
 
 def _rows(name: str) -> list[dict]:
-    with open(SHARED / name / "test.jsonl") as f:
+    with open(SHARED_DATA / name / "test.jsonl") as f:
         return [json.loads(line) for line in f]
 
 
@@ -232,7 +231,7 @@ def test_registry_names_and_errors(gsm8k):
 def test_validation_metrics_on_records_from_the_data_module():
     records = []
     for name, fmt in (("gsm8k", "gsm8k"), ("math500", "math"), ("arc_challenge", "arc")):
-        records += load_records(DatasetSpec(path=str(SHARED / name / "test.jsonl"), format=fmt,
+        records += load_records(DatasetSpec(path=str(SHARED_DATA / name / "test.jsonl"), format=fmt,
                                             max_rows=2))
     records += load_records(DatasetSpec(format="humaneval", max_rows=2))
     records += arithmetic_records(3, seed=0)

@@ -22,6 +22,7 @@ from megatron_intuitor.evaluation import sandbox
 from megatron_intuitor.evaluation.code import grade_humaneval, humaneval_problems
 from megatron_intuitor.evaluation.sandbox import (SandboxLimits, SandboxResult,
                                                   SandboxUnavailable, check_sandbox, run_python)
+from repo_paths import REPO
 
 try:
     SANDBOX = check_sandbox()
@@ -477,7 +478,7 @@ print(json.dumps(dict(
     prefix=run_python("import sys; print(sys.prefix)").stdout.strip(), tasks=len(ids),
     accuracy=accuracy("humaneval", [problems[t]["canonical_solution"] for t in ids], ids))))
 """
-        repo = str(Path(__file__).resolve().parents[1])
+        repo = str(REPO)
         start = time.monotonic()
         done = subprocess.run([str(venv / "bin" / "python"), "-c", grader], capture_output=True,
                               text=True, timeout=600, env={**os.environ, "PYTHONPATH": repo})

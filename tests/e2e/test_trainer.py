@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from megatron_intuitor import metrics
 from megatron_intuitor.config import ConfigError, load
 from megatron_intuitor.trainer import response_advantages
+from repo_paths import REPO
 
 REQUIRED_METRICS = [
     metrics.SELF_CERTAINTY_MEAN, metrics.SELF_CERTAINTY_STD, metrics.ENTROPY,
@@ -41,7 +42,6 @@ def _overrides(run_dir: Path, steps: int) -> list[str]:
             "actor.lr=1e-3", "trainer.keep_last=3"]
 
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _main(overrides: list[str], script: bool = False) -> subprocess.Popen:

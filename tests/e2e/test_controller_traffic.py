@@ -4,11 +4,11 @@ do not grow with the response length, while the previous flow's did (the bench's
 measurement, kept runnable)."""
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from repo_paths import REPO
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "controller_traffic.py"
+BENCH = REPO / "bench" / "controller_traffic.py"
 
 
 @pytest.fixture

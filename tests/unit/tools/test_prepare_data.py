@@ -12,10 +12,10 @@ import pytest
 
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.prompts import DEFAULT_SYSTEM_PROMPT, build_prompts
+from repo_paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT / ".." / "shared" / "data"
-SCRIPT = ROOT / "tools" / "prepare_data.py"
+SHARED = REPO / ".." / "shared" / "data"
+SCRIPT = REPO / "tools" / "prepare_data.py"
 
 
 def _load_tool():

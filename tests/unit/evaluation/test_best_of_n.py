@@ -4,15 +4,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_intuitor.data.records import PromptRecord
 from megatron_intuitor.evaluation import best_of_n as bon
+from repo_paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _math(answer: str, source: str = "toy") -> PromptRecord:
@@ -91,8 +90,8 @@ def test_best_of_n_metrics_checks_counts():
 
 @pytest.mark.slow
 def test_tool_runs_on_a_tiny_model(tiny_qwen2):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "best_of_n.py"), str(tiny_qwen2),
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "best_of_n.py"), str(tiny_qwen2),
                           "--synthetic", "4", "-n", "3", "--max-response-length", "16"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _steps_logged(metrics_file: Path) -> list[int]:

@@ -1,7 +1,7 @@
 """The launch scripts' preflight: everything that can be checked in seconds, before Ray, Megatron
 and vLLM spend minutes starting, each problem with what to fix.
 
-    python scripts/preflight.py [--dry-run] [--command CMD] [--log-path-out FILE] -- OVERRIDES
+    python -m megatron_intuitor.preflight [--dry-run] [--command CMD] [--log-path-out FILE] -- OVERRIDES
 
 Composes, resolves and validates the config of `python -m megatron_intuitor.main OVERRIDES`
 (`megatron_intuitor.config`: every key, data files, model path, parallel sizes, GPUs visible on

@@ -14,8 +14,8 @@ from megatron_intuitor.data.datasets import (DataError, DatasetSpec, humaneval_p
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import DEFAULT_SYSTEM_PROMPT, build_prompts, chat_messages
 from megatron_intuitor.data.synthetic import arithmetic_records
+from repo_paths import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 def _first_json_row(path: Path) -> dict:
@@ -30,7 +30,7 @@ def _jsonl(path: Path, rows: list) -> Path:
 
 @pytest.mark.parametrize("fmt", ["gsm8k", "auto"])
 def test_gsm8k(fmt):
-    path = SHARED / "gsm8k" / "test.jsonl"
+    path = SHARED_DATA / "gsm8k" / "test.jsonl"
     records = load_records(DatasetSpec(str(path), format=fmt))
     assert len(records) == sum(1 for line in open(path) if line.strip())
     raw = _first_json_row(path)
@@ -47,7 +47,7 @@ def test_gsm8k_thousands_separator(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["math500", "math", "auto"])
 def test_math500(fmt):
-    path = SHARED / "math500" / "test.jsonl"
+    path = SHARED_DATA / "math500" / "test.jsonl"
     records = load_records(DatasetSpec(str(path), format=fmt))
     assert len(records) == 500
     raw = _first_json_row(path)
@@ -65,7 +65,7 @@ def test_math_answer_from_boxed_solution(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["arc", "auto"])
 def test_arc_renders_choices(fmt):
-    path = SHARED / "arc_challenge" / "test.jsonl"
+    path = SHARED_DATA / "arc_challenge" / "test.jsonl"
     records = load_records(DatasetSpec(str(path), format=fmt))
     assert len(records) == 1172
     raw = _first_json_row(path)
@@ -174,7 +174,7 @@ def test_format_errors(tmp_path):
 
 
 def test_max_rows():
-    path = SHARED / "gsm8k" / "test.jsonl"
+    path = SHARED_DATA / "gsm8k" / "test.jsonl"
     assert len(load_records(DatasetSpec(str(path), max_rows=5))) == 5
 
 
@@ -240,7 +240,7 @@ def test_record_system_message_is_kept(tokenizer):
 
 
 def test_long_prompts_dropped_and_counted(tokenizer):
-    records = load_records(DatasetSpec(str(SHARED / "gsm8k" / "test.jsonl"), max_rows=40))
+    records = load_records(DatasetSpec(str(SHARED_DATA / "gsm8k" / "test.jsonl"), max_rows=40))
     lengths = [len(tokenizer(_template("S", r.messages[0]["content"]),
                              add_special_tokens=False)["input_ids"]) for r in records]
     limit = sorted(lengths)[len(lengths) // 2]

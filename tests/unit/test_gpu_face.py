@@ -11,6 +11,7 @@ import torch
 
 from megatron_intuitor.local_ranks import run_distributed
 from megatron_intuitor.rollout import engine as engine_module
+from repo_paths import REPO
 
 
 class _FakeLLM:
@@ -381,7 +382,7 @@ def test_gpu_smoke_script_exits_at_once_without_cuda():
     import subprocess
     import time
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_smoke.sh"
+    script = REPO / "scripts" / "gpu_smoke.sh"
     started = time.monotonic()
     run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "no CUDA" in run.stderr

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from megatron_intuitor.config import ConfigError, load
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _problems(overrides) -> str:
@@ -141,7 +141,7 @@ def test_invalid_utf8_row_is_named_with_file_and_line(tmp_path):
 
 
 def _preflight(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "preflight.py"), "--",
+    return subprocess.run([sys.executable, "-m", "megatron_intuitor.preflight", "--",
                            *overrides], capture_output=True, text=True, timeout=120, cwd=cwd,
                           env={**os.environ, "NO_COLOR": "1", "PYTHONPATH": str(REPO)})
 

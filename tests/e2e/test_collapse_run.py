@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from megatron_intuitor import collapse, metrics
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 ALARM_BY_STEP = 4
 GUARDS = ["trainer.guard.entropy_baseline_steps=2", "trainer.guard.max_entropy_drop=0.2",
           "trainer.guard.max_repetitive_share=0.5", "trainer.guard.max_short_share=0.5"]

@@ -1,7 +1,7 @@
 """The CPU adaptation is active exactly when there is no CUDA, and lets Megatron-Core run TP=2
 on gloo with the same loss and gradients as one rank. (PP is not compared here: each pipeline
 stage draws its layers' initial weights from its own seed, so a PP=2 model is not the one-rank
-model; tests/test_bridge.py loads one checkpoint at PP=2 and compares with transformers.)"""
+model; tests/unit/models/test_bridge.py loads one checkpoint at PP=2 and compares with transformers.)"""
 import subprocess
 import sys
 

@@ -4,13 +4,12 @@ the step's own time and the time left."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from megatron_intuitor import metrics
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_step_line_shows_progress_step_time_and_eta():

@@ -12,8 +12,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SETTLE_SECONDS = 20
 
 
