@@ -17,6 +17,11 @@ cut).
 
     PYTHONPATH=. python bench/real_experiment.py [--steps 10] [--seeds 1 2] \
         [--arms intuitor grpo control] [--output-dir DIR] [override ...]
+    PYTHONPATH=. python bench/real_experiment.py --list-trained-prompts [--steps 10]
+
+`--list-trained-prompts` prints, one a line, the questions the runs train on in `--steps` steps
+(the same for every arm and seed) and runs nothing: what docs/experiments.md's section 1 leaves
+out.
 
 Last line: one JSON object (every run's figures and each arm's summary).
 """
@@ -108,6 +113,23 @@ def table(summaries: dict[str, dict], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def trained_questions(model_dir: Path, steps: int, overrides: list[str]) -> list[str]:
+    """The user messages of the prompts the first `steps` steps draw, in order, as the trainer's
+    loader draws them."""
+    from transformers import AutoTokenizer
+
+    from megatron_intuitor.config import load
+    from megatron_intuitor.data.loader import PromptLoader
+    from megatron_intuitor.trainer import load_prompt_sets
+
+    cfg = load(overrides)
+    train_set, _ = load_prompt_sets(cfg, AutoTokenizer.from_pretrained(model_dir))
+    loader = PromptLoader(train_set.prompts, cfg.data.prompts_per_step, cfg.data.seed,
+                          shuffle=cfg.data.shuffle)
+    return [prompt.record.messages[-1]["content"] for _ in range(steps)
+            for prompt in loader.next_batch()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -115,6 +137,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="keep every run here (default: a temporary directory)")
+    parser.add_argument("--list-trained-prompts", action="store_true",
+                        help="print the questions the runs train on and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every run")
     options = parser.parse_args()
 
@@ -123,6 +147,9 @@ def main() -> None:
 
     model_dir = smollm2_checkpoint()
     base = defaults(model_dir) + options.overrides
+    if options.list_trained_prompts:
+        print("\n".join(trained_questions(model_dir, options.steps, base + ARMS["intuitor"])))
+        return
     for arm in options.arms:  # a bad override fails here, before any run
         load(base + ARMS[arm])
     scratch = tempfile.TemporaryDirectory(prefix="real_experiment_")

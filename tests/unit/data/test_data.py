@@ -13,7 +13,7 @@ from megatron_intuitor.data.datasets import (DataError, DatasetSpec, humaneval_p
                                              load_records, read_records)
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import DEFAULT_SYSTEM_PROMPT, build_prompts, chat_messages
-from megatron_intuitor.data.synthetic import arithmetic_records
+from megatron_intuitor.data.synthetic import arithmetic_records, arithmetic_space
 from repo_paths import SHARED_DATA
 
 
@@ -314,3 +314,16 @@ def test_training_prompts_that_are_validation_prompts_are_dropped(tokenizer, tin
     assert [p.record.messages[0]["content"] for p in train.prompts] == \
         [text for text in every_train if text not in validation]
     assert 0 < len(train.prompts) < 64  # 16 distinct prompts: some were validation prompts
+
+
+def test_arithmetic_space_holds_every_drawable_prompt_once():
+    space = arithmetic_space(3, "+-")
+    questions = [r.messages[0]["content"] for r in space]
+    assert len(questions) == len(set(questions)) == 4 * 4 * 2
+    assert questions[:2] == ["What is 0 + 0?", "What is 0 + 1?"]
+    assert {(q, r.ground_truth) for q, r in zip(questions, space)} >= {
+        ("What is 3 - 2?", "1"), ("What is 1 - 3?", "-2"), ("What is 2 + 3?", "5")}
+    drawn = {r.messages[0]["content"] for r in arithmetic_records(300, 1, 3, "+-")}
+    assert drawn <= set(questions)
+    with pytest.raises(ValueError, match="operators '/'"):
+        arithmetic_space(3, "/")

@@ -101,3 +101,18 @@ def test_tool_runs_on_a_tiny_model(tiny_qwen2):
     best, majority, passed = (result[names[k]] for k in ("best", "majority", "pass"))
     assert 0.0 <= best <= passed <= 1.0 and majority <= passed
     assert "val/synthetic_arithmetic/acc" in result
+
+
+def test_answer_token_mask_marks_the_tokens_over_the_answer():
+    record = _math("12")
+    # tokens "The sum", " is \boxed{", "1", "2}", "." -> character ends
+    text = r"The sum is \boxed{12}."
+    ends = [7, 18, 19, 21, 22]
+    assert bon.answer_token_mask(record, text, ends) == [False, False, True, True, False]
+    # no box: the last number ("3" of "so 3 left"), which token 1 covers
+    assert bon.answer_token_mask(record, "it is 1, so 3 left", [8, 13, 18]) == [False, True,
+                                                                                 False]
+    assert bon.answer_token_mask(record, "no idea", [2, 7]) is None
+    code = PromptRecord(messages=[], ground_truth=None, data_source="c", task="code",
+                        location="t")
+    assert bon.answer_token_mask(code, "x = 1", [5]) is None
