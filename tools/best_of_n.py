@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -140,7 +141,8 @@ def main() -> None:
                                   ns=sorted({max(args.n // 2, 2), args.n}), seed=args.seed)
         for name, value in report.items():
             print(f"{name:45s} {value:.4f}")
-        summary.update({"report": {k: round(v, 4) for k, v in report.items()},
+        summary.update({"report": {k: None if math.isnan(v) else round(v, 4)  # strict JSON
+                                   for k, v in report.items()},
                         "decision": selection.decision(report, args.n)})
     for name, value in sorted(result.items()):
         print(f"{name:45s} {value:.4f}")
