@@ -18,6 +18,12 @@ cut).
     PYTHONPATH=. python bench/real_experiment.py [--steps 10] [--seeds 1 2] \
         [--arms intuitor grpo control] [--output-dir DIR] [override ...]
     PYTHONPATH=. python bench/real_experiment.py --list-trained-prompts [--steps 10]
+    PYTHONPATH=. python bench/real_experiment.py --plot-only docs/experiment_runs.json \
+        --plot docs/experiment.png
+
+`--plot PNG` draws the runs (one colour per arm, a line style per seed, the legend outside the
+panels); `--plot-only RUNS_JSON` draws a saved `{"steps", "runs"}` object (the last line's) without
+running anything. A run's curves may be cut to some steps, named in its `curve_steps`.
 
 `--list-trained-prompts` prints, one a line, the questions the runs train on in `--steps` steps
 (the same for every arm and seed) and runs nothing: what docs/experiments.md's section 1 leaves
@@ -33,6 +39,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_intuitor import run_ours  # noqa: E402
@@ -113,6 +120,51 @@ def table(summaries: dict[str, dict], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+PANELS = (("held-out greedy accuracy, %", None), ("held-out self-certainty (greedy)", None),
+          ("training self-certainty", "self_certainty"), ("training entropy", "entropy"),
+          ("training response length, tokens", "response_length"))
+SEED_STYLES = ("-", "--", ":", "-.")
+
+
+def plot(runs: dict[str, list[dict]], steps: int, png_path: Path,
+         note: Optional[str] = None) -> Path:
+    """Held-out accuracy and self-certainty before / after, and the training curves: one colour
+    per arm, one line style per seed, the legend to the right of the panels; `note` on top."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(13, 6.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    colours = {arm: f"C{index}" for index, arm in enumerate(runs)}
+    seeds = sorted({run["seed"] for arm_runs in runs.values() for run in arm_runs})
+    for index, (title, curve) in enumerate(PANELS):
+        axes = figure.add_subplot(2, 3, index + 1)
+        for arm, arm_runs in runs.items():
+            for run in arm_runs:
+                if curve is None:
+                    key = "acc" if index == 0 else "val_self_certainty"
+                    x, y = [0, steps], [run[f"{key}_before"], run[f"{key}_after"]]
+                    y = [100 * v for v in y] if index == 0 else y
+                else:
+                    y = run[curve]
+                    x = run.get("curve_steps") or list(range(1, len(y) + 1))
+                axes.plot(x, y, color=colours[arm],
+                          linestyle=SEED_STYLES[seeds.index(run["seed"]) % len(SEED_STYLES)],
+                          marker="o", markersize=4, label=f"{arm}, seed {run['seed']}")
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    handles, labels = figure.axes[0].get_legend_handles_labels()
+    legend = figure.add_subplot(2, 3, 6)
+    legend.axis("off")
+    legend.legend(handles, labels, loc="center", fontsize=9, frameon=False)
+    if note:
+        figure.suptitle(note, fontsize=9)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png_path, dpi=100)
+    return png_path
+
+
 def trained_questions(model_dir: Path, steps: int, overrides: list[str]) -> list[str]:
     """The user messages of the prompts the first `steps` steps draw, in order, as the trainer's
     loader draws them."""
@@ -137,10 +189,19 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="keep every run here (default: a temporary directory)")
+    parser.add_argument("--plot", type=Path, default=None, help="draw the runs into this PNG")
+    parser.add_argument("--plot-only", type=Path, default=None, metavar="RUNS_JSON",
+                        help="draw a saved {steps, runs} object into --plot and exit")
     parser.add_argument("--list-trained-prompts", action="store_true",
                         help="print the questions the runs train on and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every run")
     options = parser.parse_args()
+    if options.plot_only:
+        if options.plot is None:
+            parser.error("--plot-only needs --plot PNG")
+        saved = json.loads(options.plot_only.read_text())
+        print(plot(saved["runs"], saved["steps"], options.plot, saved.get("source")))
+        return
 
     from megatron_intuitor.config import load
     from megatron_intuitor.models.real import smollm2_checkpoint
@@ -163,6 +224,8 @@ def main() -> None:
             print(json.dumps({"arm": arm, **runs[arm][-1]}), flush=True)
     summaries = {arm: summary(arm_runs) for arm, arm_runs in runs.items()}
     print(table(summaries, options.seeds))
+    if options.plot:
+        plot(runs, options.steps, options.plot)
     scratch.cleanup()
     print(json.dumps({"steps": options.steps, "seeds": options.seeds, "overrides": base,
                       "load_avg_1m": os.getloadavg()[0], "summary": summaries, "runs": runs}))
