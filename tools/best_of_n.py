@@ -23,15 +23,19 @@ import argparse
 import json
 import math
 import os
+import random
+import sys
 import time
+from typing import Optional
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", help="a local HF checkpoint (config, tokenizer, weights)")
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("model_dir", nargs="?",
+                        help="a local HF checkpoint (config, tokenizer, weights)")
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", help="a dataset file (JSONL / parquet, any layout the trainer "
                                        "reads)")
     source.add_argument("--synthetic", type=int, metavar="PROMPTS",
@@ -43,6 +47,12 @@ def main() -> None:
                                           "leave out")
     parser.add_argument("--dump", help="write one JSON row per response here and add the "
                                        "selection report")
+    parser.add_argument("--chunk-prompts", type=int, default=None,
+                        help="generate this many prompts at a time, the dump written after "
+                             "each (sampling seed: --seed + the chunk's number)")
+    parser.add_argument("--report-from", metavar="DUMP",
+                        help="only print the selection report of an existing dump (complete "
+                             "prompts only: a cut-short run's too)")
     parser.add_argument("--format", default="auto", help="the --data layout (default: detected)")
     parser.add_argument("--name", default=None, help="dataset name in the metric names")
     parser.add_argument("--max-prompts", type=int, default=None)
@@ -56,8 +66,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
+    if args.report_from and not os.path.isfile(args.report_from):
+        parser.error(f"--report-from {args.report_from}: no such file")
+    if args.report_from:
+        print(json.dumps({"dump": args.report_from, "n": args.n, "seed": args.seed,
+                          **selection_summary(args.report_from, args.n, args.seed)}))
+        return
     if args.n < 2:
         parser.error(f"-n must be >= 2, got {args.n}")
+    if args.model_dir is None:
+        parser.error("MODEL_DIR is required (except with --report-from)")
+    if not (args.data or args.synthetic or args.synthetic_space):
+        parser.error("one of --data, --synthetic, --synthetic-space is required")
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         parser.error(f"{args.model_dir}: no config.json (a local HF checkpoint is needed)")
     for flag, path in (("--data", args.data), ("--exclude", args.exclude)):
@@ -98,6 +118,9 @@ def main() -> None:
     prompts = build_prompts(records, tokenizer, args.system_prompt, args.max_prompt_length,
                             name=args.data or "synthetic").prompts
     prompts = prompts[:args.max_prompts] if args.max_prompts else prompts
+    if args.synthetic_space:  # a seeded order: any first prompts of a cut-short run are a sample
+        prompts = [prompts[i] for i in random.Random(args.seed).sample(range(len(prompts)),
+                                                                        len(prompts))]
     records = [p.record for p in prompts]
 
     start = time.perf_counter()
@@ -106,20 +129,33 @@ def main() -> None:
                            seed=args.seed, engine_kwargs={"load_format": "auto"},
                            score_at_sampling=bool(args.dump))
     stop_ids = tuple(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}))
-    prompt_ids = [p.token_ids for p in prompts]
-    greedy = engine.generate(prompt_ids, SamplingConfig(
-        n=1, temperature=0.0, max_tokens=args.max_response_length, stop_token_ids=stop_ids))
-    samples = engine.generate(prompt_ids, SamplingConfig(
-        n=args.n, temperature=args.temperature, top_p=args.top_p,
-        max_tokens=args.max_response_length, stop_token_ids=stop_ids, seed=args.seed))
+    greedy, groups = [], []
+    dump = open(args.dump, "w") if args.dump else None
+    chunk_size = args.chunk_prompts or len(prompts)
+    for chunk, first in enumerate(range(0, len(prompts), chunk_size)):
+        prompt_ids = [p.token_ids for p in prompts[first:first + chunk_size]]
+        chunk_greedy = engine.generate(prompt_ids, SamplingConfig(
+            n=1, temperature=0.0, max_tokens=args.max_response_length, stop_token_ids=stop_ids))
+        samples = engine.generate(prompt_ids, SamplingConfig(
+            n=args.n, temperature=args.temperature, top_p=args.top_p,
+            max_tokens=args.max_response_length, stop_token_ids=stop_ids,
+            seed=args.seed + chunk))
+        chunk_groups = [samples[i * args.n:(i + 1) * args.n] for i in range(len(prompt_ids))]
+        greedy += chunk_greedy
+        groups += chunk_groups
+        if dump:
+            write_rows(dump, tokenizer, first, records[first:first + chunk_size], chunk_greedy,
+                       chunk_groups)
+            dump.flush()
+        print(f"prompts {first + len(prompt_ids)}/{len(prompts)} after "
+              f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     engine.shutdown()
     generate_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    groups = [samples[index * args.n:(index + 1) * args.n] for index in range(len(prompts))]
     if args.dump:  # scored by the engine while it sampled
-        certainty = [[sum(s.self_certainty) / max(len(s.self_certainty), 1) for s in group]
-                     for group in groups]
+        dump.close()
+        certainty = [[mean(s.self_certainty) for s in group] for group in groups]
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).eval()
         certainty = [hf_sequence_self_certainty(
@@ -127,25 +163,14 @@ def main() -> None:
             model.config.vocab_size) for prompt, group in zip(prompts, groups)]
     score_s = time.perf_counter() - start
 
-    records = [p.record for p in prompts]
     result = validation_metrics(records, [s.text for s in greedy])
     result.update(best_of_n_metrics(records, [[s.text for s in group] for group in groups],
                                     certainty))
-    summary = {k: round(v, 4) for k, v in result.items()}
-    if args.dump:
-        from megatron_intuitor.evaluation import selection
-
-        responses = dump_responses(args.dump, tokenizer, records, greedy, groups, certainty)
-        report = selection.report(responses, [grade_record(r, g.text)
-                                              for r, g in zip(records, greedy)],
-                                  ns=sorted({max(args.n // 2, 2), args.n}), seed=args.seed)
-        for name, value in report.items():
-            print(f"{name:45s} {value:.4f}")
-        summary.update({"report": {k: None if math.isnan(v) else round(v, 4)  # strict JSON
-                                   for k, v in report.items()},
-                        "decision": selection.decision(report, args.n)})
     for name, value in sorted(result.items()):
         print(f"{name:45s} {value:.4f}")
+    summary = {k: round(v, 4) for k, v in result.items()}
+    if args.dump:
+        summary.update(selection_summary(args.dump, args.n, args.seed))
     print(json.dumps({"model": args.model_dir,
                       "data": args.data or ("synthetic_space " + " ".join(args.synthetic_space)
                                             if args.synthetic_space else "synthetic"),
@@ -155,6 +180,27 @@ def main() -> None:
                       "load_avg_1m": os.getloadavg()[0], **summary}))
 
 
+def mean(values: list[float]) -> float:
+    """The token mean; 0 for an empty response (as the forward scorer gives it)."""
+    return sum(values) / len(values) if values else 0.0
+
+
+def selection_summary(dump_path: str, n: int, seed: int) -> dict:
+    """The selection report of a dump (at N and N/2) and its decision rule, printed one figure
+    a line; returned for the JSON line (a figure without data is null)."""
+    from megatron_intuitor.evaluation import selection
+
+    with open(dump_path) as handle:
+        groups, greedy_correct = selection.responses_from_rows(
+            [json.loads(line) for line in handle], n)
+    report = selection.report(groups, greedy_correct, ns=sorted({max(n // 2, 2), n}),
+                              seed=seed)
+    for name, value in report.items():
+        print(f"{name:45s} {value:.4f}")
+    return {"report": {k: None if math.isnan(v) else round(v, 4) for k, v in report.items()},
+            "decision": selection.decision(report, n)}
+
+
 def token_ends(tokenizer, token_ids: list[int]) -> list[int]:
     """The end, in characters of the decoded response, of each token (decoding each prefix as
     vLLM decodes the whole: special tokens skipped)."""
@@ -162,44 +208,35 @@ def token_ends(tokenizer, token_ids: list[int]) -> list[int]:
             for k in range(len(token_ids))]
 
 
-def dump_responses(path: str, tokenizer, records, greedy, groups, certainty):
-    """Write the per-response rows; return each prompt's responses as `selection.Response`s."""
+def write_rows(handle, tokenizer, first_index: int, records, greedy, groups) -> None:
+    """One JSON row per greedy and per sampled response of these prompts (numbered from
+    `first_index`), the sampled ones with their engine-scored self-certainty."""
     from megatron_intuitor.evaluation.best_of_n import answer_token_mask, extract_answer
     from megatron_intuitor.evaluation.registry import grade_record
-    from megatron_intuitor.evaluation.selection import Response
 
-    def part_mean(values: list[float], mask: list[bool], inside: bool):
+    def part_mean(values: list[float], mask: list[bool], inside: bool) -> Optional[float]:
         chosen = [v for v, m in zip(values, mask) if m == inside]
         return sum(chosen) / len(chosen) if chosen else None
 
-    responses = []
-    with open(path, "w") as handle:
-        for index, (record, first, group, scores) in enumerate(zip(records, greedy, groups,
-                                                                   certainty)):
-            base = {"prompt": index, "question": record.messages[-1]["content"],
-                    "ground_truth": record.ground_truth}
-            handle.write(json.dumps({**base, "sample": "greedy", "text": first.text,
-                                     "correct": grade_record(record, first.text)}) + "\n")
-            group_responses = []
-            for number, (sample, score) in enumerate(zip(group, scores)):
-                answer = extract_answer(record, sample.text)
-                mask = answer_token_mask(record, sample.text,
-                                         token_ends(tokenizer, sample.response_token_ids))
-                response = Response(
-                    self_certainty=score, length=len(sample.response_token_ids), answer=answer,
-                    correct=grade_record(record, sample.text),
-                    answer_self_certainty=(None if mask is None else
-                                           part_mean(sample.self_certainty, mask, True)),
-                    rest_self_certainty=(None if mask is None else
-                                         part_mean(sample.self_certainty, mask, False)))
-                group_responses.append(response)
-                handle.write(json.dumps({**base, "sample": number, "text": sample.text,
-                                         "finish_reason": sample.finish_reason,
-                                         "answer_present": answer is not None,
-                                         **response.__dict__}) + "\n")
-            responses.append(group_responses)
-    return responses
-
+    for index, (record, first, group) in enumerate(zip(records, greedy, groups), first_index):
+        base = {"prompt": index, "question": record.messages[-1]["content"],
+                "ground_truth": record.ground_truth}
+        handle.write(json.dumps({**base, "sample": "greedy", "text": first.text,
+                                 "correct": grade_record(record, first.text)}) + "\n")
+        for number, sample in enumerate(group):
+            answer = extract_answer(record, sample.text)
+            mask = answer_token_mask(record, sample.text,
+                                     token_ends(tokenizer, sample.response_token_ids))
+            handle.write(json.dumps({
+                **base, "sample": number, "text": sample.text,
+                "finish_reason": sample.finish_reason,
+                "self_certainty": mean(sample.self_certainty),
+                "length": len(sample.response_token_ids), "answer_present": answer is not None,
+                "answer": answer, "correct": grade_record(record, sample.text),
+                "answer_self_certainty": (None if mask is None else
+                                          part_mean(sample.self_certainty, mask, True)),
+                "rest_self_certainty": (None if mask is None else
+                                        part_mean(sample.self_certainty, mask, False))}) + "\n")
 
 if __name__ == "__main__":
     main()

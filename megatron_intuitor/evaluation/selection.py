@@ -183,3 +183,23 @@ def decision(result: dict[str, float], n: int = 8) -> dict[str, bool]:
         # nan (no answer-less response) is no preference
         "no_answerless_preference": not result[f"answerless_auroc@{n}_low"] > 0.5}
     return {**conditions, "passes": all(conditions.values())}
+
+
+def responses_from_rows(rows: Sequence[dict], n: int) -> tuple[list[list[Response]], list[bool]]:
+    """Each prompt's responses and its greedy result from `tools/best_of_n.py --dump` rows, in
+    prompt order; a prompt without its greedy row and `n` sampled rows (a run cut short while
+    writing it) is left out."""
+    greedy: dict[int, bool] = {}
+    sampled: dict[int, dict[int, Response]] = {}
+    for row in rows:
+        if row["sample"] == "greedy":
+            greedy[row["prompt"]] = bool(row["correct"])
+        else:
+            sampled.setdefault(row["prompt"], {})[row["sample"]] = Response(
+                self_certainty=row["self_certainty"], length=row["length"],
+                answer=row["answer"], correct=bool(row["correct"]),
+                answer_self_certainty=row["answer_self_certainty"],
+                rest_self_certainty=row["rest_self_certainty"])
+    complete = [p for p in sorted(greedy) if len(sampled.get(p, {})) == n]
+    return ([[sampled[p][k] for k in range(n)] for p in complete],
+            [greedy[p] for p in complete])
