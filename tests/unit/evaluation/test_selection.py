@@ -116,3 +116,18 @@ def test_report_and_decision_by_hand():
                                   "no_answerless_preference": True, "passes": True}
     with pytest.raises(ValueError, match=r"prompts \[0, 1, 2\]: fewer than 8 responses"):
         sel.report(GROUPS, [True, False, False], ns=(8,))
+
+
+def test_responses_from_rows_keeps_complete_prompts_in_order():
+    def row(prompt, sample, correct, score=1.0):
+        return {"prompt": prompt, "sample": sample, "correct": correct, "self_certainty": score,
+                "length": 5, "answer": "1", "answer_self_certainty": None,
+                "rest_self_certainty": None}
+
+    rows = [row(1, "greedy", True), row(1, 1, False, 2.0), row(1, 0, True, 3.0),
+            row(0, "greedy", False), row(0, 0, False), row(0, 1, True),
+            row(2, "greedy", True), row(2, 0, True)]  # prompt 2 cut short: one sample of two
+    groups, greedy = sel.responses_from_rows(rows, 2)
+    assert greedy == [False, True]
+    assert [[r.correct for r in g] for g in groups] == [[False, True], [True, False]]
+    assert [r.self_certainty for r in groups[1]] == [3.0, 2.0]  # by sample number
