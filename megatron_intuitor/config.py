@@ -5,7 +5,9 @@ validate it before anything expensive starts, and derive the sizes that follow f
     layout = RankLayout.from_cfg(cfg)                 # DP size, micro-batch counts, ...
 
 `validate` reports the problems together, each naming its config key, so that a run fails in a
-second instead of after minutes of Ray, Megatron and vLLM start-up.
+second instead of after minutes of Ray, Megatron and vLLM start-up. The ranks get
+`ActorSettings.from_cfg(...)`: one frozen part per concern (layout, model, optimizer, batches,
+loss, rollout), each holding the value rules of its keys next to its fields (docs/settings.md).
 """
 from __future__ import annotations
 
