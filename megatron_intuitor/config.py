@@ -528,6 +528,10 @@ _CONTROLLER_RULES: tuple[Rule, ...] = (
     ("data.seed", is_int, "an integer"),
     ("data.system_prompt", lambda v: v is None or isinstance(v, str), "a string or null"),
     choice("algorithm.name", ALGORITHMS),
+    ("algorithm.vote_weight", lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    ("algorithm.entropy_band", lambda v: v is None or (
+        isinstance(v, ListConfig) and len(v) == 2 and all(is_number(x) for x in v)
+        and 0 <= v[0] <= v[1]), "null (off) or [low, high] with 0 <= low <= high (nats)"),
     ("rollout.top_p", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("rollout.top_k", lambda v: is_int(v) and (v == -1 or v >= 1), "-1 (off) or >= 1"),
     ("trainer.cpus_per_worker", lambda v: is_number(v) and v > 0, "a number > 0"),

@@ -74,6 +74,15 @@ def drop_groups(advantages: torch.Tensor, group_index: GroupIndex,
     return advantages * keep.to(advantages.device)[ids.to(advantages.device)].to(advantages.dtype)
 
 
+def entropy_band_filter(advantages: torch.Tensor, answers: Sequence[Optional[str]],
+                        group_index: GroupIndex, low: float,
+                        high: float) -> tuple[torch.Tensor, int]:
+    """(the advantages with those of the groups whose answer entropy is outside [low, high]
+    zeroed, the number of such groups)."""
+    keep = entropy_band_keep(answer_entropy(answers, group_index), low, high)
+    return drop_groups(advantages, group_index, keep), int((~keep).sum())
+
+
 def random_rewards(count: int, seed: int) -> torch.Tensor:
     """`count` i.i.d. N(0, 1) rewards from a generator seeded with `seed` (one seed per step:
     reproducible, independent of the responses)."""

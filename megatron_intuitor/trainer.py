@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_intuitor import algorithm, collapse, metrics
+from megatron_intuitor import algorithm, collapse, label_free, metrics
 from megatron_intuitor.config import ActorSettings, RankLayout, Schedule, training_schedule
 from megatron_intuitor.config import validate as validate_config
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
@@ -147,12 +147,17 @@ class Trainer:
         and per-token log-probs stay on the ranks; only one number per response crosses."""
         cfg, timings = self.cfg, {}
         step_start = time.perf_counter()
-        graded = algorithm.advantage_estimator(cfg.algorithm.name).needs_verifiable
+        estimator = algorithm.advantage_estimator(cfg.algorithm.name)
+        graded = estimator.needs_verifiable
+        # the answers: for the estimator's vote, or for the entropy band's filter
+        answers = estimator.needs_answers or cfg.algorithm.entropy_band is not None
+        seed = cfg.trainer.seed * 1_000_003 + step
         with self._timed(timings, "rollout"):
             rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
-                                          seed=cfg.trainer.seed * 1_000_003 + step,
-                                          records=[p.record for p in prompts] if graded else None,
-                                          ngram=self.guard.ngram)
+                                          seed=seed,
+                                          records=[p.record for p in prompts]
+                                          if graded or answers else None,
+                                          ngram=self.guard.ngram, grade=graded, answers=answers)
         # GPU: the engines' memory to training
         with self._timed(timings, "release_rollout_memory"):
             self.actor.release_rollout_memory()
@@ -164,7 +169,7 @@ class Trainer:
             with self._timed(timings, "ref"):
                 self.actor.score_reference()
         with self._timed(timings, "advantage"):
-            advantages = self._advantages(scores.self_certainty, rollouts)
+            advantages, filtered = self._advantages(scores.self_certainty, rollouts, seed)
         with self._timed(timings, "update"):
             update_metrics = self.actor.update_policy(advantages, step)
         # the engines' memory back, with the new weights
@@ -182,6 +187,7 @@ class Trainer:
             metrics.SELF_CERTAINTY_STD: scores.self_certainty.std(),
             metrics.ENTROPY: entropy,
             metrics.ADVANTAGES_MEAN: advantages.mean(),
+            **filtered,
             metrics.RESPONSE_LENGTH_MEAN: rollouts.response_lengths.float().mean(),
             metrics.THROUGHPUT: float(rollouts.lengths.sum()) / elapsed,
             **update_metrics,  # scored at sampling: rollout/logprob_diff, from the update
@@ -192,11 +198,20 @@ class Trainer:
             **{collapse.signal_name(name): value for name, value in signals.items()},
         }
 
-    def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport) -> torch.Tensor:
+    def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport,
+                    seed: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-response advantages by the estimator `algorithm.name` (algorithm.py's registry:
-        intuitor, grpo, hybrid, ...)."""
-        return algorithm.response_advantages(self.cfg.algorithm, self_certainty,
-                                             rollouts.verifiable, rollouts.group_index)
+        intuitor, grpo, hybrid, intuitor_vote, random, ...); with `algorithm.entropy_band`, those
+        of the prompts whose answers' entropy lies outside the band are zeroed, and counted."""
+        advantages = algorithm.response_advantages(
+            self.cfg.algorithm, self_certainty, rollouts.verifiable, rollouts.group_index,
+            answers=rollouts.answers, seed=seed)
+        band = self.cfg.algorithm.entropy_band
+        if band is None:
+            return advantages, {}
+        advantages, dropped = label_free.entropy_band_filter(advantages, rollouts.answers,
+                                                             rollouts.group_index, *band)
+        return advantages, {metrics.FILTERED_PROMPTS: float(dropped)}
 
     @contextmanager
     def _timed(self, timings: dict[str, float], phase: str) -> Iterator[None]:

@@ -62,3 +62,31 @@ def test_random_rewards_are_seeded_standard_normal():
     # the same normalisation as any reward: z-scored within each group
     adv = alg.grpo_advantages(first[:8], [0, 0, 0, 0, 1, 1, 1, 1])
     assert adv[:4].mean().item() == pytest.approx(0, abs=1e-6)
+
+
+def test_entropy_band_filter_zeroes_and_counts_groups_outside():
+    # group 0: answers 4, 4 (entropy 0, outside [0.5, 1]); group 1: 4, 5 (ln 2, inside)
+    advantages = torch.tensor([0.7, -0.7, 0.3, -0.3])
+    filtered, dropped = lf.entropy_band_filter(advantages, ["4", "4", "4", "5"], [0, 0, 1, 1],
+                                               0.5, 1.0)
+    assert filtered.tolist() == pytest.approx([0.0, 0.0, 0.3, -0.3]) and dropped == 1
+
+
+def test_registered_estimators_intuitor_vote_and_random_by_hand():
+    settings = type("Settings", (), {"name": "intuitor_vote", "vote_weight": 2.0})()
+    certainty = torch.tensor([1.0, 3.0, 5.0, 7.0])  # groups [0, 0, 1, 1]
+    # group 0: answers 2, 3 tie -> 2 wins: votes [1, 0]; group 1: 9, 9 -> votes [1, 1] (no spread)
+    adv = alg.response_advantages(settings, certainty, None, [0, 0, 1, 1],
+                                  answers=["2", "3", "9", "9"])
+    z = 1.0 / (math.sqrt(2.0) + EPS)  # [1, 3]: mean 2, unbiased std sqrt(2)
+    vote_z = 0.5 / (math.sqrt(0.5) + EPS)  # votes [1, 0]: gap 1
+    assert adv.tolist() == pytest.approx([-z + 2 * vote_z, z - 2 * vote_z, -z, z], rel=1e-6)
+    assert alg.advantage_estimator("intuitor_vote").needs_answers
+    assert not alg.advantage_estimator("intuitor_vote").needs_verifiable
+    settings.name = "random"
+    drawn = alg.response_advantages(settings, certainty, None, [0, 0, 1, 1], seed=11)
+    assert drawn.tolist() == pytest.approx(
+        alg.grpo_advantages(lf.random_rewards(4, 11), [0, 0, 1, 1]).tolist())
+    # the self-certainty plays no part: another one gives the same advantages
+    assert torch.equal(drawn, alg.response_advantages(settings, -certainty, None, [0, 0, 1, 1],
+                                                      seed=11))
