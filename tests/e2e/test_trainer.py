@@ -156,6 +156,20 @@ def test_verifiable_reward_algorithms_run_a_step(tmp_path, name):
 
 
 @pytest.mark.slow
+def test_label_free_vote_and_entropy_band_run_a_step(tmp_path):
+    """algorithm=intuitor_vote with algorithm.entropy_band=[0, 0]: the ranks read every
+    response's answer; the tiny random model's 8 answers to a prompt never all agree, so every
+    prompt's answer entropy is above 0 and all 4 are filtered out: no advantage, no loss, no
+    gradient (no KL term either)."""
+    _finish(_main(_overrides(tmp_path, 1) + ["algorithm=intuitor_vote", "algorithm.kl_coef=0",
+                                             "algorithm.entropy_band=[0,0]"]))
+    row = _rows(tmp_path)[1]
+    assert row[metrics.FILTERED_PROMPTS] == 4
+    assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.GRAD_NORM]) == (
+        0.0, 0.0, 0.0)
+
+
+@pytest.mark.slow
 def test_engine_sharded_like_the_actor_takes_its_weights_shard_to_shard(tmp_path):
     """rollout TP = actor TP = 2: each rank copies its shards into its engine shard; at step 2
     the engine samples from the step-1 update (its log-probs equal Megatron's). vLLM's
