@@ -3,7 +3,9 @@ task it can partly solve? Three arms, the same steps, prompts and seeds:
 
 - `intuitor`: `algorithm=intuitor`, the self-certainty reward;
 - `grpo`: `algorithm=grpo`, the verifiable 0/1 reward (the upper reference: it sees the answers);
-- `control`: `algorithm=intuitor` with `actor.lr=0`: the same rollouts and scoring, no update.
+- `control`: `algorithm=intuitor` with `actor.lr=0`: the same rollouts and scoring, no update;
+- `vote`: `algorithm=intuitor_vote` (self-certainty + answer vote, docs/experiments.md);
+- `random`: `algorithm=random` (i.i.d. normal rewards: movement without direction).
 
 The task: synthetic arithmetic `a + b` / `a - b` with operands 0..20 (`data.synthetic`); the
 held-out set is 96 prompts of another seed, and training prompts equal to one of them are dropped.
@@ -48,7 +50,8 @@ from megatron_intuitor import metrics  # noqa: E402
 
 DATASET = "synthetic_arithmetic"
 ARMS = {"intuitor": ["algorithm=intuitor"], "grpo": ["algorithm=grpo"],
-        "control": ["algorithm=intuitor", "actor.lr=0"]}
+        "control": ["algorithm=intuitor", "actor.lr=0"],
+        "vote": ["algorithm=intuitor_vote"], "random": ["algorithm=random"]}
 CURVES = {"self_certainty": metrics.SELF_CERTAINTY_MEAN, "entropy": metrics.ENTROPY,
           "response_length": metrics.RESPONSE_LENGTH_MEAN}
 
@@ -72,10 +75,11 @@ def run_figures(run_dir: Path, steps: int, overrides: list[str]) -> dict:
     accuracy, certainty = metrics.val_accuracy(DATASET), f"val/{DATASET}/self_certainty"
     validations = [row for row in rows if accuracy in row]
     before, after = validations[0], validations[-1]
-    if before.get("step") != 0 or len(validations) != 2:
+    if before.get("step") != 0 or after.get("step") != steps:
         raise SystemExit(f"{run_dir}: expected validations before step 1 and after the last "
                          f"step, got steps {[row.get('step') for row in validations]}")
     return {"acc_before": before[accuracy], "acc_after": after[accuracy],
+            "val_acc": [[row["step"], row[accuracy]] for row in validations],
             "val_self_certainty_before": before[certainty],
             "val_self_certainty_after": after[certainty],
             **{name: [row[key] for row in step_rows] for name, key in CURVES.items()},
@@ -186,7 +190,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=["intuitor", "grpo", "control"],
+                        choices=list(ARMS))
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="keep every run here (default: a temporary directory)")
     parser.add_argument("--plot", type=Path, default=None, help="draw the runs into this PNG")
