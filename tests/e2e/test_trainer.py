@@ -160,8 +160,10 @@ def test_label_free_vote_and_entropy_band_run_a_step(tmp_path):
     """algorithm=intuitor_vote with algorithm.entropy_band=[0, 0]: the ranks read every
     response's answer; the tiny random model's 8 answers to a prompt never all agree, so every
     prompt's answer entropy is above 0 and all 4 are filtered out: no advantage, no loss, no
-    gradient (no KL term either)."""
+    gradient (no KL term either; the plain PPO loss, since KL-Cov's |log r| term has a gradient
+    of +-1 even at r = 1)."""
     _finish(_main(_overrides(tmp_path, 1) + ["algorithm=intuitor_vote", "algorithm.kl_coef=0",
+                                             "algorithm.policy_loss=ppo",
                                              "algorithm.entropy_band=[0,0]"]))
     row = _rows(tmp_path)[1]
     assert row[metrics.FILTERED_PROMPTS] == 4
