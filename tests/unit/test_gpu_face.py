@@ -415,3 +415,28 @@ def test_preflight_names_missing_and_mismatched_transformer_engine_parts(monkeyp
     assert "'transformer_engine_torch': '2.11.0'" in text
     assert "transformer_engine_cu12 is installed next to transformer_engine_cu13" in text
     assert "import transformer_engine.pytorch failed" in text and report.errors == 3
+
+
+def test_scored_engine_is_refused_once_another_engine_froze_the_runner_choice(monkeypatch):
+    """Defect 1 (round 2), against vLLM's own environment cache: before any engine the V1 runner
+    is selected; after a first engine froze vLLM's environment (`enable_envs_cache`, what
+    `EngineCore.__init__` calls) without VLLM_USE_V2_MODEL_RUNNER=0, a scored engine is refused
+    naming the cause; frozen with 0 (the first engine was a scored one), it is allowed."""
+    from vllm import envs as vllm_envs
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    try:
+        engine_module.select_v1_model_runner(vllm_envs)
+        assert vllm_envs.VLLM_USE_V2_MODEL_RUNNER is False
+
+        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+        vllm_envs.enable_envs_cache()  # a first, unscored engine starts
+        with pytest.raises(RuntimeError, match="another vLLM engine started in this process"):
+            engine_module.select_v1_model_runner(vllm_envs)
+
+        vllm_envs.disable_envs_cache()  # that engine shut down (cleanup_dist_env_and_memory)
+        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+        vllm_envs.enable_envs_cache()  # the first engine was a scored one
+        engine_module.select_v1_model_runner(vllm_envs)
+    finally:
+        vllm_envs.disable_envs_cache()
