@@ -440,3 +440,118 @@ def test_scored_engine_is_refused_once_another_engine_froze_the_runner_choice(mo
         engine_module.select_v1_model_runner(vllm_envs)
     finally:
         vllm_envs.disable_envs_cache()
+
+
+# A part that starts what a GPU check leaves behind when it is killed: a daemon in a session of
+# its own (Ray's GCS and raylet are), a child that ignores SIGTERM, then it hangs.
+_HANGING_PART = """
+import signal, subprocess, sys, time
+sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
+daemon = subprocess.Popen(sleep, start_new_session=True)
+stubborn = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+print("pids", daemon.pid, stubborn.pid, flush=True)
+time.sleep(600)
+"""
+# A part that ends well but leaves a daemon running (Ray after its driver exited).
+_LEAKING_PART = """
+import subprocess, sys
+daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                          start_new_session=True)
+print("pids", daemon.pid, flush=True)
+"""
+
+
+def test_gpu_check_part_over_its_limit_leaves_no_process_running(tmp_path):
+    """Defect 4: scripts/gpu_parts.py stops a part at its limit together with everything it
+    started (a daemon in another session, a child ignoring SIGTERM), and after a part that
+    ended it stops what it left running; every process is gone afterwards."""
+    import json
+    import subprocess
+    import sys
+
+    import psutil
+
+    driver = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {str(REPO / "scripts")!r})
+import gpu_parts
+gpu_parts.STOP_GRACE_S = 2.0
+parts = (gpu_parts.Part("hangs", 4, (sys.executable, "-c", {_HANGING_PART!r})),
+         gpu_parts.Part("leaks", 60, (sys.executable, "-c", {_LEAKING_PART!r})))
+summary = gpu_parts.run_parts(parts, Path({str(tmp_path / "out")!r}), Path({str(tmp_path)!r}))
+print(json.dumps(summary))
+"""
+    run = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(run.stdout.splitlines()[-1])
+    hangs, leaks = summary["parts"]
+    assert hangs["timed_out"] and hangs["returncode"] is None and hangs["stopped_processes"] == 3
+    assert not leaks["timed_out"] and leaks["returncode"] == 0 and leaks["stopped_processes"] == 1
+    assert not summary["ok"]
+    pids = [int(pid) for part in ("hangs", "leaks")
+            for pid in (tmp_path / "out" / f"{part}.log").read_text().split("pids")[1].split()]
+    assert len(pids) == 3
+    alive = [pid for pid in pids if psutil.pid_exists(pid)
+             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not alive
+
+
+def _functions(source: str) -> dict:
+    """The functions of a module's source, by name."""
+    import ast
+
+    return {node.name: node for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.FunctionDef)}
+
+
+def _shuts_down_before_teardown(function) -> bool:
+    """Whether `function` calls `.shutdown()` anywhere but after its `yield` (a fixture's
+    teardown, which runs once the process's tests are done)."""
+    import ast
+
+    after_yield = False
+    for statement in function.body:
+        for node in ast.walk(statement):
+            if (not after_yield and isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute) and node.func.attr == "shutdown"):
+                return True
+        after_yield = after_yield or any(isinstance(node, ast.Yield)
+                                         for node in ast.walk(statement))
+    return False
+
+
+def test_gpu_suite_gives_each_engine_a_process_and_shuts_it_down_last():
+    """Defects 1 and 2 (round 2): scripts/gpu_smoke.sh runs every tests/gpu/ file in a process
+    of its own; no file's tests need two engines (a second engine cannot choose its vLLM runner);
+    engines are built only by fixtures and shut down (which destroys torch.distributed) only in
+    fixture teardown, after every test of the process."""
+    import ast
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_parts
+
+    gpu_dir = REPO / "tests" / "gpu"
+    files = sorted(str(path.relative_to(REPO)) for path in gpu_dir.glob("test_*.py"))
+    per_part = [[arg for arg in part.command if arg.startswith("tests/")]
+                for part in gpu_parts.SMOKE_PARTS]
+    assert sorted(path for paths in per_part for path in paths) == files
+    assert all(len(paths) == 1 for paths in per_part)
+
+    conftest = (gpu_dir / "conftest.py").read_text()
+    fixtures = _functions(conftest)
+    engines = {name for name, node in fixtures.items()
+               if "RolloutEngine(" in ast.get_source_segment(conftest, node)}
+    assert engines == {"engine", "scored_engine"}
+    assert not [name for name, node in fixtures.items() if _shuts_down_before_teardown(node)]
+    for path in files:
+        source = (REPO / path).read_text()
+        assert "RolloutEngine(" not in source, f"{path} builds an engine outside the fixtures"
+        tests = _functions(source)
+        early = [name for name, node in tests.items() if _shuts_down_before_teardown(node)]
+        assert not early, f"{path}: {early} shut an engine down mid-process"
+        used = {arg.arg for node in tests.values() for arg in node.args.args} & engines
+        assert len(used) <= 1, f"{path} needs two engines in one process: {used}"
