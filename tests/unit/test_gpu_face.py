@@ -555,3 +555,56 @@ def test_gpu_suite_gives_each_engine_a_process_and_shuts_it_down_last():
         assert not early, f"{path}: {early} shut an engine down mid-process"
         used = {arg.arg for node in tests.values() for arg in node.args.args} & engines
         assert len(used) <= 1, f"{path} needs two engines in one process: {used}"
+
+
+def _headers(directory: Path, cudnn: tuple[int, int, int] | None = None,
+             nccl: bool = False) -> Path:
+    """An include directory holding cudnn.h + cudnn_version.h (as cuDNN 9 lays them out) and/or
+    nccl.h."""
+    directory.mkdir(parents=True)
+    if cudnn is not None:
+        (directory / "cudnn.h").write_text('#include "cudnn_version.h"\n')
+        (directory / "cudnn_version.h").write_text(
+            "".join(f"#define CUDNN_{name} {value}\n"
+                    for name, value in zip(("MAJOR", "MINOR", "PATCHLEVEL"), cudnn)))
+    if nccl:
+        (directory / "nccl.h").write_text("#define NCCL_MAJOR 2\n")
+    return directory
+
+
+def test_preflight_names_the_headers_the_te_build_cannot_find(preflight, tmp_path):
+    """Defect 3 (round 2): a CUDA toolkit without cudnn.h / nccl.h (as NVIDIA ships it) makes
+    TE's torch extension build fail; the check names each header and the CPATH that adds the
+    NVIDIA wheel holding it, then refuses cuDNN headers older than 9.12 (TE's static_assert)."""
+    toolkit = tmp_path / "cuda"
+    _headers(toolkit / "include")
+    (toolkit / "bin").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("")
+    cudnn = _headers(tmp_path / "nvidia" / "cudnn" / "include", cudnn=(9, 10, 2))
+    nccl = _headers(tmp_path / "nvidia" / "nccl" / "include", nccl=True)
+    env = {"CUDA_HOME": str(toolkit), "PATH": ""}
+
+    report = preflight.Report()
+    preflight.check_te_build_headers(report, env, wheel_dirs=[cudnn, nccl])
+    assert report.errors == 2
+    assert "includes cudnn.h, in none of the directories its build searches" in report.lines[0]
+    assert f"export CPATH={cudnn}" in report.lines[0]
+    assert "includes nccl.h" in report.lines[1] and f"export CPATH={nccl}" in report.lines[1]
+
+    report = preflight.Report()
+    preflight.check_te_build_headers(report, {**env, "CPATH": f"{cudnn}:{nccl}"},
+                                     wheel_dirs=[cudnn, nccl])
+    assert report.errors == 1
+    assert "cuDNN headers in" in report.lines[-1] and "are 9.10.2" in report.lines[-1]
+    assert "cuDNN >= 9.12.0" in report.lines[-1]
+
+    newer = _headers(tmp_path / "cudnn_9_12" / "include", cudnn=(9, 12, 0))
+    report = preflight.Report()
+    preflight.check_te_build_headers(report, {**env, "CPATH": f"{newer}:{nccl}"},
+                                     wheel_dirs=[cudnn, nccl])
+    assert report.errors == 0 and len(report.lines) == 2
+
+    report = preflight.Report()  # the wheels' headers are the build's own with this switch
+    preflight.check_te_build_headers(report, {**env, "NVTE_BUILD_USE_NVIDIA_WHEELS": "1"},
+                                     wheel_dirs=[cudnn, nccl])
+    assert report.errors == 1 and "are 9.10.2" in report.lines[-1]
