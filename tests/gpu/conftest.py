@@ -14,11 +14,6 @@ import os
 import pytest
 import torch
 
-# Qwen2.5-0.5B's widths (hidden 896, 14 query / 2 key-value heads of 64, FFN 4864, vocabulary
-# 151936, tied embeddings) with 2 layers.
-QWEN_05B_SHAPE = dict(arch="qwen2", hidden_size=896, num_layers=2, num_heads=14, num_kv_heads=2,
-                      intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
-                      max_position_embeddings=4096, dtype=torch.bfloat16)
 # Few sequences per step: vLLM captures CUDA graphs for batch sizes up to 2 x max_num_seqs
 # (7 sizes here instead of ~60 at its default), each capture costing start-up time.
 ENGINE_SETTINGS = dict(max_model_len=512, engine_kwargs={"max_num_seqs": 16})
@@ -26,9 +21,10 @@ ENGINE_SETTINGS = dict(max_model_len=512, engine_kwargs={"max_num_seqs": 16})
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    from megatron_intuitor.models.tiny import make_tiny_model
+    from megatron_intuitor.models.tiny import QWEN25_05B_WIDTHS, make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("qwen2_05b_shape"), **QWEN_05B_SHAPE)
+    return make_tiny_model(tmp_path_factory.mktemp("qwen2_05b_shape"), **QWEN25_05B_WIDTHS,
+                           dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="session")

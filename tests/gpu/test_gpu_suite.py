@@ -10,22 +10,12 @@ import math
 import pytest
 import torch
 
+from megatron_intuitor.core_check import random_batch, transformers_scores
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 TEMPERATURE = 1.0
-
-
-def _batch(lengths: list[int], prompt_len: int, seed: int = 0):
-    """Right-padded random rows: (input_ids, attention_mask, response_mask)."""
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.randint(3, 500, (len(lengths), width), generator=gen)
-    attention = torch.arange(width) < torch.tensor(lengths)[:, None]
-    ids[~attention] = 0
-    response = attention.clone()
-    response[:, :prompt_len] = False
-    return ids, attention, response
 
 
 def _score(chunks, hf_config, ids, attention, response, *, packed: bool, micro: int = 2,
@@ -39,24 +29,12 @@ def _score(chunks, hf_config, ids, attention, response, *, packed: bool, micro: 
                                               packed=packed))
 
 
-def _hf_log_probs(model_dir, ids, attention) -> torch.Tensor:
-    """transformers' fp32 log-probs of token t at column t (0 at column 0)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
-    with torch.no_grad():
-        logits = model(input_ids=ids.cuda(), attention_mask=attention.long().cuda()).logits
-        log_probs = torch.log_softmax(logits[:, :-1].float(), -1).gather(
-            -1, ids[:, 1:, None].cuda())[..., 0]
-    return torch.nn.functional.pad(log_probs.cpu(), (1, 0))
-
-
 def test_te_layer_spec_log_probs_match_transformers_padded_and_packed(policy, model_dir):
     hf_config, chunks, _ = policy
     module_types = {type(m).__name__ for m in chunks[0].modules()}
     assert "TEDotProductAttention" in module_types, sorted(module_types)
-    ids, attention, response = _batch([40, 57, 23, 64], prompt_len=10)
-    reference = _hf_log_probs(model_dir, ids, attention)
+    ids, attention, response = random_batch([40, 57, 23, 64], prompt_len=10)
+    reference = transformers_scores(model_dir, ids, attention, TEMPERATURE)["log_probs"]
     padded = _score(chunks, hf_config, ids, attention, response, packed=False)["log_probs"]
     packed = _score(chunks, hf_config, ids, attention, response, packed=True)["log_probs"]
     for name, got in (("padded", padded), ("packed", packed)):
@@ -241,7 +219,7 @@ def test_reference_offload_round_trip_is_exact(world, model_dir):
     for chunk in reference:
         chunk.requires_grad_(False)
         chunk.eval()
-    ids, attention, response = _batch([30, 45, 17], prompt_len=8, seed=4)
+    ids, attention, response = random_batch([30, 45, 17], prompt_len=8, seed=4)
     first = _score(reference, hf_config, ids, attention, response, packed=True)["log_probs"]
     for chunk in reference:
         chunk.to("cpu")
@@ -264,7 +242,7 @@ def test_fp8_scores_and_update_at_unaligned_and_aligned_token_counts(world, mode
     hf_config, fp8 = load_policy(model_dir, world, params_dtype=torch.bfloat16, fp8="hybrid")
     _, bf16 = load_policy(model_dir, world, params_dtype=torch.bfloat16)
     for lengths in ([37, 50, 23], [64] * 8):
-        ids, attention, response = _batch(lengths, prompt_len=10, seed=len(lengths))
+        ids, attention, response = random_batch(lengths, prompt_len=10, seed=len(lengths))
         got = _score(fp8, hf_config, ids, attention, response, packed=packed, micro=8)
         want = _score(bf16, hf_config, ids, attention, response, packed=packed, micro=8)
         diff = (got["log_probs"] - want["log_probs"])[response].abs()
@@ -272,12 +250,12 @@ def test_fp8_scores_and_update_at_unaligned_and_aligned_token_counts(world, mode
         assert torch.isfinite(got["log_probs"]).all() and diff.mean() < 0.2
     # Per-tensor current scaling takes its scales from each micro-batch: the scoring pass and
     # the update cut the rows differently, so on-policy ratios are 1 only up to this.
-    ids, attention, response = _batch([37, 50, 23, 41], prompt_len=10, seed=8)
+    ids, attention, response = random_batch([37, 50, 23, 41], prompt_len=10, seed=8)
     one = _score(fp8, hf_config, ids, attention, response, packed=packed, micro=4)["log_probs"]
     two = _score(fp8, hf_config, ids, attention, response, packed=packed, micro=1)["log_probs"]
     print(f"FP8 vs itself across micro-batchings (packed={packed}): max "
           f"{(one - two)[response].abs().max():.4f}")
-    ids, attention, response = _batch([37, 50, 23], prompt_len=10, seed=9)
+    ids, attention, response = random_batch([37, 50, 23], prompt_len=10, seed=9)
     lengths = attention.sum(1)
     rollouts = RolloutBatch(input_ids=ids, response_mask=response, lengths=lengths,
                             group_index=torch.zeros(3, dtype=torch.long),

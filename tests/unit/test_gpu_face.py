@@ -378,11 +378,12 @@ def test_resume_restores_a_param_group_step(tmp_path):
 
 @pytest.mark.skipif(any(Path("/dev").glob("nvidia[0-9]*")),
                     reason="this machine has a GPU: the script would run the GPU suite")
-def test_gpu_smoke_script_exits_at_once_without_cuda():
+@pytest.mark.parametrize("script", ["gpu_smoke.sh", "gpu_check_core.sh"])
+def test_gpu_script_exits_at_once_without_cuda(script):
     import subprocess
     import time
 
-    script = REPO / "scripts" / "gpu_smoke.sh"
+    script = REPO / "scripts" / script
     started = time.monotonic()
     run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "no CUDA" in run.stderr
