@@ -279,16 +279,15 @@ def check_ppo(work_dir: Path, small: bool) -> dict:
                             group_index=torch.zeros(len(ids), dtype=torch.long),
                             rollout_log_probs=old)
     batch = rollouts.for_update(torch.tensor([1.0, -0.5, 0.2, -0.7]), old, old)
-    settings = PPOSettings(temperature=TEMPERATURE, vocab_size=hf_config.vocab_size,
-                           clip_ratio=0.2, kl_coef=0.01, kl_type="low_var_kl", entropy_coef=0.0,
-                           tis_cap=None)
+    settings = PPOSettings(temperature=TEMPERATURE, clip_ratio=0.2, kl_coef=0.01,
+                           kl_type="low_var_kl", entropy_coef=0.0, tis_cap=None)
     before = [param.detach().clone() for param in chunks[0].parameters()]
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     started = time.perf_counter()
     losses = ppo_forward_backward(chunks, batch, MicroBatching(micro_batch_size=2, packed=True),
-                                  settings)
+                                  settings, hf_config.vocab_size)
     stepped, grad_norm, _ = optimizer.step()
     if on_gpu():
         torch.cuda.synchronize()
