@@ -273,7 +273,7 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config, *,
             raise RuntimeError(
                 "build_model on GPU uses Transformer Engine's layer spec, but megatron.core "
                 "could not import transformer_engine: `python -c 'import "
-                "transformer_engine.pytorch'` shows why (README, 'Install on GPU')")
+                "transformer_engine.pytorch'` shows why (docs/gpu.md)")
         layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=features.qk_norm)
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
