@@ -14,8 +14,8 @@ import os
 import pytest
 import torch
 
-# Few sequences per step: vLLM captures CUDA graphs for batch sizes up to 2 x max_num_seqs
-# (7 sizes here instead of 51 at H100's default of 1024 sequences), each capture costing start-up
+# Few sequences per step: vLLM captures CUDA graphs for batch sizes up to 2 x max_num_seqs, 7
+# sizes here instead of 51 at H100's default of 1024 sequences, each capture costing start-up
 # time (`vllm/config/vllm.py` `_set_cudagraph_sizes`).
 ENGINE_SETTINGS = dict(max_model_len=512, engine_kwargs={"max_num_seqs": 16})
 
