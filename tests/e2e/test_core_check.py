@@ -20,8 +20,9 @@ INSTALLED = ["torch", "transformers", "megatron-core", "psutil", "omegaconf"]
 CARRIED = ["megatron-core", "psutil", "omegaconf", "antlr4-python3-runtime"]
 
 # Run in the child: the path finder stops finding every top-level module outside the standard
-# library (by name or by place), this repository and those distributions (and what they vendor), as if not installed (`find_spec` returns
-# None, which is how transformers and megatron-core probe for optional packages).
+# library (by name or by place), this repository and those distributions (and what they
+# vendor), as if not installed (`find_spec` returns None, which is how transformers and
+# megatron-core probe for optional packages).
 CHILD = """
 import importlib.machinery, importlib.metadata as md, json, sys, sysconfig, tempfile
 from pathlib import Path
