@@ -25,6 +25,7 @@ class Response:
     correct: bool
     answer_self_certainty: Optional[float] = None  # token mean over the extracted answer
     rest_self_certainty: Optional[float] = None    # token mean over the other tokens
+    truncated: bool = False  # cut at the response length limit
 
 
 Group = Sequence[Response]  # one prompt's responses, in sample order
@@ -160,7 +161,11 @@ def report(groups: Sequence[Group], greedy_correct: Sequence[bool], ns: Sequence
             f"best_minus_mean@{n}": difference(best, mean), f"mixed@{n}": mixed_share(groups, n),
             f"auroc@{n}": pairwise_wins(groups, n, lambda r: r.correct),
             f"answerless_auroc@{n}": pairwise_wins(groups, n, lambda r: r.answer is None),
-            f"answer_minus_rest@{n}": answer_minus_rest(groups, n)})
+            f"answer_minus_rest@{n}": answer_minus_rest(groups, n),
+            # the length confound: the same AUROC among the responses that finished
+            f"auroc_finished@{n}": pairwise_wins(
+                [[r for r in group[:n] if not r.truncated] for group in groups], n,
+                lambda r: r.correct)})
     result = {"prompts": float(len(groups))}
     for name, per_prompt in figures.items():
         low, high = bootstrap_interval(per_prompt, resamples, seed)
@@ -170,6 +175,8 @@ def report(groups: Sequence[Group], greedy_correct: Sequence[bool], ns: Sequence
         result[f"answerless_pairs@{n}"] = float(figures[f"answerless_auroc@{n}"][1].sum())
         result[f"answerless_share@{n}"] = float(np.mean([r.answer is None for group in groups
                                                          for r in group[:n]]))
+        result[f"truncated_share@{n}"] = float(np.mean([r.truncated for group in groups
+                                                        for r in group[:n]]))
         result[f"length_corr@{n}"] = within_prompt_correlation(groups, n, lambda r: r.length)
     return result
 
@@ -199,7 +206,8 @@ def responses_from_rows(rows: Sequence[dict], n: int) -> tuple[list[list[Respons
                 self_certainty=row["self_certainty"], length=row["length"],
                 answer=row["answer"], correct=bool(row["correct"]),
                 answer_self_certainty=row["answer_self_certainty"],
-                rest_self_certainty=row["rest_self_certainty"])
+                rest_self_certainty=row["rest_self_certainty"],
+                truncated=row.get("finish_reason") == "length")
     complete = [p for p in sorted(greedy) if len(sampled.get(p, {})) == n]
     return ([[sampled[p][k] for k in range(n)] for p in complete],
             [greedy[p] for p in complete])

@@ -114,6 +114,8 @@ def test_report_and_decision_by_hand():
             "auroc@8_low": 0.55, "answerless_auroc@8_low": 0.4}
     assert sel.decision(good) == {"best_minus_mean": True, "auroc": True,
                                   "no_answerless_preference": True, "passes": True}
+    # nothing truncated: the AUROC among finished responses is the AUROC
+    assert result["auroc_finished@4"] == result["auroc@4"] and result["truncated_share@4"] == 0
     with pytest.raises(ValueError, match=r"prompts \[0, 1, 2\]: fewer than 8 responses"):
         sel.report(GROUPS, [True, False, False], ns=(8,))
 
@@ -131,3 +133,13 @@ def test_responses_from_rows_keeps_complete_prompts_in_order():
     assert greedy == [False, True]
     assert [[r.correct for r in g] for g in groups] == [[False, True], [True, False]]
     assert [r.self_certainty for r in groups[1]] == [3.0, 2.0]  # by sample number
+
+
+def test_auroc_among_finished_responses_leaves_the_truncated_out():
+    # right {3 (finished), 2 (truncated)} vs wrong {1 (truncated), 2.5 (finished)}: among the
+    # finished only 3 > 2.5 -> 1 of 1 pair; with all, 3>1, 3>2.5, 2>1, 2<2.5 -> 3 of 4
+    group = [Response(3.0, 5, "4", True), Response(2.0, 9, "4", True, truncated=True),
+             Response(1.0, 9, "5", False, truncated=True), Response(2.5, 5, "5", False)]
+    result = sel.report([group], [True], ns=(4,), resamples=50)
+    assert result["auroc@4"] == pytest.approx(0.75) and result["auroc_finished@4"] == 1.0
+    assert result["truncated_share@4"] == 0.5
