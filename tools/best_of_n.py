@@ -97,7 +97,7 @@ def main() -> None:
     from megatron_intuitor.data.synthetic import arithmetic_space
     from megatron_intuitor.evaluation.best_of_n import best_of_n_metrics, \
         hf_sequence_self_certainty
-    from megatron_intuitor.evaluation.registry import grade_record, validation_metrics
+    from megatron_intuitor.evaluation.registry import validation_metrics
     from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
 
     torch.manual_seed(args.seed)
