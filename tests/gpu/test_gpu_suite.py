@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from scoring_reference import reference_shifted_scores
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -39,15 +41,15 @@ def _score(chunks, hf_config, ids, attention, response, *, packed: bool, micro: 
 
 
 def _hf_log_probs(model_dir, ids, attention) -> torch.Tensor:
-    """transformers' fp32 log-probs of token t at column t (0 at column 0)."""
+    """The float64 oracle's log-probs of token t at column t (0 at column 0) on transformers'
+    fp32 logits, as fp32."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
     with torch.no_grad():
         logits = model(input_ids=ids.cuda(), attention_mask=attention.long().cuda()).logits
-        log_probs = torch.log_softmax(logits[:, :-1].float(), -1).gather(
-            -1, ids[:, 1:, None].cuda())[..., 0]
-    return torch.nn.functional.pad(log_probs.cpu(), (1, 0))
+        log_probs = reference_shifted_scores(logits, ids.cuda()).log_probs
+    return log_probs.float().cpu()
 
 
 def test_te_layer_spec_log_probs_match_transformers_padded_and_packed(policy, model_dir):
