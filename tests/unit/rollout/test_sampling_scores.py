@@ -1,5 +1,5 @@
 """Self-certainty and entropy taken by the rollout engine at sampling time
-(`rollout.score_at_sampling`): the formula against a naive float64 one, the processor's batch-row
+(`rollout.score_at_sampling`): the formula against the float64 oracle, the processor's batch-row
 bookkeeping on hand-made batch updates, and the engine's per-token values against transformers'
 logits of the same sampled tokens."""
 import pytest
@@ -30,6 +30,19 @@ def test_token_scores_equal_the_naive_formula_over_the_real_vocabulary():
         assert abs(float(certainty[row]) - float(want_certainty)) < 1e-5
         assert abs(float(entropy[row]) - float(want_entropy)) < 1e-5
 
+
+
+def test_token_scores_stay_exact_for_logits_far_from_zero():
+    """Logits near 1e4 (a shift of every column, which changes neither score): each row is taken
+    relative to its max, so fp32 keeps 1e-5 (the unshifted form, logsumexp(z) - sum(softmax(z)
+    * z), loses ~1e-3 of entropy to cancellation here)."""
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(3)) * 4 + 1e4
+    temperature = [0.7, 0.7, 0.7, 1.0, 1.0, 1.0]
+    certainty, entropy = sampling_scores.token_scores(logits, temperature, vocab_size=1000)
+    for row in range(6):
+        want_certainty, want_entropy = _naive(logits[row], temperature[row], 1000)
+        assert abs(float(certainty[row]) - float(want_certainty)) < 1e-5
+        assert abs(float(entropy[row]) - float(want_entropy)) < 1e-5
 
 class _Params:
     def __init__(self, call, prompt, seed, temperature=1.0):
