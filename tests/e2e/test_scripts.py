@@ -323,7 +323,7 @@ def test_qwen7b_example_is_the_paper_recipe(fp8, data_root, tmp_path):
     for nodes in (2, 4):
         cfg = OmegaConf.create(run.config)
         cfg.trainer.nnodes = nodes
-        assert config.derive_layout(cfg).data_parallel == nodes
+        assert config.RankLayout.from_cfg(cfg).data_parallel == nodes
 
 
 def test_real_launch_logs_the_run(tmp_path):
