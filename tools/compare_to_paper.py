@@ -21,6 +21,9 @@ from typing import Optional
 
 BENCHMARKS = {"math500": "MATH500", "gsm8k": "GSM8K"}
 # accuracy by arm, then point ("base": before training, "step10", "final"), then benchmark
+# Checked against a second source in this project: INTUITOR's MATH500 0.090 -> 0.368 (step 10)
+# -> 0.530 (issue 21, shared/FACTS.md). The GSM8K and GRPO figures were entered from the paper's
+# tables without a second check here: verify them against arXiv 2505.19590 before citing.
 PAPER = {
     "base": {"math500": 0.090, "gsm8k": 0.002},
     "intuitor": {"step10": {"math500": 0.368, "gsm8k": 0.152},
