@@ -191,6 +191,8 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["actor.lr=-1e-6"], "actor.lr=-1e-06: expected a number >= 0"),
     (["trainer.guard.action=panic"], "trainer.guard.action='panic': expected one of warn"),
     (["trainer.guard.max_kl_jump=high"], "trainer.guard.max_kl_jump='high'"),
+    (["trainer.guard.max_repetitive_share=1.5"], "trainer.guard.max_repetitive_share=1.5: "
+     "expected null (off) or a number in [0, 1]"),
     (["+trainer.guard.max_kl=1"], "trainer.guard.max_kl is not a configuration key (did you mean "
      "trainer.guard.max_kl_jump?)"),
     (["trainer.guard.action=rollback"], "trainer.guard.action=rollback restores the best "
