@@ -111,9 +111,14 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
         raise FileNotFoundError(f"data file not found: {path}")
     name = path.name.lower()
     if name.endswith(".parquet"):
+        import pyarrow
         import pyarrow.parquet as pq
 
-        for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            table = pq.read_table(path)
+        except pyarrow.ArrowException as err:  # not parquet, truncated, or unreadable
+            raise DataError(f"{path} is not a readable parquet file: {err}") from None
+        for number, row in enumerate(table.to_pylist(), start=1):
             yield f"{path} row {number}", row
     elif name.endswith((".jsonl", ".jsonl.gz")):
         opener = gzip.open if name.endswith(".gz") else open
