@@ -5,7 +5,7 @@ and vLLM spend minutes starting, each problem with what to fix.
 
 Composes, resolves and validates the config of `python -m megatron_intuitor.main OVERRIDES`
 (`megatron_intuitor.config`: every key, data files, model path, parallel sizes, GPUs visible on
-a single node), then checks what the config cannot know: the python and package versions the
+a single node), reads every row of the data files as the trainer does, then checks what the config cannot know: the python and package versions the
 project pins, the Ray cluster of a multi-node run, whether a hub model is cached, the free disk
 for checkpoints. The report goes to stderr; exit status 1 if anything must be fixed.
 
@@ -294,6 +294,31 @@ def check_sandbox(report: Report, cfg) -> None:
         report.error(f"code sandbox for {', '.join(needs)} cannot start: {error}")
 
 
+def check_data_rows(report: Report, cfg) -> None:
+    """Every row of the data files, read as the trainer reads them (UTF-8, JSON, the format's
+    fields): a bad row is named now, not after the console script started. Files the config
+    check already refused (missing, a directory, another suffix) are not read again."""
+    from megatron_intuitor.config import DATA_SUFFIXES
+    from megatron_intuitor.data.datasets import DataError, load_records, run_dataset_specs
+
+    train, val = run_dataset_specs(cfg.data)
+    keyed = [(f"data.train_files[{i}]", spec) for i, spec in enumerate(train)] + [
+        (f"data.val_files[{i}]", spec) for i, (_, spec) in enumerate(val)]
+    rows, files, failed = 0, 0, False
+    for key, spec in keyed:
+        if spec.format == "synthetic" or (spec.path is not None and not (
+                Path(spec.path).is_file() and spec.path.endswith(DATA_SUFFIXES))):
+            continue
+        try:
+            rows += len(load_records(spec))
+            files += 1
+        except DataError as error:
+            report.error(f"{key}: {error}")
+            failed = True
+    if files and not failed:
+        report.ok(f"data: {rows} rows in {files} file(s), every row readable")
+
+
 def _existing_parent(path: Path) -> Path:
     while not path.exists():
         path = path.parent
@@ -430,6 +455,7 @@ def main() -> int:
         check_transformer_engine(report)
     if cfg is not None:
         check_model(report, cfg)
+        check_data_rows(report, cfg)
         check_ray_cluster(report, cfg)
         check_disk(report, cfg)
         check_sandbox(report, cfg)

@@ -293,6 +293,27 @@ def _resolve_path(spec: DatasetSpec) -> Path:
     raise DataError(f"dataset of format {spec.format!r} needs a path")
 
 
+def run_dataset_specs(data: Any) -> tuple[list[DatasetSpec], list[tuple[dict, DatasetSpec]]]:
+    """The specs of a run's training sets and its (validation entry, spec) pairs, from the
+    resolved `data` config group: what the trainer loads and the preflight checks."""
+    def spec(path: Optional[str], fmt: str, name: Optional[str], split: str) -> DatasetSpec:
+        synthetic = data.synthetic
+        return DatasetSpec(path=path, format=fmt, name=name, prompt_key=data.prompt_key,
+                           answer_key=data.answer_key, size=synthetic[f"{split}_size"],
+                           max_operand=synthetic.max_operand, operators=synthetic.operators,
+                           seed=data.seed + (0 if split == "train" else 1))
+
+    if data.format == "synthetic":
+        train = [spec(None, "synthetic", None, "train")]
+        val_entries = data.val_files or [{"name": "synthetic_arithmetic", "format": "synthetic",
+                                          "path": ""}]
+    else:
+        train = [spec(path, data.format, None, "train") for path in data.train_files]
+        val_entries = data.val_files
+    return train, [(entry, spec(entry["path"] or None, entry["format"], entry["name"], "val"))
+                   for entry in val_entries]
+
+
 def _record_parts(row: dict, fmt: str, spec: DatasetSpec) -> tuple[list, Optional[str],
                                                                     Optional[str], dict]:
     return _prompt_format(row, spec) if fmt == "prompt" else _PARSERS[fmt](row)

@@ -39,10 +39,10 @@ def test_synthetic_task_settings_are_checked_and_reach_the_prompts():
     problems = _problems(["data.synthetic.operators=+/", "data.synthetic.max_operand=-1"])
     assert "data.synthetic.operators='+/'" in problems
     assert "data.synthetic.max_operand=-1" in problems
-    from megatron_intuitor.trainer import _dataset_spec
+    from megatron_intuitor.data.datasets import run_dataset_specs
 
     cfg = load(["data.synthetic.operators=*", "data.synthetic.max_operand=7"])
-    spec = _dataset_spec(cfg, None, "synthetic", None, "train")
+    [spec], _ = run_dataset_specs(cfg.data)
     assert (spec.operators, spec.max_operand) == ("*", 7)
 
 
