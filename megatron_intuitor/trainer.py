@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_intuitor import algorithm, collapse, metrics
+from megatron_intuitor.checkpoint import disk_full_explanation
 from megatron_intuitor.config import (Schedule, actor_settings, derive_layout,
                                       training_schedule)
 from megatron_intuitor.config import validate as validate_config
@@ -233,8 +234,15 @@ class Trainer:
         extra = {"data": self.loader.state_dict(), "best": self.best,
                  "monitor": self.monitor.state_dict(), "rollbacks": self.rollbacks}
         keep = (self.best["step"],) if self.best else ()
-        self.actor.save_checkpoint(str(self.checkpoint_root), step, extra,
-                                   keep_last=self.cfg.trainer.keep_last, keep_steps=keep)
+        try:
+            self.actor.save_checkpoint(str(self.checkpoint_root), step, extra,
+                                       keep_last=self.cfg.trainer.keep_last, keep_steps=keep)
+        except Exception as error:  # a full disk: said in a sentence, not the ranks' tracebacks
+            disk_full = disk_full_explanation(error, self.checkpoint_root, step)
+            if disk_full is None:
+                raise
+            raise TrainingStopped(f"trainer.output_dir={self.cfg.trainer.output_dir}: {disk_full}"
+                                  f"; free space or set trainer.output_dir elsewhere") from error
 
     def _is_new_best(self, step: int, values: dict[str, float]) -> bool:
         """Whether this step's `trainer.best_metric` (higher is better) beats the best so far;
