@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
         print(f"megatron-intuitor: {error}", file=sys.stderr)
         sys.exit(2)
     # Imported only now: the trainer pulls in Ray, Megatron-Core and vLLM.
-    from megatron_intuitor import trainer
+    from megatron_intuitor import interrupt, trainer
     from megatron_intuitor.data.datasets import DataError
     from megatron_intuitor.workers.group import WorkerDiedError
 
@@ -36,6 +36,10 @@ def main(cfg: DictConfig) -> None:
     except WorkerDiedError as error:  # names the rank, its node and what ended it
         print(f"megatron-intuitor: the run stopped:\n{error}", file=sys.stderr)
         sys.exit(1)
+    except (KeyboardInterrupt, interrupt.RunInterrupted) as error:  # Ctrl-C
+        print(f"megatron-intuitor: {interrupt.message(error, cfg.trainer.output_dir)}",
+              file=sys.stderr)
+        sys.exit(interrupt.EXIT_STATUS)
 
 
 if __name__ == "__main__":

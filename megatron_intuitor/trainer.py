@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_intuitor import algorithm, collapse, metrics
+from megatron_intuitor import algorithm, collapse, interrupt, metrics
 from megatron_intuitor.checkpoint import disk_full_explanation
 from megatron_intuitor.config import (Schedule, actor_settings, derive_layout,
                                       training_schedule)
@@ -408,7 +408,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     try:
         log.info("weight sync: %s", actor.weight_sync_path())
         trainer = Trainer(cfg, schedule, actor, loader, val_sets, logger, tokenizer)
-        final = trainer.fit()
+        with interrupt.at_step(lambda: trainer.last_step):
+            final = trainer.fit()
         actor.export_hf(str(output_dir / "hf_final"))
         logger.plot_curves(output_dir / "curves.png")
         logger.plot_curves(output_dir / "collapse.png",
