@@ -184,6 +184,40 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
     return {**state["extra"], "step": state["step"]}
 
 
+# Model dimensions a checkpoint's tensor metadata holds: (config.json key, tensor, axis of the
+# tensor's global shape; the layers are stacked on axis 0).
+_CHECKPOINT_DIMS = (("num_hidden_layers", "decoder.layers.mlp.linear_fc1.weight", 0),
+                    ("hidden_size", "embedding.word_embeddings.weight", 1),
+                    ("intermediate_size", "decoder.layers.mlp.linear_fc2.weight", 2))
+_QKV = "decoder.layers.self_attention.linear_qkv.weight"
+
+
+def model_size_mismatch(path: str | Path, hf: dict, what: str) -> Optional[str]:
+    """When checkpoint `path` holds a model of other dimensions (layers, hidden size, MLP size,
+    attention width) than the config.json dict `hf` (named `what`): both sizes in one sentence;
+    None when they agree. Reads `.metadata` only."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    tensors = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved, wanted = {}, {}
+    for key, tensor, axis in _CHECKPOINT_DIMS:
+        if tensor in tensors:
+            saved[key], wanted[key] = tensors[tensor].size[axis], hf.get(key)
+    if _QKV in tensors:
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        width = "q+k+v rows per layer"
+        saved[width] = tensors[_QKV].size[1]
+        wanted[width] = (heads + 2 * (hf.get("num_key_value_heads") or heads)) * head_dim
+    if saved == wanted:
+        return None
+
+    def sizes(dims: dict) -> str:
+        return ", ".join(f"{key} {value}" for key, value in dims.items())
+
+    return f"{path} holds a model of {sizes(saved)}; {what} describes {sizes(wanted)}"
+
+
 def disk_full_explanation(error: BaseException, root: str | Path, step: int) -> Optional[str]:
     """When `error` (or anything in its chain: a rank's error reaches the controller as the
     text of its traceback) is a full disk or quota, what saving step `step` under `root` needs:
