@@ -43,6 +43,13 @@ def main() -> None:
         parser.error(f"-n must be >= 2, got {args.n}")
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         parser.error(f"{args.model_dir}: no config.json (a local HF checkpoint is needed)")
+    from pathlib import Path
+
+    from megatron_intuitor.input_files import check_model_weights
+
+    problems = check_model_weights("model_dir", Path(args.model_dir))  # headers only, seconds
+    if problems:  # else vLLM fails minutes later with a traceback
+        parser.error("; ".join(problems))
     if args.data and not os.path.isfile(args.data):
         parser.error(f"--data {args.data}: no such file")
 
