@@ -50,7 +50,7 @@ def cached_hub_file(hub_id: str, filename: str) -> Optional[Path]:
 
 def read_model_config(key: str, config_file: Path) -> tuple[Optional[dict], list[str]]:
     """config.json as a dict, or the problems that make it unusable (not JSON, not an object,
-    a key the bridge needs missing)."""
+    a key the bridge needs missing, an architecture it does not map)."""
     try:
         hf = json.loads(config_file.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
@@ -65,6 +65,13 @@ def read_model_config(key: str, config_file: Path) -> tuple[Optional[dict], list
     if missing:
         return None, [f"{key}: {config_file} has no integer {', '.join(missing)}: not a "
                       f"decoder-only transformer config the bridge can map"]
+    from megatron_intuitor.models.config import SUPPORTED_ARCHITECTURES
+
+    architectures = hf.get("architectures")
+    if not (isinstance(architectures, list) and len(architectures) == 1
+            and architectures[0] in SUPPORTED_ARCHITECTURES):
+        return None, [f"{key}: {config_file} has architectures {architectures!r}, which the "
+                      f"bridge cannot map: supported are {', '.join(SUPPORTED_ARCHITECTURES)}"]
     return hf, []
 
 

@@ -229,6 +229,7 @@ def test_model_shape_is_read_from_the_checkpoint(tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"],
         "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 2,
         "max_position_embeddings": 128, "hidden_size": 64, "vocab_size": 100}))
     save_file({"weight": torch.zeros(2)}, str(model_dir / "model.safetensors"))

@@ -59,6 +59,25 @@ def test_broken_config_json(tiny_qwen2, tmp_path):
         in _problems(_model(model))
 
 
+def test_unsupported_architecture_is_refused_where_config_json_is_read(tiny_qwen2, tmp_path,
+                                                                       preflight):
+    """GPT2LMHeadModel in config.json: the config check (and so the preflight and the console
+    script) names it and the supported ones, as tools/convert_ckpt.py does."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2, model)
+    config_file = model / "config.json"
+    config = json.loads(config_file.read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    config_file.write_text(json.dumps(config))
+    message = (f"model.path: {config_file} has architectures ['GPT2LMHeadModel'], which the "
+               f"bridge cannot map: supported are Qwen2ForCausalLM, LlamaForCausalLM, "
+               f"Qwen3ForCausalLM")
+    assert message in _problems(_model(model))
+    report = preflight.Report()
+    preflight.load_config(report, _model(model))
+    assert f"FAIL {message}" in report.lines
+
+
 def test_uncached_hub_id_offline_names_model_path(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
@@ -170,6 +189,7 @@ def test_cached_hub_model_is_checked_from_its_cached_config(monkeypatch, tmp_pat
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
     (snapshot / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"],
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "hidden_size": 128, "vocab_size": 1000, "max_position_embeddings": 64}))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
