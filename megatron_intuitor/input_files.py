@@ -169,3 +169,20 @@ def check_distcp_sizes(path: Path) -> list[str]:
             problems.append(f"{file} is truncated: {file.stat().st_size} bytes, the "
                             f"checkpoint's .metadata needs {length}")
     return problems
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def output_dir_problem(key: str, output_dir: Path) -> Optional[str]:
+    """Why directory `output_dir` (config key `key`) cannot be made or written: a file on its
+    path, or a read-only or foreign directory where it would be made; None when it can."""
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{key}={output_dir}: {existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"{key}={output_dir}: {existing} is not writable (read-only filesystem or "
+                f"permissions): set {key} elsewhere")
+    return None

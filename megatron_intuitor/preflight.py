@@ -430,16 +430,14 @@ def _existing_parent(path: Path) -> Path:
 def check_disk(report: Report, cfg) -> None:
     """Free space under trainer.output_dir for keep_last checkpoints (+1 while saving) and the
     final HF export."""
+    from megatron_intuitor.input_files import output_dir_problem
+
     output_dir = Path(cfg.trainer.output_dir)
-    existing = _existing_parent(output_dir)
-    if not existing.is_dir():
-        report.error(f"trainer.output_dir={output_dir}: {existing} is a file, not a directory")
+    problem = output_dir_problem("trainer.output_dir", output_dir)
+    if problem:
+        report.error(problem)
         return
-    if not os.access(existing, os.W_OK | os.X_OK):
-        report.error(f"trainer.output_dir={output_dir}: {existing} is not writable (read-only "
-                     f"filesystem or permissions): set trainer.output_dir elsewhere")
-        return
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(_existing_parent(output_dir)).free
     hf = _hf_config(cfg)
     if hf is None:
         size = "tiny" if not cfg.model.path else "unknown until the model is downloaded"
