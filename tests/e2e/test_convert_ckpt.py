@@ -131,12 +131,11 @@ def test_bad_input_is_refused_before_any_work(tiny_qwen2, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "gpt2", "no_config"]
 
 
-def test_missing_tensor_and_hf_dir_of_another_size_are_refused_before_any_rank(tiny_qwen2,
-                                                                               tmp_path, capsys):
+def test_missing_tensor_and_hf_dir_of_another_size_are_refused_before_any_rank(
+        tiny_qwen2, tmp_path, capsys, small_megatron_checkpoint):
     """hf-to-megatron with a tensor missing from the safetensors, and megatron-to-hf --hf-dir of
     another model size: exit 2 with the tensor / both sizes named, no rank started (no
     output), in the parent's seconds."""
-    import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file, save_file
 
     tool = _tool_module()
@@ -150,16 +149,7 @@ def test_missing_tensor_and_hf_dir_of_another_size_are_refused_before_any_rank(t
     err = capsys.readouterr().err
     assert "error:" in err and "missing tensors: model.norm.weight" in err, err
 
-    # A checkpoint of 3 layers, hidden 64, MLP 96, 4 heads of 16 (q+k+v 3 x 64 rows).
-    ckpt = tmp_path / "small_ckpt"
-    dcp.save({"embedding.word_embeddings.weight": torch.zeros(1024, 64),
-              "decoder.layers.mlp.linear_fc1.weight": torch.zeros(3, 192, 64),
-              "decoder.layers.mlp.linear_fc2.weight": torch.zeros(3, 64, 96),
-              "decoder.layers.self_attention.linear_qkv.weight": torch.zeros(3, 192, 64)},
-             checkpoint_id=str(ckpt))
-    (ckpt / "trainer_state.json").write_text(json.dumps(
-        {"format_version": 1, "step": 0, "has_optimizer": False, "extra": {}, "layout": {
-            "tensor": 1, "pipeline": 1, "data": 1, "virtual_pipeline": 1, "world": 1}}))
+    ckpt = small_megatron_checkpoint(tmp_path / "small_ckpt", has_optimizer=False)
     hf = json.loads((Path(tiny_qwen2) / "config.json").read_text())
     qkv = (hf["num_attention_heads"] + 2 * hf["num_key_value_heads"]) * (
         hf["hidden_size"] // hf["num_attention_heads"])

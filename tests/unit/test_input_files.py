@@ -116,21 +116,12 @@ def converted_checkpoint(tiny_qwen2, tmp_path_factory) -> Path:
     return out
 
 
-def test_resume_checkpoint_of_another_model_size_names_both_sizes(tmp_path):
+def test_resume_checkpoint_of_another_model_size_names_both_sizes(tmp_path,
+                                                                 small_megatron_checkpoint):
     """A training checkpoint (with optimizer) of 3 layers, hidden 64, MLP 96, q+k+v 192 rows,
     resumed with the tiny default (2 layers, hidden 128, MLP 256, 4 + 2 x 2 heads of 32): both
     sizes named by the config check, from the checkpoint's .metadata."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    ckpt = tmp_path / "step_5"
-    dcp.save({"embedding.word_embeddings.weight": torch.zeros(1024, 64),
-              "decoder.layers.mlp.linear_fc1.weight": torch.zeros(3, 192, 64),
-              "decoder.layers.mlp.linear_fc2.weight": torch.zeros(3, 64, 96),
-              "decoder.layers.self_attention.linear_qkv.weight": torch.zeros(3, 192, 64)},
-             checkpoint_id=str(ckpt))
-    (ckpt / "trainer_state.json").write_text(json.dumps(
-        {"format_version": 1, "step": 5, "has_optimizer": True, "extra": {}}))
+    ckpt = small_megatron_checkpoint(tmp_path / "step_5", has_optimizer=True)
     tiny = ["model.path=", "model.make_tiny=true"]
     assert (f"trainer.resume: {ckpt} holds a model of num_hidden_layers 3, hidden_size 64, "
             f"intermediate_size 96, q+k+v rows per layer 192; the configured model (model.tiny) "
