@@ -29,10 +29,11 @@ from typing import Any, Iterator, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_intuitor import algorithm, collapse, label_free, metrics
+from megatron_intuitor import algorithm, collapse, interrupt, label_free, metrics
+from megatron_intuitor.checkpoint import disk_full_explanation
 from megatron_intuitor.config import ActorSettings, RankLayout, Schedule, training_schedule
 from megatron_intuitor.config import validate as validate_config
-from megatron_intuitor.data.datasets import DatasetSpec, load_records
+from megatron_intuitor.data.datasets import load_records, run_dataset_specs
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
 from megatron_intuitor.evaluation.best_of_n import best_of_n_metrics
@@ -67,32 +68,13 @@ def prepare_model_dir(cfg: DictConfig) -> Path:
     return tiny_dir
 
 
-def _dataset_spec(cfg: DictConfig, path: Optional[str], fmt: str, name: Optional[str],
-                  split: str) -> DatasetSpec:
-    synthetic = cfg.data.synthetic
-    return DatasetSpec(path=path, format=fmt, name=name, prompt_key=cfg.data.prompt_key,
-                       answer_key=cfg.data.answer_key,
-                       size=synthetic[f"{split}_size"], max_operand=synthetic.max_operand,
-                       operators=synthetic.operators,
-                       seed=cfg.data.seed + (0 if split == "train" else 1))
-
-
 def load_prompt_sets(cfg: DictConfig, tokenizer) -> tuple[PromptSet, list[PromptSet]]:
     """Training prompts and one prompt set per validation dataset, chat-templated and filtered.
     A training prompt that is also a validation prompt (the same messages) is dropped, so that
     validation stays held out (small synthetic tasks repeat prompts)."""
     data = cfg.data
-    if data.format == "synthetic":
-        train_specs = [_dataset_spec(cfg, None, "synthetic", None, "train")]
-        val_entries = data.val_files or [{"name": "synthetic_arithmetic", "format": "synthetic",
-                                          "path": ""}]
-    else:
-        train_specs = [_dataset_spec(cfg, path, data.format, None, "train")
-                       for path in data.train_files]
-        val_entries = data.val_files
-    val_records = [(entry, load_records(_dataset_spec(cfg, entry["path"] or None,
-                                                       entry["format"], entry["name"], "val")))
-                   for entry in val_entries]
+    train_specs, val_specs = run_dataset_specs(data)
+    val_records = [(entry, load_records(spec)) for entry, spec in val_specs]
     held_out = {_messages_key(record) for _, records in val_records for record in records}
     records = [record for spec in train_specs for record in load_records(spec)]
     train_records = [record for record in records if _messages_key(record) not in held_out]
@@ -266,8 +248,15 @@ class Trainer:
         extra = {"data": self.loader.state_dict(), "best": self.best,
                  "monitor": self.monitor.state_dict(), "rollbacks": self.rollbacks}
         keep = (self.best["step"],) if self.best else ()
-        self.actor.save_checkpoint(str(self.checkpoint_root), step, extra,
-                                   keep_last=self.cfg.trainer.keep_last, keep_steps=keep)
+        try:
+            self.actor.save_checkpoint(str(self.checkpoint_root), step, extra,
+                                       keep_last=self.cfg.trainer.keep_last, keep_steps=keep)
+        except Exception as error:  # a full disk: said in a sentence, not the ranks' tracebacks
+            disk_full = disk_full_explanation(error, self.checkpoint_root, step)
+            if disk_full is None:
+                raise
+            raise TrainingStopped(f"trainer.output_dir={self.cfg.trainer.output_dir}: {disk_full}"
+                                  f"; free space or set trainer.output_dir elsewhere") from error
 
     def _is_new_best(self, step: int, values: dict[str, float]) -> bool:
         """Whether this step's `trainer.best_metric` (higher is better) beats the best so far;
@@ -393,7 +382,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("weight sync: %s", actor.weight_sync_path())
         trainer = Trainer(cfg, job.schedule, actor, job.loader, job.val_sets, logger,
                           job.tokenizer)
-        final = trainer.fit()
+        with interrupt.at_step(lambda: trainer.last_step):
+            final = trainer.fit()
         finish(cfg, job, actor, logger, trainer.last_step, started)
     finally:
         actor.shutdown()

@@ -80,6 +80,13 @@ def main() -> None:
         parser.error("one of --data, --synthetic, --synthetic-space is required")
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         parser.error(f"{args.model_dir}: no config.json (a local HF checkpoint is needed)")
+    from pathlib import Path
+
+    from megatron_intuitor.input_files import check_model_weights
+
+    problems = check_model_weights("model_dir", Path(args.model_dir))  # headers only, seconds
+    if problems:  # else vLLM fails minutes later with a traceback
+        parser.error("; ".join(problems))
     for flag, path in (("--data", args.data), ("--exclude", args.exclude)):
         if path and not os.path.isfile(path):
             parser.error(f"{flag} {path}: no such file")

@@ -157,6 +157,20 @@ def test_parquet_missing_column_row_number(tmp_path):
         load_records(DatasetSpec(str(path), format="prompt"))
 
 
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    """A .parquet name on CSV text, or a parquet file cut short: a DataError naming the file,
+    not pyarrow's ArrowInvalid."""
+    text = tmp_path / "rows.parquet"
+    text.write_text("question,answer\nq,#### 1\n")
+    with pytest.raises(DataError, match=rf"{re.escape(str(text))} is not a readable parquet file"):
+        load_records(DatasetSpec(str(text), format="gsm8k"))
+    cut = tmp_path / "cut.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "#### 1"}] * 100), cut)
+    cut.write_bytes(cut.read_bytes()[:-20])
+    with pytest.raises(DataError, match=rf"{re.escape(str(cut))} is not a readable parquet file"):
+        load_records(DatasetSpec(str(cut), format="gsm8k"))
+
+
 def test_format_errors(tmp_path):
     with pytest.raises(DataError, match="unknown dataset format 'csvv'"):
         read_records(DatasetSpec("x", format="csvv"))

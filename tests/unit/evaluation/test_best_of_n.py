@@ -134,3 +134,19 @@ def test_answer_token_mask_marks_the_tokens_over_the_answer():
     code = PromptRecord(messages=[], ground_truth=None, data_source="c", task="code",
                         location="t")
     assert bon.answer_token_mask(code, "x = 1", [5]) is None
+
+
+def test_tool_refuses_a_model_dir_without_weights(tiny_qwen2, tmp_path):
+    """config.json and tokenizer but no *.safetensors: a usage error naming the directory,
+    before vLLM starts (no traceback)."""
+    import shutil
+
+    model = tmp_path / "no_weights"
+    shutil.copytree(tiny_qwen2, model, ignore=shutil.ignore_patterns("*.safetensors*"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "best_of_n.py"), str(model),
+                          "--synthetic", "4"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"error: model_dir={model} has no *.safetensors weights" in run.stderr
+    assert "Traceback" not in run.stderr
