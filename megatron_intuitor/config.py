@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from megatron_intuitor import validation
-from megatron_intuitor.algorithm import COV_POLICY_LOSSES
+from megatron_intuitor.algorithm import CORRECTION_LEVELS, COV_POLICY_LOSSES
 from megatron_intuitor.collapse import CollapseConfig, CollapseConfigError
 from megatron_intuitor.data.records import FORMATS as DATA_FORMATS
 
@@ -262,6 +262,8 @@ class ActorSettings:
     kl_type: str
     entropy_coef: float
     tis_cap: Optional[float]
+    correction_band: Optional[tuple[float, float]]  # rollout.correction_band (masked variant)
+    correction_level: str
     policy_loss: str  # ppo | clip_cov | kl_cov
     cov_select_ratio: float
     cov_clip_lower: float
@@ -298,6 +300,9 @@ def actor_settings(cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> Ac
         packed=actor.use_remove_padding, temperature=rollout.temperature,
         clip_ratio=algorithm.clip_ratio, kl_coef=algorithm.kl_coef, kl_type=algorithm.kl_type,
         entropy_coef=algorithm.entropy_coef, tis_cap=rollout.tis_cap,
+        correction_band=(None if rollout.correction_band is None
+                         else tuple(float(x) for x in rollout.correction_band)),
+        correction_level=rollout.correction_level,
         policy_loss=algorithm.policy_loss, cov_select_ratio=algorithm.cov.select_ratio,
         cov_clip_lower=algorithm.cov.clip_lower, cov_clip_upper=algorithm.cov.clip_upper,
         cov_kl_coef=algorithm.cov.kl_coef,
@@ -408,6 +413,11 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("rollout.weight_sync_bucket_mb", lambda v: _is_number(v) and v > 0, "a number > 0"),
     ("rollout.tis_cap", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0"),
     ("rollout.score_at_sampling", lambda v: isinstance(v, bool), "true or false"),
+    ("rollout.correction_band", lambda v: v is None or (
+        len(v) == 2 and all(_is_number(x) for x in v) and 0 <= v[0] < 1 < v[1]),
+     "null or [low, high] with 0 <= low < 1 < high"),
+    ("rollout.correction_level", _one_of(CORRECTION_LEVELS),
+     f"one of {', '.join(CORRECTION_LEVELS)}"),
     ("trainer.nnodes", _positive_int, "a positive integer"),
     ("trainer.n_gpus_per_node", _positive_int, "a positive integer"),
     ("trainer.cpus_per_worker", lambda v: _is_number(v) and v > 0, "a number > 0"),

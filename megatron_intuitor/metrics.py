@@ -27,6 +27,10 @@ PPO_KL = "actor/ppo_kl"  # approx KL(old || new) over the update
 SKIPPED_STEPS = "actor/skipped_steps"  # optimizer steps skipped for a non-finite loss/grad norm
 RESPONSE_LENGTH_MEAN = "response_length/mean"
 ROLLOUT_LOGPROB_DIFF = "rollout/logprob_diff"  # |rollout engine - Megatron| log-prob, token mean
+# the off-policy correction (algorithm.behaviour_correction), token means over the update
+BEHAVIOUR_KL = "off_policy/behaviour_kl"  # k3 KL(behaviour (engine) || proximal (training))
+CORRECTION_TRUNCATED = "off_policy/truncated_share"  # behaviour ratio bounded by rollout.tis_cap
+CORRECTION_DROPPED = "off_policy/dropped_share"  # weight 0: outside rollout.correction_band
 
 
 def timing(phase: str) -> str:

@@ -36,7 +36,10 @@ from megatron_intuitor.platform import device
 # Per-micro-batch weighted sums the head reports, reduced over micro-batches and DP, then divided
 # by the summed weights (tokens or rows, per loss_agg_mode).
 LOSS_METRICS = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC,
-                metrics.PG_CLIPFRAC_LOWER, metrics.PPO_KL, metrics.ROLLOUT_LOGPROB_DIFF)
+                metrics.PG_CLIPFRAC_LOWER, metrics.PPO_KL, metrics.ROLLOUT_LOGPROB_DIFF,
+                metrics.BEHAVIOUR_KL, metrics.CORRECTION_TRUNCATED, metrics.CORRECTION_DROPPED)
+# reported only when the behaviour correction is on (`rollout.tis_cap` or a band)
+CORRECTION_METRICS = LOSS_METRICS[-3:]
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class PPOSettings:
     kl_type: str
     entropy_coef: float
     tis_cap: Optional[float]
+    # the masked correction: drop what leaves (low, high), per token or per response
+    correction_band: Optional[tuple[float, float]] = None
+    correction_level: str = "token"  # algorithm.CORRECTION_LEVELS
     policy_loss: str = "ppo"  # ppo | clip_cov | kl_cov (algorithm.COV_POLICY_LOSSES)
     cov_select_ratio: float = 2e-4
     cov_clip_lower: float = 1.0
@@ -75,9 +81,18 @@ def _ppo_head(settings: PPOSettings):
             divisor = tokens.clamp(min=1) / weight
         on_policy = "old_log_probs" not in micro_batch.tokens  # see the module doc
         old = scores.log_probs.detach() if on_policy else micro_batch["old_log_probs"]
-        tis = None
-        if settings.tis_cap:
-            tis = algorithm.tis_weights(old, micro_batch["rollout_log_probs"], settings.tis_cap)
+        tis, correction_sums = None, [weight * 0] * len(CORRECTION_METRICS)
+        if _corrects(settings):  # decoupled PPO: old = proximal, the engine's = behaviour
+            correction = algorithm.behaviour_correction(
+                old, micro_batch["rollout_log_probs"], mask, cap=settings.tis_cap,
+                band=settings.correction_band, level=settings.correction_level,
+                sequence_ids=_sequence_ids(micro_batch, mask))
+            tis = correction.weights
+            correction_sums = [correction.kl * weight,
+                               algorithm.masked_token_mean(correction.truncated.to(old.dtype),
+                                                           mask) * weight,
+                               algorithm.masked_token_mean(correction.dropped.to(old.dtype),
+                                                           mask) * weight]
         pg_sum, stats = _policy_loss(settings, scores.log_probs, old, micro_batch, mask, tis,
                                      divisor)
         loss = pg_sum
@@ -94,9 +109,24 @@ def _ppo_head(settings: PPOSettings):
             (old - micro_batch["rollout_log_probs"]).abs(), mask) if on_policy else weight * 0
         sums = torch.stack([pg_sum.detach(), kl_sum.detach(), stats.clipfrac * weight,
                             stats.clipfrac_lower * weight, stats.approx_kl * weight,
-                            logprob_diff * weight, weight])
+                            logprob_diff * weight, *correction_sums, weight])
         return loss, weight.to(torch.int), {"sums": sums}
     return head
+
+
+def _corrects(settings: PPOSettings) -> bool:
+    return bool(settings.tis_cap) or settings.correction_band is not None
+
+
+def _sequence_ids(micro_batch, mask: torch.Tensor) -> torch.Tensor:
+    """Each token's row of the micro-batch, in its layout ([b, s] padded, [1, t] packed)."""
+    if micro_batch.packed_seq_params is None:  # rows, padding rows included
+        return torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
+    rows = torch.arange(len(micro_batch.lengths), device=mask.device)
+    ids = rows.repeat_interleave(micro_batch.lengths.to(mask.device))
+    # the pack's padding tail (never under the mask) joins the last row
+    return torch.nn.functional.pad(ids, (0, mask.shape[-1] - ids.numel()),
+                                   value=len(rows) - 1)[None]
 
 
 def _policy_loss(settings: PPOSettings, log_probs: torch.Tensor, old: torch.Tensor,
@@ -157,4 +187,7 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
     result = {name: float(value) / weight for name, value in zip(LOSS_METRICS, sums[:-1])}
     if shard.old_log_probs is not None:  # measured by the scoring forward instead
         del result[metrics.ROLLOUT_LOGPROB_DIFF]
+    if not _corrects(settings):
+        for name in CORRECTION_METRICS:
+            del result[name]
     return result

@@ -136,6 +136,8 @@ class ActorWorker(Worker):
             temperature=settings.temperature, vocab_size=self.hf_config.vocab_size,
             clip_ratio=settings.clip_ratio, kl_coef=settings.kl_coef, kl_type=settings.kl_type,
             entropy_coef=settings.entropy_coef, tis_cap=settings.tis_cap,
+            correction_band=settings.correction_band,
+            correction_level=settings.correction_level,
             policy_loss=settings.policy_loss, cov_select_ratio=settings.cov_select_ratio,
             cov_clip_lower=settings.cov_clip_lower, cov_clip_upper=settings.cov_clip_upper,
             cov_kl_coef=settings.cov_kl_coef, loss_agg_mode=settings.loss_agg_mode)
