@@ -34,6 +34,7 @@ LR_SCHEDULERS = ("cosine", "linear", "constant")
 # INTUITOR (verl) aggregation, each micro-batch's token mean averaged over micro-batches and
 # data-parallel ranks (weighted by rows, as verl does for token-budget micro-batches).
 LOSS_AGG_MODES = ("token-mean", "micro-batch-token-mean")
+ROLLOUT_PLACEMENTS = ("colocated", "separate")
 PRECISIONS = ("fp32", "bf16")
 FP8_RECIPES = (None, "hybrid", "e4m3")
 # Megatron-Core 0.16.1 `TransformerConfig.fp8_recipe` (transformer_config.py:436) less "custom"
@@ -279,6 +280,10 @@ class ActorSettings:
     # log-probs from the update's own forward (on-policy), no scoring forward
     score_at_sampling: bool
     weight_sync_bucket_bytes: int
+    # rollout.placement: colocated (an engine on every training rank) | separate (engines on
+    # rollout.num_ranks ranks of their own, weights broadcast to them)
+    rollout_placement: str
+    rollout_ranks: int
     pad_token_id: int
 
 
@@ -312,6 +317,7 @@ def actor_settings(cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> Ac
         gpu_memory_utilization=rollout.gpu_memory_utilization,
         sleep_level=rollout.sleep_level, score_at_sampling=rollout.score_at_sampling,
         weight_sync_bucket_bytes=int(rollout.weight_sync_bucket_mb * 2**20),
+        rollout_placement=rollout.placement, rollout_ranks=rollout.num_ranks,
         pad_token_id=pad_token_id)
 
 
@@ -416,6 +422,11 @@ _VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("rollout.correction_band", lambda v: v is None or (
         len(v) == 2 and all(_is_number(x) for x in v) and 0 <= v[0] < 1 < v[1]),
      "null or [low, high] with 0 <= low < 1 < high"),
+    ("rollout.placement", _one_of(ROLLOUT_PLACEMENTS),
+     f"one of {', '.join(ROLLOUT_PLACEMENTS)}"),
+    ("rollout.num_ranks", _positive_int, "a positive integer"),
+    ("trainer.max_staleness", lambda v: _is_int(v) and v in (0, 1),
+     "0 (on-policy) or 1 (one-step off-policy; more is not implemented)"),
     ("rollout.correction_level", _one_of(CORRECTION_LEVELS),
      f"one of {', '.join(CORRECTION_LEVELS)}"),
     ("trainer.nnodes", _positive_int, "a positive integer"),
@@ -666,6 +677,16 @@ def _check_algorithm(cfg: DictConfig) -> list[str]:
             f"on-policy (one optimizer step per training step): set actor.ppo_epochs=1 (now "
             f"{cfg.actor.ppo_epochs}) and actor.ppo_mini_batch_size=data.prompts_per_step (now "
             f"{cfg.actor.ppo_mini_batch_size} and {cfg.data.prompts_per_step})")
+    rollout = cfg.rollout
+    if cfg.trainer.max_staleness and rollout.placement != "separate":
+        problems.append(f"trainer.max_staleness={cfg.trainer.max_staleness} needs "
+                        f"rollout.placement=separate: colocated engines share the training "
+                        f"ranks, so generation cannot overlap the update")
+    if rollout.placement == "separate" and (rollout.tensor_parallel_size != 1
+                                            or rollout.score_at_sampling):
+        problems.append("rollout.placement=separate: needs rollout.tensor_parallel_size=1 (one "
+                        "engine per rollout rank) and rollout.score_at_sampling=false (the "
+                        "scores must come from the current weights on the training ranks)")
     if algorithm.cov.clip_lower >= algorithm.cov.clip_upper:
         problems.append(f"algorithm.cov.clip_lower={algorithm.cov.clip_lower} must be below "
                         f"algorithm.cov.clip_upper={algorithm.cov.clip_upper}")

@@ -39,6 +39,7 @@ from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
 from megatron_intuitor.evaluation.best_of_n import best_of_n_metrics
 from megatron_intuitor.evaluation.registry import validation_metrics
 from megatron_intuitor.rollout.engine import SamplingConfig
+from megatron_intuitor.rollout.pipeline import RolloutPipeline
 from megatron_intuitor.workers.reports import RolloutReport
 
 log = logging.getLogger(__name__)
@@ -142,18 +143,29 @@ class Trainer:
         self.best: Optional[dict] = None  # {"step", "value"}: trainer.best_metric's best checkpoint
         self.rollbacks = 0
         self.last_step = 0  # the last step run (a guard may stop before the schedule's end)
+        self.policy_version = 0  # the training step whose update made the current weights
+        self.pipeline: Optional[RolloutPipeline] = None  # separate rollout ranks
+        if cfg.rollout.placement == "separate":
+            self.pipeline = RolloutPipeline(actor, loader, cfg.trainer.max_staleness,
+                                            schedule.training_steps, self._submit_rollout)
 
-    def train_step(self, step: int, prompts: list[Prompt]) -> dict[str, float]:
+    def train_step(self, step: int, prompts: Optional[list[Prompt]]) -> dict[str, float]:
         """One INTUITOR step: rollout -> score -> advantage -> update -> sync. The step's tokens
-        and per-token log-probs stay on the ranks; only one number per response crosses."""
-        cfg, timings = self.cfg, {}
+        and per-token log-probs stay on the ranks; only one number per response crosses.
+        Separate rollout ranks (`prompts` None): the pipeline draws the prompts, generates them
+        up to `trainer.max_staleness` steps ahead and syncs the weights before each
+        generation."""
+        cfg, timings, off_policy = self.cfg, {}, {}
         step_start = time.perf_counter()
-        graded = cfg.algorithm.name != "intuitor"  # grpo / hybrid: the 0/1 answer reward too
         with self._timed(timings, "rollout"):
-            rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
-                                          seed=cfg.trainer.seed * 1_000_003 + step,
-                                          records=[p.record for p in prompts] if graded else None,
-                                          ngram=self.guard.ngram)
+            if self.pipeline is None:
+                rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
+                                              seed=self._rollout_seed(step),
+                                              records=self._records(prompts),
+                                              ngram=self.guard.ngram)
+            else:  # generation of step + 1 starts here, overlapping this step's update
+                _, rollouts, off_policy = self.pipeline.next(step, self.policy_version,
+                                                             self.guard.ngram)
         # GPU: the engines' memory to training
         with self._timed(timings, "release_rollout_memory"):
             self.actor.release_rollout_memory()
@@ -166,11 +178,16 @@ class Trainer:
                 self.actor.score_reference()
         with self._timed(timings, "advantage"):
             advantages = self._advantages(scores.self_certainty, rollouts)
+        update_start = time.time()
         with self._timed(timings, "update"):
             update_metrics = self.actor.update_policy(advantages, step)
-        # the engines' memory back, with the new weights
-        with self._timed(timings, "weight_sync"):
-            self.actor.sync_weights()
+        self.policy_version = step
+        if self.pipeline is not None:  # when it ran, against the generation of the next step
+            off_policy.update({metrics.UPDATE_START: update_start,
+                               metrics.UPDATE_END: time.time()})
+        if self.pipeline is None:  # the engines' memory back, with the new weights
+            with self._timed(timings, "weight_sync"):
+                self.actor.sync_weights()
         elapsed = time.perf_counter() - step_start
         response_tokens = rollouts.response_lengths.sum().clamp(min=1)
         entropy = scores.entropy_sum.sum() / response_tokens
@@ -191,7 +208,20 @@ class Trainer:
             **{metrics.timing(phase): seconds for phase, seconds in timings.items()},
             metrics.timing("step"): elapsed,
             **{collapse.signal_name(name): value for name, value in signals.items()},
+            **off_policy,
         }
+
+    def _rollout_seed(self, step: int) -> int:
+        return self.cfg.trainer.seed * 1_000_003 + step
+
+    def _records(self, prompts: list[Prompt]) -> Optional[list]:
+        """The prompts' records for grading: grpo / hybrid use the 0/1 answer reward too."""
+        return [p.record for p in prompts] if self.cfg.algorithm.name != "intuitor" else None
+
+    def _submit_rollout(self, step: int, prompts: list[Prompt]):
+        return self.actor.submit_rollout([p.token_ids for p in prompts], self.sampling,
+                                         seed=self._rollout_seed(step),
+                                         records=self._records(prompts))
 
     def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport) -> torch.Tensor:
         """Per-response advantages for `algorithm.name`: intuitor (self-certainty), grpo
@@ -216,6 +246,8 @@ class Trainer:
         mean self-certainty `val/<dataset>/self_certainty`; with `trainer.val_best_of_n=N`
         also N sampled responses per prompt: `acc_sc_best_of_<N>`, `maj@<N>`, `pass@<N>`."""
         best_of = self.cfg.trainer.val_best_of_n
+        if self.pipeline is not None and self.actor.engine_version != self.policy_version:
+            self.actor.sync_weights()  # after the generation in flight, which keeps its version
         generated = []
         for prompt_set in self.val_sets:
             prompt_ids = [p.token_ids for p in prompt_set.prompts]
@@ -241,7 +273,8 @@ class Trainer:
                     records, [[s.text for s in sampled[i * best_of:(i + 1) * best_of]]
                               for i in range(len(records))],
                     [scores[i * best_of:(i + 1) * best_of] for i in range(len(records))]))
-        self.actor.sync_weights()  # the engines' memory back (GPU); same weights
+        if self.pipeline is None:
+            self.actor.sync_weights()  # the engines' memory back (GPU); same weights
         result.update({collapse.signal_name(name): value for name, value in
                        self.monitor.validation_signals(accuracy_and_certainty).items()})
         return result
@@ -249,7 +282,8 @@ class Trainer:
     def save(self, step: int) -> None:
         """A checkpoint of this step; the best one by `trainer.best_metric` is kept past
         `trainer.keep_last`, and it and the guard's history travel in the trainer state."""
-        extra = {"data": self.loader.state_dict(), "best": self.best,
+        data = self.loader.state_dict() if self.pipeline is None else self.pipeline.loader_state()
+        extra = {"data": data, "best": self.best,
                  "monitor": self.monitor.state_dict(), "rollbacks": self.rollbacks}
         keep = (self.best["step"],) if self.best else ()
         self.actor.save_checkpoint(str(self.checkpoint_root), step, extra,
@@ -286,7 +320,10 @@ class Trainer:
                                                       f"step {step}")
             return True
         path = self.checkpoint_root / f"step_{self.best['step']}"
+        if self.pipeline is not None:
+            self.pipeline.drain()  # the prompts in flight are generated again, by these weights
         self.actor.load_checkpoint(str(path))  # weights, optimizer, schedule; engines synced
+        self.policy_version = self.best["step"]
         self.rollbacks += 1
         self.logger.alert(step, "INTUITOR guard", f"rolled back to {path} "
                           f"({self.cfg.trainer.best_metric}={self.best['value']:.4g}); "
@@ -304,6 +341,7 @@ class Trainer:
         if path is None:
             return 0
         extra = self.actor.load_checkpoint(str(path))
+        self.policy_version = int(extra["step"])
         self.loader.load_state_dict(extra["data"])
         self.best, self.rollbacks = extra.get("best"), extra.get("rollbacks", 0)
         if "monitor" in extra:
@@ -321,7 +359,8 @@ class Trainer:
         self.logger.start_progress(start, self.schedule.training_steps)
         for step in range(start + 1, self.schedule.training_steps + 1):
             self.last_step = step
-            last = self.train_step(step, self.loader.next_batch())
+            last = self.train_step(step, self.loader.next_batch() if self.pipeline is None
+                                   else None)
             final = step == self.schedule.training_steps
             if self.val_sets and (final or (cfg.val_every and step % cfg.val_every == 0)):
                 last.update(self.validate())
@@ -412,7 +451,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
             ray.init(address=cfg.trainer.ray_address, **quiet)
         else:  # a fresh local cluster, never one that happens to run on this machine
             ray.init(address="local", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, settings.layout.world_size), **quiet)
+                     num_cpus=max(os.cpu_count() or 1, settings.layout.world_size
+                                  + (settings.rollout_ranks
+                                     if settings.rollout_placement == "separate" else 0)),
+                     **quiet)
     with logger.phase(f"starting {settings.layout.world_size} rank(s): Megatron-Core and vLLM"):
         actor = ActorGroup.start(settings, model_dir, placement=cfg.trainer.placement,
                                  cpus_per_worker=cfg.trainer.cpus_per_worker)
