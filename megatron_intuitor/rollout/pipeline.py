@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 from megatron_intuitor import metrics
 
@@ -30,9 +30,6 @@ class SeparateRollout(Protocol):
     """What the pipeline needs of the actor group (`workers.actor.ActorGroup`)."""
 
     engine_version: Any
-
-    def submit_rollout(self, prompts: Sequence[list[int]], sampling: Any, seed: int,
-                       records: Any = None) -> Any: ...
 
     def collect_rollout(self, pending: Any, ngram: int = 3) -> tuple[Any, dict]: ...
 
