@@ -25,9 +25,9 @@ class RolloutWorker(Worker):
         super().__init__()  # the rollout ranks' own world
         from megatron_intuitor.rollout.engine import RolloutEngine
 
-        self.engine = RolloutEngine(model_dir, dtype=_DTYPES[settings.rollout_dtype],
-                                    max_model_len=settings.max_model_len,
-                                    gpu_memory_utilization=settings.gpu_memory_utilization,
+        self.engine = RolloutEngine(model_dir, dtype=_DTYPES[settings.rollout.dtype],
+                                    max_model_len=settings.rollout.max_model_len,
+                                    gpu_memory_utilization=settings.rollout.gpu_memory_utilization,
                                     seed=settings.seed)
         self.version: Optional[int] = None  # None: the engine's dummy start weights
         self.group = None
