@@ -8,8 +8,9 @@
 
 All three use 2 processes on the 2 cores (OMP_NUM_THREADS=1 each). Per mode: tokens/s over the
 steps after the first (prompt + response tokens over step wall time), each side's idle seconds,
-and for the separate modes the wall-clock bounds of every generation and update (the timeline
-PNG and `overlap_s`: seconds in which a generation and an update ran at once).
+and for the separate modes the wall-clock bounds of every generation and of the training ranks'
+work on each step (score, reference, update; the timeline PNG and `overlap_s`: seconds in which
+a generation and that work ran at once).
 
 What a CPU can show: that the pipeline overlaps (overlap_s > 0, the timeline) and what it costs
 (staleness, behaviour KL). What it cannot: a speedup like a GPU's. Here the two sides share two
@@ -60,12 +61,20 @@ def predicted_speedup(generation: float, training: float, sync: float) -> float:
     return (generation + training + sync) / (max(generation, training) + sync)
 
 
+def training_interval(row: dict) -> tuple[float, float]:
+    """The training ranks' work on a step: its scoring, reference and advantage phases (timed
+    just before the update) and the update."""
+    before = sum(row.get(metrics.timing(phase), 0.0) for phase in TRAINING_PHASES[:-1])
+    return row[metrics.UPDATE_START] - before, row[metrics.UPDATE_END]
+
+
 def overlap_seconds(rows: list[dict]) -> float:
-    """Seconds in which an update and a generation ran at once (separate placement rows)."""
+    """Seconds in which the training ranks' work on a step (score, reference, update) and a
+    generation ran at once (separate placement rows)."""
     generations = [(row[metrics.GENERATION_START], row[metrics.GENERATION_END]) for row in rows]
     total = 0.0
     for row in rows:
-        start, end = row[metrics.UPDATE_START], row[metrics.UPDATE_END]
+        start, end = training_interval(row)
         total += sum(max(0.0, min(end, g_end) - max(start, g_start))
                      for g_start, g_end in generations)
     return total
@@ -110,15 +119,15 @@ def plot_timeline(runs: dict[str, list[dict]], path: Path) -> None:
         generations = [(row[metrics.GENERATION_START] - origin,
                         row[metrics.GENERATION_END] - row[metrics.GENERATION_START])
                        for row in rows]
-        updates = [(row[metrics.UPDATE_START] - origin,
-                    row[metrics.UPDATE_END] - row[metrics.UPDATE_START]) for row in rows]
+        updates = [(start - origin, end - start)
+                   for start, end in map(training_interval, rows)]
         ax.broken_barh(generations, (10, 8), color="tab:blue")
         ax.broken_barh(updates, (0, 8), color="tab:orange")
         for step, (start, _) in enumerate(generations, 1):
             ax.text(start, 19, f"gen {step}", fontsize=7)
         for step, (start, _) in enumerate(updates, 1):
-            ax.text(start, -3, f"update {step}", fontsize=7)
-        ax.set_yticks([4, 14], ["training ranks: update", "rollout rank: generation"])
+            ax.text(start, -3, f"train {step}", fontsize=7)
+        ax.set_yticks([4, 14], ["training ranks: score + update", "rollout rank: generation"])
         ax.set_title(mode, fontsize=9)
         ax.set_xlabel("seconds")
     fig.tight_layout()
