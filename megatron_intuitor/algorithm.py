@@ -14,6 +14,7 @@ or DP ranks multiplies by that count to undo it).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -232,20 +233,6 @@ def token_advantages(advantages: torch.Tensor, response_mask: torch.Tensor) -> t
     return advantages.unsqueeze(-1) * response_mask.to(advantages.dtype)
 
 
-@torch.no_grad()
-def tis_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor,
-                cap: float) -> torch.Tensor:
-    """Truncated importance sampling: min(pi_old / pi_rollout, cap) per token, detached.
-
-    Corrects for the rollout engine sampling from a slightly different distribution (other
-    kernels, precision) than the trainer's policy that scores the same tokens."""
-    _check_same_shape(old_log_probs=old_log_probs, rollout_log_probs=rollout_log_probs)
-    if cap <= 0:
-        raise ValueError(f"truncated importance sampling cap must be > 0, got {cap}")
-    log_ratio = (old_log_probs - rollout_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-    return log_ratio.exp().clamp(max=cap)
-
-
 def ppo_clip_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -419,3 +406,76 @@ def kl_cov_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     losses = torch.where(selected, losses + kl_coef * log_ratio.abs(), losses)
     share = selected.sum().to(log_probs.dtype) / max(tokens, 1)
     return masked_token_mean(losses, mask, num_tokens), share
+
+
+# ------------------------------------------------------------ off-policy (behaviour) correction
+# With a rollout engine that may lag the trainer (`trainer.max_staleness` >= 1), three policies
+# meet in one update: the behaviour policy that sampled the tokens (the engine, its log-probs
+# recorded while sampling), the proximal policy (the current weights before this update, whose
+# log-probs the training ranks recompute) and the policy being trained. Decoupled PPO (Hilton et
+# al. 2022, "Batch size-invariance for policy optimization"; AReaL) clips the ratio against the
+# proximal policy and weights each token by the behaviour ratio pi_prox / pi_behav, truncated at
+# a cap: `ppo_clip_loss(log_probs, proximal, ..., tis_weights=correction.weights)`. The masked
+# variant drops what left a band instead of (or besides) truncating it: per token (NeMo-RL's
+# ICE-POP, verl's token rejection) or per response by the geometric mean of its token ratios
+# (seq-mask-TIS, verl's sequence rejection). A dropped token keeps its place in the token-mean's
+# denominator with weight 0 (ICE-POP's objective): dropping never scales the other tokens up.
+
+CORRECTION_LEVELS = ("token", "sequence")
+
+
+class BehaviourCorrection(NamedTuple):
+    """Per-token weights for the decoupled loss and what they did (detached)."""
+
+    weights: torch.Tensor  # min(pi_prox / pi_behav, cap) (1 without a cap), 0 where dropped
+    dropped: torch.Tensor  # bool per token: outside the band (all False without one)
+    truncated: torch.Tensor  # bool per token: the cap bounded the ratio
+    kl: torch.Tensor  # token mean of k3 KL(behaviour || proximal) over the mask
+
+
+@torch.no_grad()
+def behaviour_correction(proximal_log_probs: torch.Tensor, behaviour_log_probs: torch.Tensor,
+                         mask: torch.Tensor, *, cap: Optional[float] = None,
+                         band: Optional[tuple[float, float]] = None, level: str = "token",
+                         sequence_ids: Optional[torch.Tensor] = None) -> BehaviourCorrection:
+    """The decoupled-PPO weights of the tokens under `mask`: the behaviour ratio
+    r = exp(proximal - behaviour) truncated at `cap`, and 0 where r leaves `band` = (low, high)
+    (level "token": the token's own r; "sequence": the geometric mean of r over the response's
+    tokens, so a whole response is dropped or kept). `sequence_ids` names each token's response
+    (shaped like the log-probs; default: each row of a [b, s] tensor is one response)."""
+    _check_same_shape(proximal_log_probs=proximal_log_probs,
+                      behaviour_log_probs=behaviour_log_probs, mask=mask)
+    if cap is not None and cap <= 0:
+        raise ValueError(f"behaviour ratio cap must be > 0, got {cap}")
+    if level not in CORRECTION_LEVELS:
+        raise ValueError(f"correction level {level!r}: choose one of {list(CORRECTION_LEVELS)}")
+    if band is not None and not 0 <= band[0] < 1 < band[1]:
+        raise ValueError(f"correction band {tuple(band)} must satisfy 0 <= low < 1 < high")
+    mask = mask.bool()
+    log_ratio = (proximal_log_probs - behaviour_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = log_ratio.exp()
+    truncated = mask & (ratio > cap) if cap is not None else torch.zeros_like(mask)
+    weights = ratio.clamp(max=cap) if cap is not None else torch.ones_like(ratio)
+    dropped = torch.zeros_like(mask)
+    if band is not None:
+        tested = log_ratio if level == "token" else _sequence_mean(log_ratio, mask, sequence_ids)
+        low = math.log(band[0]) if band[0] > 0 else -math.inf
+        dropped = mask & ((tested < low) | (tested > math.log(band[1])))
+        weights = torch.where(dropped, torch.zeros_like(weights), weights)
+    kl = masked_token_mean(kl_penalty(behaviour_log_probs, proximal_log_probs, "k3"), mask)
+    return BehaviourCorrection(weights, dropped, truncated, kl)
+
+
+def _sequence_mean(values: torch.Tensor, mask: torch.Tensor,
+                   sequence_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each token's response mean of `values` over the mask, broadcast back to its tokens."""
+    if sequence_ids is None:
+        sequence_ids = torch.arange(values.shape[0], device=values.device)[:, None]
+        sequence_ids = sequence_ids.expand_as(values)
+    _check_same_shape(values=values, sequence_ids=sequence_ids)
+    ids = sequence_ids.flatten().long()
+    count = int(ids.max()) + 1 if ids.numel() else 0
+    flat_mask = mask.flatten().to(values.dtype)
+    sums = values.new_zeros(count).index_add(0, ids, values.flatten() * flat_mask)
+    tokens = values.new_zeros(count).index_add(0, ids, flat_mask).clamp(min=1)
+    return (sums / tokens)[ids].view_as(values)

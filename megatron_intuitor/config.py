@@ -42,6 +42,7 @@ FP8_RECIPES = (None, "hybrid", "e4m3")
 FP8_SCALING_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
 FP8_AMAX_REDUCTIONS = ("tp", "tp_dp")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
+ROLLOUT_PLACEMENTS = ("colocated", "separate")
 DEVICES = ("auto", "cpu", "cuda")
 LOGGER_BACKENDS = ("console", "jsonl", "wandb")
 HYBRID_WEIGHT_KEYS = ("self_certainty", "verifiable")
@@ -409,7 +410,8 @@ class BatchSettings:
 
 @dataclass(frozen=True)
 class RolloutSettings:
-    """The colocated vLLM engine of each rank and the weight sync into it."""
+    """The vLLM engines (colocated: one per training rank; separate: on `num_ranks` ranks of
+    their own, docs/async.md) and the weight sync into them."""
 
     dtype: str  # a precision or a torch dtype name
     max_model_len: int
@@ -420,8 +422,14 @@ class RolloutSettings:
     # log-probs from the update's own forward (on-policy), no scoring forward
     score_at_sampling: bool
     weight_sync_bucket_bytes: int
+    placement: str = "colocated"  # ROLLOUT_PLACEMENTS
+    num_ranks: int = 1  # separate: the rollout ranks
 
     RULES: ClassVar[tuple[Rule, ...]] = (
+        choice("rollout.placement", ROLLOUT_PLACEMENTS),
+        ("rollout.num_ranks", positive_int, "a positive integer"),
+        ("trainer.max_staleness", lambda v: is_int(v) and v in (0, 1),
+         "0 (on-policy) or 1 (one-step off-policy; more is not implemented)"),
         ("rollout.tensor_parallel_size", positive_int, "a positive integer"),
         ("rollout.gpu_memory_utilization", lambda v: is_number(v) and 0 < v <= 1,
          "a number in (0, 1]"),
@@ -448,6 +456,16 @@ class RolloutSettings:
                 f"only on-policy (one optimizer step per training step): set actor.ppo_epochs=1 "
                 f"(now {actor.ppo_epochs}) and actor.ppo_mini_batch_size=data.prompts_per_step "
                 f"(now {actor.ppo_mini_batch_size} and {cfg.data.prompts_per_step})")
+        if trainer.max_staleness and rollout.placement != "separate":
+            problems.append(f"trainer.max_staleness={trainer.max_staleness} needs "
+                            f"rollout.placement=separate: colocated engines share the training "
+                            f"ranks, so generation cannot overlap the update")
+        if rollout.placement == "separate" and (rollout.tensor_parallel_size != 1
+                                                or rollout.score_at_sampling):
+            problems.append("rollout.placement=separate: needs rollout.tensor_parallel_size=1 "
+                            "(one engine per rollout rank) and rollout.score_at_sampling=false "
+                            "(the scores must come from the current weights on the training "
+                            "ranks)")
         return problems
 
     @classmethod
@@ -458,7 +476,8 @@ class RolloutSettings:
                    tensor_parallel=rollout.tensor_parallel_size,
                    gpu_memory_utilization=rollout.gpu_memory_utilization,
                    sleep_level=rollout.sleep_level, score_at_sampling=rollout.score_at_sampling,
-                   weight_sync_bucket_bytes=int(rollout.weight_sync_bucket_mb * 2**20))
+                   weight_sync_bucket_bytes=int(rollout.weight_sync_bucket_mb * 2**20),
+                   placement=rollout.placement, num_ranks=rollout.num_ranks)
 
 
 # The classes whose rules and consistency checks `validate` runs, in this order.

@@ -29,6 +29,21 @@ RESPONSE_LENGTH_MEAN = "response_length/mean"
 # prompts whose advantages algorithm.entropy_band zeroed this step (answer entropy outside it)
 FILTERED_PROMPTS = "intuitor/filtered_prompts"
 ROLLOUT_LOGPROB_DIFF = "rollout/logprob_diff"  # |rollout engine - Megatron| log-prob, token mean
+# the off-policy correction (algorithm.behaviour_correction), token means over the update
+BEHAVIOUR_KL = "off_policy/behaviour_kl"  # k3 KL(behaviour (engine) || proximal (training))
+CORRECTION_TRUNCATED = "off_policy/truncated_share"  # behaviour ratio bounded by rollout.tis_cap
+CORRECTION_DROPPED = "off_policy/dropped_share"  # weight 0: outside rollout.correction_band
+# separate rollout ranks (rollout/pipeline.py)
+STALENESS = "off_policy/staleness"  # policy version - the version that generated the batch
+BEHAVIOUR_VERSION = "off_policy/behaviour_version"  # the weights that generated the batch
+SCORER_VERSION = "off_policy/scorer_version"  # the weights that scored it: always the current
+IDLE_TRAINING = "idle_s/training"  # the training ranks waiting for the step's responses
+IDLE_ROLLOUT = "idle_s/rollout"  # the rollout ranks between two generations (syncs included)
+GENERATION_SECONDS = "timing/generation"  # the batch's generation on the rollout ranks
+GENERATION_TOKENS = "rollout/generated_tokens"  # prompt + response tokens of the batch
+# wall-clock (epoch seconds) phase bounds, separate placement: the overlap and its timeline
+GENERATION_START, GENERATION_END = "timeline/generation_start", "timeline/generation_end"
+UPDATE_START, UPDATE_END = "timeline/update_start", "timeline/update_end"
 
 
 def timing(phase: str) -> str:

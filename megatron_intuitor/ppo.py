@@ -37,7 +37,10 @@ from megatron_intuitor.value_rules import Rule, choice, is_number
 # Per-micro-batch weighted sums the head reports, reduced over micro-batches and DP, then divided
 # by the summed weights (tokens or rows, per loss_agg_mode).
 LOSS_METRICS = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC,
-                metrics.PG_CLIPFRAC_LOWER, metrics.PPO_KL, metrics.ROLLOUT_LOGPROB_DIFF)
+                metrics.PG_CLIPFRAC_LOWER, metrics.PPO_KL, metrics.ROLLOUT_LOGPROB_DIFF,
+                metrics.BEHAVIOUR_KL, metrics.CORRECTION_TRUNCATED, metrics.CORRECTION_DROPPED)
+# reported only when the behaviour correction is on (`rollout.tis_cap` or a band)
+CORRECTION_METRICS = LOSS_METRICS[-3:]
 
 
 # token-mean: the exact token mean of each mini-batch; micro-batch-token-mean: the official
@@ -58,6 +61,9 @@ class PPOSettings:
     kl_type: str  # algorithm.KL_KINDS
     entropy_coef: float
     tis_cap: Optional[float]
+    # the masked correction: drop what leaves (low, high), per token or per response
+    correction_band: Optional[tuple[float, float]] = None
+    correction_level: str = "token"  # algorithm.CORRECTION_LEVELS
     policy_loss: str = "ppo"  # algorithm.COV_POLICY_LOSSES
     cov_select_ratio: float = 2e-4
     cov_clip_lower: float = 1.0
@@ -72,6 +78,10 @@ class PPOSettings:
         ("rollout.temperature", lambda v: is_number(v) and v > 0, "a number > 0"),
         ("rollout.tis_cap", lambda v: v is None or (is_number(v) and v > 0),
          "null or a number > 0"),
+        ("rollout.correction_band", lambda v: v is None or (
+            len(v) == 2 and all(is_number(x) for x in v) and 0 <= v[0] < 1 < v[1]),
+         "null or [low, high] with 0 <= low < 1 < high"),
+        choice("rollout.correction_level", algorithm.CORRECTION_LEVELS),
         ("algorithm.kl_coef", lambda v: is_number(v) and v >= 0, "a number >= 0"),
         choice("algorithm.kl_type", algorithm.KL_KINDS),
         ("algorithm.clip_ratio", lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
@@ -102,7 +112,10 @@ class PPOSettings:
         return cls(temperature=cfg.rollout.temperature, clip_ratio=algo.clip_ratio,
                    clip_ratio_high=algo.clip_ratio_high, kl_coef=algo.kl_coef,
                    kl_type=algo.kl_type, entropy_coef=algo.entropy_coef,
-                   tis_cap=cfg.rollout.tis_cap, policy_loss=algo.policy_loss,
+                   tis_cap=cfg.rollout.tis_cap,
+                   correction_band=(None if cfg.rollout.correction_band is None else
+                                    tuple(float(x) for x in cfg.rollout.correction_band)),
+                   correction_level=cfg.rollout.correction_level, policy_loss=algo.policy_loss,
                    cov_select_ratio=algo.cov.select_ratio, cov_clip_lower=algo.cov.clip_lower,
                    cov_clip_upper=algo.cov.clip_upper, cov_kl_coef=algo.cov.kl_coef,
                    loss_agg_mode=cfg.actor.loss_agg_mode)
@@ -132,9 +145,18 @@ def _ppo_head(settings: PPOSettings, vocab_size: int):
             divisor = tokens.clamp(min=1) / weight
         on_policy = "old_log_probs" not in micro_batch.tokens  # see the module doc
         old = scores.log_probs.detach() if on_policy else micro_batch["old_log_probs"]
-        tis = None
-        if settings.tis_cap:
-            tis = algorithm.tis_weights(old, micro_batch["rollout_log_probs"], settings.tis_cap)
+        tis, correction_sums = None, [weight * 0] * len(CORRECTION_METRICS)
+        if _corrects(settings):  # decoupled PPO: old = proximal, the engine's = behaviour
+            correction = algorithm.behaviour_correction(
+                old, micro_batch["rollout_log_probs"], mask, cap=settings.tis_cap,
+                band=settings.correction_band, level=settings.correction_level,
+                sequence_ids=_sequence_ids(micro_batch, mask))
+            tis = correction.weights
+            correction_sums = [correction.kl * weight,
+                               algorithm.masked_token_mean(correction.truncated.to(old.dtype),
+                                                           mask) * weight,
+                               algorithm.masked_token_mean(correction.dropped.to(old.dtype),
+                                                           mask) * weight]
         pg_sum, stats = _policy_loss(settings, scores.log_probs, old, micro_batch, mask, tis,
                                      divisor)
         loss = pg_sum
@@ -151,9 +173,24 @@ def _ppo_head(settings: PPOSettings, vocab_size: int):
             (old - micro_batch["rollout_log_probs"]).abs(), mask) if on_policy else weight * 0
         sums = torch.stack([pg_sum.detach(), kl_sum.detach(), stats.clipfrac * weight,
                             stats.clipfrac_lower * weight, stats.approx_kl * weight,
-                            logprob_diff * weight, weight])
+                            logprob_diff * weight, *correction_sums, weight])
         return loss, weight.to(torch.int), {"sums": sums}
     return head
+
+
+def _corrects(settings: PPOSettings) -> bool:
+    return bool(settings.tis_cap) or settings.correction_band is not None
+
+
+def _sequence_ids(micro_batch, mask: torch.Tensor) -> torch.Tensor:
+    """Each token's row of the micro-batch, in its layout ([b, s] padded, [1, t] packed)."""
+    if micro_batch.packed_seq_params is None:  # rows, padding rows included
+        return torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
+    rows = torch.arange(len(micro_batch.lengths), device=mask.device)
+    ids = rows.repeat_interleave(micro_batch.lengths.to(mask.device))
+    # the pack's padding tail (never under the mask) joins the last row
+    return torch.nn.functional.pad(ids, (0, mask.shape[-1] - ids.numel()),
+                                   value=len(rows) - 1)[None]
 
 
 def _policy_loss(settings: PPOSettings, log_probs: torch.Tensor, old: torch.Tensor,
@@ -214,4 +251,7 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
     result = {name: float(value) / weight for name, value in zip(LOSS_METRICS, sums[:-1])}
     if shard.old_log_probs is not None:  # measured by the scoring forward instead
         del result[metrics.ROLLOUT_LOGPROB_DIFF]
+    if not _corrects(settings):
+        for name in CORRECTION_METRICS:
+            del result[name]
     return result

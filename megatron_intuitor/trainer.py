@@ -39,6 +39,7 @@ from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
 from megatron_intuitor.evaluation.best_of_n import best_of_n_metrics
 from megatron_intuitor.evaluation.registry import validation_metrics
 from megatron_intuitor.rollout.engine import SamplingConfig
+from megatron_intuitor.rollout.pipeline import RolloutPipeline
 from megatron_intuitor.workers.reports import RolloutReport
 
 log = logging.getLogger(__name__)
@@ -123,23 +124,29 @@ class Trainer:
         self.best: Optional[dict] = None  # {"step", "value"}: trainer.best_metric's best checkpoint
         self.rollbacks = 0
         self.last_step = 0  # the last step run (a guard may stop before the schedule's end)
+        self.policy_version = 0  # the training step whose update made the current weights
+        self.pipeline: Optional[RolloutPipeline] = None  # separate rollout ranks
+        if cfg.rollout.placement == "separate":
+            self.pipeline = RolloutPipeline(actor, loader, cfg.trainer.max_staleness,
+                                            schedule.training_steps, self._submit_rollout)
 
-    def train_step(self, step: int, prompts: list[Prompt]) -> dict[str, float]:
+    def train_step(self, step: int, prompts: Optional[list[Prompt]]) -> dict[str, float]:
         """One INTUITOR step: rollout -> score -> advantage -> update -> sync. The step's tokens
-        and per-token log-probs stay on the ranks; only one number per response crosses."""
-        cfg, timings = self.cfg, {}
+        and per-token log-probs stay on the ranks; only one number per response crosses.
+        Separate rollout ranks (`prompts` None): the pipeline draws the prompts, generates them
+        up to `trainer.max_staleness` steps ahead and syncs the weights before each
+        generation."""
+        cfg, timings, off_policy = self.cfg, {}, {}
         step_start = time.perf_counter()
-        estimator = algorithm.advantage_estimator(cfg.algorithm.name)
-        graded = estimator.needs_verifiable
-        # the answers: for the estimator's vote, or for the entropy band's filter
-        answers = estimator.needs_answers or cfg.algorithm.entropy_band is not None
-        seed = cfg.trainer.seed * 1_000_003 + step
+        seed = self._rollout_seed(step)
         with self._timed(timings, "rollout"):
-            rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
-                                          seed=seed,
-                                          records=[p.record for p in prompts]
-                                          if graded or answers else None,
-                                          ngram=self.guard.ngram, grade=graded, answers=answers)
+            if self.pipeline is None:
+                rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
+                                              seed=seed, ngram=self.guard.ngram,
+                                              **self._grading(prompts))
+            else:  # generation of step + 1 starts here, overlapping this step's update
+                _, rollouts, off_policy = self.pipeline.next(step, self.policy_version,
+                                                             self.guard.ngram)
         # GPU: the engines' memory to training
         with self._timed(timings, "release_rollout_memory"):
             self.actor.release_rollout_memory()
@@ -152,11 +159,16 @@ class Trainer:
                 self.actor.score_reference()
         with self._timed(timings, "advantage"):
             advantages, filtered = self._advantages(scores.self_certainty, rollouts, seed)
+        update_start = time.time()
         with self._timed(timings, "update"):
             update_metrics = self.actor.update_policy(advantages, step)
-        # the engines' memory back, with the new weights
-        with self._timed(timings, "weight_sync"):
-            self.actor.sync_weights()
+        self.policy_version = step
+        if self.pipeline is not None:  # when it ran, against the generation of the next step
+            off_policy.update({metrics.UPDATE_START: update_start,
+                               metrics.UPDATE_END: time.time()})
+        if self.pipeline is None:  # the engines' memory back, with the new weights
+            with self._timed(timings, "weight_sync"):
+                self.actor.sync_weights()
         elapsed = time.perf_counter() - step_start
         response_tokens = rollouts.response_lengths.sum().clamp(min=1)
         entropy = scores.entropy_sum.sum() / response_tokens
@@ -178,7 +190,25 @@ class Trainer:
             **{metrics.timing(phase): seconds for phase, seconds in timings.items()},
             metrics.timing("step"): elapsed,
             **{collapse.signal_name(name): value for name, value in signals.items()},
+            **off_policy,
         }
+
+    def _rollout_seed(self, step: int) -> int:
+        return self.cfg.trainer.seed * 1_000_003 + step
+
+    def _grading(self, prompts: list[Prompt]) -> dict[str, Any]:
+        """What the ranks read from the responses besides the tokens: the verifiable 0/1 answer
+        reward when the estimator uses it (grpo, hybrid, ...), the final answers for the
+        estimator's vote or the entropy band's filter."""
+        estimator = algorithm.advantage_estimator(self.cfg.algorithm.name)
+        grade = estimator.needs_verifiable
+        answers = estimator.needs_answers or self.cfg.algorithm.entropy_band is not None
+        return {"records": [p.record for p in prompts] if grade or answers else None,
+                "grade": grade, "answers": answers}
+
+    def _submit_rollout(self, step: int, prompts: list[Prompt]):
+        return self.actor.submit_rollout([p.token_ids for p in prompts], self.sampling,
+                                         seed=self._rollout_seed(step), **self._grading(prompts))
 
     def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport,
                     seed: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -212,6 +242,8 @@ class Trainer:
         mean self-certainty `val/<dataset>/self_certainty`; with `trainer.val_best_of_n=N`
         also N sampled responses per prompt: `acc_sc_best_of_<N>`, `maj@<N>`, `pass@<N>`."""
         best_of = self.cfg.trainer.val_best_of_n
+        if self.pipeline is not None and self.actor.engine_version != self.policy_version:
+            self.actor.sync_weights()  # after the generation in flight, which keeps its version
         generated = []
         for prompt_set in self.val_sets:
             prompt_ids = [p.token_ids for p in prompt_set.prompts]
@@ -237,7 +269,8 @@ class Trainer:
                     records, [[s.text for s in sampled[i * best_of:(i + 1) * best_of]]
                               for i in range(len(records))],
                     [scores[i * best_of:(i + 1) * best_of] for i in range(len(records))]))
-        self.actor.sync_weights()  # the engines' memory back (GPU); same weights
+        if self.pipeline is None:
+            self.actor.sync_weights()  # the engines' memory back (GPU); same weights
         result.update({collapse.signal_name(name): value for name, value in
                        self.monitor.validation_signals(accuracy_and_certainty).items()})
         return result
@@ -245,7 +278,8 @@ class Trainer:
     def save(self, step: int) -> None:
         """A checkpoint of this step; the best one by `trainer.best_metric` is kept past
         `trainer.keep_last`, and it and the guard's history travel in the trainer state."""
-        extra = {"data": self.loader.state_dict(), "best": self.best,
+        data = self.loader.state_dict() if self.pipeline is None else self.pipeline.loader_state()
+        extra = {"data": data, "best": self.best,
                  "monitor": self.monitor.state_dict(), "rollbacks": self.rollbacks}
         keep = (self.best["step"],) if self.best else ()
         try:
@@ -289,7 +323,10 @@ class Trainer:
                                                       f"step {step}")
             return True
         path = self.checkpoint_root / f"step_{self.best['step']}"
+        if self.pipeline is not None:
+            self.pipeline.drain()  # the prompts in flight are generated again, by these weights
         self.actor.load_checkpoint(str(path))  # weights, optimizer, schedule; engines synced
+        self.policy_version = self.best["step"]
         self.rollbacks += 1
         self.logger.alert(step, "INTUITOR guard", f"rolled back to {path} "
                           f"({self.cfg.trainer.best_metric}={self.best['value']:.4g}); "
@@ -307,6 +344,7 @@ class Trainer:
         if path is None:
             return 0
         extra = self.actor.load_checkpoint(str(path))
+        self.policy_version = int(extra["step"])
         self.loader.load_state_dict(extra["data"])
         self.best, self.rollbacks = extra.get("best"), extra.get("rollbacks", 0)
         if "monitor" in extra:
@@ -324,7 +362,8 @@ class Trainer:
         self.logger.start_progress(start, self.schedule.training_steps)
         for step in range(start + 1, self.schedule.training_steps + 1):
             self.last_step = step
-            last = self.train_step(step, self.loader.next_batch())
+            last = self.train_step(step, self.loader.next_batch() if self.pipeline is None
+                                   else None)
             final = step == self.schedule.training_steps
             if self.val_sets and (final or (cfg.val_every and step % cfg.val_every == 0)):
                 last.update(self.validate())
@@ -458,13 +497,15 @@ def start_ranks(cfg: DictConfig, job: Job, logger: metrics.MetricsLogger):
     from megatron_intuitor.workers.actor import ActorGroup
 
     world_size = job.settings.layout.world_size
+    rollout = job.settings.rollout
+    ray_ranks = world_size + (rollout.num_ranks if rollout.placement == "separate" else 0)
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
     if not ray.is_initialized():
         if cfg.trainer.ray_address:  # join the cluster started with `ray start` on every node
             ray.init(address=cfg.trainer.ray_address, **quiet)
         else:  # a fresh local cluster, never one that happens to run on this machine
             ray.init(address="local", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, world_size), **quiet)
+                     num_cpus=max(os.cpu_count() or 1, ray_ranks), **quiet)
     with logger.phase(f"starting {world_size} rank(s): Megatron-Core and vLLM"):
         return ActorGroup.start(job.settings, job.model_dir, placement=cfg.trainer.placement,
                                 cpus_per_worker=cfg.trainer.cpus_per_worker)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,6 +28,7 @@ from megatron_intuitor.batch import (RolloutBatch, batch_from_rollouts, data_par
 from megatron_intuitor.config import ActorSettings, OptimizerSettings, Schedule
 from megatron_intuitor.platform import on_gpu
 from megatron_intuitor.rollout.engine import RolloutSample, SamplingConfig
+from megatron_intuitor.rollout.transport import make_transport
 from megatron_intuitor.workers.group import Worker, WorkerGroup
 from megatron_intuitor.workers.reports import (RolloutReport, ScoreReport, rollout_report,
                                                sampling_score_report, score_report)
@@ -85,6 +87,34 @@ def end_of_training_step(lr_scheduler, stepped: Sequence[bool]) -> None:
         lr_scheduler.step(increment=1)
 
 
+def graded_samples(samples: list[RolloutSample], records: Optional[list], first_prompt: int,
+                   grade: bool = True, answers: bool = False
+                   ) -> tuple[list[RolloutSample], Optional[list[float]], Optional[list]]:
+    """A replica's samples with global prompt indices (from `first_prompt`) and no text, their
+    0/1 grades against `records` (`grade`) and their extracted final answers (`answers`); None
+    for what was not asked or without `records`."""
+    verifiable = extracted = None
+    if records is not None and grade:
+        from megatron_intuitor.evaluation.registry import grade_record
+
+        verifiable = [float(grade_record(records[s.prompt_index], s.text)) for s in samples]
+    if records is not None and answers:
+        from megatron_intuitor.evaluation.best_of_n import extract_answer
+
+        extracted = [extract_answer(records[s.prompt_index], s.text) for s in samples]
+    # the text was needed only to grade and read answers
+    return ([replace(s, prompt_index=s.prompt_index + first_prompt, text="") for s in samples],
+            verifiable, extracted)
+
+
+def cross_rank_backend() -> str:
+    return "nccl" if on_gpu() else "gloo"
+
+
+def _compute_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
+
+
 class ActorWorker(Worker):
     """Policy shards, frozen reference shards, distributed optimizer and one rollout engine;
     between the calls of a step it holds the step's rollouts and their old / reference
@@ -128,10 +158,14 @@ class ActorWorker(Worker):
         if self.ref_offload:
             self._move_reference("cpu")
         parallel.warm_up_groups()  # NCCL communicators take their memory before vLLM sizes
-        self.engine = self._build_engine()
+        self.weights_version = 0  # the policy's: the training step whose update made it
         self.engine_asleep = False
-        self.direct_sync = self._plan_direct_sync()
-        self.sync_weights()
+        self.engine = self.transport = None  # separate: no engine, `connect_rollout` the transport
+        if settings.rollout.placement == "colocated":
+            self.engine = self._build_engine()
+            self.transport = make_transport(self.engine, self.policy, self.hf_config,
+                                            bucket_bytes=settings.rollout.weight_sync_bucket_bytes)
+            self.sync_weights()
         # the step's data, kept here between the controller's calls
         self.rollouts: Optional[RolloutBatch] = None
         self.old_log_probs: Optional[torch.Tensor] = None
@@ -151,25 +185,36 @@ class ActorWorker(Worker):
                              reserved_gpu_bytes=training_reserve_bytes(self.optimizer),
                              seed=self.settings.seed, score_at_sampling=rollout.score_at_sampling)
 
-    def _plan_direct_sync(self):
-        """The direct shard-to-shard sync when the engine is sharded like the policy, else None
-        (the sync then streams full tensors; the reason goes to the log)."""
-        from megatron_intuitor.rollout.shard_sync import ShardSync, ShardSyncUnavailable
-
-        try:
-            direct_sync = ShardSync.plan(self.engine, self.policy, self.hf_config)
-        except ShardSyncUnavailable as why:
-            self.weight_sync_path = f"streams full tensors ({why})"
-            return None
-        self.weight_sync_path = "shard to shard"
-        return direct_sync
-
     def close(self) -> None:
         """vLLM frees its shared-memory message queues only in its own teardown."""
-        self.engine.shutdown()
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def open_weights_store(self) -> tuple[str, int]:
+        """Rank 0, separate placement: the cross-rank group's rendezvous, on a free port."""
+        import ray
+
+        from megatron_intuitor.rollout.transport import cross_rank_store
+
+        host = ray.util.get_node_ip_address()
+        self._weights_store = cross_rank_store(host, server=True)
+        return host, self._weights_store.port
+
+    def connect_rollout(self, cross_world: int) -> None:
+        """Separate placement: rank 0 joins the group spanning it and the rollout ranks (as its
+        rank 0), the others only take part in the export."""
+        from megatron_intuitor.rollout.transport import cross_rank_group
+
+        group = (cross_rank_group(self._weights_store, 0, cross_world, cross_rank_backend())
+                 if self.rank == 0 else None)
+        self.transport = make_transport(None, self.policy, self.hf_config,
+                                        bucket_bytes=self.settings.rollout.weight_sync_bucket_bytes,
+                                        group=group, rollout_dtype=_DTYPES[
+                                            self.settings.rollout.dtype],
+                                        device=_compute_device())
 
     def get_weight_sync_path(self) -> str:
-        return self.weight_sync_path
+        return self.transport.path
 
     def generate(self, prompts: list[list[int]],
                  sampling: SamplingConfig) -> Optional[list[RolloutSample]]:
@@ -190,47 +235,37 @@ class ActorWorker(Worker):
         samples = self.engine.generate(prompts, sampling) if prompts else []
         shared: tuple[list, Optional[list[float]], Optional[list]] = ([], None, None)
         if self.reports_for_replica:
-            verifiable = extracted = None
-            if records is not None and grade:
-                from megatron_intuitor.evaluation.registry import grade_record
-
-                verifiable = [float(grade_record(records[s.prompt_index], s.text))
-                              for s in samples]
-            if records is not None and answers:
-                from megatron_intuitor.evaluation.best_of_n import extract_answer
-
-                extracted = [extract_answer(records[s.prompt_index], s.text) for s in samples]
-            # the text was needed only to grade and read answers
-            shared = ([replace(s, prompt_index=s.prompt_index + first_prompt, text="")
-                       for s in samples], verifiable, extracted)
+            shared = graded_samples(samples, records, first_prompt, grade, answers)
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, shared)
+        return self._keep_rollouts(gathered, records is not None and grade,
+                                   records is not None and answers, ngram)
+
+    def ingest(self, graded: bool, answers: bool, ngram: int, *gathered
+               ) -> Optional[RolloutReport]:
+        """The step's responses generated by the separate rollout ranks (`gathered`: each
+        rank's (samples, grades, answers), handed over by Ray), kept like `rollout`'s."""
+        return self._keep_rollouts(gathered, graded, answers, ngram)
+
+    def _keep_rollouts(self, gathered, graded: bool, answers: bool,
+                       ngram: int) -> Optional[RolloutReport]:
         step_samples = [sample for rank_samples, _, _ in gathered for sample in rank_samples]
         self.rollouts = batch_from_rollouts(step_samples, self.settings.pad_token_id)
         self.old_log_probs = self.ref_log_probs = None
         if self.rank != 0:
             return None
-        graded = [score for _, scores, _ in gathered if scores is not None for score in scores]
+        scores = [score for _, scores, _ in gathered if scores is not None for score in scores]
         read = [answer for _, _, found in gathered if found is not None for answer in found]
-        return rollout_report(self.rollouts,
-                              graded if records is not None and grade else None,
-                              step_samples, ngram,
-                              read if records is not None and answers else None)
+        return rollout_report(self.rollouts, scores if graded else None, step_samples, ngram,
+                              read if answers else None)
 
     def sync_weights(self) -> None:
         """The policy's weights into this rank's engine: shard to shard when they are sharded
         alike, else streamed (HF names, full tensors). After `release_rollout_memory` (GPU), the
         engine's weight memory comes back first and its KV cache after the sync."""
-        from megatron_intuitor.models.bridge import export_hf_weights
-        from megatron_intuitor.rollout.weight_sync import sync_weights
-
         if self.engine_asleep:
             self.engine.wake_up(["weights"])
-        if self.direct_sync is not None:
-            self.direct_sync()
-        else:
-            sync_weights(self.engine, export_hf_weights(self.policy, self.hf_config),
-                         bucket_bytes=self.settings.rollout.weight_sync_bucket_bytes)
+        self.transport.push(self.weights_version)  # separate: broadcast to the rollout ranks
         if self.engine_asleep:
             self.engine.wake_up(["kv_cache"])
             self.engine_asleep = False
@@ -239,7 +274,7 @@ class ActorWorker(Worker):
         """Colocation on GPU: the engine frees its weights and KV cache for the training phase
         (level 2 drops the weights, the sync after the update brings new ones; level 1 keeps
         them in host memory: `rollout.sleep_level`). A no-op on CPU."""
-        if not self.engine_asleep:
+        if self.engine is not None and not self.engine_asleep:
             self.engine.sleep(level=self.settings.rollout.sleep_level)
             self.engine_asleep = True
 
@@ -348,6 +383,7 @@ class ActorWorker(Worker):
         result = {name: sum(m[name] for m in per_step) / len(per_step) for name in per_step[0]}
         result[metrics.SKIPPED_STEPS] = sum(m[metrics.SKIPPED_STEPS] for m in per_step)
         result[metrics.LR] = per_step[-1][metrics.LR]  # the step's (one per training step)
+        self.weights_version = step
         return result if self.rank == 0 else None
 
     # --------------------------------------------------------------------------- checkpoints
@@ -366,7 +402,9 @@ class ActorWorker(Worker):
 
         extra = load_checkpoint(path, self.policy, self.optimizer)
         self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
-        self.sync_weights()
+        self.weights_version = int(extra["step"])
+        if self.engine is not None:  # separate: the controller syncs both sides at once
+            self.sync_weights()
         return extra
 
     def export_hf(self, out_dir: str) -> None:
@@ -382,12 +420,23 @@ class ActorWorker(Worker):
         return self.dp_rank, self.reports_for_dp_group
 
 
+@dataclass
+class PendingRollout:
+    """A generation running on the separate rollout ranks: Ray references, one per rank."""
+
+    samples: list  # each rank's (samples, grades, answers), for the training ranks
+    facts: list  # each rank's version and times, for the controller
+    graded: bool
+    answers: bool
+    submitted: float  # time.time() at submission
+
+
 class ActorGroup:
     """The controller's handle on all actor ranks (`group`: their WorkerGroup, or anything with
     its execute_* methods, e.g. the simulated ranks of `bench/controller_traffic.py`)."""
 
-    def __init__(self, settings: ActorSettings, group) -> None:
-        self.group = group
+    def __init__(self, settings: ActorSettings, group, rollout_group=None) -> None:
+        self.group, self.rollout_group = group, rollout_group  # rollout: separate placement
         self.world_size = settings.layout.world_size
         coordinates = group.execute_all("data_parallel_coordinates")
         # one reporting rank per DP group, in DP order
@@ -395,7 +444,11 @@ class ActorGroup:
                            for rank, (dp_rank, leader) in enumerate(coordinates)
                            if dp_rank == dp and leader]
         self.rollout_tp = settings.rollout.tensor_parallel
-        self.rollout_replicas = self.world_size // self.rollout_tp
+        self.rollout_replicas = (self.world_size // self.rollout_tp if rollout_group is None
+                                 else rollout_group.world_size)
+        self.engine_version: Optional[int] = None  # separate: the rollout ranks' weights
+        if rollout_group is not None:
+            self._connect_rollout()
 
     @classmethod
     def start(cls, settings: ActorSettings, model_dir: Path, *, placement: str,
@@ -406,16 +459,73 @@ class ActorGroup:
                "TOKENIZERS_PARALLELISM": "false",
                "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
         layout = settings.layout
+        gpus = 1 if layout.device == "cuda" else 0
         group = WorkerGroup(
             ActorWorker, layout.world_size, placement=placement,
-            num_cpus_per_worker=cpus_per_worker,
-            num_gpus_per_worker=1 if layout.device == "cuda" else 0, env=env,
+            num_cpus_per_worker=cpus_per_worker, num_gpus_per_worker=gpus, env=env,
             args=(settings, str(model_dir)), name="actor")
+        rollout_group = None
         try:
-            return cls(settings, group)
+            if settings.rollout.placement == "separate":  # a placement group of their own
+                from megatron_intuitor.workers.rollout import RolloutWorker
+
+                rollout_group = WorkerGroup(
+                    RolloutWorker, settings.rollout.num_ranks, placement=placement,
+                    num_cpus_per_worker=cpus_per_worker, num_gpus_per_worker=gpus, env=env,
+                    args=(settings, str(model_dir)), name="rollout")
+            return cls(settings, group, rollout_group)
         except BaseException:
             group.shutdown()
+            if rollout_group is not None:
+                rollout_group.shutdown()
             raise
+
+    def _connect_rollout(self) -> None:
+        """The cross-rank group: training rank 0 (rank 0 of it) and every rollout rank; then
+        the first weights (version 0) to the rollout ranks."""
+        host, port = self.group.execute_rank0("open_weights_store")
+        world = 1 + self.rollout_group.world_size
+        joins = [actor.connect_rollout.remote(world) for actor in self.group.actors]
+        receivers = self.rollout_group.submit_per_rank(
+            "connect_trainer", [(host, port, 1 + rank, world)
+                                for rank in range(self.rollout_group.world_size)])
+        self.rollout_group.gather(receivers, "connect_trainer")
+        self.group.gather(joins, "connect_rollout")
+        self.sync_weights()
+
+    # --------------------------------------------------- separate rollout ranks: a step ahead
+
+    def submit_rollout(self, prompts: Sequence[list[int]], sampling: SamplingConfig, seed: int,
+                       records: Optional[Sequence] = None, grade: bool = True,
+                       answers: bool = False) -> "PendingRollout":
+        """Start generating on the rollout ranks (separate placement) and return at once;
+        `records`, `grade`, `answers` as for `rollout`."""
+        replicas = self._per_replica(prompts, sampling, seed)
+        refs = self.rollout_group.submit_per_rank(
+            "rollout", [(replica_prompts, replica_sampling, start,
+                         None if records is None else list(records[start:start + len(
+                             replica_prompts)]), grade, answers)
+                        for start, replica_prompts, replica_sampling in replicas])
+        return PendingRollout(samples=[samples for samples, _ in refs],
+                              facts=[facts for _, facts in refs],
+                              graded=records is not None and grade,
+                              answers=records is not None and answers, submitted=time.time())
+
+    def collect_rollout(self, pending: "PendingRollout",
+                        ngram: int = 3) -> tuple[RolloutReport, dict]:
+        """Wait for `pending`'s responses and hand them to the training ranks (by reference:
+        the controller never holds them); the report, and the generation's version and times."""
+        facts = self.rollout_group.gather(pending.facts, "rollout")
+        versions = {fact["version"] for fact in facts}
+        if len(versions) != 1:
+            raise RuntimeError(f"rollout ranks generated one step with weight versions "
+                               f"{sorted(versions)}")
+        report = self.group.execute_all("ingest", pending.graded, pending.answers, ngram,
+                                     *pending.samples)[0]
+        return report, {"version": versions.pop(),
+                        "started": min(fact["started"] for fact in facts),
+                        "finished": max(fact["finished"] for fact in facts),
+                        "tokens": sum(fact["tokens"] for fact in facts)}
 
     def _per_replica(self, prompts: Sequence[list[int]], sampling: SamplingConfig,
                      seed: int) -> list[tuple[int, list[list[int]], SamplingConfig]]:
@@ -432,6 +542,11 @@ class ActorGroup:
         """Samples of `prompts` (validation: the texts come back), split over the rollout
         replicas; grouped by prompt, prompt indices global."""
         replicas = self._per_replica(prompts, sampling, seed)
+        if self.rollout_group is not None:
+            results = self.rollout_group.execute_per_rank(
+                "generate", [replica[1:] for replica in replicas])
+            return [replace(sample, prompt_index=sample.prompt_index + start)
+                    for (start, _, _), samples in zip(replicas, results) for sample in samples]
         results = self.group.execute_per_rank(
             "generate", [replicas[rank // self.rollout_tp][1:] for rank in range(self.world_size)])
         return [replace(sample, prompt_index=sample.prompt_index + start)
@@ -481,7 +596,14 @@ class ActorGroup:
         return self.group.execute_all("update_policy", advantages, step)[0]
 
     def sync_weights(self) -> None:
-        self.group.execute_all("sync_weights")
+        """The policy into every engine; separate: the training ranks' broadcast and the
+        rollout ranks' reception run at once."""
+        sends = [actor.sync_weights.remote() for actor in self.group.actors]
+        if self.rollout_group is not None:
+            received = self.rollout_group.submit_per_rank(
+                "receive_weights", [()] * self.rollout_group.world_size)
+            self.engine_version = self.rollout_group.gather(received, "receive_weights")[0]
+        self.group.gather(sends, "sync_weights")
 
     def weight_sync_path(self) -> str:
         """How rank 0's weights reach its engine: "shard to shard" or why they stream."""
@@ -493,10 +615,15 @@ class ActorGroup:
                                       keep_steps)[0]
 
     def load_checkpoint(self, path: str) -> dict:
-        return self.group.execute_all("load_checkpoint", path)[0]
+        extra = self.group.execute_all("load_checkpoint", path)[0]
+        if self.rollout_group is not None:
+            self.sync_weights()
+        return extra
 
     def export_hf(self, out_dir: str) -> None:
         self.group.execute_all("export_hf", out_dir)
 
     def shutdown(self) -> None:
         self.group.shutdown()
+        if self.rollout_group is not None:
+            self.rollout_group.shutdown()

@@ -222,11 +222,19 @@ class WorkerGroup:
 
     def execute_per_rank(self, method: str, per_rank_args: Sequence[Sequence[Any]]) -> list:
         """Call `method(*per_rank_args[r])` on each rank r; results in rank order."""
+        return self.gather(self.submit_per_rank(method, per_rank_args), method)
+
+    def submit_per_rank(self, method: str, per_rank_args: Sequence[Sequence[Any]]) -> list:
+        """`execute_per_rank` without waiting: each rank's Ray reference(s), for `gather`."""
         if len(per_rank_args) != self.world_size:
             raise ValueError(f"per_rank_args has {len(per_rank_args)} entries for "
                              f"{self.world_size} ranks")
-        return self._gather([getattr(actor, method).remote(*rank_args)
-                             for actor, rank_args in zip(self.actors, per_rank_args)], method)
+        return [getattr(actor, method).remote(*rank_args)
+                for actor, rank_args in zip(self.actors, per_rank_args)]
+
+    def gather(self, refs: list, method: str) -> list:
+        """The results of one reference per rank (rank order), a failure named by its rank."""
+        return self._gather(refs, method)
 
     def execute_rank0(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call `method` on rank 0 only (not for collectives: the other ranks would not join)."""

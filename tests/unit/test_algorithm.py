@@ -263,13 +263,6 @@ def test_entropy_loss_token_mean():
         pytest.approx(1.5)
 
 
-def test_tis_weights_truncate_ratio():
-    w = alg.tis_weights(torch.tensor([-1.0, -2.0, -1.0]), torch.tensor([-2.0, -1.0, -1.0]), cap=2.0)
-    assert w.tolist() == pytest.approx([2.0, math.exp(-1.0), 1.0])
-    with pytest.raises(ValueError, match="cap must be > 0"):
-        alg.tis_weights(torch.zeros(1), torch.zeros(1), cap=0.0)
-
-
 # Clip-Cov / KL-Cov: two responses of two tokens, advantages +1 and -1, log-probs -1 -3 | -2 -2:
 # means 0 and -2, so the token covariances are (1)(1), (1)(-1), (-1)(0), (-1)(0) = 1, -1, 0, 0.
 _COV_LOG_PROBS = [[-1.0, -3.0], [-2.0, -2.0]]
@@ -345,3 +338,77 @@ def test_cov_select_ratio_is_checked():
     with pytest.raises(ValueError, match="KL-Cov select_ratio must be in"):
         alg.kl_cov_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.ones(1, 2),
                         select_ratio=0.0, kl_coef=1.0)
+
+
+# Off-policy correction: 2 responses (advantages +1, -2) of 3 and 2 response tokens. Per token
+# (mask order): r_new = pi / pi_prox, r_behav = pi_prox / pi_behav.
+R_NEW = [1.1, 1.5, 0.7, 1.0, 1.3]
+R_BEHAV = [2.0, 0.5, 2.0, 1.25, 0.8]
+# the PPO token losses against the proximal policy (clip 0.2, dual clip 3), by hand:
+# A=+1: max(-1.1, -1.1), max(-1.5, -1.2) (clipped), max(-0.7, -0.8); A=-2: max(2, 2), max(2.6, 2.4)
+PPO_TOKEN_LOSSES = [-1.1, -1.2, -0.7, 2.0, 2.6]
+
+
+def _off_policy_case():
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    proximal = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, 0.0]], dtype=torch.float64)
+    behaviour, current = proximal.clone(), proximal.clone()
+    behaviour[mask] = proximal[mask] - torch.tensor(R_BEHAV, dtype=torch.float64).log()
+    current[mask] = proximal[mask] + torch.tensor(R_NEW, dtype=torch.float64).log()
+    behaviour[1, 2] = 50.0  # padding: a wild value must not reach anything
+    return current, proximal, behaviour, mask, torch.tensor([1.0, -2.0], dtype=torch.float64)
+
+
+def _decoupled_loss(weights):
+    current, proximal, _, mask, advantages = _off_policy_case()
+    loss, _ = alg.ppo_clip_loss(current, proximal, advantages, mask, tis_weights=weights)
+    return float(loss)
+
+
+def test_decoupled_ppo_weights_by_the_truncated_behaviour_ratio():
+    _, proximal, behaviour, mask, _ = _off_policy_case()
+    correction = alg.behaviour_correction(proximal, behaviour, mask, cap=1.5)
+    expected_weights = [1.5, 0.5, 1.5, 1.25, 0.8]
+    assert correction.weights[mask].tolist() == pytest.approx(expected_weights, rel=1e-12)
+    assert correction.truncated[mask].tolist() == [True, False, True, False, False]
+    assert not correction.dropped.any()
+    expected = sum(w * l for w, l in zip(expected_weights, PPO_TOKEN_LOSSES)) / 5  # 0.256
+    assert _decoupled_loss(correction.weights) == pytest.approx(expected, rel=1e-12)
+    # the k3 estimate of KL(behaviour || proximal): r - log r - 1 per token, token mean
+    kl = sum(r - math.log(r) - 1 for r in R_BEHAV) / 5
+    assert float(correction.kl) == pytest.approx(kl, rel=1e-12)
+
+
+def test_token_mask_drops_tokens_whose_behaviour_ratio_leaves_the_band():
+    _, proximal, behaviour, mask, _ = _off_policy_case()
+    correction = alg.behaviour_correction(proximal, behaviour, mask, cap=1.5, band=(0.7, 1.2))
+    # 2.0, 0.5, 2.0 and 1.25 leave (0.7, 1.2); only 0.8 stays; dropped tokens still count in /5
+    assert correction.dropped[mask].tolist() == [True, True, True, True, False]
+    assert correction.weights[mask].tolist() == pytest.approx([0, 0, 0, 0, 0.8], rel=1e-12)
+    assert _decoupled_loss(correction.weights) == pytest.approx(0.8 * 2.6 / 5, rel=1e-12)
+
+
+def test_sequence_mask_drops_whole_responses_by_the_geometric_mean_ratio():
+    current, proximal, behaviour, mask, _ = _off_policy_case()
+    correction = alg.behaviour_correction(proximal, behaviour, mask, cap=1.5, band=(0.7, 1.2),
+                                          level="sequence")
+    # geometric means: (2 * 0.5 * 2)^(1/3) = 1.26 leaves the band, (1.25 * 0.8)^(1/2) = 1 stays
+    assert correction.dropped[mask].tolist() == [True, True, True, False, False]
+    expected = (1.25 * 2.0 + 0.8 * 2.6) / 5
+    assert _decoupled_loss(correction.weights) == pytest.approx(expected, rel=1e-12)
+    # packed, the responses back to back in one row named by sequence ids: the same weights
+    packed = alg.behaviour_correction(proximal[mask][None], behaviour[mask][None],
+                                      torch.ones(1, 5, dtype=torch.bool), cap=1.5,
+                                      band=(0.7, 1.2), level="sequence",
+                                      sequence_ids=torch.tensor([[0, 0, 0, 1, 1]]))
+    assert packed.weights[0].tolist() == correction.weights[mask].tolist()
+
+
+def test_behaviour_correction_checks_its_settings():
+    _, proximal, behaviour, mask, _ = _off_policy_case()
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        alg.behaviour_correction(proximal, behaviour, mask, cap=0.0)
+    with pytest.raises(ValueError, match="low < 1 < high"):
+        alg.behaviour_correction(proximal, behaviour, mask, band=(1.2, 2.0))
+    with pytest.raises(ValueError, match="correction level 'row'"):
+        alg.behaviour_correction(proximal, behaviour, mask, band=(0.5, 2.0), level="row")

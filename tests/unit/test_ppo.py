@@ -279,3 +279,41 @@ def test_head_on_policy_takes_the_old_log_probs_from_its_own_forward(single_rank
     diff = sums[LOSS_METRICS.index(metrics.ROLLOUT_LOGPROB_DIFF)] / sums[-1]
     assert float(diff) == pytest.approx((rollout - log_probs).abs()[mask].mean().item(),
                                         abs=1e-6)
+
+
+def test_head_decoupled_and_masked_correction_against_naive_formulas(single_rank_head):
+    """With the engine's log-probs as the behaviour policy: per-token weights
+    min(pi_old / pi_engine, cap), 0 where the ratio leaves the band (per token, or per response
+    by its geometric mean); the head reports KL(behaviour || proximal) and both shares."""
+    from megatron_intuitor import metrics
+    from megatron_intuitor.ppo import LOSS_METRICS
+
+    logits, micro_batch, log_probs, _, old, adv, mask = _head_inputs()
+    behaviour = old - 0.4 * torch.randn(2, 5, generator=torch.Generator().manual_seed(5),
+                                        dtype=torch.float64)
+    micro_batch.tokens["rollout_log_probs"] = behaviour.float()
+    ratio = torch.exp(log_probs - old)
+    ppo_tokens = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
+    ppo_tokens = torch.where(adv < 0, torch.minimum(ppo_tokens, -adv * DUAL_CLIP), ppo_tokens)
+    behaviour_ratio = torch.exp(old - behaviour)
+    band, cap = (0.9, 1.25), 1.3  # ratios 0.74-1.31: some dropped, one truncated
+    row_ratio = torch.stack([behaviour_ratio[i][mask[i]].log().mean().exp() for i in range(2)])
+    for level, tested in (("token", behaviour_ratio), ("sequence", row_ratio[:, None])):
+        kept = ((tested >= band[0]) & (tested <= band[1])).expand_as(mask)
+        assert 0 < (~kept)[mask].sum() < mask.sum()  # the case tests a partial drop
+        weights = behaviour_ratio.clamp(max=cap) * kept
+        head = single_rank_head(_settings(tis_cap=cap, correction_band=band,
+                                          correction_level=level))
+        loss, _, extra = head(logits, micro_batch)
+        assert loss.item() == pytest.approx((ppo_tokens * weights)[mask].sum().item(), abs=1e-5)
+        sums = extra["sums"]
+
+        def reported(name):
+            return float(sums[LOSS_METRICS.index(name)] / sums[-1])
+
+        assert reported(metrics.CORRECTION_DROPPED) == pytest.approx(
+            (~kept)[mask].double().mean().item(), abs=1e-6)
+        assert reported(metrics.CORRECTION_TRUNCATED) == pytest.approx(
+            (behaviour_ratio > cap)[mask].double().mean().item(), abs=1e-6)
+        k3 = behaviour_ratio - behaviour_ratio.log() - 1
+        assert reported(metrics.BEHAVIOUR_KL) == pytest.approx(k3[mask].mean().item(), rel=1e-4)
