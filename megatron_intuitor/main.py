@@ -10,10 +10,12 @@ import hydra
 from omegaconf import DictConfig
 
 from megatron_intuitor.config import CONF_DIR, ConfigError, resolve, validate
+from megatron_intuitor.install_check import warn_if_broken
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    warn_if_broken()
     try:
         cfg = resolve(cfg)
         validate(cfg)

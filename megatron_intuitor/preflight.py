@@ -30,6 +30,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from megatron_intuitor import install_check
+
 DISTRIBUTION = "megatron-intuitor"
 # Megatron checkpoint bytes per parameter: the model (<= 4) and the distributed optimizer's fp32
 # main copy and two Adam moments (12).
@@ -114,9 +116,9 @@ def check_python_and_packages(report: Report, device: str) -> None:
         report.error(f"{problem}: pip install -e '.[{extra}]'")
     if not problems:
         report.ok(f"{checked} pinned packages at their versions ({DISTRIBUTION}[{extra}])")
-    if device == "cpu" and importlib.util.find_spec("torchvision") is not None:
-        report.warn("torchvision is installed: its PyPI build breaks `import vllm` next to the "
-                    "CPU torch; pip uninstall -y torchvision torchaudio torchcodec")
+    mismatched = install_check.mismatched_torch_companions()
+    if mismatched:
+        report.error(install_check.broken_install_message(mismatched))
 
 
 # Transformer Engine's three distributions: the Python package, its CUDA 13 core library (CUDA
