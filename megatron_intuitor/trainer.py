@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_intuitor import algorithm, collapse, metrics
+from megatron_intuitor import algorithm, collapse, metrics, startup
 from megatron_intuitor.config import (Schedule, actor_settings, derive_layout,
                                       training_schedule)
 from megatron_intuitor.config import validate as validate_config
@@ -308,12 +308,14 @@ class Trainer:
         self.best, self.rollbacks = extra.get("best"), extra.get("rollbacks", 0)
         if "monitor" in extra:
             self.monitor.load_state_dict(extra["monitor"])
-        log.info("resumed from %s (step %d)", path, extra["step"])
+        self.logger.announce(startup.resume_message(path, extra["step"],
+                                                    self.schedule.training_steps))
         return int(extra["step"])
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg.trainer
         start = self.resume()
+        self.last_step = start
         last: dict[str, float] = {}
         if cfg.val_before_train and start == 0 and self.val_sets:
             self.logger.log(0, self.validate())
@@ -380,6 +382,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     output_dir = Path(cfg.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    previous_run = startup.set_aside_previous_run(output_dir, cfg.trainer.resume)
     model_dir = prepare_model_dir(cfg)
     if cfg.model.path and not Path(cfg.model.path).exists():
         # A hub id downloaded just now: its files are checked like a local checkpoint's
@@ -404,12 +407,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.n} responses on {layout.world_size} "
         f"{layout.device} rank(s) (TP {layout.tensor_parallel} x PP {layout.pipeline_parallel} x "
         f"DP {layout.data_parallel}); log {logger.log_path.absolute()}")
+    if previous_run is not None:
+        logger.announce(f"trainer.resume=disable: a fresh start; the previous run is in "
+                        f"{previous_run}")
     # Ranks (vLLM, Megatron, Ray) write to the log file, not the console.
     os.environ[WORKER_LOG_ENV] = str(logger.log_path.absolute())
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
     if not ray.is_initialized():
-        if cfg.trainer.ray_address:  # join the cluster started with `ray start` on every node
-            ray.init(address=cfg.trainer.ray_address, **quiet)
+        address = startup.ray_address_to_join(cfg.trainer.ray_address, os.environ)
+        if address:  # join the cluster started with `ray start` on every node
+            ray.init(address=address, **quiet)
         else:  # a fresh local cluster, never one that happens to run on this machine
             ray.init(address="local", include_dashboard=False,
                      num_cpus=max(os.cpu_count() or 1, settings.layout.world_size), **quiet)

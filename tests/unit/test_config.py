@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from megatron_intuitor.config import (KL_TYPES, ConfigError, actor_settings, compose,
                                       derive_layout, load, resolve, training_schedule, validate)
+from megatron_intuitor import config
 from megatron_intuitor.parallel import ParallelSizes
 
 TASKS = ("tiny", "default", "math_gsm8k", "math_math500", "code_humaneval", "reasoning_arc",
@@ -314,3 +315,13 @@ def test_every_kl_type_the_algorithm_computes_is_accepted():
     assert load(["algorithm.kl_type=k3"]).algorithm.kl_type == "k3"
     with pytest.raises(ConfigError, match="algorithm.kl_type='k4'"):
         load(["algorithm.kl_type=k4"])
+
+
+def test_tiny_default_stays_on_cpu_where_cuda_is_visible(monkeypatch):
+    """On a workstation with a GPU (CUDA faked visible), the tiny default still resolves to the
+    CPU face and validates (with trainer.device=auto it picked cuda and was refused for want of
+    Transformer Engine)."""
+    monkeypatch.setattr(config, "_cuda_available", lambda: True)
+    monkeypatch.setattr(config, "_cuda_device_count", lambda: 8)
+    cfg = load([])
+    assert cfg.trainer.device == "cpu"
