@@ -57,5 +57,6 @@ setup(
         # bench/tiny_intuitor.py's baseline: TRL's GRPOTrainer on the same model and batch
         "bench": ["trl==1.16.0"],
     },
-    entry_points={"console_scripts": ["megatron-intuitor=megatron_intuitor.main:main"]},
+    entry_points={"console_scripts": ["megatron-intuitor=megatron_intuitor.main:main",
+                                      "megatron-intuitor-eval=megatron_intuitor.evaluate:main"]},
 )

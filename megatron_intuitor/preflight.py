@@ -40,6 +40,7 @@ GIB = 1024 ** 3
 # What tools/prepare_data.py writes, as <output-dir>/<dataset>/<split>.parquet.
 PREPARED_DATASETS = ("gsm8k", "math", "math500", "arc_challenge", "humaneval")
 PREPARE_DATA = Path(__file__).resolve().parent.parent / "tools" / "prepare_data.py"
+CODE_PROMPTS_EXAMPLE = Path(__file__).resolve().parent.parent / "examples/data/code_prompts.jsonl"
 
 
 class Report:
@@ -378,9 +379,15 @@ def hint_missing_data(report: Report, cfg) -> None:
     paths = list(cfg.data.train_files) + [entry["path"] for entry in cfg.data.val_files]
     for path in map(Path, paths):
         if (path.is_file() or path.suffix != ".parquet" or path.parent.parent != root
-                or path.parent.name not in PREPARED_DATASETS):
+                or path.parent.name not in PREPARED_DATASETS + ("code",)):
             continue
         dataset, split = path.parent.name, path.stem
+        if dataset == "code":  # no public set to fetch: any file of prompts works
+            report.warn(f"make {path} from code prompts (one JSON object per line with a "
+                        f"`prompt` column, or parquet with it), or point data.train_files at such "
+                        f"a file: e.g. data.train_files=[{CODE_PROMPTS_EXAMPLE}] (8 prompts; "
+                        f"docs/data.md)")
+            continue
         source = "" if dataset == "humaneval" else f" --input <{dataset} {split} JSONL>"
         tool = PREPARE_DATA.relative_to(Path.cwd()) if PREPARE_DATA.is_relative_to(
             Path.cwd()) else PREPARE_DATA
