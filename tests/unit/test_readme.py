@@ -31,3 +31,11 @@ def test_relative_links_resolve():
     links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README)
     assert "docs/install.md" in links
     assert [link for link in links if not (REPO / link).exists()] == []
+
+
+def test_user_facing_files_have_no_development_paths():
+    """`../shared/...` exists only in this project's development layout."""
+    files = [REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("*.sh"),
+             *REPO.glob("scripts/**/*"), *REPO.glob("examples/*.sh"), *REPO.glob("tools/*.py"),
+             *REPO.glob("conf/**/*.yaml"), REPO / "bench" / "README.md"]
+    assert [str(f) for f in files if f.is_file() and "../shared" in f.read_text()] == []
