@@ -249,16 +249,16 @@ def check_model(report: Report, cfg) -> None:
     if not path:
         report.ok("model: a tiny Qwen2 made locally (model.make_tiny)")
         return
-    from megatron_intuitor import validation
+    from megatron_intuitor import input_files
 
     if Path(path).is_dir():
         # config.json and the weights' headers and sizes: checked by the config validation.
-        if not validation.check_model_weights("model.path", Path(path)):
+        if not input_files.check_model_weights("model.path", Path(path)):
             report.ok(f"model: {path}")
         return
     if _hf_config(cfg) is not None:
         report.ok(f"model: {path} (in the Hugging Face cache)")
-    elif validation.offline_mode():
+    elif input_files.offline_mode():
         pass  # the config validation named model.path
     else:
         report.warn(f"model: {path} is not in the Hugging Face cache; it is downloaded at start "

@@ -30,8 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_intuitor import algorithm, collapse, metrics, startup
-from megatron_intuitor.config import (Schedule, actor_settings, derive_layout,
-                                      training_schedule)
+from megatron_intuitor.config import ActorSettings, RankLayout, Schedule, training_schedule
 from megatron_intuitor.config import validate as validate_config
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.loader import PromptLoader
@@ -148,7 +147,7 @@ class Trainer:
         and per-token log-probs stay on the ranks; only one number per response crosses."""
         cfg, timings = self.cfg, {}
         step_start = time.perf_counter()
-        graded = cfg.algorithm.name != "intuitor"  # grpo / hybrid: the 0/1 answer reward too
+        graded = algorithm.advantage_estimator(cfg.algorithm.name).needs_verifiable
         with self._timed(timings, "rollout"):
             rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
                                           seed=cfg.trainer.seed * 1_000_003 + step,
@@ -194,10 +193,10 @@ class Trainer:
         }
 
     def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport) -> torch.Tensor:
-        """Per-response advantages for `algorithm.name`: intuitor (self-certainty), grpo
-        (verifiable 0/1 reward) or hybrid (weighted sum of the separately z-scored two)."""
-        return response_advantages(self.cfg.algorithm, self_certainty, rollouts.verifiable,
-                                   rollouts.group_index)
+        """Per-response advantages by the estimator `algorithm.name` (algorithm.py's registry:
+        intuitor, grpo, hybrid, ...)."""
+        return algorithm.response_advantages(self.cfg.algorithm, self_certainty,
+                                             rollouts.verifiable, rollouts.group_index)
 
     @contextmanager
     def _timed(self, timings: dict[str, float], phase: str) -> Iterator[None]:
@@ -209,7 +208,7 @@ class Trainer:
 
     def _all_updates_skipped(self, step_metrics: dict[str, float]) -> bool:
         skipped = float(step_metrics.get(metrics.SKIPPED_STEPS, 0.0))
-        return skipped >= derive_layout(self.cfg).optimizer_steps_per_step
+        return skipped >= RankLayout.from_cfg(self.cfg).optimizer_steps_per_step
 
     def validate(self) -> dict[str, float]:
         """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`, and their
@@ -344,23 +343,6 @@ class Trainer:
         return last
 
 
-def response_advantages(settings: DictConfig, self_certainty: torch.Tensor,
-                        verifiable: Optional[torch.Tensor],
-                        group_index: torch.Tensor) -> torch.Tensor:
-    """Advantages per response for the `algorithm` config group `settings`: intuitor z-scores
-    the self-certainty within each prompt's group, grpo the verifiable 0/1 reward, hybrid
-    adds the two z-scores weighted by `hybrid_weights`."""
-    if settings.name == "intuitor":
-        return algorithm.grpo_advantages(self_certainty, group_index)
-    if settings.name == "grpo":
-        return algorithm.grpo_advantages(verifiable, group_index)
-    weights = settings.hybrid_weights
-    return algorithm.hybrid_advantages(
-        {"self_certainty": self_certainty, "verifiable": verifiable},
-        {"self_certainty": weights.self_certainty, "verifiable": weights.verifiable},
-        group_index)
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -393,7 +375,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set, val_sets = load_prompt_sets(cfg, tokenizer)
     schedule = training_schedule(cfg, len(train_set.prompts))
-    settings = actor_settings(cfg, schedule, tokenizer.pad_token_id)
+    settings = ActorSettings.from_cfg(cfg, schedule, tokenizer.pad_token_id)
     loader = PromptLoader(train_set.prompts, cfg.data.prompts_per_step, cfg.data.seed,
                           shuffle=cfg.data.shuffle)
     logger = metrics.MetricsLogger(output_dir, cfg.trainer.experiment_name,

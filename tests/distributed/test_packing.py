@@ -91,9 +91,8 @@ def _every_batching_on_rank(rank, world_size, tp, pp, model_dir, old, ref):
     batch, _ = _batch()
     batch = replace(batch, old_log_probs=old, ref_log_probs=ref)
     attention = torch.arange(batch.input_ids.shape[1]) < batch.lengths[:, None]
-    settings = PPOSettings(temperature=TEMPERATURE, vocab_size=hf_config.vocab_size,
-                           clip_ratio=CLIP, kl_coef=KL_COEF, kl_type="low_var_kl",
-                           entropy_coef=0.0, tis_cap=None)
+    settings = PPOSettings(temperature=TEMPERATURE, clip_ratio=CLIP, kl_coef=KL_COEF,
+                           kl_type="low_var_kl", entropy_coef=0.0, tis_cap=None)
 
     # Record the model input of every micro-batch (on the last stage, where heads run).
     seen = {}
@@ -117,7 +116,8 @@ def _every_batching_on_rank(rank, world_size, tp, pp, model_dir, old, ref):
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = ppo_forward_backward(chunks, batch, batching, settings)
+        losses = ppo_forward_backward(chunks, batch, batching, settings,
+                                      hf_config.vocab_size)
         grads = torch.cat([p.main_grad.flatten().clone() for chunk in chunks
                            for p in chunk.parameters()])
         optimizer.prepare_grads()

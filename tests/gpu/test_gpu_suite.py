@@ -210,9 +210,10 @@ def test_ppo_step_with_fused_adam_resumes_and_reaches_the_engine(engine, policy,
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    settings = PPOSettings(temperature=1.0, vocab_size=hf_config.vocab_size, clip_ratio=0.2,
-                           kl_coef=0.01, kl_type="low_var_kl", entropy_coef=0.0, tis_cap=None)
-    ppo_forward_backward(chunks, batch, MicroBatching(micro_batch_size=2), settings)
+    settings = PPOSettings(temperature=1.0, clip_ratio=0.2, kl_coef=0.01, kl_type="low_var_kl",
+                           entropy_coef=0.0, tis_cap=None)
+    ppo_forward_backward(chunks, batch, MicroBatching(micro_batch_size=2), settings,
+                         hf_config.vocab_size)
     stepped, grad_norm = guarded_optimizer_step(optimizer, 1.0)
     assert stepped and math.isfinite(grad_norm) and grad_norm > 0
     steps = checkpoint._adam_steps(optimizer)
@@ -319,8 +320,8 @@ def test_fp8_scores_and_update_at_unaligned_and_aligned_token_counts(world, mode
     batch = rollouts.for_update(torch.tensor([1.0, -0.5, 0.2]),
                                 torch.full(ids.shape, -12.0) * response,
                                 torch.full(ids.shape, -12.0) * response)
-    settings = PPOSettings(temperature=1.0, vocab_size=hf_config.vocab_size, clip_ratio=0.2,
-                           kl_coef=0.01, kl_type="low_var_kl", entropy_coef=0.0, tis_cap=None)
+    settings = PPOSettings(temperature=1.0, clip_ratio=0.2, kl_coef=0.01, kl_type="low_var_kl",
+                           entropy_coef=0.0, tis_cap=None)
     losses = ppo_forward_backward(fp8, batch, MicroBatching(max_tokens=128, packed=packed),
-                                  settings)
+                                  settings, hf_config.vocab_size)
     assert all(math.isfinite(value) for value in losses.values())

@@ -184,8 +184,8 @@ def _fp8_layout_on_rank(rank, world_size, model_dir):
     dp_rank = parallel_state.get_data_parallel_rank()
     shard = data_parallel_shard(_fp8_batch(), dp_rank, world_size).trimmed()
     attention = torch.arange(shard.input_ids.shape[1]) < shard.lengths[:, None]
-    settings = PPOSettings(temperature=0.9, vocab_size=hf_config.vocab_size, clip_ratio=0.2,
-                           kl_coef=0.1, kl_type="low_var_kl", entropy_coef=0.01, tis_cap=None)
+    settings = PPOSettings(temperature=0.9, clip_ratio=0.2, kl_coef=0.1, kl_type="low_var_kl",
+                           entropy_coef=0.01, tis_cap=None)
     results = {}
     for packed in (True, False):
         batching = MicroBatching(max_tokens=FP8_BUDGET, packed=packed)
@@ -197,7 +197,8 @@ def _fp8_layout_on_rank(rank, world_size, model_dir):
             for chunk in chunks:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
-            losses = ppo_forward_backward(chunks, shard, batching, settings)
+            losses = ppo_forward_backward(chunks, shard, batching, settings,
+                                          hf_config.vocab_size)
             grads = torch.cat([p.main_grad.flatten().clone() for p in chunks[0].parameters()])
             seen = []
 
