@@ -17,7 +17,6 @@ the run's output).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
