@@ -85,7 +85,8 @@ def settings_from_run(config_file: Optional[Path]) -> EvalSettings:
 def export_to_hf(checkpoint: Path, out: Path) -> Path:
     tp, pp = checkpoint_layout(checkpoint)
     subprocess.run([sys.executable, str(REPO / "tools" / "convert_ckpt.py"), "megatron-to-hf",
-                    str(checkpoint), str(out), "--tp", str(tp), "--pp", str(pp)], check=True)
+                    str(checkpoint), str(out), "--tp", str(tp), "--pp", str(pp)], check=True,
+                   stdout=sys.stderr)  # stdout is the metrics alone
     return out
 
 
