@@ -597,7 +597,7 @@ def _check_transformer_engine(device: str) -> list[str]:
     if importlib.util.find_spec("transformer_engine") is not None:
         return []
     return [f"trainer.device={device} builds the model with Transformer Engine, which is not "
-            f"installed: install the GPU face (README, 'Install on GPU'), or use "
+            f"installed: install the GPU face (docs/gpu.md), or use "
             f"trainer.device=cpu"]
 
 

@@ -16,7 +16,7 @@
 # answer adds PyTorch's CUDA 13 index. Environment: PYTHON, PIP_EXTRA_ARGS (added to every pip
 # install), MI_TORCH_CPU_INDEX / MI_TORCH_CUDA_INDEX (the two index URLs).
 #
-# The GPU face has never run (no GPU was available to the project); see docs/install.md.
+# The GPU face has never run (no GPU was available to the project); see docs/gpu.md.
 set -euo pipefail
 
 MI_REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -98,11 +98,19 @@ if [[ $face == cpu ]]; then
     imports="import vllm, megatron.core, ray, megatron_intuitor.trainer"
 else
     # Transformer Engine's torch extension is a source package compiled against the torch
-    # installed here: torch and the build tools first, then no build isolation (docs/install.md).
+    # installed here: torch and the build tools first, then no build isolation (docs/gpu.md).
     "$PYTHON" -m pip install "${pip_args[@]}" -c "$constraints" "torch==$TORCH_VERSION" \
         pybind11 ninja setuptools wheel
     "$PYTHON" -c 'import torch, sys; sys.exit(not (torch.version.cuda or "").startswith("13"))' ||
         die "the installed torch is not a CUDA 13 build"
+    # cudnn.h and nccl.h from the torch's NVIDIA wheels (the CUDA toolkit ships neither); the
+    # preflight names any header still missing before the long build (docs/gpu.md).
+    export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} NVTE_FRAMEWORK=pytorch
+    wheel_headers=$("$PYTHON" -c 'import nvidia.cudnn, nvidia.nccl, os; print(":".join(os.path.join(list(m.__path__)[0], "include") for m in (nvidia.cudnn, nvidia.nccl)))') ||
+        die "the CUDA torch came without nvidia-cudnn-cu13 / nvidia-nccl-cu13"
+    export CPATH=$wheel_headers${CPATH:+:$CPATH}
+    PYTHONPATH=$MI_REPO_ROOT "$PYTHON" -m megatron_intuitor.preflight --te-build ||
+        die "Transformer Engine cannot build here: the headers above (docs/gpu.md)"
     "$PYTHON" -m pip install "${pip_args[@]}" -c "$constraints" --no-build-isolation \
         -e "$MI_REPO_ROOT[gpu,dev]"
     imports="import transformer_engine.pytorch, vllm, megatron.core, ray, megatron_intuitor.trainer"

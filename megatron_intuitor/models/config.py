@@ -247,18 +247,23 @@ def _hf_inv_freq(hf_config: transformers.PretrainedConfig, head_dim: int) -> tor
     return scaled.float()
 
 
-def build_model(hf_config: transformers.PretrainedConfig, transformer_config) -> list:
+def build_model(hf_config: transformers.PretrainedConfig, transformer_config, *,
+                local_layers: bool = False) -> list:
     """This rank's `GPTModel` chunks (one per virtual pipeline stage), randomly initialised.
 
     Vocabulary padded to a multiple of 128 * TP; tied embeddings share the output weight (a copy
-    on the last stage when PP > 1). Load weights with `bridge.load_hf_weights`.
+    on the last stage when PP > 1). Load weights with `bridge.load_hf_weights`. `local_layers`:
+    Megatron's local layer spec (torch layers) on GPU too, for machines without Transformer
+    Engine (`core_check`); on CPU it is the only spec.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     _check_supported(hf_config, "build_model")
     features = architecture_features(hf_config)
-    if on_gpu():
+    if local_layers and transformer_config.fp8:
+        raise ValueError("FP8 needs Transformer Engine's layer spec, not the local one")
+    if on_gpu() and not local_layers:
         from megatron.core.models.gpt import gpt_layer_specs
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -268,7 +273,7 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config) ->
             raise RuntimeError(
                 "build_model on GPU uses Transformer Engine's layer spec, but megatron.core "
                 "could not import transformer_engine: `python -c 'import "
-                "transformer_engine.pytorch'` shows why (README, 'Install on GPU')")
+                "transformer_engine.pytorch'` shows why (docs/gpu.md)")
         layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=features.qk_norm)
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

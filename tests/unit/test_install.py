@@ -33,6 +33,9 @@ STUB = textwrap.dedent(f"""\
             sys.exit(int(os.environ.get("STUB_IMPORT_FAILS", "0")))
         if "torch.version.cuda" in code:
             sys.exit(0)
+        if "nvidia.cudnn" in code:  # the include directories of the CUDA torch's wheels
+            print("/wheels/nvidia/cudnn/include:/wheels/nvidia/nccl/include")
+            sys.exit(0)
         sys.exit(subprocess.call([{sys.executable!r}] + args))  # the report parser: real python
     if args[:3] == ["-m", "pip", "install"] and "--dry-run" in args:
         version = os.environ.get("STUB_TORCH_RESOLVES", "")
@@ -94,6 +97,8 @@ def test_gpu_face_adds_the_cuda_index_only_where_pip_serves_the_cpu_torch(tmp_pa
     installs = pip_installs(calls)
     assert [args[:2] for args in installs] == [["--extra-index-url", CUDA_INDEX]] * 2
     assert "--no-build-isolation" in installs[1] and f"{REPO}[gpu,dev]" in installs[1]
+    te_check = calls.index(["-m", "megatron_intuitor.preflight", "--te-build"])
+    assert te_check < calls.index(["-m", "pip", "install", *installs[1]])
 
 
 def test_only_mismatched_companions_are_removed(tmp_path):
