@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_intuitor.local_ranks import run_distributed
+from scoring_reference import reference_shifted_scores
 
 TEMPERATURE, CLIP, DUAL_CLIP, KL_COEF = 0.7, 0.2, 3.0, 0.1
 PROMPT_LENGTHS, RESPONSE_LENGTHS = [3, 5, 2, 4], [6, 2, 7, 4]
@@ -40,9 +41,8 @@ def _hf_reference(model_dir, row_groups=None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     batch, noise = _batch(model.config.vocab_size)
     ids, mask = batch.input_ids, batch.response_mask
-    logits = model(ids).logits[:, :-1] / TEMPERATURE
-    log_probs = torch.nn.functional.pad(
-        torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0))
+    log_probs = reference_shifted_scores(model(ids).logits, ids,
+                                         temperature=TEMPERATURE).log_probs.float()
     old = (log_probs + 0.3 * noise).detach()
     ref = (log_probs - 0.2 * noise).detach()
     adv = batch.advantages[:, None].expand_as(log_probs)
@@ -150,12 +150,8 @@ def _head_inputs():
     input_ids = torch.randint(0, vocab, (2, 5), generator=gen)
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[:, 2:] = True
-    # float64 naive scores: entry t from the logits at t - 1
-    z = logits.double()[:, :-1] / TEMPERATURE
-    log_probs = torch.nn.functional.pad(
-        torch.log_softmax(z, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1), (1, 0))
-    entropy = torch.nn.functional.pad(
-        -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1), (1, 0))
+    # float64 oracle scores: entry t from the logits at t - 1
+    log_probs, entropy, _ = reference_shifted_scores(logits, input_ids, temperature=TEMPERATURE)
     old = log_probs + 0.05 * torch.randn(2, 5, generator=gen, dtype=torch.float64)
     advantages = torch.tensor([[1.0] * 5, [-1.0] * 5], dtype=torch.float64)
     micro_batch = ModelInput({"input_ids": input_ids, "response_mask": mask,
