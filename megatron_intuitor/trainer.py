@@ -359,7 +359,7 @@ class Job:
     val_sets: list[PromptSet]
     schedule: Schedule
     settings: ActorSettings  # the ranks' settings, the parallel layout among them
-    previous_run: Optional[Path] = None  # where trainer.resume=disable moved the last run's record
+    previous_run: Optional[Path] = None  # where trainer.resume=disable moved the last run
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
