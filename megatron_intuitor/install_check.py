@@ -8,7 +8,7 @@ none of the three, so removing them is the fix. The check reads package metadata
 milliseconds): it runs at the start of the console script, in the preflight and in
 `scripts/install.sh`.
 
-    python -m megatron_intuitor.install_check     # exit 1, the names on stdout and the fix on stderr
+    python -m megatron_intuitor.install_check   # exit 1: the names on stdout, the fix on stderr
 """
 from __future__ import annotations
 

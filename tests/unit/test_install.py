@@ -53,7 +53,8 @@ STUB = textwrap.dedent(f"""\
     """)
 
 
-def run_install(tmp_path: Path, face: str, **machine: str) -> tuple[subprocess.CompletedProcess, list]:
+def run_install(tmp_path: Path, face: str,
+                **machine: str) -> tuple[subprocess.CompletedProcess, list]:
     stub = tmp_path / "python"
     stub.write_text(STUB)
     stub.chmod(0o755)
@@ -76,7 +77,8 @@ def pip_installs(calls: list) -> list:
 def test_cpu_face_keeps_a_pip_that_already_serves_the_cpu_torch(tmp_path):
     result, calls = run_install(tmp_path, "cpu", torch_resolves="2.13.0+cpu")
     assert result.returncode == 0, result.stderr
-    assert pip_installs(calls) == [["-c", str(REPO / "constraints/cpu.txt"), "-e", f"{REPO}[cpu,dev]"]]
+    assert pip_installs(calls) == [["-c", str(REPO / "constraints/cpu.txt"),
+                                    "-e", f"{REPO}[cpu,dev]"]]
     assert ["-c", "import vllm, megatron.core, ray, megatron_intuitor.trainer"] in calls
 
 

@@ -134,7 +134,8 @@ def test_wandb_goes_online_after_wandb_login(tmp_path):
 
     home = {"HOME": str(tmp_path)}
     assert wandb_mode(home) == "offline"
-    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password k" + "0" * 39 + "\n")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n"
+                                     "  password k" + "0" * 39 + "\n")
     assert wandb_mode(home) == "online"
     assert wandb_mode({**home, "WANDB_MODE": "offline"}) == "offline"
     assert wandb_mode({**home, "WANDB_BASE_URL": "https://wandb.example.com"}) == "offline"

@@ -36,7 +36,8 @@ def test_empty_output_dir_has_nothing_to_set_aside(tmp_path):
 
 
 def test_resume_message_says_when_nothing_is_left(tmp_path):
-    assert resume_message(tmp_path / "step_10", 10, 20) == f"resumed from {tmp_path}/step_10 at step 10 of 20"
+    assert resume_message(tmp_path / "step_10", 10, 20) == \
+        f"resumed from {tmp_path}/step_10 at step 10 of 20"
     assert "the run is complete, nothing left to do" in resume_message(tmp_path, 20, 20)
 
 
