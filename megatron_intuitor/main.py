@@ -13,6 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from megatron_intuitor.config import CONF_DIR, ConfigError, resolve, validate
+from megatron_intuitor.install_check import warn_if_broken
 
 
 class OutputDirCheck(Callback):
@@ -32,6 +33,7 @@ class OutputDirCheck(Callback):
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    warn_if_broken()
     try:
         cfg = resolve(cfg)
         validate(cfg)

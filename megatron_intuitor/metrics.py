@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import netrc
 import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from urllib.parse import urlparse
 
 # Metric names (verl's where verl has one, so dashboards carry over).
 SELF_CERTAINTY_MEAN = "intuitor/self_certainty/mean"  # the INTUITOR reward, per response
@@ -79,13 +81,31 @@ def _json_value(value: float) -> Optional[float]:
     return value if math.isfinite(value) else None  # JSON has no NaN / inf
 
 
+def wandb_mode(environ: Mapping[str, str]) -> str:
+    """WANDB_MODE when set; else online when W&B has a key: WANDB_API_KEY, or the netrc entry
+    `wandb login` writes for the W&B host (WANDB_BASE_URL, default api.wandb.ai; the file is
+    NETRC or ~/.netrc); else offline."""
+    if environ.get("WANDB_MODE"):
+        return environ["WANDB_MODE"]
+    if environ.get("WANDB_API_KEY"):
+        return "online"
+    host = urlparse(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = Path(environ.get("NETRC") or Path(environ.get("HOME") or Path.home()) / ".netrc")
+    try:
+        logged_in = netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        logged_in = False
+    return "online" if logged_in else "offline"
+
+
 class MetricsLogger:
     """Writes each step's metrics to the chosen backends:
 
     - console: one compact rich line per step (the `CONSOLE_COLUMNS` present, plus val/*);
     - jsonl: `<run_dir>/metrics.jsonl`, {"step": n, name: value} per step (non-finite -> null),
       appended to, so a resumed run continues the file;
-    - wandb: offline unless WANDB_API_KEY is set (WANDB_MODE, when set, wins), files under
+    - wandb: online with a W&B key (`WANDB_API_KEY` or `wandb login`), else offline
+      (`wandb_mode`; WANDB_MODE, when set, wins; WANDB_ENTITY is read by W&B), files under
       `<run_dir>/wandb`, the run id kept in `<run_dir>/wandb_run_id` so a resumed run continues
       the same W&B run.
     Always: `<log_dir>/<experiment>_<timestamp>.log`, a python-logging file that takes every
@@ -135,8 +155,7 @@ class MetricsLogger:
     def _start_wandb(self, config: Optional[Mapping[str, Any]], project: str):
         import wandb
 
-        mode = os.environ.get("WANDB_MODE") or \
-            ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        mode = wandb_mode(os.environ)
         id_file = self.run_dir / "wandb_run_id"
         run = wandb.init(project=project, name=self.experiment,
                          id=id_file.read_text().strip() if id_file.exists() else None,

@@ -19,7 +19,6 @@ the run's output).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -33,6 +32,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Mapping, Optional
 
+from megatron_intuitor import install_check
+
 DISTRIBUTION = "megatron-intuitor"
 # Megatron checkpoint bytes per parameter: the model (<= 4) and the distributed optimizer's fp32
 # main copy and two Adam moments (12).
@@ -41,6 +42,7 @@ GIB = 1024 ** 3
 # What tools/prepare_data.py writes, as <output-dir>/<dataset>/<split>.parquet.
 PREPARED_DATASETS = ("gsm8k", "math", "math500", "arc_challenge", "humaneval")
 PREPARE_DATA = Path(__file__).resolve().parent.parent / "tools" / "prepare_data.py"
+CODE_PROMPTS_EXAMPLE = Path(__file__).resolve().parent.parent / "examples/data/code_prompts.jsonl"
 
 
 class Report:
@@ -117,9 +119,9 @@ def check_python_and_packages(report: Report, device: str) -> None:
         report.error(f"{problem}: pip install -e '.[{extra}]'")
     if not problems:
         report.ok(f"{checked} pinned packages at their versions ({DISTRIBUTION}[{extra}])")
-    if device == "cpu" and importlib.util.find_spec("torchvision") is not None:
-        report.warn("torchvision is installed: its PyPI build breaks `import vllm` next to the "
-                    "CPU torch; pip uninstall -y torchvision torchaudio torchcodec")
+    mismatched = install_check.mismatched_torch_companions()
+    if mismatched:
+        report.error(install_check.broken_install_message(mismatched))
 
 
 # Transformer Engine's three distributions: the Python package, its CUDA 13 core library (CUDA
@@ -501,9 +503,15 @@ def hint_missing_data(report: Report, cfg) -> None:
     paths = list(cfg.data.train_files) + [entry["path"] for entry in cfg.data.val_files]
     for path in map(Path, paths):
         if (path.is_file() or path.suffix != ".parquet" or path.parent.parent != root
-                or path.parent.name not in PREPARED_DATASETS):
+                or path.parent.name not in PREPARED_DATASETS + ("code",)):
             continue
         dataset, split = path.parent.name, path.stem
+        if dataset == "code":  # no public set to fetch: any file of prompts works
+            report.warn(f"make {path} from code prompts (one JSON object per line with a "
+                        f"`prompt` column, or parquet with it), or point data.train_files at such "
+                        f"a file: e.g. data.train_files=[{CODE_PROMPTS_EXAMPLE}] (8 prompts; "
+                        f"docs/data.md)")
+            continue
         source = "" if dataset == "humaneval" else f" --input <{dataset} {split} JSONL>"
         tool = PREPARE_DATA.relative_to(Path.cwd()) if PREPARE_DATA.is_relative_to(
             Path.cwd()) else PREPARE_DATA

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_intuitor import algorithm, collapse, interrupt, label_free, metrics
+from megatron_intuitor import algorithm, collapse, interrupt, label_free, metrics, startup
 from megatron_intuitor.checkpoint import disk_full_explanation
 from megatron_intuitor.config import ActorSettings, RankLayout, Schedule, training_schedule
 from megatron_intuitor.config import validate as validate_config
@@ -349,12 +349,14 @@ class Trainer:
         self.best, self.rollbacks = extra.get("best"), extra.get("rollbacks", 0)
         if "monitor" in extra:
             self.monitor.load_state_dict(extra["monitor"])
-        log.info("resumed from %s (step %d)", path, extra["step"])
+        self.logger.announce(startup.resume_message(path, extra["step"],
+                                                    self.schedule.training_steps))
         return int(extra["step"])
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg.trainer
         start = self.resume()
+        self.last_step = start
         last: dict[str, float] = {}
         if cfg.val_before_train and start == 0 and self.val_sets:
             self.logger.log(0, self.validate())
@@ -400,6 +402,7 @@ class Job:
     val_sets: list[PromptSet]
     schedule: Schedule
     settings: ActorSettings  # the ranks' settings, the parallel layout among them
+    previous_run: Optional[Path] = None  # where trainer.resume=disable moved the last run
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -449,6 +452,7 @@ def prepare_job(cfg: DictConfig) -> Job:
     disable_progress_bar()  # the tiny model's "Writing model shards" bar: not for the console
     output_dir = Path(cfg.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    previous_run = startup.set_aside_previous_run(output_dir, cfg.trainer.resume)
     model_dir = prepare_model_dir(cfg)
     if cfg.model.path and not Path(cfg.model.path).exists():
         # A hub id downloaded just now: its files are checked like a local checkpoint's
@@ -463,7 +467,8 @@ def prepare_job(cfg: DictConfig) -> Job:
     loader = PromptLoader(train_set.prompts, cfg.data.prompts_per_step, cfg.data.seed,
                           shuffle=cfg.data.shuffle)
     return Job(output_dir=output_dir, model_dir=model_dir, tokenizer=tokenizer, loader=loader,
-               val_sets=val_sets, schedule=schedule, settings=settings)
+               val_sets=val_sets, schedule=schedule, settings=settings,
+               previous_run=previous_run)
 
 
 def open_logger(cfg: DictConfig, output_dir: Path) -> metrics.MetricsLogger:
@@ -486,6 +491,9 @@ def announce_start(cfg: DictConfig, job: Job, logger: metrics.MetricsLogger) -> 
         f"{layout.world_size} {layout.device} rank(s) (TP {layout.tensor_parallel} x PP "
         f"{layout.pipeline_parallel} x DP {layout.data_parallel}); log "
         f"{logger.log_path.absolute()}")
+    if job.previous_run is not None:
+        logger.announce(f"trainer.resume=disable: a fresh start; the previous run is in "
+                        f"{job.previous_run}")
     os.environ[WORKER_LOG_ENV] = str(logger.log_path.absolute())
 
 
@@ -501,8 +509,9 @@ def start_ranks(cfg: DictConfig, job: Job, logger: metrics.MetricsLogger):
     ray_ranks = world_size + (rollout.num_ranks if rollout.placement == "separate" else 0)
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
     if not ray.is_initialized():
-        if cfg.trainer.ray_address:  # join the cluster started with `ray start` on every node
-            ray.init(address=cfg.trainer.ray_address, **quiet)
+        address = startup.ray_address_to_join(cfg.trainer.ray_address, os.environ)
+        if address:  # join the cluster started with `ray start` on every node
+            ray.init(address=address, **quiet)
         else:  # a fresh local cluster, never one that happens to run on this machine
             ray.init(address="local", include_dashboard=False,
                      num_cpus=max(os.cpu_count() or 1, ray_ranks), **quiet)

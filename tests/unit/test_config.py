@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from megatron_intuitor import config
 from megatron_intuitor.config import (ActorSettings, ConfigError, RankLayout, compose, load,
                                       resolve, training_schedule, validate)
 from megatron_intuitor.parallel import ParallelSizes
@@ -333,3 +334,13 @@ def test_every_kl_type_the_algorithm_computes_is_accepted():
     assert load(["algorithm.kl_type=k3"]).algorithm.kl_type == "k3"
     with pytest.raises(ConfigError, match="algorithm.kl_type='k4'"):
         load(["algorithm.kl_type=k4"])
+
+
+def test_tiny_default_stays_on_cpu_where_cuda_is_visible(monkeypatch):
+    """On a workstation with a GPU (CUDA faked visible), the tiny default still resolves to the
+    CPU face and validates (with trainer.device=auto it picked cuda and was refused for want of
+    Transformer Engine)."""
+    monkeypatch.setattr(config, "_cuda_available", lambda: True)
+    monkeypatch.setattr(config, "_cuda_device_count", lambda: 8)
+    cfg = load([])
+    assert cfg.trainer.device == "cpu"

@@ -125,3 +125,18 @@ def test_curves_without_the_jsonl_backend(tmp_path):
 
     # self-certainty, pg_loss, grad_norm (step 2 only) and val acc: 3 columns x 2 rows
     assert imread(png).shape[:2] == (640, 1350)
+
+
+def test_wandb_goes_online_after_wandb_login(tmp_path):
+    """`wandb login` writes a netrc entry, not WANDB_API_KEY: either key makes the run online;
+    WANDB_MODE wins over both."""
+    from megatron_intuitor.metrics import wandb_mode
+
+    home = {"HOME": str(tmp_path)}
+    assert wandb_mode(home) == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n"
+                                     "  password k" + "0" * 39 + "\n")
+    assert wandb_mode(home) == "online"
+    assert wandb_mode({**home, "WANDB_MODE": "offline"}) == "offline"
+    assert wandb_mode({**home, "WANDB_BASE_URL": "https://wandb.example.com"}) == "offline"
+    assert wandb_mode({"HOME": str(tmp_path / "nobody"), "WANDB_API_KEY": "k"}) == "online"

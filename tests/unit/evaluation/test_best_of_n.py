@@ -1,5 +1,6 @@
 """Self-certainty best-of-N: selection against a naive float64 reference on transformers logits,
-majority vote and metrics by hand, and tools/best_of_n.py end to end on a tiny model."""
+majority vote and metrics by hand; tools/best_of_n.py (the selection study) and
+`python -m megatron_intuitor.evaluate` (a checkpoint's metrics) end to end on a tiny model."""
 import json
 import os
 import subprocess
@@ -150,3 +151,45 @@ def test_tool_refuses_a_model_dir_without_weights(tiny_qwen2, tmp_path):
     assert run.returncode == 2, run.stderr[-3000:]
     assert f"error: model_dir={model} has no *.safetensors weights" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_a_megatron_checkpoint(tiny_qwen2, tmp_path):
+    """`python -m megatron_intuitor.evaluate` on a Megatron checkpoint of the tiny model: exported
+    to HF at its TP, then greedy accuracy and best-of-3 (an HF directory takes the same path
+    after the export)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    megatron = tmp_path / "megatron"
+    subprocess.run([sys.executable, str(REPO / "tools" / "convert_ckpt.py"), "hf-to-megatron",
+                    str(tiny_qwen2), str(megatron), "--tp", "1"], check=True, env=env,
+                   capture_output=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "megatron_intuitor.evaluate", str(megatron),
+                          "--synthetic", "4", "--max-response-length", "16", "-n", "3"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "wrote HF checkpoint" in run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["n"] == 3 and result["max_response_length"] == 16
+    names = bon.metric_names("synthetic_arithmetic", 3)
+    best, majority, passed = (result[names[k]] for k in ("best", "majority", "pass"))
+    assert 0.0 <= best <= passed <= 1.0 and majority <= passed
+    assert 0.0 <= result["val/synthetic_arithmetic/acc"] <= 1.0
+
+
+def test_evaluation_takes_the_runs_settings(tmp_path):
+    """The run's Hydra record next to `<run>/checkpoints/step_<N>` gives the defaults."""
+    from megatron_intuitor.evaluate import run_config_of, settings_from_run
+
+    record = tmp_path / "run" / "hydra" / "20261207_010203" / ".hydra" / "config.yaml"
+    record.parent.mkdir(parents=True)
+    record.write_text("data:\n  root: /d\n  val_files: ['${data.root}/gsm8k/test.parquet']\n"
+                      "  max_prompt_length: 256\n  max_response_length: 3072\n"
+                      "  system_prompt: Be brief.\n"
+                      "rollout: {temperature: 0.9, top_p: 1.0, dtype: bfloat16}\n")
+    found = run_config_of(tmp_path / "run" / "checkpoints" / "step_4")
+    assert found == record
+    settings = settings_from_run(found)
+    assert settings.datasets == [{"path": "/d/gsm8k/test.parquet", "format": "auto"}]
+    assert (settings.max_prompt_length, settings.max_response_length) == (256, 3072)
+    assert (settings.temperature, settings.dtype, settings.system_prompt) == (0.9, "bfloat16",
+                                                                              "Be brief.")
