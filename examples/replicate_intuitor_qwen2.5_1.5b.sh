@@ -14,7 +14,7 @@
 #
 # One node of 8 GPUs (Qwen2.5-1.5B: 12 heads / 2 KV heads, 28 layers; TP=1 x DP=8). Never run
 # here: this machine has no GPU; the config is dry-run tested on CPU
-# (tests/e2e/test_replication.py).
+# (tests/e2e/test_scripts.py::test_replication_example_is_the_papers_1_5b_recipe).
 #
 # Environment (default): ARM (intuitor), N_GPUS (8), MODEL_PATH (Qwen/Qwen2.5-1.5B), DATA_ROOT
 # (data: DATA_ROOT/math/train.parquet, DATA_ROOT/math500/test.parquet,
