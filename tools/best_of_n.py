@@ -1,6 +1,6 @@
 """Self-certainty best-of-N for any Hugging Face checkpoint and dataset, without training.
 
-    python tools/best_of_n.py MODEL_DIR --data ../shared/data/gsm8k/test.jsonl --max-prompts 50 -n 8
+    python tools/best_of_n.py MODEL_DIR --data data/gsm8k/test.parquet --max-prompts 50 -n 8
     python tools/best_of_n.py MODEL_DIR --synthetic 32 -n 4         # the tiny arithmetic set
     python tools/best_of_n.py MODEL_DIR --synthetic-space +- 20 --exclude trained.txt -n 8 \
         --max-response-length 128 --dump responses.jsonl     # docs/experiments.md, section 1
