@@ -357,7 +357,7 @@ def test_replication_example_is_the_papers_1_5b_recipe(arm, data_root, tmp_path)
         str(data_root / "math500/test.parquet"), str(data_root / "gsm8k/test.parquet")]
     assert run.returncode == 1 and "actor.precision=bf16 needs CUDA" in run.stderr
     cfg = OmegaConf.create(run.config)
-    assert config.derive_layout(cfg).data_parallel == 8
+    assert config.RankLayout.from_cfg(cfg).data_parallel == 8
 
 
 def test_replication_example_refuses_an_unknown_arm(tmp_path):
