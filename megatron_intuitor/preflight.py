@@ -19,6 +19,7 @@ the run's output).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
