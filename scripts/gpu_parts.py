@@ -67,6 +67,8 @@ SMOKE_PARTS = (
     Part("suite", 300, _pytest("tests/gpu/test_gpu_suite.py")),
     Part("scores_at_sampling", 180, _pytest("tests/gpu/test_gpu_scores_at_sampling.py")),
     Part("cli", 300, _pytest("tests/gpu/test_cli.py")),
+    # two GPUs (skipped, saying so, on one): the cross-rank weight broadcast over NCCL
+    Part("cross_rank_nccl", 180, _pytest("tests/gpu/test_cross_rank_nccl.py")),
 )
 # Together under 8 minutes on one H100 even if every part runs to its limit.
 CORE_PARTS = (
