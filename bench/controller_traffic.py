@@ -8,7 +8,7 @@ new: `workers.actor.ActorGroup` driven the way `Trainer.train_step` drives it, o
   `SimulatedRanks` in place of its WorkerGroup: each call's arguments are serialized per rank;
   each simulated rank answers what `ActorWorker` answers (None where it does not report), the
   reports made by the worker's own functions (`workers/reports.py`) from per-token tensors of
-  the recipe's shapes. The advantages come from the trainer's `response_advantages`.
+  the recipe's shapes. The advantages come from `algorithm.response_advantages`, as in the trainer.
 before: the previous data flow (up to commit 6a2cc02), its objects rebuilt here: every rank got
   the whole padded batch three times (scoring, reference, update; the update's with advantages,
   old and reference log-probs), returned its data-parallel share's per-token log-probs, entropy
@@ -35,12 +35,11 @@ from typing import Any, Sequence
 import torch
 from ray import cloudpickle
 
-from megatron_intuitor import metrics
+from megatron_intuitor import algorithm, metrics
 from megatron_intuitor.batch import RolloutBatch, data_parallel_shard
-from megatron_intuitor.config import Schedule, actor_settings, compose, resolve
+from megatron_intuitor.config import ActorSettings, Schedule, compose, resolve
 from megatron_intuitor.ppo import LOSS_METRICS
 from megatron_intuitor.rollout.engine import RolloutSample, SamplingConfig
-from megatron_intuitor.trainer import response_advantages
 from megatron_intuitor.workers.actor import ActorGroup
 from megatron_intuitor.workers.reports import rollout_report, score_report
 
@@ -151,7 +150,8 @@ def new_path(world_size: int, response_tokens: int, tp: int = 2, rollout_tp: int
         f"actor.tensor_model_parallel_size={tp}", f"rollout.tensor_parallel_size={rollout_tp}",
         f"data.prompts_per_step={PROMPTS}", f"rollout.n={N}",
         f"data.max_prompt_length={PROMPT_TOKENS}", f"data.max_response_length={response_tokens}"]))
-    settings = actor_settings(cfg, Schedule(training_steps=1, warmup_steps=0), pad_token_id=0)
+    settings = ActorSettings.from_cfg(cfg, Schedule(training_steps=1, warmup_steps=0),
+                                      pad_token_id=0)
     rollouts = step_rollouts(response_tokens)
     startup = Traffic()
     actor = ActorGroup(settings, SimulatedRanks(world_size, tp, rollout_tp, rollouts, startup))
@@ -164,8 +164,8 @@ def new_path(world_size: int, response_tokens: int, tp: int = 2, rollout_tp: int
     actor.release_rollout_memory()
     scores = actor.score()
     actor.score_reference()
-    advantages = response_advantages(cfg.algorithm, scores.self_certainty, report.verifiable,
-                                     report.group_index)
+    advantages = algorithm.response_advantages(cfg.algorithm, scores.self_certainty,
+                                               report.verifiable, report.group_index)
     actor.update_policy(advantages, step=1)
     actor.sync_weights()
     assert len(advantages) == PROMPTS * N

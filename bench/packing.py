@@ -75,9 +75,8 @@ def _seconds_on_rank(rank: int, world_size: int, model_dir: str, pp: int,
     chunks, _ = build_optimizer(chunks, 1e-5)
     batch = _batch(hf_config.vocab_size)
     attention = torch.arange(batch.input_ids.shape[1]) < batch.lengths[:, None]
-    settings = PPOSettings(temperature=TEMPERATURE, vocab_size=hf_config.vocab_size,
-                           clip_ratio=0.2, kl_coef=0.005, kl_type="low_var_kl",
-                           entropy_coef=0.0, tis_cap=None)
+    settings = PPOSettings(temperature=TEMPERATURE, clip_ratio=0.2, kl_coef=0.005,
+                           kl_type="low_var_kl", entropy_coef=0.0, tis_cap=None)
     times = {name: {"score_s": [], "ppo_s": []} for name in modes}
     for _ in range(REPEATS + 1):
         for name, (batching, variable) in modes.items():
@@ -91,7 +90,7 @@ def _seconds_on_rank(rank: int, world_size: int, model_dir: str, pp: int,
             middle = time.perf_counter()
             for chunk in chunks:
                 chunk.zero_grad_buffer()
-            ppo_forward_backward(chunks, batch, batching, settings)
+            ppo_forward_backward(chunks, batch, batching, settings, hf_config.vocab_size)
             torch.distributed.barrier()
             times[name]["score_s"].append(middle - start)
             times[name]["ppo_s"].append(time.perf_counter() - middle)

@@ -14,7 +14,8 @@ or DP ranks multiplies by that count to undo it).
 """
 from __future__ import annotations
 
-from typing import Hashable, Mapping, NamedTuple, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -22,7 +23,8 @@ from megatron_intuitor import scoring
 
 GroupIndex = Union[torch.Tensor, Sequence[Hashable]]
 
-KL_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+# `kl_penalty`'s estimators (algorithm.kl_type), INTUITOR's first
+KL_KINDS = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")
 
 # verl's numerical guards: exp() of a log-ratio beyond +-20 overflows fp16/bf16 ranges.
 _MAX_LOG_RATIO = 20.0
@@ -112,6 +114,85 @@ def hybrid_advantages(components: Mapping[str, torch.Tensor], weights: Mapping[s
                          f"must name the same rewards")
     return sum(weights[name] * grpo_advantages(rewards, group_index, eps)
                for name, rewards in components.items())
+
+
+# ------------------------------------------------------------------ advantage estimators
+# `algorithm.name` picks one; config takes its list of names from here. Registering one:
+#
+#     @register_advantage_estimator("mine", needs_verifiable=False)
+#     def _mine(rewards: ResponseRewards, group_index: GroupIndex, settings) -> torch.Tensor:
+#         return grpo_advantages(rewards.self_certainty * 2, group_index)
+#
+# `settings` is the run's `algorithm` config group (attribute access, e.g. hybrid_weights).
+
+
+class ResponseRewards(NamedTuple):
+    """The rewards of a step's responses, one number per response [b]."""
+
+    self_certainty: torch.Tensor
+    verifiable: Optional[torch.Tensor]  # 0/1 answer grades: None unless the estimator needs them
+
+
+AdvantageFunction = Callable[[ResponseRewards, GroupIndex, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    name: str
+    advantages: AdvantageFunction  # (rewards, group_index, algorithm settings) -> [b]
+    needs_verifiable: bool  # the rollout grades the answers (datasets with ground truth only)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage_estimator(name: str, *, needs_verifiable: bool
+                                 ) -> Callable[[AdvantageFunction], AdvantageFunction]:
+    """Decorator: the function becomes `algorithm.name=<name>`."""
+    def register(function: AdvantageFunction) -> AdvantageFunction:
+        if name in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, function, needs_verifiable)
+        return function
+    return register
+
+
+def advantage_estimator(name: str) -> AdvantageEstimator:
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; choose one of "
+                         f"{', '.join(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[name]
+
+
+@register_advantage_estimator("intuitor", needs_verifiable=False)
+def _intuitor(rewards: ResponseRewards, group_index: GroupIndex, settings: Any) -> torch.Tensor:
+    """The self-certainty z-scored within each prompt's group."""
+    return grpo_advantages(rewards.self_certainty, group_index)
+
+
+@register_advantage_estimator("grpo", needs_verifiable=True)
+def _grpo(rewards: ResponseRewards, group_index: GroupIndex, settings: Any) -> torch.Tensor:
+    """The verifiable 0/1 reward z-scored within each prompt's group."""
+    return grpo_advantages(rewards.verifiable, group_index)
+
+
+@register_advantage_estimator("hybrid", needs_verifiable=True)
+def _hybrid(rewards: ResponseRewards, group_index: GroupIndex, settings: Any) -> torch.Tensor:
+    """The two z-scores weighted by `settings.hybrid_weights`."""
+    weights = settings.hybrid_weights
+    return hybrid_advantages(
+        {"self_certainty": rewards.self_certainty, "verifiable": rewards.verifiable},
+        {"self_certainty": weights.self_certainty, "verifiable": weights.verifiable},
+        group_index)
+
+
+def response_advantages(settings: Any, self_certainty: torch.Tensor,
+                        verifiable: Optional[torch.Tensor],
+                        group_index: GroupIndex) -> torch.Tensor:
+    """Advantages per response [b] by the estimator `settings.name` (`settings`: the
+    `algorithm` config group)."""
+    return advantage_estimator(settings.name).advantages(
+        ResponseRewards(self_certainty, verifiable), group_index, settings)
 
 
 def token_advantages(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

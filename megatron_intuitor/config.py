@@ -2,23 +2,30 @@
 validate it before anything expensive starts, and derive the sizes that follow from it.
 
     cfg = load(["task=math_gsm8k", "rollout.n=16"])   # compose + resolve + validate
-    layout = derive_layout(cfg)                       # DP size, micro-batch counts, ...
+    layout = RankLayout.from_cfg(cfg)                 # DP size, micro-batch counts, ...
 
 `validate` reports the problems together, each naming its config key, so that a run fails in a
-second instead of after minutes of Ray, Megatron and vLLM start-up.
+second instead of after minutes of Ray, Megatron and vLLM start-up. The ranks get
+`ActorSettings.from_cfg(...)`: one frozen part per concern (layout, model, optimizer, batches,
+loss, rollout), each holding the value rules of its keys next to its fields (docs/settings.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from megatron_intuitor import validation
-from megatron_intuitor.algorithm import COV_POLICY_LOSSES
+from megatron_intuitor import input_files
+from megatron_intuitor.algorithm import ADVANTAGE_ESTIMATORS
+from megatron_intuitor.batch import MicroBatching
 from megatron_intuitor.collapse import CollapseConfig, CollapseConfigError
 from megatron_intuitor.data.records import FORMATS as DATA_FORMATS
+from megatron_intuitor.ppo import PPOSettings
+from megatron_intuitor.value_rules import (Rule, check_rules, choice, is_bool, is_int, is_number,
+                                           one_of, positive_int)
+from megatron_intuitor.workers import PLACEMENT_STRATEGIES
 
 if TYPE_CHECKING:
     from megatron_intuitor.parallel import ParallelSizes
@@ -27,13 +34,8 @@ if TYPE_CHECKING:
 # `python -m megatron_intuitor.main` find it from any working directory (editable install).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-ALGORITHMS = ("intuitor", "grpo", "hybrid")
-KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")  # algorithm.kl_penalty's
+ALGORITHMS = tuple(ADVANTAGE_ESTIMATORS)  # algorithm.name: the registered advantage estimators
 LR_SCHEDULERS = ("cosine", "linear", "constant")
-# token-mean: the exact token mean of each mini-batch; micro-batch-token-mean: the official
-# INTUITOR (verl) aggregation, each micro-batch's token mean averaged over micro-batches and
-# data-parallel ranks (weighted by rows, as verl does for token-budget micro-batches).
-LOSS_AGG_MODES = ("token-mean", "micro-batch-token-mean")
 PRECISIONS = ("fp32", "bf16")
 FP8_RECIPES = (None, "hybrid", "e4m3")
 # Megatron-Core 0.16.1 `TransformerConfig.fp8_recipe` (transformer_config.py:436) less "custom"
@@ -41,7 +43,6 @@ FP8_SCALING_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
 FP8_AMAX_REDUCTIONS = ("tp", "tp_dp")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's
 LOGGER_BACKENDS = ("console", "jsonl", "wandb")
 HYBRID_WEIGHT_KEYS = ("self_certainty", "verifiable")
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")  # what data.datasets.read_rows reads
@@ -139,7 +140,60 @@ def _cuda_device_count() -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Derived quantities
+# Configuration keys
+
+
+def default_schema() -> DictConfig:
+    """The config composed from `conf/` without overrides: every key a run may set. Inside
+    `@hydra.main` (the console script) Hydra is already initialised and composes in place."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        from hydra import compose as hydra_compose
+
+        return hydra_compose(config_name="config")
+    return compose()
+
+
+def unknown_keys(cfg: DictConfig, schema: Optional[DictConfig] = None) -> list[str]:
+    """Keys of `cfg` that the composed defaults do not have (a `+trainer.typo=4` override, or a
+    task file's misspelt key), each with the nearest known key when one is close."""
+    schema = default_schema() if schema is None else schema
+    known = OmegaConf.to_container(schema, resolve=False)
+    given = OmegaConf.to_container(cfg, resolve=False)
+    return [_unknown_key_message(prefix, key, siblings)
+            for prefix, key, siblings in _extra_keys(given, known, "")]
+
+
+def _extra_keys(given: Any, known: Any, prefix: str) -> list[tuple[str, str, list[str]]]:
+    # Mappings are compared key by key; a list or a value is the key's own business (its
+    # entries are checked by the value rules), and so is a mapping where the schema has null.
+    if not isinstance(given, dict) or not isinstance(known, dict):
+        return []
+    extra = []
+    for key, value in given.items():
+        if key not in known:
+            extra.append((prefix, str(key), [str(k) for k in known]))
+        else:
+            extra += _extra_keys(value, known[key], f"{prefix}{key}.")
+    return extra
+
+
+def _unknown_key_message(prefix: str, key: str, siblings: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, siblings, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return (f"{prefix}{key} is not a configuration key{hint}: remove it (the keys are those of "
+            f"conf/)")
+
+
+# --------------------------------------------------------------------------------------------
+# The ranks' settings: one frozen dataclass per concern, each with the value rules of the keys
+# its fields come from (`RULES`, checked by `validate` before anything else), the checks across
+# keys that need those values (`consistency_problems`) and `from_cfg`. The loss's own class is
+# `ppo.PPOSettings`. A new knob: its YAML line, its field (+ rule + from_cfg) in one class, and
+# the line that uses it.
 
 
 class Schedule(NamedTuple):
@@ -163,54 +217,74 @@ class RankLayout:
     data_parallel: int
     optimizer_steps_per_step: int  # mini-batches per step x PPO epochs
 
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("actor.tensor_model_parallel_size", positive_int, "a positive integer"),
+        ("actor.pipeline_model_parallel_size", positive_int, "a positive integer"),
+        ("actor.virtual_pipeline_model_parallel_size", lambda v: v is None or positive_int(v),
+         "null or a positive integer"),
+        ("trainer.nnodes", positive_int, "a positive integer"),
+        ("trainer.n_gpus_per_node", positive_int, "a positive integer"),
+        choice("trainer.device", DEVICES),
+    )
+
+    @classmethod
+    def consistency_problems(cls, cfg: DictConfig) -> list[str]:
+        actor = cfg.actor
+        vpp = actor.virtual_pipeline_model_parallel_size
+        if vpp is not None and vpp > 1 and actor.pipeline_model_parallel_size == 1:
+            return ["actor.virtual_pipeline_model_parallel_size > 1 needs "
+                    "actor.pipeline_model_parallel_size > 1"]
+        return []
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> RankLayout:
+        """The sizes that follow from `cfg`; ConfigError if they do not divide evenly."""
+        actor, trainer = cfg.actor, cfg.trainer
+        problems: list[str] = []
+        world_size = trainer.nnodes * trainer.n_gpus_per_node
+        model_parallel = actor.tensor_model_parallel_size * actor.pipeline_model_parallel_size
+        if world_size % model_parallel:
+            raise ConfigError([
+                f"trainer.nnodes x trainer.n_gpus_per_node = {world_size} ranks is not divisible "
+                f"by actor.tensor_model_parallel_size x actor.pipeline_model_parallel_size = "
+                f"{actor.tensor_model_parallel_size} x {actor.pipeline_model_parallel_size}"])
+        dp = world_size // model_parallel
+        prompts, n = cfg.data.prompts_per_step, cfg.rollout.n
+        responses = prompts * n
+        mini = actor.ppo_mini_batch_size
+        if prompts % mini:
+            problems.append(f"data.prompts_per_step={prompts} is not divisible by "
+                            f"actor.ppo_mini_batch_size={mini}")
+        if (mini * n) % dp:
+            problems.append(f"actor.ppo_mini_batch_size x rollout.n = {mini} x {n} responses is "
+                            f"not divisible by the data-parallel size {dp}")
+        mini_per_rank = mini * n // dp
+        if not actor.use_dynamic_bsz:
+            micro, log_prob = (actor.ppo_micro_batch_size_per_gpu,
+                               actor.log_prob_micro_batch_size_per_gpu)
+            if mini_per_rank % micro:
+                problems.append(f"actor.ppo_micro_batch_size_per_gpu={micro} does not divide the "
+                                f"{mini_per_rank} responses of a mini-batch on each of the {dp} "
+                                f"data-parallel ranks (actor.ppo_mini_batch_size x rollout.n / DP)")
+            if (responses // dp) % log_prob:
+                problems.append(f"actor.log_prob_micro_batch_size_per_gpu={log_prob} does not "
+                                f"divide the {responses // dp} responses per step on each of the "
+                                f"{dp} data-parallel ranks "
+                                f"(data.prompts_per_step x rollout.n / DP)")
+        if problems:
+            raise ConfigError(problems)
+        return cls(
+            device=trainer.device, world_size=world_size,
+            tensor_parallel=actor.tensor_model_parallel_size,
+            pipeline_parallel=actor.pipeline_model_parallel_size,
+            virtual_pipeline_parallel=actor.virtual_pipeline_model_parallel_size,
+            data_parallel=dp, optimizer_steps_per_step=prompts // mini * actor.ppo_epochs)
+
     def parallel_sizes(self) -> ParallelSizes:
         from megatron_intuitor.parallel import ParallelSizes
 
         return ParallelSizes(self.tensor_parallel, self.pipeline_parallel,
                              self.virtual_pipeline_parallel)
-
-
-def derive_layout(cfg: DictConfig) -> RankLayout:
-    """The sizes that follow from `cfg`; ConfigError if they do not divide evenly."""
-    actor, trainer = cfg.actor, cfg.trainer
-    problems: list[str] = []
-    world_size = trainer.nnodes * trainer.n_gpus_per_node
-    model_parallel = actor.tensor_model_parallel_size * actor.pipeline_model_parallel_size
-    if world_size % model_parallel:
-        raise ConfigError([
-            f"trainer.nnodes x trainer.n_gpus_per_node = {world_size} ranks is not divisible by "
-            f"actor.tensor_model_parallel_size x actor.pipeline_model_parallel_size = "
-            f"{actor.tensor_model_parallel_size} x {actor.pipeline_model_parallel_size}"])
-    dp = world_size // model_parallel
-    prompts, n = cfg.data.prompts_per_step, cfg.rollout.n
-    responses = prompts * n
-    mini = actor.ppo_mini_batch_size
-    if prompts % mini:
-        problems.append(f"data.prompts_per_step={prompts} is not divisible by "
-                        f"actor.ppo_mini_batch_size={mini}")
-    if (mini * n) % dp:
-        problems.append(f"actor.ppo_mini_batch_size x rollout.n = {mini} x {n} responses is not "
-                        f"divisible by the data-parallel size {dp}")
-    mini_per_rank = mini * n // dp
-    if not actor.use_dynamic_bsz:
-        micro, log_prob = (actor.ppo_micro_batch_size_per_gpu,
-                           actor.log_prob_micro_batch_size_per_gpu)
-        if mini_per_rank % micro:
-            problems.append(f"actor.ppo_micro_batch_size_per_gpu={micro} does not divide the "
-                            f"{mini_per_rank} responses of a mini-batch on each of the {dp} "
-                            f"data-parallel ranks (actor.ppo_mini_batch_size x rollout.n / DP)")
-        if (responses // dp) % log_prob:
-            problems.append(f"actor.log_prob_micro_batch_size_per_gpu={log_prob} does not divide "
-                            f"the {responses // dp} responses per step on each of the {dp} "
-                            f"data-parallel ranks (data.prompts_per_step x rollout.n / DP)")
-    if problems:
-        raise ConfigError(problems)
-    return RankLayout(
-        device=trainer.device, world_size=world_size,
-        tensor_parallel=actor.tensor_model_parallel_size,
-        pipeline_parallel=actor.pipeline_model_parallel_size,
-        virtual_pipeline_parallel=actor.virtual_pipeline_model_parallel_size, data_parallel=dp,
-        optimizer_steps_per_step=prompts // mini * actor.ppo_epochs)
 
 
 def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
@@ -227,87 +301,193 @@ def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
 
 
 @dataclass(frozen=True)
-class ActorSettings:
-    """Everything an actor rank reads of the run's configuration, built once on the controller
-    (`actor_settings`) and handed to every rank: the ranks never see the raw config."""
+class ModelSettings:
+    """How the policy (and its frozen reference) is built: precision, FP8, recompute."""
 
-    layout: RankLayout
-    schedule: Schedule
-    seed: int
-    # the model
-    precision: str  # fp32 / bf16
+    precision: str  # PRECISIONS
     fp8: Optional[str]
     fp8_recipe: str
     fp8_amax_reduction: str
     recompute: bool
     keep_reference: bool  # a frozen reference model for the KL term (algorithm.kl_coef > 0)
     ref_offload: bool
-    # the optimizer
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        choice("actor.precision", PRECISIONS),
+        ("actor.fp8", one_of(FP8_RECIPES), "null, hybrid or e4m3"),
+        choice("actor.fp8_recipe", FP8_SCALING_RECIPES),
+        choice("actor.fp8_amax_reduction", FP8_AMAX_REDUCTIONS),
+        ("actor.recompute", is_bool, "true or false"),
+        ("actor.ref_offload", is_bool, "true or false"),
+    )
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> ModelSettings:
+        actor = cfg.actor
+        return cls(precision=actor.precision, fp8=actor.fp8, fp8_recipe=actor.fp8_recipe,
+                   fp8_amax_reduction=actor.fp8_amax_reduction, recompute=actor.recompute,
+                   keep_reference=cfg.algorithm.kl_coef > 0, ref_offload=actor.ref_offload)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Megatron's distributed Adam and its learning-rate schedule (`Schedule` sets its length
+    and warm-up from actor.lr_warmup_ratio)."""
+
     lr: float
-    lr_scheduler: str
+    lr_scheduler: str  # LR_SCHEDULERS
     weight_decay: float
-    grad_clip: float
-    # the PPO update
+    grad_clip: float  # 0: off
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("actor.lr", lambda v: is_number(v) and v >= 0,
+         "a number >= 0 (0: a control run whose weights never change)"),
+        ("actor.lr_warmup_ratio", lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        choice("actor.lr_scheduler", LR_SCHEDULERS),
+        ("actor.weight_decay", lambda v: is_number(v) and v >= 0, "a number >= 0"),
+        ("actor.grad_clip", lambda v: is_number(v) and v >= 0, "a number >= 0 (0: off)"),
+    )
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> OptimizerSettings:
+        actor = cfg.actor
+        return cls(lr=actor.lr, lr_scheduler=actor.lr_scheduler,
+                   weight_decay=actor.weight_decay, grad_clip=actor.grad_clip)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How the update cuts a step's responses: PPO epochs over mini-batches of whole prompt
+    groups, each cut into micro-batches of rows or of a token budget, packed or padded."""
+
     ppo_epochs: int
     ppo_mini_batch_prompts: int
     shuffle_mini_batches: bool  # actor.shuffle: prompt groups in a seeded order (verl: in order)
-    loss_agg_mode: str  # LOSS_AGG_MODES
     ppo_micro_batch_size: int
     log_prob_micro_batch_size: int
     max_tokens_per_micro_batch: int  # > 0: token-budget micro-batches (actor.use_dynamic_bsz)
     packed: bool  # sequence packing (actor.use_remove_padding)
-    temperature: float
-    clip_ratio: float
-    kl_coef: float
-    kl_type: str
-    entropy_coef: float
-    tis_cap: Optional[float]
-    policy_loss: str  # ppo | clip_cov | kl_cov
-    cov_select_ratio: float
-    cov_clip_lower: float
-    cov_clip_upper: float
-    cov_kl_coef: float
-    # the rollout engine
-    rollout_dtype: str  # a precision or a torch dtype name
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("actor.ppo_mini_batch_size", positive_int, "a positive integer (prompts)"),
+        ("actor.ppo_epochs", positive_int, "a positive integer"),
+        ("actor.shuffle", is_bool, "true or false"),
+        ("actor.ppo_micro_batch_size_per_gpu", positive_int, "a positive integer"),
+        ("actor.log_prob_micro_batch_size_per_gpu", positive_int, "a positive integer"),
+        ("actor.use_dynamic_bsz", is_bool, "true or false"),
+        ("actor.max_tokens_per_gpu", positive_int, "a positive integer"),
+        ("actor.use_remove_padding", is_bool, "true or false"),
+    )
+
+    @classmethod
+    def consistency_problems(cls, cfg: DictConfig) -> list[str]:
+        actor = cfg.actor
+        longest = cfg.data.max_prompt_length + cfg.data.max_response_length
+        if actor.use_dynamic_bsz and actor.max_tokens_per_gpu < longest:
+            return [f"actor.max_tokens_per_gpu={actor.max_tokens_per_gpu} is smaller than one "
+                    f"full sequence (data.max_prompt_length + data.max_response_length = "
+                    f"{longest})"]
+        return []
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> BatchSettings:
+        actor = cfg.actor
+        return cls(ppo_epochs=actor.ppo_epochs, ppo_mini_batch_prompts=actor.ppo_mini_batch_size,
+                   shuffle_mini_batches=actor.shuffle,
+                   ppo_micro_batch_size=actor.ppo_micro_batch_size_per_gpu,
+                   log_prob_micro_batch_size=actor.log_prob_micro_batch_size_per_gpu,
+                   max_tokens_per_micro_batch=(actor.max_tokens_per_gpu if actor.use_dynamic_bsz
+                                               else 0),
+                   packed=actor.use_remove_padding)
+
+    def micro_batching(self, micro_batch_size: int) -> MicroBatching:
+        """Token-budget micro-batches when there is a budget, else `micro_batch_size` rows;
+        packed or padded."""
+        return MicroBatching(micro_batch_size=micro_batch_size,
+                             max_tokens=self.max_tokens_per_micro_batch, packed=self.packed)
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """The colocated vLLM engine of each rank and the weight sync into it."""
+
+    dtype: str  # a precision or a torch dtype name
     max_model_len: int
-    rollout_tensor_parallel: int
+    tensor_parallel: int
     gpu_memory_utilization: float
     sleep_level: int  # the engine's sleep in the training phase (GPU)
     # rollout.score_at_sampling: self-certainty and entropy from the engine's logits, the old
     # log-probs from the update's own forward (on-policy), no scoring forward
     score_at_sampling: bool
     weight_sync_bucket_bytes: int
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("rollout.tensor_parallel_size", positive_int, "a positive integer"),
+        ("rollout.gpu_memory_utilization", lambda v: is_number(v) and 0 < v <= 1,
+         "a number in (0, 1]"),
+        choice("rollout.dtype", ROLLOUT_DTYPES),
+        ("rollout.sleep_level", lambda v: is_int(v) and v in (1, 2), "1 or 2"),
+        ("rollout.weight_sync_bucket_mb", lambda v: is_number(v) and v > 0, "a number > 0"),
+        ("rollout.score_at_sampling", is_bool, "true or false"),
+    )
+
+    @classmethod
+    def consistency_problems(cls, cfg: DictConfig) -> list[str]:
+        actor, rollout, trainer = cfg.actor, cfg.rollout, cfg.trainer
+        problems = []
+        world_size = trainer.nnodes * trainer.n_gpus_per_node
+        if world_size % rollout.tensor_parallel_size:
+            problems.append(f"rollout.tensor_parallel_size={rollout.tensor_parallel_size} does "
+                            f"not divide the {world_size} ranks (trainer.nnodes x "
+                            f"trainer.n_gpus_per_node)")
+        on_policy = (actor.ppo_epochs == 1
+                     and actor.ppo_mini_batch_size == cfg.data.prompts_per_step)
+        if rollout.score_at_sampling and not on_policy:
+            problems.append(
+                f"rollout.score_at_sampling=true skips the old-policy forward, which is exact "
+                f"only on-policy (one optimizer step per training step): set actor.ppo_epochs=1 "
+                f"(now {actor.ppo_epochs}) and actor.ppo_mini_batch_size=data.prompts_per_step "
+                f"(now {actor.ppo_mini_batch_size} and {cfg.data.prompts_per_step})")
+        return problems
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> RolloutSettings:
+        rollout, data = cfg.rollout, cfg.data
+        return cls(dtype=cfg.actor.precision if rollout.dtype == "auto" else rollout.dtype,
+                   max_model_len=data.max_prompt_length + data.max_response_length,
+                   tensor_parallel=rollout.tensor_parallel_size,
+                   gpu_memory_utilization=rollout.gpu_memory_utilization,
+                   sleep_level=rollout.sleep_level, score_at_sampling=rollout.score_at_sampling,
+                   weight_sync_bucket_bytes=int(rollout.weight_sync_bucket_mb * 2**20))
+
+
+# The classes whose rules and consistency checks `validate` runs, in this order.
+SETTINGS = (RankLayout, ModelSettings, OptimizerSettings, BatchSettings, PPOSettings,
+            RolloutSettings)
+
+
+@dataclass(frozen=True)
+class ActorSettings:
+    """Everything an actor rank reads of the run's configuration, built once on the controller
+    and handed to every rank: the ranks never see the raw config."""
+
+    layout: RankLayout
+    schedule: Schedule
+    seed: int
     pad_token_id: int
+    model: ModelSettings
+    optimizer: OptimizerSettings
+    batches: BatchSettings
+    loss: PPOSettings
+    rollout: RolloutSettings
 
-
-def actor_settings(cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> ActorSettings:
-    """The ranks' settings from a validated config and the run's schedule."""
-    actor, algorithm, rollout, data = cfg.actor, cfg.algorithm, cfg.rollout, cfg.data
-    return ActorSettings(
-        layout=derive_layout(cfg), schedule=schedule, seed=cfg.trainer.seed,
-        precision=actor.precision, fp8=actor.fp8, fp8_recipe=actor.fp8_recipe,
-        fp8_amax_reduction=actor.fp8_amax_reduction, recompute=actor.recompute,
-        keep_reference=algorithm.kl_coef > 0, ref_offload=actor.ref_offload,
-        lr=actor.lr, lr_scheduler=actor.lr_scheduler, weight_decay=actor.weight_decay,
-        grad_clip=actor.grad_clip, ppo_epochs=actor.ppo_epochs,
-        ppo_mini_batch_prompts=actor.ppo_mini_batch_size, shuffle_mini_batches=actor.shuffle,
-        loss_agg_mode=actor.loss_agg_mode,
-        ppo_micro_batch_size=actor.ppo_micro_batch_size_per_gpu,
-        log_prob_micro_batch_size=actor.log_prob_micro_batch_size_per_gpu,
-        max_tokens_per_micro_batch=actor.max_tokens_per_gpu if actor.use_dynamic_bsz else 0,
-        packed=actor.use_remove_padding, temperature=rollout.temperature,
-        clip_ratio=algorithm.clip_ratio, kl_coef=algorithm.kl_coef, kl_type=algorithm.kl_type,
-        entropy_coef=algorithm.entropy_coef, tis_cap=rollout.tis_cap,
-        policy_loss=algorithm.policy_loss, cov_select_ratio=algorithm.cov.select_ratio,
-        cov_clip_lower=algorithm.cov.clip_lower, cov_clip_upper=algorithm.cov.clip_upper,
-        cov_kl_coef=algorithm.cov.kl_coef,
-        rollout_dtype=actor.precision if rollout.dtype == "auto" else rollout.dtype,
-        max_model_len=data.max_prompt_length + data.max_response_length,
-        rollout_tensor_parallel=rollout.tensor_parallel_size,
-        gpu_memory_utilization=rollout.gpu_memory_utilization,
-        sleep_level=rollout.sleep_level, score_at_sampling=rollout.score_at_sampling,
-        weight_sync_bucket_bytes=int(rollout.weight_sync_bucket_mb * 2**20),
-        pad_token_id=pad_token_id)
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> ActorSettings:
+        """The ranks' settings from a validated config and the run's schedule."""
+        return cls(layout=RankLayout.from_cfg(cfg), schedule=schedule, seed=cfg.trainer.seed,
+                   pad_token_id=pad_token_id, model=ModelSettings.from_cfg(cfg),
+                   optimizer=OptimizerSettings.from_cfg(cfg), batches=BatchSettings.from_cfg(cfg),
+                   loss=PPOSettings.from_cfg(cfg), rollout=RolloutSettings.from_cfg(cfg))
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,16 +496,19 @@ def actor_settings(cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> Ac
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing the problems of a resolved config (see `resolve`), each naming
-    its key: first every ill-typed or out-of-range value, else every inconsistency between
-    values, missing file and GPU-only option. Cheap: reads config.json and file headers only
-    (`validation`), never a whole weight, checkpoint or data file."""
-    problems = validation.unknown_keys(cfg) + _check_values(cfg)
+    its key: first every unknown key and ill-typed or out-of-range value, else every
+    inconsistency between values, missing file and GPU-only option. Cheap: reads config.json and
+    file headers only (`input_files`), never a whole weight, checkpoint or data file."""
+    problems = unknown_keys(cfg) + _check_values(cfg)
     if problems:  # the checks below do arithmetic on these values
         raise ConfigError(problems)
     try:
-        derive_layout(cfg)
+        RankLayout.from_cfg(cfg)
     except ConfigError as error:
         problems += error.problems
+    for settings in SETTINGS:
+        if hasattr(settings, "consistency_problems"):
+            problems += settings.consistency_problems(cfg)
     problems += _check_device(cfg)
     problems += _check_model(cfg)
     problems += _check_data(cfg)
@@ -335,118 +518,46 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(problems)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive_int(value: Any) -> bool:
-    return _is_int(value) and value >= 1
-
-
-def _one_of(choices: Sequence) -> Callable[[Any], bool]:
-    return lambda value: value in choices
-
-
-# (key, predicate, what is expected): value checks that need nothing but the value itself.
-_VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("model.make_tiny", lambda v: isinstance(v, bool), "true or false"),
-    ("data.format", _one_of(DATA_FORMATS), f"one of {', '.join(DATA_FORMATS)}"),
-    ("data.max_prompt_length", _positive_int, "a positive integer"),
-    ("data.max_response_length", _positive_int, "a positive integer"),
-    ("data.prompts_per_step", _positive_int, "a positive integer"),
-    ("data.seed", _is_int, "an integer"),
+# The value rules of the controller's keys (the ranks' keys: each settings class's RULES).
+_CONTROLLER_RULES: tuple[Rule, ...] = (
+    ("model.make_tiny", is_bool, "true or false"),
+    choice("data.format", DATA_FORMATS),
+    ("data.max_prompt_length", positive_int, "a positive integer"),
+    ("data.max_response_length", positive_int, "a positive integer"),
+    ("data.prompts_per_step", positive_int, "a positive integer"),
+    ("data.seed", is_int, "an integer"),
     ("data.system_prompt", lambda v: v is None or isinstance(v, str), "a string or null"),
-    ("algorithm.name", _one_of(ALGORITHMS), f"one of {', '.join(ALGORITHMS)}"),
-    ("algorithm.kl_coef", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    ("algorithm.kl_type", _one_of(KL_TYPES), f"one of {', '.join(KL_TYPES)}"),
-    ("algorithm.clip_ratio", lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
-    ("algorithm.entropy_coef", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    ("algorithm.policy_loss", _one_of(COV_POLICY_LOSSES), f"one of {', '.join(COV_POLICY_LOSSES)}"),
-    ("algorithm.cov.select_ratio", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    ("algorithm.cov.clip_lower", _is_number, "a number"),
-    ("algorithm.cov.clip_upper", _is_number, "a number"),
-    ("algorithm.cov.kl_coef", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    ("actor.tensor_model_parallel_size", _positive_int, "a positive integer"),
-    ("actor.pipeline_model_parallel_size", _positive_int, "a positive integer"),
-    ("actor.virtual_pipeline_model_parallel_size", lambda v: v is None or _positive_int(v),
-     "null or a positive integer"),
-    ("actor.lr", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: a control run whose "
-                                                      "weights never change)"),
-    ("actor.lr_warmup_ratio", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("actor.lr_scheduler", _one_of(LR_SCHEDULERS), f"one of {', '.join(LR_SCHEDULERS)}"),
-    ("actor.weight_decay", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    ("actor.loss_agg_mode", _one_of(LOSS_AGG_MODES), f"one of {', '.join(LOSS_AGG_MODES)}"),
-    ("actor.shuffle", lambda v: isinstance(v, bool), "true or false"),
-    ("actor.grad_clip", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
-    ("actor.ppo_mini_batch_size", _positive_int, "a positive integer (prompts)"),
-    ("actor.ppo_epochs", _positive_int, "a positive integer"),
-    ("actor.ppo_micro_batch_size_per_gpu", _positive_int, "a positive integer"),
-    ("actor.log_prob_micro_batch_size_per_gpu", _positive_int, "a positive integer"),
-    ("actor.use_dynamic_bsz", lambda v: isinstance(v, bool), "true or false"),
-    ("actor.max_tokens_per_gpu", _positive_int, "a positive integer"),
-    ("actor.use_remove_padding", lambda v: isinstance(v, bool), "true or false"),
-    ("actor.recompute", lambda v: isinstance(v, bool), "true or false"),
-    ("actor.precision", _one_of(PRECISIONS), f"one of {', '.join(PRECISIONS)}"),
-    ("actor.fp8", _one_of(FP8_RECIPES), "null, hybrid or e4m3"),
-    ("actor.fp8_recipe", _one_of(FP8_SCALING_RECIPES),
-     f"one of {', '.join(FP8_SCALING_RECIPES)}"),
-    ("actor.fp8_amax_reduction", _one_of(FP8_AMAX_REDUCTIONS),
-     f"one of {', '.join(FP8_AMAX_REDUCTIONS)}"),
-    ("actor.ref_offload", lambda v: isinstance(v, bool), "true or false"),
-    ("rollout.temperature", lambda v: _is_number(v) and v > 0, "a number > 0"),
-    ("rollout.top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    ("rollout.top_k", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (off) or >= 1"),
-    ("rollout.tensor_parallel_size", _positive_int, "a positive integer"),
-    ("rollout.gpu_memory_utilization", lambda v: _is_number(v) and 0 < v <= 1,
-     "a number in (0, 1]"),
-    ("rollout.dtype", _one_of(ROLLOUT_DTYPES), f"one of {', '.join(ROLLOUT_DTYPES)}"),
-    ("rollout.sleep_level", lambda v: _is_int(v) and v in (1, 2), "1 or 2"),
-    ("rollout.weight_sync_bucket_mb", lambda v: _is_number(v) and v > 0, "a number > 0"),
-    ("rollout.tis_cap", lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0"),
-    ("rollout.score_at_sampling", lambda v: isinstance(v, bool), "true or false"),
-    ("trainer.nnodes", _positive_int, "a positive integer"),
-    ("trainer.n_gpus_per_node", _positive_int, "a positive integer"),
-    ("trainer.cpus_per_worker", lambda v: _is_number(v) and v > 0, "a number > 0"),
-    ("trainer.placement", _one_of(PLACEMENT_STRATEGIES),
-     f"one of {', '.join(PLACEMENT_STRATEGIES)}"),
-    ("trainer.device", _one_of(DEVICES), f"one of {', '.join(DEVICES)}"),
-    ("trainer.total_epochs", _positive_int, "a positive integer"),
-    ("trainer.total_steps", lambda v: v is None or _positive_int(v), "null or a positive integer"),
-    ("trainer.val_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: at the end)"),
-    ("trainer.save_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: at the end)"),
-    ("trainer.keep_last", _positive_int, "a positive integer"),
-    ("trainer.max_consecutive_skipped_steps", lambda v: _is_int(v) and v >= 0,
+    choice("algorithm.name", ALGORITHMS),
+    ("rollout.top_p", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("rollout.top_k", lambda v: is_int(v) and (v == -1 or v >= 1), "-1 (off) or >= 1"),
+    ("trainer.cpus_per_worker", lambda v: is_number(v) and v > 0, "a number > 0"),
+    choice("trainer.placement", PLACEMENT_STRATEGIES),
+    ("trainer.total_epochs", positive_int, "a positive integer"),
+    ("trainer.total_steps", lambda v: v is None or positive_int(v), "null or a positive integer"),
+    ("trainer.val_every", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: at the end)"),
+    ("trainer.save_every", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: at the end)"),
+    ("trainer.keep_last", positive_int, "a positive integer"),
+    ("trainer.max_consecutive_skipped_steps", lambda v: is_int(v) and v >= 0,
      "an integer >= 0 (0: never stop)"),
-    ("trainer.seed", _is_int, "an integer"),
+    ("trainer.seed", is_int, "an integer"),
     ("trainer.best_metric", lambda v: v is None or (isinstance(v, str) and v != ""),
      "null or a metric name such as val/gsm8k/acc"),
-    ("trainer.val_best_of_n", lambda v: _is_int(v) and (v == 0 or v >= 2),
+    ("trainer.val_best_of_n", lambda v: is_int(v) and (v == 0 or v >= 2),
      "0 (off) or an integer >= 2 (self-certainty best-of-N at validation)"),
     ("trainer.guard", lambda v: isinstance(v, DictConfig), "a mapping (see conf/trainer)"),
     ("trainer.experiment_name", lambda v: isinstance(v, str) and v != "" and "/" not in v,
      "a non-empty name without '/'"),
     ("logger.backends", lambda v: isinstance(v, ListConfig) and set(v) <= set(LOGGER_BACKENDS),
      f"a list drawn from {', '.join(LOGGER_BACKENDS)}"),
-]
-
-
-_MISSING = object()
+)
 
 
 def _check_values(cfg: DictConfig) -> list[str]:
-    problems = []
-    for key, is_valid, expected in _VALUE_RULES:
-        value = OmegaConf.select(cfg, key, default=_MISSING)
-        if value is _MISSING:
-            problems.append(f"{key} is missing")
-        elif not is_valid(value):
-            problems.append(f"{key}={value!r}: expected {expected}")
+    problems = check_rules(cfg, _CONTROLLER_RULES)
+    for settings in SETTINGS:
+        problems += check_rules(cfg, settings.RULES)
     n = cfg.rollout.n
-    if not _is_int(n) or n < 2:
+    if not is_int(n) or n < 2:
         problems.append(f"rollout.n={n!r}: GRPO z-scores rewards within each prompt's group of "
                         f"responses, and a group of one has no spread; use rollout.n >= 2")
     return problems
@@ -475,21 +586,6 @@ def _check_device(cfg: DictConfig) -> list[str]:
         problems += _check_transformer_engine(trainer.device)
         if actor.fp8 is not None and actor.precision != "bf16":
             problems.append(f"actor.fp8={actor.fp8} runs on top of bf16: set actor.precision=bf16")
-    vpp = actor.virtual_pipeline_model_parallel_size
-    if vpp is not None and vpp > 1 and actor.pipeline_model_parallel_size == 1:
-        problems.append("actor.virtual_pipeline_model_parallel_size > 1 needs "
-                        "actor.pipeline_model_parallel_size > 1")
-    world_size = trainer.nnodes * trainer.n_gpus_per_node
-    if world_size % cfg.rollout.tensor_parallel_size:
-        problems.append(f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size} does "
-                        f"not divide the {world_size} ranks (trainer.nnodes x "
-                        f"trainer.n_gpus_per_node)")
-    if actor.use_dynamic_bsz:
-        longest = cfg.data.max_prompt_length + cfg.data.max_response_length
-        if actor.max_tokens_per_gpu < longest:
-            problems.append(f"actor.max_tokens_per_gpu={actor.max_tokens_per_gpu} is smaller than "
-                            f"one full sequence (data.max_prompt_length + "
-                            f"data.max_response_length = {longest})")
     return problems
 
 
@@ -501,7 +597,7 @@ def _check_transformer_engine(device: str) -> list[str]:
     if importlib.util.find_spec("transformer_engine") is not None:
         return []
     return [f"trainer.device={device} builds the model with Transformer Engine, which is not "
-            f"installed: install the GPU face (README, 'Install on GPU'), or use "
+            f"installed: install the GPU face (docs/gpu.md), or use "
             f"trainer.device=cpu"]
 
 
@@ -518,12 +614,12 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
     if local.is_dir():
         config_file: Optional[Path] = local / "config.json"
     else:
-        config_file = validation.cached_hub_file(cfg.model.path, "config.json")
+        config_file = input_files.cached_hub_file(cfg.model.path, "config.json")
         if config_file is None:
-            return None, validation.check_hub_model("model.path", cfg.model.path)
-    hf, problems = validation.read_model_config("model.path", config_file)
+            return None, input_files.check_hub_model("model.path", cfg.model.path)
+    hf, problems = input_files.read_model_config("model.path", config_file)
     if local.is_dir():
-        problems += validation.check_model_weights("model.path", local)
+        problems += input_files.check_model_weights("model.path", local)
     if hf is None:
         return None, problems
     return {"source": str(config_file), **{key: hf.get(key) for key in (
@@ -639,7 +735,7 @@ def _check_algorithm(cfg: DictConfig) -> list[str]:
         if set(weights) != set(HYBRID_WEIGHT_KEYS):
             problems.append(f"algorithm.hybrid_weights: expected the keys "
                             f"{', '.join(HYBRID_WEIGHT_KEYS)}; got {', '.join(weights)}")
-        elif not all(_is_number(w) and w >= 0 for w in weights.values()) or not sum(
+        elif not all(is_number(w) and w >= 0 for w in weights.values()) or not sum(
                 weights.values()) > 0:
             problems.append(f"algorithm.hybrid_weights={OmegaConf.to_container(weights)}: "
                             f"expected numbers >= 0, not all zero")
@@ -648,17 +744,6 @@ def _check_algorithm(cfg: DictConfig) -> list[str]:
         problems.append(f"algorithm.policy_loss={algorithm.policy_loss} with "
                         f"actor.ppo_micro_batch_size_per_gpu=1: the token covariance is taken "
                         f"within a micro-batch, and within one response (one advantage) it is 0")
-    on_policy = (cfg.actor.ppo_epochs == 1
-                 and cfg.actor.ppo_mini_batch_size == cfg.data.prompts_per_step)
-    if cfg.rollout.score_at_sampling and not on_policy:
-        problems.append(
-            f"rollout.score_at_sampling=true skips the old-policy forward, which is exact only "
-            f"on-policy (one optimizer step per training step): set actor.ppo_epochs=1 (now "
-            f"{cfg.actor.ppo_epochs}) and actor.ppo_mini_batch_size=data.prompts_per_step (now "
-            f"{cfg.actor.ppo_mini_batch_size} and {cfg.data.prompts_per_step})")
-    if algorithm.cov.clip_lower >= algorithm.cov.clip_upper:
-        problems.append(f"algorithm.cov.clip_lower={algorithm.cov.clip_lower} must be below "
-                        f"algorithm.cov.clip_upper={algorithm.cov.clip_upper}")
     return problems
 
 
@@ -671,7 +756,7 @@ def _check_trainer(cfg: DictConfig) -> list[str]:
                             f"disable or a checkpoint path)")
         else:
             problems += [f"trainer.resume: {problem}"
-                         for problem in validation.check_checkpoint(Path(trainer.resume))]
+                         for problem in input_files.check_checkpoint(Path(trainer.resume))]
     elif trainer.resume == "auto":
         from megatron_intuitor.checkpoint import latest_checkpoint
 
@@ -679,7 +764,7 @@ def _check_trainer(cfg: DictConfig) -> list[str]:
         if latest is not None:
             problems += [f"trainer.resume=auto found {latest}, which cannot be resumed: "
                          f"{problem} (move it away, or set trainer.resume=disable)"
-                         for problem in validation.check_checkpoint(latest)]
+                         for problem in input_files.check_checkpoint(latest)]
     if "wandb" in logger.backends and not logger.wandb_project:
         problems.append("logger.wandb_project is empty but logger.backends includes wandb")
     try:

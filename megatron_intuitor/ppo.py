@@ -22,16 +22,17 @@ forward would otherwise have measured.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 
 from megatron_intuitor import algorithm, metrics
 from megatron_intuitor.batch import MicroBatching, TrainingBatch
-from megatron_intuitor.config import LOSS_AGG_MODES
 from megatron_intuitor.models.forward import micro_batches, run_pipeline, token_scores
 from megatron_intuitor.platform import device
+from megatron_intuitor.value_rules import Rule, choice, is_number
 
 # Per-micro-batch weighted sums the head reports, reduced over micro-batches and DP, then divided
 # by the summed weights (tokens or rows, per loss_agg_mode).
@@ -39,24 +40,80 @@ LOSS_METRICS = (metrics.PG_LOSS, metrics.KL_LOSS, metrics.PG_CLIPFRAC,
                 metrics.PG_CLIPFRAC_LOWER, metrics.PPO_KL, metrics.ROLLOUT_LOGPROB_DIFF)
 
 
+# token-mean: the exact token mean of each mini-batch; micro-batch-token-mean: the official
+# INTUITOR (verl) aggregation, each micro-batch's token mean averaged over micro-batches and
+# data-parallel ranks (weighted by rows, as verl does for token-budget micro-batches).
+LOSS_AGG_MODES = ("token-mean", "micro-batch-token-mean")
+
+
 @dataclass(frozen=True)
 class PPOSettings:
-    temperature: float
-    vocab_size: int
-    clip_ratio: float
+    """The loss of the update: PPO's clipped surrogate (or a covariance regulariser), the KL
+    term, the entropy bonus and their aggregation, from `algorithm.*`, `actor.loss_agg_mode`
+    and the rollout's sampling temperature and importance-sampling cap."""
+
+    temperature: float  # rollout.temperature: the logits are scored as they were sampled
+    clip_ratio: float  # PPO's clip below 1 (and above, unless clip_ratio_high)
     kl_coef: float
-    kl_type: str
+    kl_type: str  # algorithm.KL_KINDS
     entropy_coef: float
     tis_cap: Optional[float]
-    policy_loss: str = "ppo"  # ppo | clip_cov | kl_cov (algorithm.COV_POLICY_LOSSES)
+    policy_loss: str = "ppo"  # algorithm.COV_POLICY_LOSSES
     cov_select_ratio: float = 2e-4
     cov_clip_lower: float = 1.0
     cov_clip_upper: float = 5.0
     cov_kl_coef: float = 1.0
-    loss_agg_mode: str = "token-mean"  # config.LOSS_AGG_MODES
+    loss_agg_mode: str = "token-mean"  # LOSS_AGG_MODES
+    # DAPO's clip-higher (verl's clip_ratio_high): the ratio's upper clip 1 + clip_ratio_high;
+    # None: 1 + clip_ratio, the symmetric PPO clip
+    clip_ratio_high: Optional[float] = None
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("rollout.temperature", lambda v: is_number(v) and v > 0, "a number > 0"),
+        ("rollout.tis_cap", lambda v: v is None or (is_number(v) and v > 0),
+         "null or a number > 0"),
+        ("algorithm.kl_coef", lambda v: is_number(v) and v >= 0, "a number >= 0"),
+        choice("algorithm.kl_type", algorithm.KL_KINDS),
+        ("algorithm.clip_ratio", lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+        ("algorithm.clip_ratio_high", lambda v: v is None or (is_number(v) and v > 0),
+         "null (algorithm.clip_ratio) or a number > 0"),
+        ("algorithm.entropy_coef", lambda v: is_number(v) and v >= 0, "a number >= 0"),
+        choice("algorithm.policy_loss", algorithm.COV_POLICY_LOSSES),
+        ("algorithm.cov.select_ratio", lambda v: is_number(v) and 0 < v <= 1,
+         "a number in (0, 1]"),
+        ("algorithm.cov.clip_lower", is_number, "a number"),
+        ("algorithm.cov.clip_upper", is_number, "a number"),
+        ("algorithm.cov.kl_coef", lambda v: is_number(v) and v >= 0, "a number >= 0"),
+        choice("actor.loss_agg_mode", LOSS_AGG_MODES),
+    )
+
+    @classmethod
+    def consistency_problems(cls, cfg: DictConfig) -> list[str]:
+        """What the rules of single keys cannot see (checked once every rule holds)."""
+        cov = cfg.algorithm.cov
+        if cov.clip_lower >= cov.clip_upper:
+            return [f"algorithm.cov.clip_lower={cov.clip_lower} must be below "
+                    f"algorithm.cov.clip_upper={cov.clip_upper}"]
+        return []
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> PPOSettings:
+        algo = cfg.algorithm
+        return cls(temperature=cfg.rollout.temperature, clip_ratio=algo.clip_ratio,
+                   clip_ratio_high=algo.clip_ratio_high, kl_coef=algo.kl_coef,
+                   kl_type=algo.kl_type, entropy_coef=algo.entropy_coef,
+                   tis_cap=cfg.rollout.tis_cap, policy_loss=algo.policy_loss,
+                   cov_select_ratio=algo.cov.select_ratio, cov_clip_lower=algo.cov.clip_lower,
+                   cov_clip_upper=algo.cov.clip_upper, cov_kl_coef=algo.cov.kl_coef,
+                   loss_agg_mode=cfg.actor.loss_agg_mode)
+
+    @property
+    def clip_upper(self) -> float:
+        """The upper clip's distance from 1."""
+        return self.clip_ratio if self.clip_ratio_high is None else self.clip_ratio_high
 
 
-def _ppo_head(settings: PPOSettings):
+def _ppo_head(settings: PPOSettings, vocab_size: int):
     if settings.loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode {settings.loss_agg_mode!r}: choose one of "
                          f"{list(LOSS_AGG_MODES)}")
@@ -64,7 +121,7 @@ def _ppo_head(settings: PPOSettings):
 
     def head(logits_shard: torch.Tensor, micro_batch: dict) -> tuple:
         scores = token_scores(logits_shard, micro_batch, temperature=settings.temperature,
-                              vocab_size=settings.vocab_size)
+                              vocab_size=vocab_size)
         mask = micro_batch["response_mask"]
         tokens = mask.sum()
         # loss terms are sum / divisor; Megatron divides their gradients by the summed weights
@@ -118,18 +175,18 @@ def _policy_loss(settings: PPOSettings, log_probs: torch.Tensor, old: torch.Tens
         seed = int(micro_batch["input_ids"].sum()) % (2**31)
         weights = algorithm.clip_cov_weights(
             log_probs, old, advantages, mask, clip_ratio_low=settings.clip_ratio,
-            clip_ratio_high=settings.clip_ratio, select_ratio=settings.cov_select_ratio,
+            clip_ratio_high=settings.clip_upper, select_ratio=settings.cov_select_ratio,
             cov_lower=settings.cov_clip_lower, cov_upper=settings.cov_clip_upper,
             generator=torch.Generator().manual_seed(seed))
         tis = weights if tis is None else tis * weights
     return algorithm.ppo_clip_loss(log_probs, old, advantages, mask,
                                    clip_ratio_low=settings.clip_ratio,
-                                   clip_ratio_high=settings.clip_ratio, tis_weights=tis,
+                                   clip_ratio_high=settings.clip_upper, tis_weights=tis,
                                    num_tokens=divisor)
 
 
 def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: MicroBatching,
-                         settings: PPOSettings) -> dict[str, float]:
+                         settings: PPOSettings, vocab_size: int) -> dict[str, float]:
     """Accumulate this DP rank's gradients for one mini-batch (its share `shard`, cut and laid
     out by `batching`); returns the mini-batch's token-mean loss statistics, identical on every
     rank."""
@@ -145,8 +202,8 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
         columns["ref_log_probs"] = shard.ref_log_probs
     stats = run_pipeline(model_chunks,
                          micro_batches(columns, shard.lengths, batching.partition(shard.lengths)),
-                         _ppo_head(settings), forward_only=False, packed=batching.packed,
-                         logits_at="response_mask")
+                         _ppo_head(settings, vocab_size), forward_only=False,
+                         packed=batching.packed, logits_at="response_mask")
     # Only the last stage's first TP rank contributes, so the world sum counts each DP shard once.
     reporting = (parallel_state.is_pipeline_last_stage()
                  and parallel_state.get_tensor_model_parallel_rank() == 0)

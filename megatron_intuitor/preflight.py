@@ -9,6 +9,8 @@ a single node), then checks what the config cannot know: the python and package 
 project pins, the Ray cluster of a multi-node run, whether a hub model is cached, the free disk
 for checkpoints. The report goes to stderr; exit status 1 if anything must be fixed.
 
+--te-build: only the headers Transformer Engine's torch extension compiles against (run it from
+the clone before `pip install -e ".[gpu]"`; it needs only the standard library).
 --dry-run: stdout gets the command (a comment) and the resolved config, valid YAML.
 --log-path-out FILE: creates <logger.log_dir>/<experiment>_<timestamp>.log, starting with the
 command, this report and the resolved config, and writes its path into FILE (the script appends
@@ -21,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -28,7 +31,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 DISTRIBUTION = "megatron-intuitor"
 # Megatron checkpoint bytes per parameter: the model (<= 4) and the distributed optimizer's fp32
@@ -136,13 +139,14 @@ def check_transformer_engine(report: Report) -> None:
             pass
     missing = [name for name in TE_DISTRIBUTIONS if name not in versions]
     if missing:
-        report.error(f"Transformer Engine: {', '.join(missing)} not installed: see README, "
-                     f"'Install on GPU'")
+        report.error(f"Transformer Engine: {', '.join(missing)} not installed: see docs/gpu.md "
+                     f"(`python -m megatron_intuitor.preflight --te-build` checks the headers "
+                     f"its build needs)")
         return
     if len({versions[name] for name in TE_DISTRIBUTIONS}) > 1:
         report.error(f"Transformer Engine parts at different versions "
                      f"{ {name: versions[name] for name in TE_DISTRIBUTIONS} }: reinstall them "
-                     f"together (README, 'Install on GPU')")
+                     f"together (docs/gpu.md)")
     if "transformer_engine_cu12" in versions:
         report.error("transformer_engine_cu12 is installed next to transformer_engine_cu13: "
                      "pip uninstall -y transformer_engine_cu12")
@@ -150,11 +154,109 @@ def check_transformer_engine(report: Report) -> None:
         import transformer_engine.pytorch  # noqa: F401
     except Exception as error:  # noqa: BLE001 - any import failure is the finding
         report.error(f"import transformer_engine.pytorch failed ({type(error).__name__}: "
-                     f"{error}): rebuild transformer_engine_torch against this torch (README, "
-                     f"'Install on GPU')")
+                     f"{error}): rebuild transformer_engine_torch against this torch "
+                     f"(docs/gpu.md)")
         return
     report.ok(f"Transformer Engine {versions['transformer_engine']} (core cu13, torch "
               f"extension) imports")
+
+
+# What the build of transformer_engine_torch 2.20.2 includes besides the CUDA toolkit's headers
+# (csrc/common.h: <cudnn.h>, csrc/extensions.h: <nccl.h>), which the toolkit does not ship. Its
+# build adds only the toolkit's include directory (build_tools/pytorch.py through
+# build_tools/utils.py `get_cuda_include_dirs`), or with NVTE_BUILD_USE_NVIDIA_WHEELS=1 (or no
+# toolkit) those of the NVIDIA wheels; gcc also searches CPATH and CPLUS_INCLUDE_PATH. The pip
+# package that has each header for CUDA 13:
+TE_BUILD_HEADERS = {"cudnn.h": "nvidia-cudnn-cu13", "nccl.h": "nvidia-nccl-cu13"}
+# common/cudnn_min_version.h: static_assert(CUDNN_VERSION >= 91200), "built against cuDNN 9.12.0
+# or later headers".
+TE_MIN_CUDNN = (9, 12, 0)
+
+
+def te_build_include_dirs(env: Mapping[str, str], wheel_dirs: list[Path]) -> list[Path]:
+    """The directories the compiler searches for the TE torch extension's headers, in order
+    (`wheel_dirs`: the NVIDIA wheels' include directories)."""
+    toolkit = _cuda_toolkit_include(env)
+    if toolkit is not None and env.get("NVTE_BUILD_USE_NVIDIA_WHEELS", "0") == "0":
+        dirs = [toolkit]
+    else:
+        dirs = list(wheel_dirs)
+    for variable in ("CPATH", "CPLUS_INCLUDE_PATH"):
+        dirs += [Path(entry) for entry in env.get(variable, "").split(os.pathsep) if entry]
+    return dirs
+
+
+def _cuda_toolkit_include(env: Mapping[str, str]) -> Optional[Path]:
+    """`<toolkit>/include` of the nvcc TE's build finds (build_tools/utils.py `nvcc_path`):
+    $CUDA_HOME/bin, an NVIDIA wheel's (nvidia/cu<N>/bin), PATH, /usr/local/cuda/bin."""
+    candidates = [Path(env["CUDA_HOME"]) / "bin" / "nvcc"] if env.get("CUDA_HOME") else []
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        candidates += sorted(Path(root).glob("cu[0-9]*/bin/nvcc"), reverse=True)
+    on_path = shutil.which("nvcc", path=env.get("PATH", ""))
+    candidates += [Path(on_path)] if on_path else []
+    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    for nvcc in candidates:
+        if nvcc.is_file():
+            include = nvcc.resolve().parent.parent / "include"
+            return include if include.is_dir() else None
+    return None
+
+
+def nvidia_wheel_include_dirs() -> list[Path]:
+    """`include` directories of the installed NVIDIA wheels (`nvidia/<component>/include`; the
+    CUDA 13 torch pulls nvidia-cudnn-cu13 and nvidia-nccl-cu13)."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(path for root in spec.submodule_search_locations
+                  for path in Path(root).glob("*/include") if path.is_dir())
+
+
+def cudnn_header_version(include_dir: Path) -> Optional[tuple[int, int, int]]:
+    """The cuDNN version the headers in `include_dir` declare (cudnn_version.h since cuDNN 8)."""
+    for name in ("cudnn_version.h", "cudnn.h"):
+        header = include_dir / name
+        if header.is_file():
+            text = header.read_text(errors="replace")
+            parts = [re.search(rf"#define\s+CUDNN_{part}\s+(\d+)", text)
+                     for part in ("MAJOR", "MINOR", "PATCHLEVEL")]
+            if all(parts):
+                major, minor, patch = (int(match.group(1)) for match in parts)
+                return major, minor, patch
+    return None
+
+
+def check_te_build_headers(report: Report, env: Mapping[str, str] = os.environ,
+                           wheel_dirs: Optional[list[Path]] = None) -> None:
+    """Before `pip install` compiles transformer_engine_torch: each header it needs beyond the
+    CUDA toolkit is on the compiler's search path, else where it is (an NVIDIA wheel: the
+    CPATH to export) or which package has it; cuDNN's headers are >= 9.12."""
+    wheels = nvidia_wheel_include_dirs() if wheel_dirs is None else wheel_dirs
+    searched = te_build_include_dirs(env, wheels)
+    cudnn_dir = None
+    for header, package in TE_BUILD_HEADERS.items():
+        found = next((path for path in searched if (path / header).is_file()), None)
+        if found is not None:
+            report.ok(f"{header} for Transformer Engine's build: {found}")
+            cudnn_dir = found if header == "cudnn.h" else cudnn_dir
+            continue
+        in_wheel = next((path for path in wheels if (path / header).is_file()), None)
+        fix = (f"export CPATH={in_wheel}${{CPATH:+:$CPATH}} (the {package} wheel's headers)"
+               if in_wheel else f"pip install {package}, then export CPATH=<its include "
+                                f"directory>")
+        report.error(f"Transformer Engine's torch extension includes {header}, in none of the "
+                     f"directories its build searches "
+                     f"({', '.join(map(str, searched)) or 'none: no CUDA toolkit found'}): {fix}")
+    if cudnn_dir is not None:
+        version = cudnn_header_version(cudnn_dir)
+        wanted = ".".join(map(str, TE_MIN_CUDNN))
+        if version is None or version < TE_MIN_CUDNN:
+            found = ".".join(map(str, version)) if version else "of unknown version"
+            report.error(f"cuDNN headers in {cudnn_dir} are {found}; Transformer Engine 2.20.2 "
+                         f"compiles only against cuDNN >= {wanted} (a static_assert): "
+                         f"pip install 'nvidia-cudnn-cu13>={wanted}' and put its include "
+                         f"directory first in CPATH")
 
 
 def check_ray_cluster(report: Report, cfg) -> None:
@@ -246,16 +348,16 @@ def check_model(report: Report, cfg) -> None:
     if not path:
         report.ok("model: a tiny Qwen2 made locally (model.make_tiny)")
         return
-    from megatron_intuitor import validation
+    from megatron_intuitor import input_files
 
     if Path(path).is_dir():
         # config.json and the weights' headers and sizes: checked by the config validation.
-        if not validation.check_model_weights("model.path", Path(path)):
+        if not input_files.check_model_weights("model.path", Path(path)):
             report.ok(f"model: {path}")
         return
     if _hf_config(cfg) is not None:
         report.ok(f"model: {path} (in the Hugging Face cache)")
-    elif validation.offline_mode():
+    elif input_files.offline_mode():
         pass  # the config validation named model.path
     else:
         report.warn(f"model: {path} is not in the Hugging Face cache; it is downloaded at start "
@@ -419,10 +521,16 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--command", default="", help="the command being checked, for the record")
     parser.add_argument("--log-path-out", type=Path)
+    parser.add_argument("--te-build", action="store_true",
+                        help="only check the headers Transformer Engine's torch extension "
+                             "compiles against (before installing the GPU face)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
     report = Report()
+    if args.te_build:
+        check_te_build_headers(report)
+        return 1 if report.errors else 0
     cfg = load_config(report, args.overrides)
     device = cfg.trainer.device if cfg is not None else "cpu"
     check_python_and_packages(report, device)

@@ -210,6 +210,20 @@ def vocab_parallel_token_scores(
     return TokenScores(*(values.view(target_ids.shape) for values in rows))
 
 
+def self_certainty_and_entropy(logits: torch.Tensor, *, temperature: float,
+                               vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(self-certainty, entropy) in fp32 of every row of `logits` [..., >= vocab_size] holding
+    the whole vocabulary on one process (the rollout engine's logits, `rollout.sampling_scores`),
+    over the first `vocab_size` columns at `temperature`: the pass of
+    `vocab_parallel_token_scores` with no tensor-parallel group, so that a reward taken while
+    sampling is the trainer's arithmetic, row max shift included. No gradient."""
+    no_target = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    with torch.no_grad():  # its log-prob of token 0 is not wanted
+        scores = vocab_parallel_token_scores(logits, no_target, temperature=temperature,
+                                             vocab_size=vocab_size)
+    return scores.self_certainty, scores.entropy
+
+
 def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
                   vocab_size: int, tp_size: int, chunk_size: Optional[int]) -> None:
     if not logits.is_floating_point():

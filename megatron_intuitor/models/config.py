@@ -2,9 +2,9 @@
 
 Supported: Qwen2 / Qwen2.5 (GQA, qkv bias, tied or untied embeddings), Llama 3 (rope scaling
 "llama3"), Qwen3 (qk-norm, explicit head_dim), Qwen3-MoE (Qwen3 attention, every layer a
-mixture of experts without a shared expert: Megatron's MoE layer with SequentialMLP experts). Everything the bridge and the model builder need
-to know about an architecture is in `ArchitectureFeatures`; anything outside what is listed here
-is refused with a ValueError before a model is built.
+mixture of experts without a shared expert: Megatron's MoE layer with SequentialMLP experts).
+Everything the bridge and the model builder need to know about an architecture is in
+`ArchitectureFeatures`; anything outside what is listed here is refused with a ValueError before a model is built.
 
 On CPU the model uses Megatron's local layer spec (torch norms, no fusions); on GPU the
 Transformer Engine spec (imported lazily: the CPU environment has no Transformer Engine).
@@ -327,11 +327,14 @@ def _hf_inv_freq(hf_config: transformers.PretrainedConfig, head_dim: int) -> tor
     return scaled.float()
 
 
-def build_model(hf_config: transformers.PretrainedConfig, transformer_config) -> list:
+def build_model(hf_config: transformers.PretrainedConfig, transformer_config, *,
+                local_layers: bool = False) -> list:
     """This rank's `GPTModel` chunks (one per virtual pipeline stage), randomly initialised.
 
     Vocabulary padded to a multiple of 128 * TP; tied embeddings share the output weight (a copy
-    on the last stage when PP > 1). Load weights with `bridge.load_hf_weights`.
+    on the last stage when PP > 1). Load weights with `bridge.load_hf_weights`. `local_layers`:
+    Megatron's local layer spec (torch layers) on GPU too, for machines without Transformer
+    Engine (`core_check`); on CPU it is the only spec.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -341,7 +344,9 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config) ->
     # Experts as SequentialMLP (per-expert linears, the same parameter names on both faces);
     # grouped GEMM is a GPU speed-up not taken yet.
     num_experts = features.moe.num_experts if features.moe is not None else None
-    if on_gpu():
+    if local_layers and transformer_config.fp8:
+        raise ValueError("FP8 needs Transformer Engine's layer spec, not the local one")
+    if on_gpu() and not local_layers:
         from megatron.core.models.gpt import gpt_layer_specs
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -351,7 +356,7 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config) ->
             raise RuntimeError(
                 "build_model on GPU uses Transformer Engine's layer spec, but megatron.core "
                 "could not import transformer_engine: `python -c 'import "
-                "transformer_engine.pytorch'` shows why (README, 'Install on GPU')")
+                "transformer_engine.pytorch'` shows why (docs/gpu.md)")
         layer_spec = get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=features.qk_norm)
     else:

@@ -14,9 +14,11 @@ from megatron_intuitor.parallel import ParallelSizes
 def load_policy(model_dir: str | Path, sizes: ParallelSizes, *,
                 params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
                 recompute: bool = False, fp8_recipe: str = "tensorwise",
-                fp8_amax_reduction: str = "tp") -> tuple[transformers.PretrainedConfig, list]:
+                fp8_amax_reduction: str = "tp",
+                local_layers: bool = False) -> tuple[transformers.PretrainedConfig, list]:
     """This rank's Megatron chunks of the HF checkpoint `model_dir`, configured for the PPO
-    update: `calculate_per_token_loss`, so the loss head's sums become an exact token mean."""
+    update: `calculate_per_token_loss`, so the loss head's sums become an exact token mean.
+    `local_layers`: Megatron's local layer spec on GPU too (no Transformer Engine)."""
     from megatron_intuitor.models.bridge import load_hf_weights
     from megatron_intuitor.models.config import (build_model, load_hf_config,
                                                  transformer_config_from_hf)
@@ -26,6 +28,6 @@ def load_policy(model_dir: str | Path, sizes: ParallelSizes, *,
                                         recompute=recompute, fp8_recipe=fp8_recipe,
                                         fp8_amax_reduction=fp8_amax_reduction)
     config.calculate_per_token_loss = True
-    chunks = build_model(hf_config, config)
+    chunks = build_model(hf_config, config, local_layers=local_layers)
     load_hf_weights(chunks, model_dir, hf_config)
     return hf_config, chunks

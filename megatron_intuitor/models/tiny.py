@@ -20,6 +20,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Qwen2.5-0.5B's widths (hidden 896, 14 query / 2 key-value heads of 64, FFN 4864, vocabulary
+# 151936, tied embeddings) with 2 layers: the GPU checks' model, full-size where the vocabulary
+# and the kernels' shapes matter, small enough to build in seconds.
+QWEN25_05B_WIDTHS = dict(arch="qwen2", hidden_size=896, num_layers=2, num_heads=14,
+                         num_kv_heads=2, intermediate_size=4864, vocab_size=151936,
+                         tie_word_embeddings=True, max_position_embeddings=4096)
+
 ARCHITECTURES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),

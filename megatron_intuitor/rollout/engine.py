@@ -209,6 +209,28 @@ def _import_vllm():
     return vllm
 
 
+def select_v1_model_runner(vllm_envs) -> None:
+    """Make the next engine of this process run vLLM's V1 model runner (the sampling-scores
+    processor implements V1's logits-processor interface; V2's loader rejects it,
+    `vllm/v1/worker/gpu/sample/logits_processor/loader.py:85-91`), or refuse.
+
+    vLLM chooses the runner from `VLLM_USE_V2_MODEL_RUNNER` when an engine's config is made, but
+    the first engine of a process freezes every vLLM environment variable when it starts
+    (`v1/engine/core.py` calls `envs.enable_envs_cache`) until an engine shuts down: a value set
+    while another engine lives is never read. So the variable is set, then read back through
+    `vllm_envs` (the module `vllm.envs`); if vLLM does not see it, the choice was fixed earlier.
+    """
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if vllm_envs.VLLM_USE_V2_MODEL_RUNNER is not False:
+        raise RuntimeError(
+            "rollout engine with score_at_sampling: another vLLM engine started in this process "
+            "before it and froze vLLM's environment with VLLM_USE_V2_MODEL_RUNNER="
+            f"{vllm_envs.VLLM_USE_V2_MODEL_RUNNER!r}, so this engine would get the V2 model "
+            "runner, which rejects the sampling-scores processor: build the scored engine in a "
+            "process whose first engine it is, or set VLLM_USE_V2_MODEL_RUNNER=0 before the "
+            "first engine starts")
+
+
 class RolloutEngine:
     """vLLM on this rank: `generate` rollouts, `load_weights` in place, `sleep` / `wake_up`."""
 
@@ -236,7 +258,9 @@ class RolloutEngine:
         and CUDA graphs on GPU. `engine_kwargs` go to `vllm.LLM` unchanged. With
         `score_at_sampling`, sampled (temperature > 0) responses come with their per-token
         self-certainty and entropy from the engine's logits (`rollout.sampling_scores`); on GPU
-        the engine then runs vLLM's V1 model runner, whose logits-processor interface that uses.
+        the engine then runs vLLM's V1 model runner, whose logits-processor interface that uses,
+        and is refused in a process where an earlier engine fixed the runner
+        (`select_v1_model_runner`).
         """
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
@@ -259,7 +283,9 @@ class RolloutEngine:
             cpu_kv_cache_gib=cpu_kv_cache_gib, enforce_eager=enforce_eager,
             engine_kwargs=engine_kwargs, score_at_sampling=score_at_sampling)
         if score_at_sampling and gpu:
-            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # V2 has another processor interface
+            from vllm import envs as vllm_envs
+
+            select_v1_model_runner(vllm_envs)
         self.score_at_sampling = score_at_sampling
         self._vllm = vllm
         try:

@@ -9,7 +9,8 @@ z = logits / T:
 
     self_certainty = logsumexp(z) - mean(z),    entropy = logsumexp(z) - sum(softmax(z) * z)
 
-the trainer's definitions (`megatron_intuitor.scoring`), and files them under the request's
+with the trainer's own pass (`scoring.self_certainty_and_entropy`: each row shifted by its max
+before the sums, so nothing cancels), and files them under the request's
 position: the number of tokens it has produced so far, i.e. the index of the token about to be
 sampled. A later pass over the same position (a preempted request recomputed, the last chunk of
 a chunked prefill) overwrites an earlier one, so each position keeps the value of the logits its
@@ -24,9 +25,11 @@ out into children whose seeds are the request's seed + the child's index, which 
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+
+from megatron_intuitor.scoring import self_certainty_and_entropy
 
 SCORES_KEY = "megatron_intuitor_sampling_scores"  # SamplingParams.extra_args: (call, prompt)
 
@@ -59,15 +62,22 @@ def per_token(values: dict[int, tuple[float, float]], num_tokens: int,
             [values[position][1] for position in range(num_tokens)])
 
 
-def token_scores(logits: torch.Tensor, temperature: torch.Tensor,
+def token_scores(logits: torch.Tensor, temperatures: Sequence[float],
                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(self-certainty, entropy) per row of `logits` [rows, >= vocab_size] at the rows'
-    `temperature` [rows], over the first `vocab_size` columns, in float32."""
-    z = logits[:, :vocab_size].float() / temperature[:, None]
-    log_total = torch.logsumexp(z, dim=-1)
-    self_certainty = log_total - z.mean(dim=-1)
-    entropy = log_total - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
-    return self_certainty, entropy
+    """(self-certainty, entropy) per row of `logits` [rows, >= vocab_size] at that row's
+    temperature, over the first `vocab_size` columns, in float32: one
+    `scoring.self_certainty_and_entropy` pass per distinct temperature (the batch's requests
+    usually share one)."""
+    if len(temperatures) != logits.shape[0]:
+        raise ValueError(f"{len(temperatures)} temperatures for {logits.shape[0]} rows of logits")
+    certainty = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    entropy = torch.empty_like(certainty)
+    for temperature in sorted(set(temperatures)):
+        rows = torch.tensor([row for row, value in enumerate(temperatures)
+                             if value == temperature], device=logits.device)
+        certainty[rows], entropy[rows] = self_certainty_and_entropy(
+            logits[rows], temperature=temperature, vocab_size=vocab_size)
+    return certainty, entropy
 
 
 def processor_class():
@@ -115,10 +125,9 @@ def processor_class():
             if not self.rows:
                 return logits
             rows = sorted(self.rows)
-            temperature = torch.tensor([self.rows[row][0] for row in rows],
-                                       dtype=torch.float32, device=logits.device)
             index = torch.tensor(rows, device=logits.device)
-            certainty, entropy = token_scores(logits[index], temperature, self.vocab_size)
+            certainty, entropy = token_scores(logits[index], [self.rows[row][0] for row in rows],
+                                              self.vocab_size)
             for row, value, spread in zip(rows, certainty.tolist(), entropy.tolist()):
                 _, output_token_ids, values = self.rows[row]
                 values[len(output_token_ids)] = (value, spread)

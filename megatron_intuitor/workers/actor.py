@@ -22,11 +22,10 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_intuitor import metrics
-from megatron_intuitor.batch import (MicroBatching, RolloutBatch, batch_from_rollouts,
-                                     data_parallel_shard, group_mini_batches)
-from megatron_intuitor.config import ActorSettings
+from megatron_intuitor.batch import (RolloutBatch, batch_from_rollouts, data_parallel_shard,
+                                     group_mini_batches)
+from megatron_intuitor.config import ActorSettings, OptimizerSettings, Schedule
 from megatron_intuitor.platform import on_gpu
-from megatron_intuitor.ppo import PPOSettings
 from megatron_intuitor.rollout.engine import RolloutSample, SamplingConfig
 from megatron_intuitor.workers.group import Worker, WorkerGroup
 from megatron_intuitor.workers.reports import (RolloutReport, ScoreReport, rollout_report,
@@ -36,13 +35,12 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
            "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _lr_scheduler(optimizer, settings: ActorSettings):
+def _lr_scheduler(optimizer, settings: OptimizerSettings, schedule: Schedule):
     """Linear warm-up from 0 over `schedule.warmup_steps`, then `actor.lr_scheduler` decay to 0
     over the run; stepped once per training step (verl's unit), so every mini-batch of a step
     uses the same learning rate (the first step's is 0 when there is a warm-up, as in verl)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    schedule = settings.schedule
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=0.0,
         lr_warmup_steps=schedule.warmup_steps,
@@ -50,13 +48,6 @@ def _lr_scheduler(optimizer, settings: ActorSettings):
         lr_decay_style=settings.lr_scheduler, start_wd=settings.weight_decay,
         end_wd=settings.weight_decay, wd_incr_steps=max(schedule.training_steps, 1),
         wd_incr_style="constant")
-
-
-def _micro_batching(settings: ActorSettings, micro_batch_size: int) -> MicroBatching:
-    """Token-budget micro-batches when the settings have a budget, else `micro_batch_size`
-    rows; packed or padded as the settings say."""
-    return MicroBatching(micro_batch_size=micro_batch_size,
-                         max_tokens=settings.max_tokens_per_micro_batch, packed=settings.packed)
 
 
 def guarded_optimizer_step(optimizer, grad_clip: float) -> tuple[bool, float]:
@@ -116,30 +107,24 @@ class ActorWorker(Worker):
         # the last pipeline stage broadcasts); one rank per rollout replica reports its samples
         self.reports_for_dp_group = (parallel_state.get_tensor_model_parallel_rank() == 0
                                      and parallel_state.get_pipeline_model_parallel_rank() == 0)
-        self.reports_for_replica = self.rank % settings.rollout_tensor_parallel == 0
+        self.reports_for_replica = self.rank % settings.rollout.tensor_parallel == 0
         self.model_dir = model_dir
-        precision = dict(params_dtype=_DTYPES[settings.precision], fp8=settings.fp8,
-                         recompute=settings.recompute, fp8_recipe=settings.fp8_recipe,
-                         fp8_amax_reduction=settings.fp8_amax_reduction)
+        model = settings.model
+        precision = dict(params_dtype=_DTYPES[model.precision], fp8=model.fp8,
+                         recompute=model.recompute, fp8_recipe=model.fp8_recipe,
+                         fp8_amax_reduction=model.fp8_amax_reduction)
         self.hf_config, self.policy = load_policy(model_dir, sizes, **precision)
         self.policy, self.optimizer = build_optimizer(
-            self.policy, settings.lr, weight_decay=settings.weight_decay,
-            clip_grad=settings.grad_clip)
-        self.lr_scheduler = _lr_scheduler(self.optimizer, settings)
+            self.policy, settings.optimizer.lr, weight_decay=settings.optimizer.weight_decay,
+            clip_grad=settings.optimizer.grad_clip)
+        self.lr_scheduler = _lr_scheduler(self.optimizer, settings.optimizer, settings.schedule)
         self.reference = None
-        if settings.keep_reference:
+        if model.keep_reference:
             _, self.reference = load_policy(model_dir, sizes, **precision)
             for chunk in self.reference:
                 chunk.requires_grad_(False)
                 chunk.eval()
-        self.ppo_settings = PPOSettings(
-            temperature=settings.temperature, vocab_size=self.hf_config.vocab_size,
-            clip_ratio=settings.clip_ratio, kl_coef=settings.kl_coef, kl_type=settings.kl_type,
-            entropy_coef=settings.entropy_coef, tis_cap=settings.tis_cap,
-            policy_loss=settings.policy_loss, cov_select_ratio=settings.cov_select_ratio,
-            cov_clip_lower=settings.cov_clip_lower, cov_clip_upper=settings.cov_clip_upper,
-            cov_kl_coef=settings.cov_kl_coef, loss_agg_mode=settings.loss_agg_mode)
-        self.ref_offload = settings.ref_offload and on_gpu()
+        self.ref_offload = model.ref_offload and on_gpu()
         if self.ref_offload:
             self._move_reference("cpu")
         parallel.warm_up_groups()  # NCCL communicators take their memory before vLLM sizes
@@ -158,13 +143,13 @@ class ActorWorker(Worker):
         from megatron_intuitor.models.optimizer import training_reserve_bytes
         from megatron_intuitor.rollout.engine import RolloutEngine
 
-        settings = self.settings
-        return RolloutEngine(self.model_dir, dtype=_DTYPES[settings.rollout_dtype],
-                             max_model_len=settings.max_model_len,
-                             tensor_parallel_size=settings.rollout_tensor_parallel,
-                             gpu_memory_utilization=settings.gpu_memory_utilization,
+        rollout = self.settings.rollout
+        return RolloutEngine(self.model_dir, dtype=_DTYPES[rollout.dtype],
+                             max_model_len=rollout.max_model_len,
+                             tensor_parallel_size=rollout.tensor_parallel,
+                             gpu_memory_utilization=rollout.gpu_memory_utilization,
                              reserved_gpu_bytes=training_reserve_bytes(self.optimizer),
-                             seed=settings.seed, score_at_sampling=settings.score_at_sampling)
+                             seed=self.settings.seed, score_at_sampling=rollout.score_at_sampling)
 
     def _plan_direct_sync(self):
         """The direct shard-to-shard sync when the engine is sharded like the policy, else None
@@ -236,7 +221,7 @@ class ActorWorker(Worker):
             self.direct_sync()
         else:
             sync_weights(self.engine, export_hf_weights(self.policy, self.hf_config),
-                         bucket_bytes=self.settings.weight_sync_bucket_bytes)
+                         bucket_bytes=self.settings.rollout.weight_sync_bucket_bytes)
         if self.engine_asleep:
             self.engine.wake_up(["kv_cache"])
             self.engine_asleep = False
@@ -246,7 +231,7 @@ class ActorWorker(Worker):
         (level 2 drops the weights, the sync after the update brings new ones; level 1 keeps
         them in host memory: `rollout.sleep_level`). A no-op on CPU."""
         if not self.engine_asleep:
-            self.engine.sleep(level=self.settings.sleep_level)
+            self.engine.sleep(level=self.settings.rollout.sleep_level)
             self.engine_asleep = True
 
     def _move_reference(self, device: str) -> None:
@@ -267,8 +252,9 @@ class ActorWorker(Worker):
         attention_mask = torch.arange(shard.input_ids.shape[1]) < shard.lengths[:, None]
         return shard, score_batch(
             model_chunks, shard.input_ids, attention_mask, shard.response_mask,
-            temperature=self.settings.temperature, vocab_size=self.hf_config.vocab_size,
-            batching=_micro_batching(self.settings, self.settings.log_prob_micro_batch_size))
+            temperature=self.settings.loss.temperature, vocab_size=self.hf_config.vocab_size,
+            batching=self.settings.batches.micro_batching(
+                self.settings.batches.log_prob_micro_batch_size))
 
     def _gather_data_parallel(self, shard_values: torch.Tensor) -> torch.Tensor:
         """[shard rows, width] per data-parallel rank -> [all rows, the batch's width] on
@@ -293,7 +279,7 @@ class ActorWorker(Worker):
         per data-parallel group (None from the others). Scored at sampling
         (`rollout.score_at_sampling`), the figures are the engine's and no forward runs: the
         update takes the old log-probs from its own forward (on-policy)."""
-        if self.settings.score_at_sampling:
+        if self.settings.rollout.score_at_sampling:
             shard = data_parallel_shard(self.rollouts, self.dp_rank, self.dp_size).trimmed()
             return sampling_score_report(shard) if self.reports_for_dp_group else None
         shard, scores = self._score_shard(self.policy)
@@ -328,23 +314,23 @@ class ActorWorker(Worker):
         every rank), the others None."""
         from megatron_intuitor.ppo import ppo_forward_backward
 
-        settings = self.settings
+        settings, batches = self.settings, self.settings.batches
         batch = self.rollouts.for_update(advantages, self.old_log_probs, self.ref_log_probs)
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step) \
-            if settings.shuffle_mini_batches else None
+            if batches.shuffle_mini_batches else None
         per_step: list[dict[str, float]] = []
-        for _ in range(settings.ppo_epochs):
-            for rows in group_mini_batches(batch, settings.ppo_mini_batch_prompts, generator):
+        for _ in range(batches.ppo_epochs):
+            for rows in group_mini_batches(batch, batches.ppo_mini_batch_prompts, generator):
                 shard = data_parallel_shard(batch.select(rows), self.dp_rank,
                                             self.dp_size).trimmed()
                 for chunk in self.policy:
                     chunk.zero_grad_buffer()
                 self.optimizer.zero_grad()
                 losses = ppo_forward_backward(
-                    self.policy, shard,
-                    _micro_batching(settings, settings.ppo_micro_batch_size), self.ppo_settings)
+                    self.policy, shard, batches.micro_batching(batches.ppo_micro_batch_size),
+                    settings.loss, self.hf_config.vocab_size)
                 stepped, grad_norm, lr = optimizer_step_at_scheduled_lr(
-                    self.optimizer, settings.grad_clip,
+                    self.optimizer, settings.optimizer.grad_clip,
                     finite_loss=all(math.isfinite(v) for v in losses.values()))
                 per_step.append({**losses, metrics.GRAD_NORM: grad_norm, metrics.LR: lr,
                                  metrics.SKIPPED_STEPS: float(not stepped)})
@@ -399,7 +385,7 @@ class ActorGroup:
         self.dp_leaders = [rank for dp in range(settings.layout.data_parallel)
                            for rank, (dp_rank, leader) in enumerate(coordinates)
                            if dp_rank == dp and leader]
-        self.rollout_tp = settings.rollout_tensor_parallel
+        self.rollout_tp = settings.rollout.tensor_parallel
         self.rollout_replicas = self.world_size // self.rollout_tp
 
     @classmethod

@@ -23,7 +23,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
                                             PlacementGroupSchedulingStrategy)
 
-from megatron_intuitor.config import PLACEMENT_STRATEGIES
+from megatron_intuitor.workers import PLACEMENT_STRATEGIES
 
 # With this set, Ray leaves CUDA_VISIBLE_DEVICES alone: every worker sees all GPUs of its node and
 # picks its own with LOCAL_RANK, as under torchrun (what Megatron, NCCL and vLLM's

@@ -9,6 +9,7 @@ import torch
 
 from megatron_intuitor.batch import MicroBatching
 from megatron_intuitor.local_ranks import run_distributed
+from scoring_reference import reference_shifted_scores
 
 TEMPERATURE, CLIP, KL_COEF = 0.8, 0.2, 0.1
 # (prompt, response) lengths: one row far longer than the budget, one without a response.
@@ -39,20 +40,16 @@ def _batch():
 
 def _hf_reference(model_dir) -> dict:
     """Per-token scores and the PPO loss (clip + dual clip + k3 KL, token mean) with its gradient
-    norm, naively on transformers' fp32 logits of the padded batch."""
+    norm, on transformers' fp32 logits of the padded batch (the scores: the float64 oracle)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     batch, noise = _batch()
     ids, mask = batch.input_ids, batch.response_mask
     attention = torch.arange(ids.shape[1]) < batch.lengths[:, None]
-    z = model(ids, attention_mask=attention.long()).logits[:, :-1] / TEMPERATURE
-    log_softmax = torch.log_softmax(z, dim=-1)
-    shifted = {"log_probs": log_softmax.gather(-1, ids[:, 1:, None]).squeeze(-1),
-               "entropy": -(log_softmax.exp() * log_softmax).sum(-1),
-               "self_certainty": torch.logsumexp(z, dim=-1) - z.mean(dim=-1)}
-    scores = {k: torch.where(mask, torch.nn.functional.pad(v, (1, 0)), 0.0)
-              for k, v in shifted.items()}
+    logits = model(ids, attention_mask=attention.long()).logits
+    shifted = reference_shifted_scores(logits, ids, temperature=TEMPERATURE)
+    scores = {k: torch.where(mask, v.float(), 0.0) for k, v in shifted._asdict().items()}
     log_probs = scores["log_probs"]
     old, ref = (log_probs + 0.3 * noise).detach(), (log_probs - 0.2 * noise).detach()
     adv = batch.advantages[:, None]
@@ -91,9 +88,8 @@ def _every_batching_on_rank(rank, world_size, tp, pp, model_dir, old, ref):
     batch, _ = _batch()
     batch = replace(batch, old_log_probs=old, ref_log_probs=ref)
     attention = torch.arange(batch.input_ids.shape[1]) < batch.lengths[:, None]
-    settings = PPOSettings(temperature=TEMPERATURE, vocab_size=hf_config.vocab_size,
-                           clip_ratio=CLIP, kl_coef=KL_COEF, kl_type="low_var_kl",
-                           entropy_coef=0.0, tis_cap=None)
+    settings = PPOSettings(temperature=TEMPERATURE, clip_ratio=CLIP, kl_coef=KL_COEF,
+                           kl_type="low_var_kl", entropy_coef=0.0, tis_cap=None)
 
     # Record the model input of every micro-batch (on the last stage, where heads run).
     seen = {}
@@ -117,7 +113,8 @@ def _every_batching_on_rank(rank, world_size, tp, pp, model_dir, old, ref):
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = ppo_forward_backward(chunks, batch, batching, settings)
+        losses = ppo_forward_backward(chunks, batch, batching, settings,
+                                      hf_config.vocab_size)
         grads = torch.cat([p.main_grad.flatten().clone() for chunk in chunks
                            for p in chunk.parameters()])
         optimizer.prepare_grads()

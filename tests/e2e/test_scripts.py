@@ -323,7 +323,7 @@ def test_qwen7b_example_is_the_paper_recipe(fp8, data_root, tmp_path):
     for nodes in (2, 4):
         cfg = OmegaConf.create(run.config)
         cfg.trainer.nnodes = nodes
-        assert config.derive_layout(cfg).data_parallel == nodes
+        assert config.RankLayout.from_cfg(cfg).data_parallel == nodes
 
 
 def test_real_launch_logs_the_run(tmp_path):
@@ -331,7 +331,8 @@ def test_real_launch_logs_the_run(tmp_path):
     config, receives the run's output, and the run's exit status is the script's. A stand-in
     interpreter replaces the trainer (training is the end-to-end test's)."""
     stand_in = tmp_path / "python"
-    stand_in.write_text(f'#!/usr/bin/env bash\nif [[ $1 == -m ]]; then echo "trainer ran: $*"; '
+    stand_in.write_text(f'#!/usr/bin/env bash\nif [[ $1 == -m && $2 == megatron_intuitor.main ]]; then '
+                        f'echo "trainer ran: $*"; '
                         f'exit 3; fi\nexec {sys.executable} "$@"\n')
     stand_in.chmod(0o755)
     run = run_script("run_intuitor.sh", "default", "trainer.experiment_name=logged",

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from megatron_intuitor import metrics
 from megatron_intuitor.config import ConfigError, load
-from megatron_intuitor.trainer import response_advantages
 from repo_paths import REPO
 
 REQUIRED_METRICS = [
@@ -138,25 +136,6 @@ def test_bad_config_is_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError) as error:
         load([override])
     assert key in str(error.value)
-
-
-def test_each_algorithm_z_scores_its_own_reward():
-    """Two prompts of two responses: intuitor z-scores the self-certainty, grpo the 0/1 answer
-    reward, hybrid weighs the two z-scores (unbiased std, eps 1e-6)."""
-    self_certainty = torch.tensor([1.0, 3.0, 2.0, 2.0])
-    verifiable = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    group = torch.tensor([0, 0, 1, 1])
-    # (x - mean) / (std + eps): |x - mean| = 1, std = sqrt(2) for {1, 3}; 0.5 and sqrt(0.5)
-    # for {1, 0}; {2, 2} has no spread and gives 0
-    z_sc, z_v = 1 / (2 ** 0.5 + 1e-6), 0.5 / (0.5 ** 0.5 + 1e-6)
-    expected = {"intuitor": [-z_sc, z_sc, 0.0, 0.0], "grpo": [z_v, -z_v, -z_v, z_v]}
-    expected["hybrid"] = [0.25 * a + 0.75 * b for a, b in zip(expected["intuitor"],
-                                                             expected["grpo"])]
-    for name, want in expected.items():
-        settings = OmegaConf.create({"name": name, "hybrid_weights": {
-            "self_certainty": 0.25, "verifiable": 0.75}})
-        got = response_advantages(settings, self_certainty, verifiable, group)
-        assert got.tolist() == pytest.approx(want, rel=1e-6), name
 
 
 @pytest.mark.slow

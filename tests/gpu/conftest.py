@@ -1,6 +1,12 @@
 """The GPU suite's shared state: one process, world size 1 over NCCL, a Qwen2 at Qwen2.5-0.5B
 widths made locally (nothing is downloaded), the bf16 policy with its optimizer and one vLLM
-engine, built once and shared by the tests in file order (as the actor builds them)."""
+engine, built once and shared by the tests of a file in file order (as the actor builds them).
+
+One vLLM engine per process, shut down only at the session's end: vLLM freezes its environment
+when a process's first engine starts (so a second engine cannot choose its model runner) and an
+engine's shutdown destroys torch.distributed (`vllm/distributed/parallel_state.py`
+`cleanup_dist_env_and_memory`), which every Megatron test needs. scripts/gpu_smoke.sh runs each
+test file in a process of its own; tests/unit/test_gpu_face.py checks both rules."""
 from __future__ import annotations
 
 import os
@@ -8,19 +14,18 @@ import os
 import pytest
 import torch
 
-# Qwen2.5-0.5B's widths (hidden 896, 14 query / 2 key-value heads of 64, FFN 4864, vocabulary
-# 151936, tied embeddings) with 2 layers.
-QWEN_05B_SHAPE = dict(arch="qwen2", hidden_size=896, num_layers=2, num_heads=14, num_kv_heads=2,
-                      intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
-                      max_position_embeddings=4096, dtype=torch.bfloat16)
-MAX_MODEL_LEN = 512
+# Few sequences per step: vLLM captures CUDA graphs for batch sizes up to 2 x max_num_seqs, 7
+# sizes here instead of 51 at H100's default of 1024 sequences, each capture costing start-up
+# time (`vllm/config/vllm.py` `_set_cudagraph_sizes`).
+ENGINE_SETTINGS = dict(max_model_len=512, engine_kwargs={"max_num_seqs": 16})
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    from megatron_intuitor.models.tiny import make_tiny_model
+    from megatron_intuitor.models.tiny import QWEN25_05B_WIDTHS, make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("qwen2_05b_shape"), **QWEN_05B_SHAPE)
+    return make_tiny_model(tmp_path_factory.mktemp("qwen2_05b_shape"), **QWEN25_05B_WIDTHS,
+                           dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +62,22 @@ def engine(policy, model_dir):
     from megatron_intuitor.rollout.engine import RolloutEngine
 
     parallel.warm_up_groups()
-    rollout = RolloutEngine(model_dir, dtype=torch.bfloat16, max_model_len=MAX_MODEL_LEN,
-                            gpu_memory_utilization=0.3, seed=0,
-                            reserved_gpu_bytes=training_reserve_bytes(policy[2]))
+    rollout = RolloutEngine(model_dir, dtype=torch.bfloat16, gpu_memory_utilization=0.3, seed=0,
+                            reserved_gpu_bytes=training_reserve_bytes(policy[2]),
+                            **ENGINE_SETTINGS)
+    yield rollout
+    rollout.shutdown()
+
+
+@pytest.fixture(scope="session")
+def scored_engine(policy, model_dir):
+    """An engine with the sampling-scores processor (`rollout.score_at_sampling`), eager (no
+    graphs to capture): V1 model runner, so it must be its process's first engine."""
+    from megatron_intuitor import parallel
+    from megatron_intuitor.rollout.engine import RolloutEngine
+
+    parallel.warm_up_groups()
+    rollout = RolloutEngine(model_dir, dtype=torch.bfloat16, gpu_memory_utilization=0.3, seed=0,
+                            score_at_sampling=True, enforce_eager=True, **ENGINE_SETTINGS)
     yield rollout
     rollout.shutdown()

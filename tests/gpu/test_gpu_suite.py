@@ -1,7 +1,8 @@
 """The GPU face on one GPU, in the order the actor builds and uses it (issue 10): TE layer spec vs
 transformers, bridge export, engine placement, both weight syncs, sleep/wake, the optimizer step
-and its resume, scores at sampling, reference offload, FP8. Skipped without CUDA; run by
-scripts/gpu_smoke.sh."""
+and its resume, reference offload, FP8. One engine, shut down at the end of the process (the
+scores at sampling need an engine of their own: test_gpu_scores_at_sampling.py). Skipped
+without CUDA; run by scripts/gpu_smoke.sh in a process of its own."""
 from __future__ import annotations
 
 import math
@@ -9,22 +10,12 @@ import math
 import pytest
 import torch
 
+from megatron_intuitor.core_check import random_batch, transformers_scores
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 TEMPERATURE = 1.0
-
-
-def _batch(lengths: list[int], prompt_len: int, seed: int = 0):
-    """Right-padded random rows: (input_ids, attention_mask, response_mask)."""
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.randint(3, 500, (len(lengths), width), generator=gen)
-    attention = torch.arange(width) < torch.tensor(lengths)[:, None]
-    ids[~attention] = 0
-    response = attention.clone()
-    response[:, :prompt_len] = False
-    return ids, attention, response
 
 
 def _score(chunks, hf_config, ids, attention, response, *, packed: bool, micro: int = 2,
@@ -38,24 +29,12 @@ def _score(chunks, hf_config, ids, attention, response, *, packed: bool, micro: 
                                               packed=packed))
 
 
-def _hf_log_probs(model_dir, ids, attention) -> torch.Tensor:
-    """transformers' fp32 log-probs of token t at column t (0 at column 0)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
-    with torch.no_grad():
-        logits = model(input_ids=ids.cuda(), attention_mask=attention.long().cuda()).logits
-        log_probs = torch.log_softmax(logits[:, :-1].float(), -1).gather(
-            -1, ids[:, 1:, None].cuda())[..., 0]
-    return torch.nn.functional.pad(log_probs.cpu(), (1, 0))
-
-
 def test_te_layer_spec_log_probs_match_transformers_padded_and_packed(policy, model_dir):
     hf_config, chunks, _ = policy
     module_types = {type(m).__name__ for m in chunks[0].modules()}
     assert "TEDotProductAttention" in module_types, sorted(module_types)
-    ids, attention, response = _batch([40, 57, 23, 64], prompt_len=10)
-    reference = _hf_log_probs(model_dir, ids, attention)
+    ids, attention, response = random_batch([40, 57, 23, 64], prompt_len=10)
+    reference = transformers_scores(model_dir, ids, attention, TEMPERATURE)["log_probs"]
     padded = _score(chunks, hf_config, ids, attention, response, packed=False)["log_probs"]
     packed = _score(chunks, hf_config, ids, attention, response, packed=True)["log_probs"]
     for name, got in (("padded", padded), ("packed", packed)):
@@ -210,9 +189,10 @@ def test_ppo_step_with_fused_adam_resumes_and_reaches_the_engine(engine, policy,
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    settings = PPOSettings(temperature=1.0, vocab_size=hf_config.vocab_size, clip_ratio=0.2,
-                           kl_coef=0.01, kl_type="low_var_kl", entropy_coef=0.0, tis_cap=None)
-    ppo_forward_backward(chunks, batch, MicroBatching(micro_batch_size=2), settings)
+    settings = PPOSettings(temperature=1.0, clip_ratio=0.2, kl_coef=0.01, kl_type="low_var_kl",
+                           entropy_coef=0.0, tis_cap=None)
+    ppo_forward_backward(chunks, batch, MicroBatching(micro_batch_size=2), settings,
+                         hf_config.vocab_size)
     stepped, grad_norm = guarded_optimizer_step(optimizer, 1.0)
     assert stepped and math.isfinite(grad_norm) and grad_norm > 0
     steps = checkpoint._adam_steps(optimizer)
@@ -233,41 +213,6 @@ def test_ppo_step_with_fused_adam_resumes_and_reaches_the_engine(engine, policy,
         assert torch.equal(mine, theirs)
 
 
-def test_engine_scores_at_sampling_match_megatron_self_certainty(policy, model_dir):
-    """`rollout.score_at_sampling` on GPU: a second engine with the sampling-scores processor runs
-    vLLM's V1 model runner; after a sync, its per-token self-certainty and entropy of sampled
-    responses are those of Megatron's bf16 forward (tolerance uncalibrated: printed)."""
-    from megatron_intuitor.batch import batch_from_rollouts
-    from megatron_intuitor.models.bridge import export_hf_weights
-    from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
-    from megatron_intuitor.rollout.weight_sync import sync_weights
-
-    hf_config, chunks, _ = policy
-    scored = RolloutEngine(model_dir, dtype=torch.bfloat16, max_model_len=MAX_MODEL_LEN,
-                           gpu_memory_utilization=0.15, seed=0, score_at_sampling=True)
-    try:
-        config = scored._llm.llm_engine.vllm_config
-        assert not config.use_v2_model_runner
-        sync_weights(scored, export_hf_weights(chunks, hf_config))
-        samples = scored.generate([[5, 6, 7, 8, 9, 10], [11, 12, 13]],
-                                  SamplingConfig(n=2, temperature=TEMPERATURE, max_tokens=24,
-                                                 seed=3, ignore_eos=True))
-    finally:
-        scored.shutdown()
-    batch = batch_from_rollouts(samples, pad_token_id=0)
-    attention = torch.arange(batch.input_ids.shape[1]) < batch.lengths[:, None]
-    scores = _score(chunks, hf_config, batch.input_ids, attention, batch.response_mask,
-                    packed=True, micro=4)
-    mask = batch.response_mask
-    for name, engine_values in (("self_certainty", batch.sampling_self_certainty),
-                                ("entropy", batch.sampling_entropy)):
-        diff = (scores[name] - engine_values)[mask].abs()
-        scale = scores[name][mask].abs().mean()
-        print(f"scores at sampling, {name}: |vLLM - Megatron| mean {diff.mean():.4f} max "
-              f"{diff.max():.3f} (mean value {scale:.3f})")
-        assert diff.mean() < 0.05 * scale, name
-
-
 def test_reference_offload_round_trip_is_exact(world, model_dir):
     from megatron_intuitor.models.policy import load_policy
 
@@ -275,7 +220,7 @@ def test_reference_offload_round_trip_is_exact(world, model_dir):
     for chunk in reference:
         chunk.requires_grad_(False)
         chunk.eval()
-    ids, attention, response = _batch([30, 45, 17], prompt_len=8, seed=4)
+    ids, attention, response = random_batch([30, 45, 17], prompt_len=8, seed=4)
     first = _score(reference, hf_config, ids, attention, response, packed=True)["log_probs"]
     for chunk in reference:
         chunk.to("cpu")
@@ -298,7 +243,7 @@ def test_fp8_scores_and_update_at_unaligned_and_aligned_token_counts(world, mode
     hf_config, fp8 = load_policy(model_dir, world, params_dtype=torch.bfloat16, fp8="hybrid")
     _, bf16 = load_policy(model_dir, world, params_dtype=torch.bfloat16)
     for lengths in ([37, 50, 23], [64] * 8):
-        ids, attention, response = _batch(lengths, prompt_len=10, seed=len(lengths))
+        ids, attention, response = random_batch(lengths, prompt_len=10, seed=len(lengths))
         got = _score(fp8, hf_config, ids, attention, response, packed=packed, micro=8)
         want = _score(bf16, hf_config, ids, attention, response, packed=packed, micro=8)
         diff = (got["log_probs"] - want["log_probs"])[response].abs()
@@ -306,12 +251,12 @@ def test_fp8_scores_and_update_at_unaligned_and_aligned_token_counts(world, mode
         assert torch.isfinite(got["log_probs"]).all() and diff.mean() < 0.2
     # Per-tensor current scaling takes its scales from each micro-batch: the scoring pass and
     # the update cut the rows differently, so on-policy ratios are 1 only up to this.
-    ids, attention, response = _batch([37, 50, 23, 41], prompt_len=10, seed=8)
+    ids, attention, response = random_batch([37, 50, 23, 41], prompt_len=10, seed=8)
     one = _score(fp8, hf_config, ids, attention, response, packed=packed, micro=4)["log_probs"]
     two = _score(fp8, hf_config, ids, attention, response, packed=packed, micro=1)["log_probs"]
     print(f"FP8 vs itself across micro-batchings (packed={packed}): max "
           f"{(one - two)[response].abs().max():.4f}")
-    ids, attention, response = _batch([37, 50, 23], prompt_len=10, seed=9)
+    ids, attention, response = random_batch([37, 50, 23], prompt_len=10, seed=9)
     lengths = attention.sum(1)
     rollouts = RolloutBatch(input_ids=ids, response_mask=response, lengths=lengths,
                             group_index=torch.zeros(3, dtype=torch.long),
@@ -319,8 +264,8 @@ def test_fp8_scores_and_update_at_unaligned_and_aligned_token_counts(world, mode
     batch = rollouts.for_update(torch.tensor([1.0, -0.5, 0.2]),
                                 torch.full(ids.shape, -12.0) * response,
                                 torch.full(ids.shape, -12.0) * response)
-    settings = PPOSettings(temperature=1.0, vocab_size=hf_config.vocab_size, clip_ratio=0.2,
-                           kl_coef=0.01, kl_type="low_var_kl", entropy_coef=0.0, tis_cap=None)
+    settings = PPOSettings(temperature=1.0, clip_ratio=0.2, kl_coef=0.01, kl_type="low_var_kl",
+                           entropy_coef=0.0, tis_cap=None)
     losses = ppo_forward_backward(fp8, batch, MicroBatching(max_tokens=128, packed=packed),
-                                  settings)
+                                  settings, hf_config.vocab_size)
     assert all(math.isfinite(value) for value in losses.values())

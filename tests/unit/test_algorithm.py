@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from megatron_intuitor import algorithm as alg
 
@@ -16,6 +17,52 @@ def test_sequence_reward_is_masked_mean_of_self_certainty():
     rewards = alg.sequence_rewards_from_self_certainty(sc, mask)
     assert rewards.tolist() == pytest.approx([1.5, 4.0])
     assert not rewards.requires_grad  # a reward is a constant for the policy gradient
+
+
+def test_each_algorithm_z_scores_its_own_reward():
+    """Two prompts of two responses: intuitor z-scores the self-certainty, grpo the 0/1 answer
+    reward, hybrid weighs the two z-scores (unbiased std, eps 1e-6)."""
+    self_certainty = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    verifiable = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    group = torch.tensor([0, 0, 1, 1])
+    # (x - mean) / (std + eps): |x - mean| = 1, std = sqrt(2) for {1, 3}; 0.5 and sqrt(0.5)
+    # for {1, 0}; {2, 2} has no spread and gives 0
+    z_sc, z_v = 1 / (2 ** 0.5 + 1e-6), 0.5 / (0.5 ** 0.5 + 1e-6)
+    expected = {"intuitor": [-z_sc, z_sc, 0.0, 0.0], "grpo": [z_v, -z_v, -z_v, z_v]}
+    expected["hybrid"] = [0.25 * a + 0.75 * b for a, b in zip(expected["intuitor"],
+                                                             expected["grpo"])]
+    for name, want in expected.items():
+        settings = OmegaConf.create({"name": name, "hybrid_weights": {
+            "self_certainty": 0.25, "verifiable": 0.75}})
+        got = alg.response_advantages(settings, self_certainty, verifiable, group)
+        assert got.tolist() == pytest.approx(want, rel=1e-6), name
+
+
+def test_registered_estimator_becomes_an_algorithm_name_with_its_grading_need(monkeypatch):
+    """Registering an estimator is the whole of adding an algorithm: the registry says whether
+    the rollout grades answers, `response_advantages` dispatches to it by `algorithm.name`; a
+    name registered twice is refused. The config accepts exactly the registered names."""
+    from megatron_intuitor.config import ALGORITHMS
+
+    assert ALGORITHMS == tuple(alg.ADVANTAGE_ESTIMATORS) == ("intuitor", "grpo", "hybrid")
+    assert [alg.advantage_estimator(name).needs_verifiable for name in ALGORITHMS] == [
+        False, True, True]
+    monkeypatch.setattr(alg, "ADVANTAGE_ESTIMATORS", dict(alg.ADVANTAGE_ESTIMATORS))
+
+    @alg.register_advantage_estimator("negated_certainty", needs_verifiable=False)
+    def negated(rewards, group_index, settings):
+        return alg.grpo_advantages(-rewards.self_certainty, group_index)
+
+    got = alg.response_advantages(OmegaConf.create({"name": "negated_certainty"}),
+                                  torch.tensor([1.0, 3.0]), None, torch.tensor([0, 0]))
+    z = 1 / (2 ** 0.5 + EPS)  # |x - mean| = 1, unbiased std sqrt(2)
+    assert got.tolist() == pytest.approx([z, -z], rel=1e-6)
+    assert not alg.advantage_estimator("negated_certainty").needs_verifiable
+    with pytest.raises(ValueError, match="'negated_certainty' is already registered"):
+        alg.register_advantage_estimator("negated_certainty", needs_verifiable=True)(negated)
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'; choose one of "
+                                         "intuitor, grpo, hybrid, negated_certainty"):
+        alg.advantage_estimator("ppo")
 
 
 def test_grpo_z_scores_within_interleaved_groups():

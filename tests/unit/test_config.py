@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_intuitor.config import (KL_TYPES, ConfigError, actor_settings, compose,
-                                      derive_layout, load, resolve, training_schedule, validate)
+from megatron_intuitor.config import (ActorSettings, ConfigError, RankLayout, compose, load,
+                                      resolve, training_schedule, validate)
 from megatron_intuitor.parallel import ParallelSizes
 
 TASKS = ("tiny", "default", "math_gsm8k", "math_math500", "code_humaneval", "reasoning_arc",
@@ -201,9 +201,19 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
      "algorithm.policy_loss=kl_cov with actor.ppo_micro_batch_size_per_gpu=1"),
     (["algorithm.cov.clip_lower=5"], "algorithm.cov.clip_lower=5 must be below"),
     (["trainer.val_best_of_n=1"], "trainer.val_best_of_n=1: expected 0 (off) or an integer >= 2"),
+    (["algorithm.clip_ratio_high=0"],
+     "algorithm.clip_ratio_high=0: expected null (algorithm.clip_ratio) or a number > 0"),
 ])
 def test_validation_names_the_key(overrides, message):
     assert message in _problems(overrides)
+
+
+def test_unknown_keys_are_refused_with_the_nearest_known_key():
+    text = _problems(["+trainer.typo=4", "+model.tiny.hiden_size=3"])
+    assert "trainer.typo is not a configuration key" in text
+    assert "model.tiny.hiden_size is not a configuration key (did you mean " \
+           "model.tiny.hidden_size?)" in text
+    load(["++trainer.seed=4"])  # forcing a key that exists is fine
 
 
 def test_all_problems_are_reported_together():
@@ -243,7 +253,7 @@ def test_layout_of_a_multi_node_run():
                            "actor.pipeline_model_parallel_size=2",
                            "actor.ppo_mini_batch_size=64", "actor.ppo_epochs=2",
                            "trainer.device=cpu"]))
-    layout = derive_layout(cfg)
+    layout = RankLayout.from_cfg(cfg)
     assert (layout.world_size, layout.data_parallel) == (16, 4)
     assert layout.optimizer_steps_per_step == 4
     assert layout.parallel_sizes() == ParallelSizes(2, 2, None)
@@ -252,15 +262,20 @@ def test_layout_of_a_multi_node_run():
 def test_actor_settings_carry_what_the_ranks_read():
     cfg = load(["actor.use_dynamic_bsz=true", "actor.max_tokens_per_gpu=4096",
                 "rollout.weight_sync_bucket_mb=1.5", "algorithm.kl_coef=0", "rollout.dtype=auto"])
-    settings = actor_settings(cfg, training_schedule(cfg, 1000), pad_token_id=7)
-    assert settings.layout == derive_layout(cfg)
-    assert settings.max_tokens_per_micro_batch == 4096
-    assert settings.weight_sync_bucket_bytes == 1_572_864
-    assert settings.rollout_dtype == cfg.actor.precision  # rollout.dtype=auto
-    assert settings.max_model_len == cfg.data.max_prompt_length + cfg.data.max_response_length
-    assert not settings.keep_reference and settings.pad_token_id == 7
-    fixed = actor_settings(load([]), training_schedule(load([]), 1000), pad_token_id=0)
-    assert fixed.max_tokens_per_micro_batch == 0 and fixed.keep_reference
+    settings = ActorSettings.from_cfg(cfg, training_schedule(cfg, 1000), pad_token_id=7)
+    assert settings.layout == RankLayout.from_cfg(cfg)
+    assert settings.batches.max_tokens_per_micro_batch == 4096
+    assert settings.rollout.weight_sync_bucket_bytes == 1_572_864
+    assert settings.rollout.dtype == cfg.actor.precision  # rollout.dtype=auto
+    assert (settings.rollout.max_model_len
+            == cfg.data.max_prompt_length + cfg.data.max_response_length)
+    assert not settings.model.keep_reference and settings.pad_token_id == 7
+    assert settings.loss.clip_ratio_high is None and settings.loss.clip_upper == 0.2
+    fixed = ActorSettings.from_cfg(load([]), training_schedule(load([]), 1000), pad_token_id=0)
+    assert fixed.batches.max_tokens_per_micro_batch == 0 and fixed.model.keep_reference
+    clip_higher = ActorSettings.from_cfg(load(["algorithm.clip_ratio_high=0.28"]),
+                                         training_schedule(cfg, 1000), pad_token_id=0)
+    assert (clip_higher.loss.clip_ratio, clip_higher.loss.clip_upper) == (0.2, 0.28)
 
 
 def test_training_schedule():
@@ -310,7 +325,8 @@ def test_importing_the_config_loads_neither_ray_nor_the_graders():
 def test_every_kl_type_the_algorithm_computes_is_accepted():
     from megatron_intuitor import algorithm
 
-    assert set(KL_TYPES) == set(algorithm.KL_KINDS)
+    for kind in algorithm.KL_KINDS:
+        assert load([f"algorithm.kl_type={kind}"]).algorithm.kl_type == kind
     assert load(["algorithm.kl_type=k3"]).algorithm.kl_type == "k3"
     with pytest.raises(ConfigError, match="algorithm.kl_type='k4'"):
         load(["algorithm.kl_type=k4"])

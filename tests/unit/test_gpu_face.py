@@ -184,8 +184,8 @@ def _fp8_layout_on_rank(rank, world_size, model_dir):
     dp_rank = parallel_state.get_data_parallel_rank()
     shard = data_parallel_shard(_fp8_batch(), dp_rank, world_size).trimmed()
     attention = torch.arange(shard.input_ids.shape[1]) < shard.lengths[:, None]
-    settings = PPOSettings(temperature=0.9, vocab_size=hf_config.vocab_size, clip_ratio=0.2,
-                           kl_coef=0.1, kl_type="low_var_kl", entropy_coef=0.01, tis_cap=None)
+    settings = PPOSettings(temperature=0.9, clip_ratio=0.2, kl_coef=0.1, kl_type="low_var_kl",
+                           entropy_coef=0.01, tis_cap=None)
     results = {}
     for packed in (True, False):
         batching = MicroBatching(max_tokens=FP8_BUDGET, packed=packed)
@@ -197,7 +197,8 @@ def _fp8_layout_on_rank(rank, world_size, model_dir):
             for chunk in chunks:
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
-            losses = ppo_forward_backward(chunks, shard, batching, settings)
+            losses = ppo_forward_backward(chunks, shard, batching, settings,
+                                          hf_config.vocab_size)
             grads = torch.cat([p.main_grad.flatten().clone() for p in chunks[0].parameters()])
             seen = []
 
@@ -378,11 +379,12 @@ def test_resume_restores_a_param_group_step(tmp_path):
 
 @pytest.mark.skipif(any(Path("/dev").glob("nvidia[0-9]*")),
                     reason="this machine has a GPU: the script would run the GPU suite")
-def test_gpu_smoke_script_exits_at_once_without_cuda():
+@pytest.mark.parametrize("script", ["gpu_smoke.sh", "gpu_check_core.sh"])
+def test_gpu_script_exits_at_once_without_cuda(script):
     import subprocess
     import time
 
-    script = REPO / "scripts" / "gpu_smoke.sh"
+    script = REPO / "scripts" / script
     started = time.monotonic()
     run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "no CUDA" in run.stderr
@@ -415,3 +417,196 @@ def test_preflight_names_missing_and_mismatched_transformer_engine_parts(monkeyp
     assert "'transformer_engine_torch': '2.11.0'" in text
     assert "transformer_engine_cu12 is installed next to transformer_engine_cu13" in text
     assert "import transformer_engine.pytorch failed" in text and report.errors == 3
+
+
+def test_scored_engine_is_refused_once_another_engine_froze_the_runner_choice(monkeypatch):
+    """Defect 1 (round 2), against vLLM's own environment cache: before any engine the V1 runner
+    is selected; after a first engine froze vLLM's environment (`enable_envs_cache`, what
+    `EngineCore.__init__` calls) without VLLM_USE_V2_MODEL_RUNNER=0, a scored engine is refused
+    naming the cause; frozen with 0 (the first engine was a scored one), it is allowed."""
+    from vllm import envs as vllm_envs
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    try:
+        engine_module.select_v1_model_runner(vllm_envs)
+        assert vllm_envs.VLLM_USE_V2_MODEL_RUNNER is False
+
+        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+        vllm_envs.enable_envs_cache()  # a first, unscored engine starts
+        with pytest.raises(RuntimeError, match="another vLLM engine started in this process"):
+            engine_module.select_v1_model_runner(vllm_envs)
+
+        vllm_envs.disable_envs_cache()  # that engine shut down (cleanup_dist_env_and_memory)
+        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+        vllm_envs.enable_envs_cache()  # the first engine was a scored one
+        engine_module.select_v1_model_runner(vllm_envs)
+    finally:
+        vllm_envs.disable_envs_cache()
+
+
+# A part that starts what a GPU check leaves behind when it is killed: a daemon in a session of
+# its own (Ray's GCS and raylet are), a child that ignores SIGTERM, then it hangs.
+_HANGING_PART = """
+import signal, subprocess, sys, time
+sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
+daemon = subprocess.Popen(sleep, start_new_session=True)
+stubborn = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+print("pids", daemon.pid, stubborn.pid, flush=True)
+time.sleep(600)
+"""
+# A part that ends well but leaves a daemon running (Ray after its driver exited).
+_LEAKING_PART = """
+import subprocess, sys
+daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                          start_new_session=True)
+print("pids", daemon.pid, flush=True)
+"""
+
+
+def test_gpu_check_part_over_its_limit_leaves_no_process_running(tmp_path):
+    """Defect 4: scripts/gpu_parts.py stops a part at its limit together with everything it
+    started (a daemon in another session, a child ignoring SIGTERM), and after a part that
+    ended it stops what it left running; every process is gone afterwards."""
+    import json
+    import subprocess
+    import sys
+
+    import psutil
+
+    driver = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {str(REPO / "scripts")!r})
+import gpu_parts
+gpu_parts.STOP_GRACE_S = 2.0
+parts = (gpu_parts.Part("hangs", 4, (sys.executable, "-c", {_HANGING_PART!r})),
+         gpu_parts.Part("leaks", 60, (sys.executable, "-c", {_LEAKING_PART!r})))
+summary = gpu_parts.run_parts(parts, Path({str(tmp_path / "out")!r}), Path({str(tmp_path)!r}))
+print(json.dumps(summary))
+"""
+    run = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(run.stdout.splitlines()[-1])
+    hangs, leaks = summary["parts"]
+    assert hangs["timed_out"] and hangs["returncode"] is None and hangs["stopped_processes"] == 3
+    assert not leaks["timed_out"] and leaks["returncode"] == 0 and leaks["stopped_processes"] == 1
+    assert not summary["ok"]
+    pids = [int(pid) for part in ("hangs", "leaks")
+            for pid in (tmp_path / "out" / f"{part}.log").read_text().split("pids")[1].split()]
+    assert len(pids) == 3
+    alive = [pid for pid in pids if psutil.pid_exists(pid)
+             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not alive
+
+
+def _functions(source: str) -> dict:
+    """The functions of a module's source, by name."""
+    import ast
+
+    return {node.name: node for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.FunctionDef)}
+
+
+def _shuts_down_before_teardown(function) -> bool:
+    """Whether `function` calls `.shutdown()` anywhere but after its `yield` (a fixture's
+    teardown, which runs once the process's tests are done)."""
+    import ast
+
+    after_yield = False
+    for statement in function.body:
+        for node in ast.walk(statement):
+            if (not after_yield and isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute) and node.func.attr == "shutdown"):
+                return True
+        after_yield = after_yield or any(isinstance(node, ast.Yield)
+                                         for node in ast.walk(statement))
+    return False
+
+
+def test_gpu_suite_gives_each_engine_a_process_and_shuts_it_down_last():
+    """Defects 1 and 2 (round 2): scripts/gpu_smoke.sh runs every tests/gpu/ file in a process
+    of its own; no file's tests need two engines (a second engine cannot choose its vLLM runner);
+    engines are built only by fixtures and shut down (which destroys torch.distributed) only in
+    fixture teardown, after every test of the process."""
+    import ast
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_parts
+
+    gpu_dir = REPO / "tests" / "gpu"
+    files = sorted(str(path.relative_to(REPO)) for path in gpu_dir.glob("test_*.py"))
+    per_part = [[arg for arg in part.command if arg.startswith("tests/")]
+                for part in gpu_parts.SMOKE_PARTS]
+    assert sorted(path for paths in per_part for path in paths) == files
+    assert all(len(paths) == 1 for paths in per_part)
+
+    conftest = (gpu_dir / "conftest.py").read_text()
+    fixtures = _functions(conftest)
+    engines = {name for name, node in fixtures.items()
+               if "RolloutEngine(" in ast.get_source_segment(conftest, node)}
+    assert engines == {"engine", "scored_engine"}
+    assert not [name for name, node in fixtures.items() if _shuts_down_before_teardown(node)]
+    for path in files:
+        source = (REPO / path).read_text()
+        assert "RolloutEngine(" not in source, f"{path} builds an engine outside the fixtures"
+        tests = _functions(source)
+        early = [name for name, node in tests.items() if _shuts_down_before_teardown(node)]
+        assert not early, f"{path}: {early} shut an engine down mid-process"
+        used = {arg.arg for node in tests.values() for arg in node.args.args} & engines
+        assert len(used) <= 1, f"{path} needs two engines in one process: {used}"
+
+
+def _headers(directory: Path, cudnn: tuple[int, int, int] | None = None,
+             nccl: bool = False) -> Path:
+    """An include directory holding cudnn.h + cudnn_version.h (as cuDNN 9 lays them out) and/or
+    nccl.h."""
+    directory.mkdir(parents=True)
+    if cudnn is not None:
+        (directory / "cudnn.h").write_text('#include "cudnn_version.h"\n')
+        (directory / "cudnn_version.h").write_text(
+            "".join(f"#define CUDNN_{name} {value}\n"
+                    for name, value in zip(("MAJOR", "MINOR", "PATCHLEVEL"), cudnn)))
+    if nccl:
+        (directory / "nccl.h").write_text("#define NCCL_MAJOR 2\n")
+    return directory
+
+
+def test_preflight_names_the_headers_the_te_build_cannot_find(preflight, tmp_path):
+    """Defect 3 (round 2): a CUDA toolkit without cudnn.h / nccl.h (as NVIDIA ships it) makes
+    TE's torch extension build fail; the check names each header and the CPATH that adds the
+    NVIDIA wheel holding it, then refuses cuDNN headers older than 9.12 (TE's static_assert)."""
+    toolkit = tmp_path / "cuda"
+    _headers(toolkit / "include")
+    (toolkit / "bin").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("")
+    cudnn = _headers(tmp_path / "nvidia" / "cudnn" / "include", cudnn=(9, 10, 2))
+    nccl = _headers(tmp_path / "nvidia" / "nccl" / "include", nccl=True)
+    env = {"CUDA_HOME": str(toolkit), "PATH": ""}
+
+    report = preflight.Report()
+    preflight.check_te_build_headers(report, env, wheel_dirs=[cudnn, nccl])
+    assert report.errors == 2
+    assert "includes cudnn.h, in none of the directories its build searches" in report.lines[0]
+    assert f"export CPATH={cudnn}" in report.lines[0]
+    assert "includes nccl.h" in report.lines[1] and f"export CPATH={nccl}" in report.lines[1]
+
+    report = preflight.Report()
+    preflight.check_te_build_headers(report, {**env, "CPATH": f"{cudnn}:{nccl}"},
+                                     wheel_dirs=[cudnn, nccl])
+    assert report.errors == 1
+    assert "cuDNN headers in" in report.lines[-1] and "are 9.10.2" in report.lines[-1]
+    assert "cuDNN >= 9.12.0" in report.lines[-1]
+
+    newer = _headers(tmp_path / "cudnn_9_12" / "include", cudnn=(9, 12, 0))
+    report = preflight.Report()
+    preflight.check_te_build_headers(report, {**env, "CPATH": f"{newer}:{nccl}"},
+                                     wheel_dirs=[cudnn, nccl])
+    assert report.errors == 0 and len(report.lines) == 2
+
+    report = preflight.Report()  # the wheels' headers are the build's own with this switch
+    preflight.check_te_build_headers(report, {**env, "NVTE_BUILD_USE_NVIDIA_WHEELS": "1"},
+                                     wheel_dirs=[cudnn, nccl])
+    assert report.errors == 1 and "are 9.10.2" in report.lines[-1]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_intuitor.local_ranks import run_distributed
+from scoring_reference import reference_shifted_scores
 
 TEMPERATURE, CLIP, DUAL_CLIP, KL_COEF = 0.7, 0.2, 3.0, 0.1
 PROMPT_LENGTHS, RESPONSE_LENGTHS = [3, 5, 2, 4], [6, 2, 7, 4]
@@ -40,9 +41,8 @@ def _hf_reference(model_dir, row_groups=None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     batch, noise = _batch(model.config.vocab_size)
     ids, mask = batch.input_ids, batch.response_mask
-    logits = model(ids).logits[:, :-1] / TEMPERATURE
-    log_probs = torch.nn.functional.pad(
-        torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0))
+    log_probs = reference_shifted_scores(model(ids).logits, ids,
+                                         temperature=TEMPERATURE).log_probs.float()
     old = (log_probs + 0.3 * noise).detach()
     ref = (log_probs - 0.2 * noise).detach()
     adv = batch.advantages[:, None].expand_as(log_probs)
@@ -83,13 +83,13 @@ def _megatron_update(rank, world_size, tp, model_dir, old, ref, poison,
         batch.advantages[0] = float("nan")
     shard = data_parallel_shard(batch, parallel_state.get_data_parallel_rank(),
                                 parallel_state.get_data_parallel_world_size()).trimmed()
-    settings = PPOSettings(temperature=TEMPERATURE, vocab_size=hf_config.vocab_size,
-                           clip_ratio=CLIP, kl_coef=KL_COEF, kl_type="low_var_kl",
-                           entropy_coef=0.0, tis_cap=None, loss_agg_mode=loss_agg_mode)
+    settings = PPOSettings(temperature=TEMPERATURE, clip_ratio=CLIP, kl_coef=KL_COEF,
+                           kl_type="low_var_kl", entropy_coef=0.0, tis_cap=None,
+                           loss_agg_mode=loss_agg_mode)
     before = dict(export_hf_weights(chunks, hf_config))
     # packed (the trainer's default layout)
     losses = ppo_forward_backward(chunks, shard, MicroBatching(micro_batch_size=micro_batch_size),
-                                  settings)
+                                  settings, hf_config.vocab_size)
     stepped, grad_norm = guarded_optimizer_step(optimizer, 1.0)
     after = dict(export_hf_weights(chunks, hf_config))
     changed = max(float((after[k] - before[k]).abs().max()) for k in before)
@@ -150,12 +150,8 @@ def _head_inputs():
     input_ids = torch.randint(0, vocab, (2, 5), generator=gen)
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[:, 2:] = True
-    # float64 naive scores: entry t from the logits at t - 1
-    z = logits.double()[:, :-1] / TEMPERATURE
-    log_probs = torch.nn.functional.pad(
-        torch.log_softmax(z, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1), (1, 0))
-    entropy = torch.nn.functional.pad(
-        -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1), (1, 0))
+    # float64 oracle scores: entry t from the logits at t - 1
+    log_probs, entropy, _ = reference_shifted_scores(logits, input_ids, temperature=TEMPERATURE)
     old = log_probs + 0.05 * torch.randn(2, 5, generator=gen, dtype=torch.float64)
     advantages = torch.tensor([[1.0] * 5, [-1.0] * 5], dtype=torch.float64)
     micro_batch = ModelInput({"input_ids": input_ids, "response_mask": mask,
@@ -165,10 +161,10 @@ def _head_inputs():
     return logits, micro_batch, log_probs, entropy, old, advantages, mask
 
 
-def _settings(vocab, **overrides):
+def _settings(**overrides):
     from megatron_intuitor.ppo import PPOSettings
 
-    options = dict(temperature=TEMPERATURE, vocab_size=vocab, clip_ratio=CLIP, kl_coef=0.0,
+    options = dict(temperature=TEMPERATURE, clip_ratio=CLIP, kl_coef=0.0,
                    kl_type="low_var_kl", entropy_coef=0.0, tis_cap=None)
     options.update(overrides)
     return PPOSettings(**options)
@@ -180,7 +176,7 @@ def single_rank_head(monkeypatch):
     from megatron_intuitor.models import forward
 
     monkeypatch.setattr(forward, "_tp_group", lambda: None)  # one rank holds the vocabulary
-    return ppo._ppo_head
+    return lambda settings: ppo._ppo_head(settings, vocab_size=11)
 
 
 def test_head_entropy_bonus_and_kl_cov_against_naive_formulas(single_rank_head):
@@ -188,7 +184,7 @@ def test_head_entropy_bonus_and_kl_cov_against_naive_formulas(single_rank_head):
     ratio = torch.exp(log_probs - old)
     ppo_tokens = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
     ppo_tokens = torch.where(adv < 0, torch.minimum(ppo_tokens, -adv * DUAL_CLIP), ppo_tokens)
-    loss, tokens, _ = single_rank_head(_settings(11, entropy_coef=0.1))(logits, micro_batch)
+    loss, tokens, _ = single_rank_head(_settings(entropy_coef=0.1))(logits, micro_batch)
     expected = (ppo_tokens[mask].sum() - 0.1 * entropy[mask].sum()).item()
     assert int(tokens) == 6 and loss.item() == pytest.approx(expected, abs=1e-5)
 
@@ -197,7 +193,7 @@ def test_head_entropy_bonus_and_kl_cov_against_naive_formulas(single_rank_head):
     kl_tokens = -adv[mask] * ratio[mask]
     top = int(cov.argmax())
     kl_tokens[top] += 2.0 * (log_probs - old)[mask][top].abs()
-    loss, _, _ = single_rank_head(_settings(11, policy_loss="kl_cov", cov_select_ratio=0.2,
+    loss, _, _ = single_rank_head(_settings(policy_loss="kl_cov", cov_select_ratio=0.2,
                                             cov_kl_coef=2.0))(logits, micro_batch)
     assert loss.item() == pytest.approx(kl_tokens.sum().item(), abs=1e-5)  # fp32 sum of ~1s
 
@@ -209,10 +205,30 @@ def test_head_micro_batch_token_mean_returns_rows_times_the_token_mean(single_ra
     ratio = torch.exp(log_probs - old)
     ppo_tokens = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
     ppo_tokens = torch.where(adv < 0, torch.minimum(ppo_tokens, -adv * DUAL_CLIP), ppo_tokens)
-    head = single_rank_head(_settings(11, loss_agg_mode="micro-batch-token-mean"))
+    head = single_rank_head(_settings(loss_agg_mode="micro-batch-token-mean"))
     loss, weight, _ = head(logits, micro_batch)
     assert int(weight) == 2
     assert loss.item() == pytest.approx(2 * ppo_tokens[mask].mean().item(), abs=1e-5)
+
+
+def test_head_clip_ratio_high_raises_only_the_upper_clip(single_rank_head):
+    """algorithm.clip_ratio_high (DAPO's clip-higher): every ratio is e^0.22 = 1.246, which the
+    symmetric clip caps at 1.2 and a clip_ratio_high of 0.28 leaves alone; against the float64
+    PPO formula with the upper clip 1 + clip_ratio_high."""
+    logits, micro_batch, log_probs, _, _, adv, mask = _head_inputs()
+    old = log_probs - 0.22
+    micro_batch.tokens["old_log_probs"] = old.float()
+    ratio = torch.exp(log_probs - old)
+    losses = {}
+    for high in (None, 0.28):
+        upper = 1 + (CLIP if high is None else high)
+        tokens = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, upper))
+        tokens = torch.where(adv < 0, torch.minimum(tokens, -adv * DUAL_CLIP), tokens)
+        loss, _, _ = single_rank_head(_settings(clip_ratio_high=high))(logits, micro_batch)
+        assert loss.item() == pytest.approx(tokens[mask].sum().item(), abs=1e-5)
+        losses[high] = loss.item()
+    # the 3 positive-advantage tokens: -1.2 each clipped, -1.246 each with clip-higher
+    assert losses[None] - losses[0.28] == pytest.approx(3 * (math.exp(0.22) - 1.2), abs=1e-5)
 
 
 def test_head_clip_cov_can_drop_every_unclipped_token(single_rank_head):
@@ -222,13 +238,13 @@ def test_head_clip_cov_can_drop_every_unclipped_token(single_rank_head):
     current = shifted_token_scores(logits, micro_batch["input_ids"], temperature=TEMPERATURE,
                                    vocab_size=11).log_probs
     micro_batch.tokens["old_log_probs"] = current.detach()  # ratio 1: PPO clips nothing
-    wide = _settings(11, policy_loss="clip_cov", cov_select_ratio=1.0, cov_clip_lower=-1e9,
+    wide = _settings(policy_loss="clip_cov", cov_select_ratio=1.0, cov_clip_lower=-1e9,
                      cov_clip_upper=1e9)
     logits.requires_grad_()
     loss, _, _ = single_rank_head(wide)(logits, micro_batch)
     loss.backward()
     assert loss.item() == 0.0 and float(logits.grad.abs().max()) == 0.0
-    plain, _, _ = single_rank_head(_settings(11))(logits, micro_batch)
+    plain, _, _ = single_rank_head(_settings())(logits, micro_batch)
     plain.backward()
     assert float(logits.grad.abs().max()) > 1e-3  # without Clip-Cov the tokens carry gradient
 
@@ -244,7 +260,7 @@ def test_head_on_policy_takes_the_old_log_probs_from_its_own_forward(single_rank
     micro_batch.tokens["rollout_log_probs"] = rollout.float()
     given = dict(micro_batch.tokens, old_log_probs=log_probs.float())
     del micro_batch.tokens["old_log_probs"]
-    head = single_rank_head(_settings(11))
+    head = single_rank_head(_settings())
     gradients, losses = [], []
     for tokens in (micro_batch.tokens, given):
         leaf = logits.clone().requires_grad_()

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron_intuitor.local_ranks import run_distributed
 from megatron_intuitor.scoring import (masked_mean_per_packed_sequence, masked_mean_per_sequence,
                                        vocab_parallel_token_scores)
+from scoring_reference import reference_shifted_scores, reference_token_scores
 
 
 def _padded(vocab_size: int, tp: int) -> int:
@@ -89,13 +90,10 @@ def _score_cases_on_rank(rank: int, world_size: int, cases: list[dict]) -> list[
 
 
 def _naive(case: dict) -> dict:
-    """The formulas as written, in float64 over the real vocabulary, with autograd."""
+    """The float64 oracle over the real vocabulary, with autograd."""
     logits = case["logits"].double().requires_grad_()
-    z = logits[..., :case["vocab"]] / case["temperature"]
-    log_softmax = torch.log_softmax(z, dim=-1)
-    log_probs = log_softmax.gather(-1, case["targets"][..., None]).squeeze(-1)
-    entropy = -(log_softmax.exp() * log_softmax).sum(-1)
-    self_certainty = torch.logsumexp(z, dim=-1) - z.mean(dim=-1)
+    log_probs, entropy, self_certainty = reference_token_scores(
+        logits, case["targets"], temperature=case["temperature"], vocab_size=case["vocab"])
     loss = (log_probs * case["grad_log_probs"] * (case["backward"] in ("both", "log_probs"))
             + entropy * case["grad_entropy"] * (case["backward"] in ("both", "entropy"))).sum()
     loss.backward()
@@ -281,20 +279,14 @@ def _score_and_grad_on_rank(rank, world_size, tp, pp, model_dir, batch, ep=1):
 
 
 def _hf_reference(model_dir, batch: dict) -> dict:
-    """The naive formulas on transformers' logits: entry t scores token t from logits at t-1."""
+    """The float64 oracle on transformers' logits: entry t scores token t from logits at t-1."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ids, response = batch["input_ids"], batch["response_mask"].bool()
-    z = model(ids, attention_mask=batch["attention_mask"]).logits[:, :-1] / E2E_TEMPERATURE
-    log_softmax = torch.log_softmax(z, dim=-1)
-    per_token = {
-        "log_probs": log_softmax.gather(-1, ids[:, 1:, None]).squeeze(-1),
-        "entropy": -(log_softmax.exp() * log_softmax).sum(-1),
-        "self_certainty": torch.logsumexp(z, dim=-1) - z.mean(dim=-1),
-    }
-    per_token = {k: torch.where(response, torch.nn.functional.pad(v, (1, 0)), 0.0)
-                 for k, v in per_token.items()}
+    logits = model(ids, attention_mask=batch["attention_mask"]).logits
+    shifted = reference_shifted_scores(logits, ids, temperature=E2E_TEMPERATURE)
+    per_token = {k: torch.where(response, v.float(), 0.0) for k, v in shifted._asdict().items()}
     # run_pipeline's schedule divides each micro-batch's loss by the number of micro-batches.
     num_micro_batches = ids.shape[0] // E2E_MICRO_BATCH
     loss = ((per_token["log_probs"] + E2E_ENTROPY_WEIGHT * per_token["entropy"])

@@ -11,6 +11,7 @@ import torch
 from megatron_intuitor.data.records import PromptRecord
 from megatron_intuitor.evaluation import best_of_n as bon
 from repo_paths import REPO
+from scoring_reference import reference_token_scores
 
 
 
@@ -20,13 +21,14 @@ def _math(answer: str, source: str = "toy") -> PromptRecord:
 
 
 def _naive_sequence_self_certainty(model, prompt_ids, response_ids, temperature, vocab_size):
-    """float64 logsumexp(z) - mean(z) over the real vocabulary, token mean over the response;
-    one unpadded forward per response."""
+    """The float64 oracle's self-certainty over the real vocabulary, token mean over the
+    response; one unpadded forward per response."""
     ids = torch.tensor([list(prompt_ids) + list(response_ids)])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].double()[:, :vocab_size] / temperature
-    z = logits[len(prompt_ids) - 1:ids.shape[1] - 1]  # the rows predicting response tokens
-    return (torch.logsumexp(z, dim=-1) - z.mean(dim=-1)).mean().item()
+        logits = model(input_ids=ids).logits[0]
+    rows = logits[len(prompt_ids) - 1:ids.shape[1] - 1]  # the rows predicting response tokens
+    return reference_token_scores(rows, temperature=temperature,
+                                  vocab_size=vocab_size).self_certainty.mean().item()
 
 
 def test_selection_equals_naive_float64_reference(tiny_qwen2):

@@ -1,5 +1,5 @@
 """Self-certainty and entropy taken by the rollout engine at sampling time
-(`rollout.score_at_sampling`): the formula against a naive float64 one, the processor's batch-row
+(`rollout.score_at_sampling`): the formula against the float64 oracle, the processor's batch-row
 bookkeeping on hand-made batch updates, and the engine's per-token values against transformers'
 logits of the same sampled tokens."""
 import pytest
@@ -9,27 +9,40 @@ from safetensors.torch import load_file
 from megatron_intuitor.rollout import sampling_scores
 from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
 from megatron_intuitor.rollout.weight_sync import sync_weights
+from scoring_reference import reference_token_scores
 
 SCORE_ATOL = 1e-4  # fp32 engine vs float64 over transformers' fp32 logits
 
 
 def _naive(logits: torch.Tensor, temperature: float, vocab_size: int):
-    """logsumexp(z) - mean(z) and -sum(p log p) over the first vocab_size columns, float64."""
-    z = logits[..., :vocab_size].double() / temperature
-    log_p = z.log_softmax(-1)
-    return z.logsumexp(-1) - z.mean(-1), -(log_p.exp() * log_p).sum(-1)
+    """The float64 oracle's self-certainty and entropy over the first vocab_size columns."""
+    scores = reference_token_scores(logits, temperature=temperature, vocab_size=vocab_size)
+    return scores.self_certainty, scores.entropy
 
 
 def test_token_scores_equal_the_naive_formula_over_the_real_vocabulary():
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 4
     logits[:, 32:] = 1e4  # padded columns: must not count
-    temperature = torch.tensor([0.7, 1.0, 1.3, 0.7, 2.0])
+    temperature = [0.7, 1.0, 1.3, 0.7, 2.0]
     certainty, entropy = sampling_scores.token_scores(logits, temperature, vocab_size=32)
     for row in range(5):
         want_certainty, want_entropy = _naive(logits[row], float(temperature[row]), 32)
         assert abs(float(certainty[row]) - float(want_certainty)) < 1e-5
         assert abs(float(entropy[row]) - float(want_entropy)) < 1e-5
 
+
+
+def test_token_scores_stay_exact_for_logits_far_from_zero():
+    """Logits near 1e4 (a shift of every column, which changes neither score): each row is taken
+    relative to its max, so fp32 keeps 1e-5 (the unshifted form, logsumexp(z) - sum(softmax(z)
+    * z), loses ~1e-3 of entropy to cancellation here)."""
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(3)) * 4 + 1e4
+    temperature = [0.7, 0.7, 0.7, 1.0, 1.0, 1.0]
+    certainty, entropy = sampling_scores.token_scores(logits, temperature, vocab_size=1000)
+    for row in range(6):
+        want_certainty, want_entropy = _naive(logits[row], temperature[row], 1000)
+        assert abs(float(certainty[row]) - float(want_certainty)) < 1e-5
+        assert abs(float(entropy[row]) - float(want_entropy)) < 1e-5
 
 class _Params:
     def __init__(self, call, prompt, seed, temperature=1.0):

@@ -1,6 +1,7 @@
-"""Checks of the run's input files that need no model, no Ray and no GPU: read headers and sizes
-only, so that a bad input fails in a second with its key and file named, before minutes of
-start-up. `config.validate` calls them; so do the preflight and `tools/convert_ckpt.py`.
+"""Checks of the run's input files (the model's config.json and safetensors weights, checkpoints)
+that need no model, no Ray and no GPU: read headers and sizes only, so that a bad input fails in
+a second with its key and file named, before minutes of start-up. `config.validate` calls them;
+so do the preflight and `tools/convert_ckpt.py`.
 
 Each check returns a list of problems (strings, empty when all is well) that name the config key
 or file, in the style of `config.ConfigError`.
@@ -11,65 +12,13 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Optional
-
-from omegaconf import DictConfig, OmegaConf
+from typing import Optional
 
 # Where the bridge reads weights from: safetensors only (README, model.path).
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # The keys of config.json that the bridge and the config checks read.
 REQUIRED_MODEL_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size")
 _TRUE_STRINGS = ("1", "ON", "YES", "TRUE")
-
-
-# ------------------------------------------------------------------------------ config keys
-
-
-def default_schema() -> DictConfig:
-    """The config composed from `conf/` without overrides: every key a run may set. Inside
-    `@hydra.main` (the console script) Hydra is already initialised and composes in place."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        from hydra import compose
-
-        return compose(config_name="config")
-    from megatron_intuitor.config import compose as compose_from_conf
-
-    return compose_from_conf()
-
-
-def unknown_keys(cfg: DictConfig, schema: Optional[DictConfig] = None) -> list[str]:
-    """Keys of `cfg` that the composed defaults do not have (a `+trainer.typo=4` override, or a
-    task file's misspelt key), each with the nearest known key when one is close."""
-    schema = default_schema() if schema is None else schema
-    known = OmegaConf.to_container(schema, resolve=False)
-    given = OmegaConf.to_container(cfg, resolve=False)
-    return [_unknown_key_message(prefix, key, siblings)
-            for prefix, key, siblings in _extra_keys(given, known, "")]
-
-
-def _extra_keys(given: Any, known: Any, prefix: str) -> list[tuple[str, str, list[str]]]:
-    # Mappings are compared key by key; a list or a value is the key's own business (its
-    # entries are checked by the value rules), and so is a mapping where the schema has null.
-    if not isinstance(given, dict) or not isinstance(known, dict):
-        return []
-    extra = []
-    for key, value in given.items():
-        if key not in known:
-            extra.append((prefix, str(key), [str(k) for k in known]))
-        else:
-            extra += _extra_keys(value, known[key], f"{prefix}{key}.")
-    return extra
-
-
-def _unknown_key_message(prefix: str, key: str, siblings: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, siblings, n=1)
-    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-    return (f"{prefix}{key} is not a configuration key{hint}: remove it (the keys are those of "
-            f"conf/)")
 
 
 # ------------------------------------------------------------------------------ the model
