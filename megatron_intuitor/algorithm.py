@@ -131,6 +131,9 @@ class ResponseRewards(NamedTuple):
 
     self_certainty: torch.Tensor
     verifiable: Optional[torch.Tensor]  # 0/1 answer grades: None unless the estimator needs them
+    # extracted final answers (None: no answer): None unless the estimator needs them
+    answers: Optional[Sequence[Optional[str]]] = None
+    seed: int = 0  # the step's seed, for estimators that draw (random)
 
 
 AdvantageFunction = Callable[[ResponseRewards, GroupIndex, Any], torch.Tensor]
@@ -141,18 +144,20 @@ class AdvantageEstimator:
     name: str
     advantages: AdvantageFunction  # (rewards, group_index, algorithm settings) -> [b]
     needs_verifiable: bool  # the rollout grades the answers (datasets with ground truth only)
+    needs_answers: bool = False  # the rollout reads each response's final answer (no labels)
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
 
-def register_advantage_estimator(name: str, *, needs_verifiable: bool
+def register_advantage_estimator(name: str, *, needs_verifiable: bool, needs_answers: bool = False
                                  ) -> Callable[[AdvantageFunction], AdvantageFunction]:
     """Decorator: the function becomes `algorithm.name=<name>`."""
     def register(function: AdvantageFunction) -> AdvantageFunction:
         if name in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, function, needs_verifiable)
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, function, needs_verifiable,
+                                                        needs_answers)
         return function
     return register
 
@@ -186,13 +191,37 @@ def _hybrid(rewards: ResponseRewards, group_index: GroupIndex, settings: Any) ->
         group_index)
 
 
+@register_advantage_estimator("intuitor_vote", needs_verifiable=False, needs_answers=True)
+def _intuitor_vote(rewards: ResponseRewards, group_index: GroupIndex,
+                   settings: Any) -> torch.Tensor:
+    """Self-certainty plus `settings.vote_weight` times the plurality vote over the group's
+    answers, each z-scored within the group (arXiv 2605.22620)."""
+    from megatron_intuitor.label_free import plurality_vote_rewards  # it imports this module
+
+    return hybrid_advantages(
+        {"self_certainty": rewards.self_certainty,
+         "vote": plurality_vote_rewards(rewards.answers, group_index)},
+        {"self_certainty": 1.0, "vote": settings.vote_weight}, group_index)
+
+
+@register_advantage_estimator("random", needs_verifiable=False)
+def _random(rewards: ResponseRewards, group_index: GroupIndex, settings: Any) -> torch.Tensor:
+    """i.i.d. N(0, 1) rewards drawn with the step's seed, z-scored like any reward: movement
+    without direction (arXiv 2506.10947)."""
+    from megatron_intuitor.label_free import random_rewards  # it imports this module
+
+    return grpo_advantages(random_rewards(rewards.self_certainty.numel(), rewards.seed),
+                           group_index)
+
+
 def response_advantages(settings: Any, self_certainty: torch.Tensor,
-                        verifiable: Optional[torch.Tensor],
-                        group_index: GroupIndex) -> torch.Tensor:
+                        verifiable: Optional[torch.Tensor], group_index: GroupIndex,
+                        answers: Optional[Sequence[Optional[str]]] = None,
+                        seed: int = 0) -> torch.Tensor:
     """Advantages per response [b] by the estimator `settings.name` (`settings`: the
     `algorithm` config group)."""
     return advantage_estimator(settings.name).advantages(
-        ResponseRewards(self_certainty, verifiable), group_index, settings)
+        ResponseRewards(self_certainty, verifiable, answers, seed), group_index, settings)
 
 
 def token_advantages(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

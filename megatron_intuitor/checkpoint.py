@@ -21,8 +21,10 @@ bounded size (same temporary-name-then-rename rule), for the final policy and th
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import queue
 import random
 import re
@@ -180,6 +182,90 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
                            path, saved, layout)
     _barrier()
     return {**state["extra"], "step": state["step"]}
+
+
+# Model dimensions a checkpoint's tensor metadata holds: (config.json key, tensor, axis of the
+# tensor's global shape; the layers are stacked on axis 0).
+_CHECKPOINT_DIMS = (("num_hidden_layers", "decoder.layers.mlp.linear_fc1.weight", 0),
+                    ("hidden_size", "embedding.word_embeddings.weight", 1),
+                    ("intermediate_size", "decoder.layers.mlp.linear_fc2.weight", 2))
+_QKV = "decoder.layers.self_attention.linear_qkv.weight"
+
+
+def model_size_mismatch(path: str | Path, hf: dict, what: str) -> Optional[str]:
+    """When checkpoint `path` holds a model of other dimensions (layers, hidden size, MLP size,
+    attention width) than the config.json dict `hf` (named `what`): both sizes in one sentence;
+    None when they agree. Reads `.metadata` only."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    tensors = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved, wanted = {}, {}
+    for key, tensor, axis in _CHECKPOINT_DIMS:
+        if tensor in tensors:
+            saved[key], wanted[key] = tensors[tensor].size[axis], hf.get(key)
+    if _QKV in tensors:
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        width = "q+k+v rows per layer"
+        saved[width] = tensors[_QKV].size[1]
+        wanted[width] = (heads + 2 * (hf.get("num_key_value_heads") or heads)) * head_dim
+    if saved == wanted:
+        return None
+
+    def sizes(dims: dict) -> str:
+        return ", ".join(f"{key} {value}" for key, value in dims.items())
+
+    return f"{path} holds a model of {sizes(saved)}; {what} describes {sizes(wanted)}"
+
+
+def disk_full_explanation(error: BaseException, root: str | Path, step: int) -> Optional[str]:
+    """When `error` (or anything in its chain: a rank's error reaches the controller as the
+    text of its traceback) is a full disk or quota, what saving step `step` under `root` needs:
+    the free space there, and the size of the last complete checkpoint (or, without one, what
+    the failed save had written). None for any other error."""
+    reasons = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT)]
+    reason = next((r for e in _exception_chain(error) for r in reasons if r in str(e)), None)
+    if reason is None:
+        return None
+    root = Path(root)
+    free = shutil.disk_usage(_existing_ancestor(root)).free
+    last = latest_checkpoint(root)
+    if last is not None:
+        needs = f"a checkpoint needs ~{_format_bytes(_tree_bytes(last))} (as {last.name})"
+    else:
+        partial = root / f"{_TMP_PREFIX}step_{step}"
+        needs = (f"a checkpoint needs more than the {_format_bytes(_tree_bytes(partial))} "
+                 f"written before the disk filled")
+    return (f"{reason} while saving checkpoint step_{step} in {root}: "
+            f"{_format_bytes(free)} free there, {needs}")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _format_bytes(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _exception_chain(error: BaseException) -> list[BaseException]:
+    """`error`, its causes and contexts, and a Ray task error's original exception (`cause`)."""
+    chain: list[BaseException] = []
+    todo = [error]
+    while todo:
+        current = todo.pop()
+        if any(current is seen for seen in chain):
+            continue
+        chain.append(current)
+        todo += [e for e in (current.__cause__, current.__context__,
+                             getattr(current, "cause", None)) if isinstance(e, BaseException)]
+    return chain
 
 
 # --------------------------------------------------------------------------------------------

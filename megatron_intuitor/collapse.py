@@ -43,6 +43,12 @@ THRESHOLDS = {
 }
 
 
+# Thresholds on signals that lie in [0, 1] (shares of responses, an accuracy drop): one outside
+# can never (or always) alarm, which silently turns the guard off (or into noise).
+UNIT_INTERVAL_THRESHOLDS = ("max_repetitive_share", "max_truncated_share", "max_short_share",
+                            "max_val_acc_drop")
+
+
 SIGNALS = ("repetitive_share", "distinct_ngram", "truncated_share", "short_share",
            "entropy_drop", "sc_group_spread", "kl_jump", "val_acc_drop")
 
@@ -103,6 +109,9 @@ class CollapseConfig:
             if value is not None and not (isinstance(value, (int, float))
                                           and not isinstance(value, bool) and math.isfinite(value)):
                 problems.append(f"{key}={value!r}: expected null (off) or a number")
+            elif value is not None and key in UNIT_INTERVAL_THRESHOLDS and not 0 <= value <= 1:
+                problems.append(f"{key}={value!r}: expected null (off) or a number in [0, 1] "
+                                f"(its signal is a share; outside, the guard never alarms)")
         if problems:
             raise CollapseConfigError(problems)
 

@@ -542,6 +542,10 @@ _CONTROLLER_RULES: tuple[Rule, ...] = (
     ("data.seed", is_int, "an integer"),
     ("data.system_prompt", lambda v: v is None or isinstance(v, str), "a string or null"),
     choice("algorithm.name", ALGORITHMS),
+    ("algorithm.vote_weight", lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    ("algorithm.entropy_band", lambda v: v is None or (
+        isinstance(v, ListConfig) and len(v) == 2 and all(is_number(x) for x in v)
+        and 0 <= v[0] <= v[1]), "null (off) or [low, high] with 0 <= low <= high (nats)"),
     ("rollout.top_p", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     ("rollout.top_k", lambda v: is_int(v) and (v == -1 or v >= 1), "-1 (off) or >= 1"),
     ("trainer.cpus_per_worker", lambda v: is_number(v) and v > 0, "a number > 0"),
@@ -623,6 +627,7 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
         tiny = cfg.model.tiny
         return {"source": "model.tiny", "num_hidden_layers": tiny.num_layers,
                 "num_attention_heads": tiny.num_heads, "num_key_value_heads": tiny.num_kv_heads,
+                "hidden_size": tiny.hidden_size, "intermediate_size": tiny.intermediate_size,
                 "max_position_embeddings": _tiny_max_positions(), "num_experts": None}, []
     local = Path(cfg.model.path)
     if local.is_dir():
@@ -637,8 +642,8 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
     if hf is None:
         return None, problems
     return {"source": str(config_file), **{key: hf.get(key) for key in (
-        "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "max_position_embeddings")},
+        "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+        "intermediate_size", "head_dim", "max_position_embeddings")},
         # Qwen3-MoE checkpoints say num_experts; transformers 5 writes num_local_experts.
         "num_experts": hf.get("num_experts") or hf.get("num_local_experts")}, problems
 
@@ -770,6 +775,27 @@ def _check_algorithm(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def _resume_model_problems(cfg: DictConfig, path: Path) -> list[str]:
+    """A checkpoint to resume holds an optimizer (not a converter's model-only one) and a model
+    of the configured size, compared from its metadata before any rank loads it."""
+    import json
+
+    from megatron_intuitor.checkpoint import TRAINER_STATE_FILE, model_size_mismatch
+
+    if not json.loads((path / TRAINER_STATE_FILE).read_text()).get("has_optimizer", True):
+        return [f"{path} is a model-only checkpoint (tools/convert_ckpt.py hf-to-megatron writes "
+                f"these): it has no optimizer state to resume. To train from its weights set "
+                f"model.path to its HF model directory (the converter's input, or "
+                f"`python tools/convert_ckpt.py megatron-to-hf {path} OUT`) and "
+                f"trainer.resume=disable"]
+    shape, _ = _model_shape(cfg)  # its own problems are _check_model's
+    if shape is None or shape.get("hidden_size") is None:
+        return []
+    mismatch = model_size_mismatch(path, shape, f"the configured model ({shape['source']})")
+    return [f"{mismatch}: resume a checkpoint of this model, or set model.path to the model "
+            f"it was trained from"] if mismatch else []
+
+
 def _check_trainer(cfg: DictConfig) -> list[str]:
     trainer, logger = cfg.trainer, cfg.logger
     problems = []
@@ -778,8 +804,9 @@ def _check_trainer(cfg: DictConfig) -> list[str]:
             problems.append(f"trainer.resume={trainer.resume} does not exist (expected auto, "
                             f"disable or a checkpoint path)")
         else:
-            problems += [f"trainer.resume: {problem}"
-                         for problem in input_files.check_checkpoint(Path(trainer.resume))]
+            problems += [f"trainer.resume: {problem}" for problem in
+                         input_files.check_checkpoint(Path(trainer.resume))
+                         or _resume_model_problems(cfg, Path(trainer.resume))]
     elif trainer.resume == "auto":
         from megatron_intuitor.checkpoint import latest_checkpoint
 
@@ -787,7 +814,8 @@ def _check_trainer(cfg: DictConfig) -> list[str]:
         if latest is not None:
             problems += [f"trainer.resume=auto found {latest}, which cannot be resumed: "
                          f"{problem} (move it away, or set trainer.resume=disable)"
-                         for problem in input_files.check_checkpoint(latest)]
+                         for problem in input_files.check_checkpoint(latest)
+                         or _resume_model_problems(cfg, latest)]
     if "wandb" in logger.backends and not logger.wandb_project:
         problems.append("logger.wandb_project is empty but logger.backends includes wandb")
     try:

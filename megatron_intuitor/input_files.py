@@ -50,7 +50,7 @@ def cached_hub_file(hub_id: str, filename: str) -> Optional[Path]:
 
 def read_model_config(key: str, config_file: Path) -> tuple[Optional[dict], list[str]]:
     """config.json as a dict, or the problems that make it unusable (not JSON, not an object,
-    a key the bridge needs missing)."""
+    a key the bridge needs missing, an architecture it does not map)."""
     try:
         hf = json.loads(config_file.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
@@ -65,6 +65,13 @@ def read_model_config(key: str, config_file: Path) -> tuple[Optional[dict], list
     if missing:
         return None, [f"{key}: {config_file} has no integer {', '.join(missing)}: not a "
                       f"decoder-only transformer config the bridge can map"]
+    from megatron_intuitor.models.config import SUPPORTED_ARCHITECTURES
+
+    architectures = hf.get("architectures")
+    if not (isinstance(architectures, list) and len(architectures) == 1
+            and architectures[0] in SUPPORTED_ARCHITECTURES):
+        return None, [f"{key}: {config_file} has architectures {architectures!r}, which the "
+                      f"bridge cannot map: supported are {', '.join(SUPPORTED_ARCHITECTURES)}"]
     return hf, []
 
 
@@ -162,3 +169,20 @@ def check_distcp_sizes(path: Path) -> list[str]:
             problems.append(f"{file} is truncated: {file.stat().st_size} bytes, the "
                             f"checkpoint's .metadata needs {length}")
     return problems
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def output_dir_problem(key: str, output_dir: Path) -> Optional[str]:
+    """Why directory `output_dir` (config key `key`) cannot be made or written: a file on its
+    path, or a read-only or foreign directory where it would be made; None when it can."""
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{key}={output_dir}: {existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"{key}={output_dir}: {existing} is not writable (read-only filesystem or "
+                f"permissions): set {key} elsewhere")
+    return None

@@ -26,6 +26,8 @@ PG_CLIPFRAC_LOWER = "actor/pg_clipfrac_lower"  # dual-clip bound active
 PPO_KL = "actor/ppo_kl"  # approx KL(old || new) over the update
 SKIPPED_STEPS = "actor/skipped_steps"  # optimizer steps skipped for a non-finite loss/grad norm
 RESPONSE_LENGTH_MEAN = "response_length/mean"
+# prompts whose advantages algorithm.entropy_band zeroed this step (answer entropy outside it)
+FILTERED_PROMPTS = "intuitor/filtered_prompts"
 ROLLOUT_LOGPROB_DIFF = "rollout/logprob_diff"  # |rollout engine - Megatron| log-prob, token mean
 
 

@@ -5,7 +5,7 @@ and vLLM spend minutes starting, each problem with what to fix.
 
 Composes, resolves and validates the config of `python -m megatron_intuitor.main OVERRIDES`
 (`megatron_intuitor.config`: every key, data files, model path, parallel sizes, GPUs visible on
-a single node), then checks what the config cannot know: the python and package versions the
+a single node), reads every row of the data files as the trainer does, then checks what the config cannot know: the python and package versions the
 project pins, the Ray cluster of a multi-node run, whether a hub model is cached, the free disk
 for checkpoints. The report goes to stderr; exit status 1 if anything must be fixed.
 
@@ -396,6 +396,31 @@ def check_sandbox(report: Report, cfg) -> None:
         report.error(f"code sandbox for {', '.join(needs)} cannot start: {error}")
 
 
+def check_data_rows(report: Report, cfg) -> None:
+    """Every row of the data files, read as the trainer reads them (UTF-8, JSON, the format's
+    fields): a bad row is named now, not after the console script started. Files the config
+    check already refused (missing, a directory, another suffix) are not read again."""
+    from megatron_intuitor.config import DATA_SUFFIXES
+    from megatron_intuitor.data.datasets import DataError, load_records, run_dataset_specs
+
+    train, val = run_dataset_specs(cfg.data)
+    keyed = [(f"data.train_files[{i}]", spec) for i, spec in enumerate(train)] + [
+        (f"data.val_files[{i}]", spec) for i, (_, spec) in enumerate(val)]
+    rows, files, failed = 0, 0, False
+    for key, spec in keyed:
+        if spec.format == "synthetic" or (spec.path is not None and not (
+                Path(spec.path).is_file() and spec.path.endswith(DATA_SUFFIXES))):
+            continue
+        try:
+            rows += len(load_records(spec))
+            files += 1
+        except DataError as error:
+            report.error(f"{key}: {error}")
+            failed = True
+    if files and not failed:
+        report.ok(f"data: {rows} rows in {files} file(s), every row readable")
+
+
 def _existing_parent(path: Path) -> Path:
     while not path.exists():
         path = path.parent
@@ -405,16 +430,14 @@ def _existing_parent(path: Path) -> Path:
 def check_disk(report: Report, cfg) -> None:
     """Free space under trainer.output_dir for keep_last checkpoints (+1 while saving) and the
     final HF export."""
+    from megatron_intuitor.input_files import output_dir_problem
+
     output_dir = Path(cfg.trainer.output_dir)
-    existing = _existing_parent(output_dir)
-    if not existing.is_dir():
-        report.error(f"trainer.output_dir={output_dir}: {existing} is a file, not a directory")
+    problem = output_dir_problem("trainer.output_dir", output_dir)
+    if problem:
+        report.error(problem)
         return
-    if not os.access(existing, os.W_OK | os.X_OK):
-        report.error(f"trainer.output_dir={output_dir}: {existing} is not writable (read-only "
-                     f"filesystem or permissions): set trainer.output_dir elsewhere")
-        return
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(_existing_parent(output_dir)).free
     hf = _hf_config(cfg)
     if hf is None:
         size = "tiny" if not cfg.model.path else "unknown until the model is downloaded"
@@ -538,6 +561,7 @@ def main() -> int:
         check_transformer_engine(report)
     if cfg is not None:
         check_model(report, cfg)
+        check_data_rows(report, cfg)
         check_ray_cluster(report, cfg)
         check_disk(report, cfg)
         check_sandbox(report, cfg)

@@ -29,10 +29,11 @@ from typing import Any, Iterator, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_intuitor import algorithm, collapse, metrics
+from megatron_intuitor import algorithm, collapse, interrupt, label_free, metrics
+from megatron_intuitor.checkpoint import disk_full_explanation
 from megatron_intuitor.config import ActorSettings, RankLayout, Schedule, training_schedule
 from megatron_intuitor.config import validate as validate_config
-from megatron_intuitor.data.datasets import DatasetSpec, load_records
+from megatron_intuitor.data.datasets import load_records, run_dataset_specs
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
 from megatron_intuitor.evaluation.best_of_n import best_of_n_metrics
@@ -67,32 +68,13 @@ def prepare_model_dir(cfg: DictConfig) -> Path:
     return tiny_dir
 
 
-def _dataset_spec(cfg: DictConfig, path: Optional[str], fmt: str, name: Optional[str],
-                  split: str) -> DatasetSpec:
-    synthetic = cfg.data.synthetic
-    return DatasetSpec(path=path, format=fmt, name=name, prompt_key=cfg.data.prompt_key,
-                       answer_key=cfg.data.answer_key,
-                       size=synthetic[f"{split}_size"], max_operand=synthetic.max_operand,
-                       operators=synthetic.operators,
-                       seed=cfg.data.seed + (0 if split == "train" else 1))
-
-
 def load_prompt_sets(cfg: DictConfig, tokenizer) -> tuple[PromptSet, list[PromptSet]]:
     """Training prompts and one prompt set per validation dataset, chat-templated and filtered.
     A training prompt that is also a validation prompt (the same messages) is dropped, so that
     validation stays held out (small synthetic tasks repeat prompts)."""
     data = cfg.data
-    if data.format == "synthetic":
-        train_specs = [_dataset_spec(cfg, None, "synthetic", None, "train")]
-        val_entries = data.val_files or [{"name": "synthetic_arithmetic", "format": "synthetic",
-                                          "path": ""}]
-    else:
-        train_specs = [_dataset_spec(cfg, path, data.format, None, "train")
-                       for path in data.train_files]
-        val_entries = data.val_files
-    val_records = [(entry, load_records(_dataset_spec(cfg, entry["path"] or None,
-                                                       entry["format"], entry["name"], "val")))
-                   for entry in val_entries]
+    train_specs, val_specs = run_dataset_specs(data)
+    val_records = [(entry, load_records(spec)) for entry, spec in val_specs]
     held_out = {_messages_key(record) for _, records in val_records for record in records}
     records = [record for spec in train_specs for record in load_records(spec)]
     train_records = [record for record in records if _messages_key(record) not in held_out]
@@ -147,12 +129,17 @@ class Trainer:
         and per-token log-probs stay on the ranks; only one number per response crosses."""
         cfg, timings = self.cfg, {}
         step_start = time.perf_counter()
-        graded = algorithm.advantage_estimator(cfg.algorithm.name).needs_verifiable
+        estimator = algorithm.advantage_estimator(cfg.algorithm.name)
+        graded = estimator.needs_verifiable
+        # the answers: for the estimator's vote, or for the entropy band's filter
+        answers = estimator.needs_answers or cfg.algorithm.entropy_band is not None
+        seed = cfg.trainer.seed * 1_000_003 + step
         with self._timed(timings, "rollout"):
             rollouts = self.actor.rollout([p.token_ids for p in prompts], self.sampling,
-                                          seed=cfg.trainer.seed * 1_000_003 + step,
-                                          records=[p.record for p in prompts] if graded else None,
-                                          ngram=self.guard.ngram)
+                                          seed=seed,
+                                          records=[p.record for p in prompts]
+                                          if graded or answers else None,
+                                          ngram=self.guard.ngram, grade=graded, answers=answers)
         # GPU: the engines' memory to training
         with self._timed(timings, "release_rollout_memory"):
             self.actor.release_rollout_memory()
@@ -164,7 +151,7 @@ class Trainer:
             with self._timed(timings, "ref"):
                 self.actor.score_reference()
         with self._timed(timings, "advantage"):
-            advantages = self._advantages(scores.self_certainty, rollouts)
+            advantages, filtered = self._advantages(scores.self_certainty, rollouts, seed)
         with self._timed(timings, "update"):
             update_metrics = self.actor.update_policy(advantages, step)
         # the engines' memory back, with the new weights
@@ -182,6 +169,7 @@ class Trainer:
             metrics.SELF_CERTAINTY_STD: scores.self_certainty.std(),
             metrics.ENTROPY: entropy,
             metrics.ADVANTAGES_MEAN: advantages.mean(),
+            **filtered,
             metrics.RESPONSE_LENGTH_MEAN: rollouts.response_lengths.float().mean(),
             metrics.THROUGHPUT: float(rollouts.lengths.sum()) / elapsed,
             **update_metrics,  # scored at sampling: rollout/logprob_diff, from the update
@@ -192,11 +180,20 @@ class Trainer:
             **{collapse.signal_name(name): value for name, value in signals.items()},
         }
 
-    def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport) -> torch.Tensor:
+    def _advantages(self, self_certainty: torch.Tensor, rollouts: RolloutReport,
+                    seed: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-response advantages by the estimator `algorithm.name` (algorithm.py's registry:
-        intuitor, grpo, hybrid, ...)."""
-        return algorithm.response_advantages(self.cfg.algorithm, self_certainty,
-                                             rollouts.verifiable, rollouts.group_index)
+        intuitor, grpo, hybrid, intuitor_vote, random, ...); with `algorithm.entropy_band`, those
+        of the prompts whose answers' entropy lies outside the band are zeroed, and counted."""
+        advantages = algorithm.response_advantages(
+            self.cfg.algorithm, self_certainty, rollouts.verifiable, rollouts.group_index,
+            answers=rollouts.answers, seed=seed)
+        band = self.cfg.algorithm.entropy_band
+        if band is None:
+            return advantages, {}
+        advantages, dropped = label_free.entropy_band_filter(advantages, rollouts.answers,
+                                                             rollouts.group_index, *band)
+        return advantages, {metrics.FILTERED_PROMPTS: float(dropped)}
 
     @contextmanager
     def _timed(self, timings: dict[str, float], phase: str) -> Iterator[None]:
@@ -251,8 +248,15 @@ class Trainer:
         extra = {"data": self.loader.state_dict(), "best": self.best,
                  "monitor": self.monitor.state_dict(), "rollbacks": self.rollbacks}
         keep = (self.best["step"],) if self.best else ()
-        self.actor.save_checkpoint(str(self.checkpoint_root), step, extra,
-                                   keep_last=self.cfg.trainer.keep_last, keep_steps=keep)
+        try:
+            self.actor.save_checkpoint(str(self.checkpoint_root), step, extra,
+                                       keep_last=self.cfg.trainer.keep_last, keep_steps=keep)
+        except Exception as error:  # a full disk: said in a sentence, not the ranks' tracebacks
+            disk_full = disk_full_explanation(error, self.checkpoint_root, step)
+            if disk_full is None:
+                raise
+            raise TrainingStopped(f"trainer.output_dir={self.cfg.trainer.output_dir}: {disk_full}"
+                                  f"; free space or set trainer.output_dir elsewhere") from error
 
     def _is_new_best(self, step: int, values: dict[str, float]) -> bool:
         """Whether this step's `trainer.best_metric` (higher is better) beats the best so far;
@@ -378,7 +382,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("weight sync: %s", actor.weight_sync_path())
         trainer = Trainer(cfg, job.schedule, actor, job.loader, job.val_sets, logger,
                           job.tokenizer)
-        final = trainer.fit()
+        with interrupt.at_step(lambda: trainer.last_step):
+            final = trainer.fit()
         finish(cfg, job, actor, logger, trainer.last_step, started)
     finally:
         actor.shutdown()

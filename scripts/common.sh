@@ -114,12 +114,16 @@ mi_launch() {
     mi_info "command: $printed"
     mi_info "log:     $log"
     local start=$SECONDS status
-    "${command[@]}" 2>&1 | tee -a "$log"
+    # Ctrl-C reaches the whole pipeline: tee ignores it, so that the run's last words (where it
+    # was interrupted, its last checkpoint) still reach the console and the log.
+    "${command[@]}" 2>&1 | (trap '' INT; tee -a "$log")
     status=${PIPESTATUS[0]}
     local elapsed=$((SECONDS - start))
     local took="$((elapsed / 3600))h $((elapsed % 3600 / 60))m $((elapsed % 60))s"
     if ((status == 0)); then
         mi_ok "finished in $took"
+    elif ((status == 130)); then
+        mi_info "interrupted after $took (Ctrl-C)"
     else
         mi_error "the run failed (exit status $status) after $took"
         if grep -q -E 'CUDA out of memory|OutOfMemoryError' "$log"; then

@@ -51,3 +51,27 @@ def preflight():
     from megatron_intuitor import preflight as module
 
     return module
+
+
+@pytest.fixture
+def small_megatron_checkpoint():
+    """Writes a checkpoint directory holding the tensor metadata of a model of 3 layers, hidden
+    64, MLP 96, 4 heads of 16 (q+k+v 3 x 64 rows), zeros, via torch.distributed.checkpoint (no
+    ranks), and a trainer state with `has_optimizer`; returns its path."""
+    def make(path, has_optimizer: bool):
+        import json
+
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"embedding.word_embeddings.weight": torch.zeros(1024, 64),
+                  "decoder.layers.mlp.linear_fc1.weight": torch.zeros(3, 192, 64),
+                  "decoder.layers.mlp.linear_fc2.weight": torch.zeros(3, 64, 96),
+                  "decoder.layers.self_attention.linear_qkv.weight": torch.zeros(3, 192, 64)},
+                 checkpoint_id=str(path))
+        (path / "trainer_state.json").write_text(json.dumps(
+            {"format_version": 1, "step": 0, "has_optimizer": has_optimizer, "extra": {},
+             "layout": {"tensor": 1, "pipeline": 1, "data": 1, "virtual_pipeline": 1,
+                        "world": 1}}))
+        return path
+    return make

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import re
 import sys
@@ -275,6 +276,7 @@ def _run_ranks(fn, world: int, *args) -> list:
 
 def hf_to_megatron(args) -> bool:
     from megatron_intuitor.input_files import check_model_weights
+    from megatron_intuitor.models.bridge import check_hf_weights
 
     hf_dir, out = Path(args.hf_dir), Path(args.out)
     sizes = _sizes(args)
@@ -282,6 +284,10 @@ def hf_to_megatron(args) -> bool:
     bad_weights = check_model_weights("HF model directory", hf_dir)
     if bad_weights:
         raise UsageError("; ".join(bad_weights))
+    try:  # names against the model's tensors now, not in a rank after it built the model
+        check_hf_weights(hf_dir, hf_config)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from err
     _check_output(out, args.overwrite)
     dtype = _dtype_of_hf(hf_config, args.dtype)
     token_ids, lengths = (verify_token_ids(hf_dir, hf_config.vocab_size) if args.verify
@@ -295,7 +301,7 @@ def hf_to_megatron(args) -> bool:
 
 
 def megatron_to_hf(args) -> bool:
-    from megatron_intuitor.checkpoint import hf_assets_of, read_trainer_state
+    from megatron_intuitor.checkpoint import hf_assets_of, model_size_mismatch, read_trainer_state
     from megatron_intuitor.input_files import check_distcp_sizes
 
     ckpt, out = Path(args.ckpt), Path(args.out)
@@ -309,6 +315,11 @@ def megatron_to_hf(args) -> bool:
     if truncated:
         raise UsageError("; ".join(truncated))
     hf_config = _check_model(assets, sizes, "HF config directory")
+    what = f"--hf-dir {assets}" if args.hf_dir else f"its own {assets / 'config.json'}"
+    mismatch = model_size_mismatch(ckpt, json.loads((assets / "config.json").read_text()), what)
+    if mismatch:  # else a rank fails in Megatron's load with a shape traceback
+        raise UsageError(f"{mismatch}: pass the --hf-dir of the model this checkpoint was "
+                         f"trained from")
     _check_output(out, args.overwrite)
     dtype = _dtype_of_checkpoint(ckpt, args.dtype)
     token_ids, lengths = (verify_token_ids(assets, hf_config.vocab_size) if args.verify

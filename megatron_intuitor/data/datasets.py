@@ -111,9 +111,14 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
         raise FileNotFoundError(f"data file not found: {path}")
     name = path.name.lower()
     if name.endswith(".parquet"):
+        import pyarrow
         import pyarrow.parquet as pq
 
-        for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            table = pq.read_table(path)
+        except pyarrow.ArrowException as err:  # not parquet, truncated, or unreadable
+            raise DataError(f"{path} is not a readable parquet file: {err}") from None
+        for number, row in enumerate(table.to_pylist(), start=1):
             yield f"{path} row {number}", row
     elif name.endswith((".jsonl", ".jsonl.gz")):
         opener = gzip.open if name.endswith(".gz") else open
@@ -286,6 +291,27 @@ def _resolve_path(spec: DatasetSpec) -> Path:
     if spec.format == "humaneval":
         return humaneval_path()
     raise DataError(f"dataset of format {spec.format!r} needs a path")
+
+
+def run_dataset_specs(data: Any) -> tuple[list[DatasetSpec], list[tuple[dict, DatasetSpec]]]:
+    """The specs of a run's training sets and its (validation entry, spec) pairs, from the
+    resolved `data` config group: what the trainer loads and the preflight checks."""
+    def spec(path: Optional[str], fmt: str, name: Optional[str], split: str) -> DatasetSpec:
+        synthetic = data.synthetic
+        return DatasetSpec(path=path, format=fmt, name=name, prompt_key=data.prompt_key,
+                           answer_key=data.answer_key, size=synthetic[f"{split}_size"],
+                           max_operand=synthetic.max_operand, operators=synthetic.operators,
+                           seed=data.seed + (0 if split == "train" else 1))
+
+    if data.format == "synthetic":
+        train = [spec(None, "synthetic", None, "train")]
+        val_entries = data.val_files or [{"name": "synthetic_arithmetic", "format": "synthetic",
+                                          "path": ""}]
+    else:
+        train = [spec(path, data.format, None, "train") for path in data.train_files]
+        val_entries = data.val_files
+    return train, [(entry, spec(entry["path"] or None, entry["format"], entry["name"], "val"))
+                   for entry in val_entries]
 
 
 def _record_parts(row: dict, fmt: str, spec: DatasetSpec) -> tuple[list, Optional[str],

@@ -25,7 +25,8 @@ import torch
 
 from megatron_intuitor import scoring
 from megatron_intuitor.evaluation.arc import extract_choice
-from megatron_intuitor.evaluation.math import last_boxed, last_number
+from megatron_intuitor.evaluation.math import (last_boxed, last_boxed_span, last_number,
+                                               last_number_span)
 from megatron_intuitor.evaluation.registry import (TASK_CODE, TASK_MATH, TASK_MULTIPLE_CHOICE,
                                                    grade_record)
 
@@ -57,6 +58,21 @@ def extract_answer(record: Any, response: str) -> Optional[str]:
     if record.task == TASK_CODE:
         return None
     raise ValueError(f"{record.location}: no answer extraction for task {record.task!r}")
+
+
+def answer_token_mask(record: Any, response: str,
+                      token_ends: Sequence[int]) -> Optional[list[bool]]:
+    """Per response token, whether it overlaps the characters of the final answer
+    `extract_answer` reads (math only: the last box's content, else the last number); token i
+    covers characters token_ends[i - 1]..token_ends[i] of `response`. None: no answer, or a task
+    other than math."""
+    if record.task != TASK_MATH:
+        return None
+    span = last_boxed_span(response) or last_number_span(response)
+    if span is None or span[0] == span[1]:
+        return None
+    starts = [0, *token_ends[:-1]]
+    return [start < span[1] and end > span[0] for start, end in zip(starts, token_ends)]
 
 
 def majority_index(answers: Sequence[Optional[str]]) -> Optional[int]:

@@ -28,22 +28,39 @@ _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None if none."""
+def last_boxed_span(text: str) -> tuple[int, int] | None:
+    """(start, end) of the content of the last `\\boxed{...}` (or `\\fbox{...}`), braces
+    balanced, stripped of surrounding spaces; None if none."""
     starts = [m.end() for m in _BOXED.finditer(text)]
     for start in reversed(starts):
         depth = 1
         for i in range(start, len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth == 0:
-                return text[start:i].strip()
+                content = text[start:i]
+                left = start + len(content) - len(content.lstrip())
+                return left, max(left, start + len(content.rstrip()))
     return None  # only unclosed boxes
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None if none."""
+    span = last_boxed_span(text)
+    return None if span is None else text[span[0]:span[1]]
+
+
+def last_number_span(text: str) -> tuple[int, int] | None:
+    """(start, end) of the last number in `text`; None if none."""
+    match = None
+    for match in _NUMBER.finditer(text):
+        pass
+    return None if match is None else match.span()
 
 
 def last_number(text: str) -> str | None:
     """The last number in `text`, thousands separators removed ("1,234.5" -> "1234.5")."""
-    numbers = _NUMBER.findall(text)
-    return numbers[-1].replace(",", "") if numbers else None
+    span = last_number_span(text)
+    return None if span is None else text[span[0]:span[1]].replace(",", "")
 
 
 def gsm8k_ground_truth(answer: str) -> str:

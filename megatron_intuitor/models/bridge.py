@@ -455,6 +455,18 @@ def _read_shard(checkpoint: _SafetensorsCheckpoint, mapping: TensorMapping, laye
         raise AssertionError(mapping.layout)
 
 
+def check_hf_weights(model_dir: str | Path,
+                     hf_config: transformers.PretrainedConfig) -> _SafetensorsCheckpoint:
+    """The safetensors tensors of `model_dir` located from their headers, after checking their
+    names and shapes against `hf_config` (a ValueError naming each missing, unexpected or
+    misshapen tensor; FileNotFoundError without weights). Reads headers only: seconds, before
+    any rank starts."""
+    checkpoint = _SafetensorsCheckpoint(Path(model_dir))
+    checkpoint.check(expected_hf_tensors(hf_config),
+                     architecture_features(hf_config).tied_embeddings)
+    return checkpoint
+
+
 def load_hf_weights(model_chunks: Sequence[torch.nn.Module], model_dir: str | Path,
                     hf_config: transformers.PretrainedConfig) -> None:
     """Copy an HF safetensors checkpoint into this rank's Megatron chunks.
@@ -466,9 +478,7 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], model_dir: str | Pa
     model_dir = Path(model_dir)
     mappings = weight_mappings(hf_config)
     dims = _Dims.of(hf_config)
-    checkpoint = _SafetensorsCheckpoint(model_dir)
-    checkpoint.check(expected_hf_tensors(hf_config),
-                     architecture_features(hf_config).tied_embeddings)
+    checkpoint = check_hf_weights(model_dir, hf_config)
     for chunk in model_chunks:
         for mapping, layer, expert, param in _mapped_parameters(_unwrap(chunk), mappings):
             tp_rank, tp = _tp_rank_world(mapping)

@@ -179,34 +179,43 @@ class ActorWorker(Worker):
         return samples if self.reports_for_replica else None
 
     def rollout(self, prompts: list[list[int]], sampling: SamplingConfig, first_prompt: int,
-                records: Optional[list], ngram: int = 3) -> Optional[RolloutReport]:
-        """Sample this replica's prompts (global indices from `first_prompt`), grade them when
-        `records` (their prompt records) are given, and share the samples with every rank: each
-        rank then holds the step's whole RolloutBatch. Rank 0 reports it; the others None."""
+                records: Optional[list], ngram: int = 3, grade: bool = True,
+                answers: bool = False) -> Optional[RolloutReport]:
+        """Sample this replica's prompts (global indices from `first_prompt`), and, when
+        `records` (their prompt records) are given, grade them (`grade`) and read their final
+        answers (`answers`); share the samples with every rank: each rank then holds the step's
+        whole RolloutBatch. Rank 0 reports it; the others None."""
         import torch.distributed as dist
 
         samples = self.engine.generate(prompts, sampling) if prompts else []
-        shared: tuple[list, Optional[list[float]]] = ([], None)
+        shared: tuple[list, Optional[list[float]], Optional[list]] = ([], None, None)
         if self.reports_for_replica:
-            verifiable = None
-            if records is not None:
+            verifiable = extracted = None
+            if records is not None and grade:
                 from megatron_intuitor.evaluation.registry import grade_record
 
                 verifiable = [float(grade_record(records[s.prompt_index], s.text))
                               for s in samples]
-            # the text was needed only to grade
+            if records is not None and answers:
+                from megatron_intuitor.evaluation.best_of_n import extract_answer
+
+                extracted = [extract_answer(records[s.prompt_index], s.text) for s in samples]
+            # the text was needed only to grade and read answers
             shared = ([replace(s, prompt_index=s.prompt_index + first_prompt, text="")
-                       for s in samples], verifiable)
+                       for s in samples], verifiable, extracted)
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, shared)
-        step_samples = [sample for rank_samples, _ in gathered for sample in rank_samples]
+        step_samples = [sample for rank_samples, _, _ in gathered for sample in rank_samples]
         self.rollouts = batch_from_rollouts(step_samples, self.settings.pad_token_id)
         self.old_log_probs = self.ref_log_probs = None
         if self.rank != 0:
             return None
-        graded = [score for _, scores in gathered if scores is not None for score in scores]
-        return rollout_report(self.rollouts, graded if records is not None else None,
-                              step_samples, ngram)
+        graded = [score for _, scores, _ in gathered if scores is not None for score in scores]
+        read = [answer for _, _, found in gathered if found is not None for answer in found]
+        return rollout_report(self.rollouts,
+                              graded if records is not None and grade else None,
+                              step_samples, ngram,
+                              read if records is not None and answers else None)
 
     def sync_weights(self) -> None:
         """The policy's weights into this rank's engine: shard to shard when they are sharded
@@ -430,10 +439,11 @@ class ActorGroup:
                 for sample in results[replica * self.rollout_tp]]
 
     def rollout(self, prompts: Sequence[list[int]], sampling: SamplingConfig, seed: int,
-                records: Optional[Sequence] = None, ngram: int = 3) -> RolloutReport:
-        """The step's responses to `prompts`, kept on the ranks; graded against `records` (the
-        prompts' records) when given. Returns a few figures per response (their distinct
-        `ngram`-gram ratios among them)."""
+                records: Optional[Sequence] = None, ngram: int = 3, grade: bool = True,
+                answers: bool = False) -> RolloutReport:
+        """The step's responses to `prompts`, kept on the ranks; with `records` (the prompts'
+        records) graded (`grade`) and their final answers read (`answers`). Returns a few
+        figures per response (their distinct `ngram`-gram ratios among them)."""
         def replica_records(start: int, count: int) -> Optional[list]:
             return None if records is None else list(records[start:start + count])
 
@@ -442,7 +452,8 @@ class ActorGroup:
         for rank in range(self.world_size):
             start, replica_prompts, replica_sampling = replicas[rank // self.rollout_tp]
             per_rank.append((replica_prompts, replica_sampling, start,
-                             replica_records(start, len(replica_prompts)), ngram))
+                             replica_records(start, len(replica_prompts)), ngram, grade,
+                             answers))
         return self.group.execute_per_rank("rollout", per_rank)[0]
 
     def release_rollout_memory(self) -> None:

@@ -27,6 +27,8 @@ class RolloutReport:
     # collapse signals' inputs (megatron_intuitor.collapse), from the token ids on the ranks
     distinct_ngram: Optional[torch.Tensor] = None  # distinct n-gram ratio of each response
     truncated: Optional[torch.Tensor] = None  # bool: cut at max_tokens
+    # each response's extracted final answer (None: none), when the algorithm uses them
+    answers: Optional[list[Optional[str]]] = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class ScoreReport:
 
 def rollout_report(rollouts: RolloutBatch, verifiable: Optional[Sequence[float]],
                    samples: Optional[Sequence[RolloutSample]] = None,
-                   ngram: int = 3) -> RolloutReport:
+                   ngram: int = 3,
+                   answers: Optional[Sequence[Optional[str]]] = None) -> RolloutReport:
     """The per-response figures of `rollouts`; with its `samples` (in batch order) also each
     response's distinct `ngram`-gram ratio and whether it was cut at max_tokens."""
     return RolloutReport(
@@ -59,7 +62,8 @@ def rollout_report(rollouts: RolloutBatch, verifiable: Optional[Sequence[float]]
         distinct_ngram=None if samples is None else torch.tensor(
             [distinct_ngram_ratio(s.response_token_ids, ngram) for s in samples]),
         truncated=None if samples is None else torch.tensor(
-            [s.finish_reason == "length" for s in samples]))
+            [s.finish_reason == "length" for s in samples]),
+        answers=None if answers is None else list(answers))
 
 
 def score_report(scores: dict[str, torch.Tensor], shard: RolloutBatch) -> ScoreReport:

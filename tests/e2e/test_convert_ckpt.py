@@ -143,6 +143,39 @@ def test_bad_input_is_refused_before_any_work(tiny_qwen2, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "gpt2", "no_config"]
 
 
+def test_missing_tensor_and_hf_dir_of_another_size_are_refused_before_any_rank(
+        tiny_qwen2, tmp_path, capsys, small_megatron_checkpoint):
+    """hf-to-megatron with a tensor missing from the safetensors, and megatron-to-hf --hf-dir of
+    another model size: exit 2 with the tensor / both sizes named, no rank started (no
+    output), in the parent's seconds."""
+    from safetensors.torch import load_file, save_file
+
+    tool = _tool_module()
+    missing = tmp_path / "missing_norm"
+    shutil.copytree(tiny_qwen2, missing)
+    [weights] = missing.glob("*.safetensors")
+    tensors = load_file(weights)
+    del tensors["model.norm.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert tool.main(["hf-to-megatron", str(missing), str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "missing tensors: model.norm.weight" in err, err
+
+    ckpt = small_megatron_checkpoint(tmp_path / "small_ckpt", has_optimizer=False)
+    hf = json.loads((Path(tiny_qwen2) / "config.json").read_text())
+    qkv = (hf["num_attention_heads"] + 2 * hf["num_key_value_heads"]) * (
+        hf["hidden_size"] // hf["num_attention_heads"])
+    assert tool.main(["megatron-to-hf", str(ckpt), str(tmp_path / "o2"), "--hf-dir",
+                      str(tiny_qwen2)]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: {ckpt} holds a model of num_hidden_layers 3, hidden_size 64, "
+            f"intermediate_size 96, q+k+v rows per layer 192; --hf-dir {tiny_qwen2} describes "
+            f"num_hidden_layers {hf['num_hidden_layers']}, hidden_size {hf['hidden_size']}, "
+            f"intermediate_size {hf['intermediate_size']}, q+k+v rows per layer {qkv}: pass "
+            f"the --hf-dir of the model this checkpoint was trained from") in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["missing_norm", "small_ckpt"]
+
+
 def test_verify_fails_when_logits_differ(tiny_qwen2, capsys):
     tool = _tool_module()
     ids, lengths = tool.verify_token_ids(tiny_qwen2, 1003)

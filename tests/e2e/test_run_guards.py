@@ -91,6 +91,20 @@ def test_data_error_is_printed_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_output_dir_under_a_file_is_named_before_hydra_writes(tmp_path):
+    """trainer.output_dir below a file: Hydra would make its run dir there first and fail with
+    a traceback; the console script names the key and the file, exit 2."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_intuitor.main", f"trainer.output_dir={blocker / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip() == (f"megatron-intuitor: trainer.output_dir={blocker / 'run'}: "
+                                     f"{blocker} is a file, not a directory")
+
+
 def test_downloaded_hub_model_is_validated_before_ray(tiny_qwen2, tmp_path, monkeypatch):
     """A hub id that was not cached passes the config check unseen; once downloaded, its files
     are checked like a local checkpoint's before Ray starts (here: a truncated weight file)."""

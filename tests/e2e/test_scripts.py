@@ -326,6 +326,36 @@ def test_qwen7b_example_is_the_paper_recipe(fp8, data_root, tmp_path):
         assert config.RankLayout.from_cfg(cfg).data_parallel == nodes
 
 
+@pytest.mark.parametrize("arm", ["intuitor", "grpo"])
+def test_replication_example_is_the_papers_1_5b_recipe(arm, data_root, tmp_path):
+    """examples/replicate_intuitor_qwen2.5_1.5b.sh: the paper's settings per arm, greedy MATH500
+    and GSM8K validation every 10 steps; refused on CPU (bf16 needs CUDA) after resolving."""
+    run = run_script("examples/replicate_intuitor_qwen2.5_1.5b.sh", "trainer.device=cpu",
+                     f"data.train_files=[{data_root}/math500/test.parquet]",
+                     env={"ARM": arm, "DATA_ROOT": str(data_root)}, cwd=tmp_path)
+    recipe = {"model.path": "Qwen/Qwen2.5-1.5B", "algorithm.name": arm, "actor.lr": 3e-6,
+              "actor.lr_scheduler": "cosine", "actor.lr_warmup_ratio": 0.1,
+              "data.prompts_per_step": 128, "rollout.n": 7, "rollout.temperature": 0.9,
+              "algorithm.kl_coef": 0.005, "algorithm.kl_type": "low_var_kl",
+              "data.max_prompt_length": 512, "data.max_response_length": 3072,
+              "trainer.total_steps": 58, "trainer.val_every": 10,
+              "trainer.val_before_train": True, "trainer.n_gpus_per_node": 8,
+              "trainer.experiment_name": f"qwen2.5_1.5b_math_{arm}"}
+    for key, expected in recipe.items():
+        assert _select(run.config, key) == expected, key
+    assert [v["path"] for v in run.config["data"]["val_files"]] == [
+        str(data_root / "math500/test.parquet"), str(data_root / "gsm8k/test.parquet")]
+    assert run.returncode == 1 and "actor.precision=bf16 needs CUDA" in run.stderr
+    cfg = OmegaConf.create(run.config)
+    assert config.derive_layout(cfg).data_parallel == 8
+
+
+def test_replication_example_refuses_an_unknown_arm(tmp_path):
+    run = run_script("examples/replicate_intuitor_qwen2.5_1.5b.sh", env={"ARM": "ppo"},
+                     cwd=tmp_path)
+    assert run.returncode == 1 and "ARM=ppo: expected intuitor, grpo or random" in run.stderr
+
+
 def test_real_launch_logs_the_run(tmp_path):
     """Without --dry-run: the log file is created, starts with the command and the resolved
     config, receives the run's output, and the run's exit status is the script's. A stand-in
@@ -351,7 +381,8 @@ def test_real_launch_logs_the_run(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["run_intuitor.sh", "run_intuitor_training.sh",
-                                    "math_intuitor_archercoder.sh", "examples/run_qwen7b_math.sh"])
+                                    "math_intuitor_archercoder.sh", "examples/run_qwen7b_math.sh",
+                                    "examples/replicate_intuitor_qwen2.5_1.5b.sh"])
 def test_help_and_unknown_options(script, tmp_path):
     shown = run_script(script, "--help", cwd=tmp_path, dry_run=False)
     assert shown.returncode == 0 and "--dry-run" in shown.stdout

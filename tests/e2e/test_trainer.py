@@ -4,6 +4,7 @@ after step 2 resumes to the same step-3 metrics as an uninterrupted run; bad inp
 any work."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,17 +106,27 @@ def test_the_policy_moves(uninterrupted):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_step_3(uninterrupted, tmp_path):
+def test_interrupted_run_says_where_and_resumes_to_the_same_step_3(uninterrupted, tmp_path):
+    """Ctrl-C (SIGINT to the launch script's whole process group, as a terminal sends it) after
+    the step-2 checkpoint: one sentence naming the step and the last checkpoint, exit status
+    130, no traceback; the rerun continues to the uninterrupted run's step-3 metrics."""
     run_dir = tmp_path / "killed"
-    proc = _main(_overrides(run_dir, 3))
+    proc = _main(_overrides(run_dir, 3), script=True)
     step_2 = run_dir / "checkpoints" / "step_2"
     deadline = time.monotonic() + 600
     while not (step_2 / "trainer_state.json").exists():
         assert proc.poll() is None, proc.communicate()[0][-4000:]
         assert time.monotonic() < deadline, "no step_2 checkpoint in time"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the controller and its Ray workers, mid-run
-    proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)  # the script, the controller and its Ray workers
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, output[-4000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-4000:]
+    last = re.search(r"megatron-intuitor: interrupted at step (\d+); last checkpoint step_(\d+) "
+                     r"\((.*)\); rerun the same command", output)
+    assert last, output[-4000:]
+    assert int(last[2]) in (int(last[1]), int(last[1]) - 1) and int(last[2]) >= 2
+    assert last[3] == str(run_dir / "checkpoints" / f"step_{last[2]}")
     step_3 = run_dir / "checkpoints" / "step_3"
     if step_3.exists():  # the kill came after step 3 was saved: take it back
         subprocess.run(["rm", "-rf", str(step_3)], check=True)
@@ -153,6 +164,22 @@ def test_verifiable_reward_algorithms_run_a_step(tmp_path, name):
                 row[metrics.GRAD_NORM]) == (0.0, 0.0, 0.0, 0.0)
     else:
         assert row[metrics.GRAD_NORM] > 0.1 and row[metrics.PG_LOSS] != 0.0
+
+
+@pytest.mark.slow
+def test_label_free_vote_and_entropy_band_run_a_step(tmp_path):
+    """algorithm=intuitor_vote with algorithm.entropy_band=[0, 0]: the ranks read every
+    response's answer; the tiny random model's 8 answers to a prompt never all agree, so every
+    prompt's answer entropy is above 0 and all 4 are filtered out: no advantage, no loss, no
+    gradient (no KL term either; the plain PPO loss, since KL-Cov's |log r| term has a gradient
+    of +-1 even at r = 1)."""
+    _finish(_main(_overrides(tmp_path, 1) + ["algorithm=intuitor_vote", "algorithm.kl_coef=0",
+                                             "algorithm.policy_loss=ppo",
+                                             "algorithm.entropy_band=[0,0]"]))
+    row = _rows(tmp_path)[1]
+    assert row[metrics.FILTERED_PROMPTS] == 4
+    assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.GRAD_NORM]) == (
+        0.0, 0.0, 0.0)
 
 
 @pytest.mark.slow

@@ -44,9 +44,10 @@ def test_registered_estimator_becomes_an_algorithm_name_with_its_grading_need(mo
     name registered twice is refused. The config accepts exactly the registered names."""
     from megatron_intuitor.config import ALGORITHMS
 
-    assert ALGORITHMS == tuple(alg.ADVANTAGE_ESTIMATORS) == ("intuitor", "grpo", "hybrid")
+    assert ALGORITHMS == tuple(alg.ADVANTAGE_ESTIMATORS) == ("intuitor", "grpo", "hybrid",
+                                                             "intuitor_vote", "random")
     assert [alg.advantage_estimator(name).needs_verifiable for name in ALGORITHMS] == [
-        False, True, True]
+        False, True, True, False, False]
     monkeypatch.setattr(alg, "ADVANTAGE_ESTIMATORS", dict(alg.ADVANTAGE_ESTIMATORS))
 
     @alg.register_advantage_estimator("negated_certainty", needs_verifiable=False)
@@ -61,7 +62,8 @@ def test_registered_estimator_becomes_an_algorithm_name_with_its_grading_need(mo
     with pytest.raises(ValueError, match="'negated_certainty' is already registered"):
         alg.register_advantage_estimator("negated_certainty", needs_verifiable=True)(negated)
     with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'; choose one of "
-                                         "intuitor, grpo, hybrid, negated_certainty"):
+                                         "intuitor, grpo, hybrid, intuitor_vote, random, "
+                                         "negated_certainty"):
         alg.advantage_estimator("ppo")
 
 

@@ -270,3 +270,94 @@ def test_prune_keeps_the_newest_and_the_protected_steps(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2", "step_4", "step_5"]
     _prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_5"]
+
+
+def _save_until_the_disk_fills(rank, world, model_dir, root):
+    """Save step 1, then step 2 with every storage write failing as on a full disk (ENOSPC
+    where the bytes go to the file); returns the error's name and what it is explained as."""
+    import errno
+    import os
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_intuitor.checkpoint import disk_full_explanation, save_checkpoint
+
+    chunks, optimizer = _build(model_dir, 1, 1, seed=1, with_optimizer=True)
+    _train_step(chunks, optimizer, 1)
+    save_checkpoint(root, 1, chunks, optimizer)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    filesystem_async._write_item = no_space
+    try:
+        save_checkpoint(root, 2, chunks, optimizer)
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        return type(error).__name__, disk_full_explanation(error, root, 2)
+    return None
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_is_explained_and_publishes_nothing(tmp_path,
+                                                                     tiny_qwen2_vocab1100):
+    """ENOSPC inside Megatron's writer: the save fails, no step_2 appears, and the error is
+    recognised through dist_checkpointing's wrapping, with the free space and the size of the
+    last checkpoint (step_1, summed here file by file)."""
+    import os
+    import re
+
+    root = tmp_path / "ckpts"
+    [result] = run_distributed(_save_until_the_disk_fills, 1, tiny_qwen2_vocab1100, str(root))
+    assert result is not None, "the save did not fail"
+    _, explanation = result
+    step_1 = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root / "step_1")
+                 for f in files)
+    assert re.fullmatch(rf"No space left on device while saving checkpoint step_2 in "
+                        rf"{re.escape(str(root))}: \d+\.\d+ (MiB|GiB) free there, a checkpoint "
+                        rf"needs ~{step_1 / 2**20:.1f} MiB \(as step_1\)", explanation or ""), \
+        explanation
+    assert not (root / "step_2").exists() and (root / "step_1" / "trainer_state.json").is_file()
+
+
+def test_trainer_stops_on_a_full_disk_naming_the_output_dir_and_sizes(tmp_path):
+    """The controller's side: a rank's ENOSPC (its traceback text inside WorkerDiedError)
+    becomes TrainingStopped naming trainer.output_dir, the free space and, with no complete
+    checkpoint yet, the bytes the failed save wrote; any other save error is left alone."""
+    import re
+    from types import SimpleNamespace
+
+    from megatron_intuitor.config import load
+    from megatron_intuitor.trainer import Trainer, TrainingStopped
+    from megatron_intuitor.workers.group import WorkerDiedError
+
+    class _Actor:
+        error: Exception
+
+        def save_checkpoint(self, root, step, extra, keep_last, keep_steps=()):
+            raise self.error
+
+    class _Loader:
+        def state_dict(self):
+            return {}
+
+    cfg = load([f"trainer.output_dir={tmp_path}"])
+    tokenizer = SimpleNamespace(eos_token_id=1, pad_token_id=0)
+    actor = _Actor()
+    trainer = Trainer(cfg, None, actor, _Loader(), [], None, tokenizer)
+    partial = tmp_path / "checkpoints" / ".tmp_step_3"
+    partial.mkdir(parents=True)
+    (partial / "__0_0.distcp").write_bytes(b"\0" * (3 << 20))
+    rank_text = "Traceback (most recent call last):\n  ...\nOSError: [Errno 28] No space left " \
+                "on device"
+    actor.error = WorkerDiedError("worker rank 0 raised in ActorWorker.save_checkpoint: ...")
+    actor.error.__cause__ = RuntimeError(rank_text)
+    with pytest.raises(TrainingStopped) as stopped:
+        trainer.save(3)
+    assert re.fullmatch(
+        rf"trainer.output_dir={re.escape(str(tmp_path))}: No space left on device while saving "
+        rf"checkpoint step_3 in {re.escape(str(tmp_path / 'checkpoints'))}: \d+\.\d+ (MiB|GiB) "
+        rf"free there, a checkpoint needs more than the 3.0 MiB written before the disk filled; "
+        rf"free space or set trainer.output_dir elsewhere", str(stopped.value)), stopped.value
+    actor.error = WorkerDiedError("worker rank 1 died: killed")
+    with pytest.raises(WorkerDiedError, match="rank 1 died"):
+        trainer.save(3)

@@ -114,6 +114,18 @@ def test_bad_config_names_the_key():
         collapse.CollapseConfig.from_mapping({"max_kl": 1.0})
 
 
+@pytest.mark.parametrize("key", collapse.UNIT_INTERVAL_THRESHOLDS)
+@pytest.mark.parametrize("value", [1.5, -0.1])
+def test_share_threshold_outside_zero_one_is_refused(key, value):
+    """A share (or accuracy drop) threshold outside [0, 1] would never alarm: refused by name;
+    the ends themselves are accepted."""
+    with pytest.raises(ValueError, match=rf"{key}={value}: expected null \(off\) or a number in "
+                                         rf"\[0, 1\]"):
+        collapse.CollapseConfig.from_mapping({key: value})
+    for edge in (0.0, 1.0):
+        assert getattr(collapse.CollapseConfig.from_mapping({key: edge}), key) == edge
+
+
 def test_monitor_state_round_trip():
     config = collapse.CollapseConfig(entropy_baseline_steps=1, kl_window=1)
     monitor = collapse.CollapseMonitor(config)

@@ -39,10 +39,10 @@ def test_synthetic_task_settings_are_checked_and_reach_the_prompts():
     problems = _problems(["data.synthetic.operators=+/", "data.synthetic.max_operand=-1"])
     assert "data.synthetic.operators='+/'" in problems
     assert "data.synthetic.max_operand=-1" in problems
-    from megatron_intuitor.trainer import _dataset_spec
+    from megatron_intuitor.data.datasets import run_dataset_specs
 
     cfg = load(["data.synthetic.operators=*", "data.synthetic.max_operand=7"])
-    spec = _dataset_spec(cfg, None, "synthetic", None, "train")
+    [spec], _ = run_dataset_specs(cfg.data)
     assert (spec.operators, spec.max_operand) == ("*", 7)
 
 
@@ -196,6 +196,8 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["actor.lr=-1e-6"], "actor.lr=-1e-06: expected a number >= 0"),
     (["trainer.guard.action=panic"], "trainer.guard.action='panic': expected one of warn"),
     (["trainer.guard.max_kl_jump=high"], "trainer.guard.max_kl_jump='high'"),
+    (["trainer.guard.max_repetitive_share=1.5"], "trainer.guard.max_repetitive_share=1.5: "
+     "expected null (off) or a number in [0, 1]"),
     (["+trainer.guard.max_kl=1"], "trainer.guard.max_kl is not a configuration key (did you mean "
      "trainer.guard.max_kl_jump?)"),
     (["trainer.guard.action=rollback"], "trainer.guard.action=rollback restores the best "
@@ -232,6 +234,7 @@ def test_model_shape_is_read_from_the_checkpoint(tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"],
         "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 2,
         "max_position_embeddings": 128, "hidden_size": 64, "vocab_size": 100}))
     save_file({"weight": torch.zeros(2)}, str(model_dir / "model.safetensors"))

@@ -59,6 +59,25 @@ def test_broken_config_json(tiny_qwen2, tmp_path):
         in _problems(_model(model))
 
 
+def test_unsupported_architecture_is_refused_where_config_json_is_read(tiny_qwen2, tmp_path,
+                                                                       preflight):
+    """GPT2LMHeadModel in config.json: the config check (and so the preflight and the console
+    script) names it and the supported ones, as tools/convert_ckpt.py does."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2, model)
+    config_file = model / "config.json"
+    config = json.loads(config_file.read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    config_file.write_text(json.dumps(config))
+    message = (f"model.path: {config_file} has architectures ['GPT2LMHeadModel'], which the "
+               f"bridge cannot map: supported are Qwen2ForCausalLM, LlamaForCausalLM, "
+               f"Qwen3ForCausalLM")
+    assert message in _problems(_model(model))
+    report = preflight.Report()
+    preflight.load_config(report, _model(model))
+    assert f"FAIL {message}" in report.lines
+
+
 def test_uncached_hub_id_offline_names_model_path(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
@@ -97,13 +116,30 @@ def converted_checkpoint(tiny_qwen2, tmp_path_factory) -> Path:
     return out
 
 
+def test_resume_checkpoint_of_another_model_size_names_both_sizes(tmp_path,
+                                                                 small_megatron_checkpoint):
+    """A training checkpoint (with optimizer) of 3 layers, hidden 64, MLP 96, q+k+v 192 rows,
+    resumed with the tiny default (2 layers, hidden 128, MLP 256, 4 + 2 x 2 heads of 32): both
+    sizes named by the config check, from the checkpoint's .metadata."""
+    ckpt = small_megatron_checkpoint(tmp_path / "step_5", has_optimizer=True)
+    tiny = ["model.path=", "model.make_tiny=true"]
+    assert (f"trainer.resume: {ckpt} holds a model of num_hidden_layers 3, hidden_size 64, "
+            f"intermediate_size 96, q+k+v rows per layer 192; the configured model (model.tiny) "
+            f"describes num_hidden_layers 2, hidden_size 128, intermediate_size 256, q+k+v rows "
+            f"per layer 256: resume a checkpoint of this model, or set model.path to the model "
+            f"it was trained from") in _problems([*tiny, f"trainer.resume={ckpt}"])
+
+
 def test_truncated_distcp_is_named_by_resume_check_and_converter(converted_checkpoint, tmp_path,
                                                                  capsys):
     import convert_ckpt
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(converted_checkpoint, ckpt)
-    load([f"trainer.resume={ckpt}"])  # intact: accepted
+    # Intact but model-only (the converter's): no optimizer to resume; model.path is the way.
+    assert f"trainer.resume: {ckpt} is a model-only checkpoint (tools/convert_ckpt.py " \
+           f"hf-to-megatron writes these): it has no optimizer state to resume. To train from " \
+           f"its weights set model.path" in _problems([f"trainer.resume={ckpt}"])
     distcp = sorted(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)[-1]
     full = distcp.stat().st_size
     with open(distcp, "r+b") as file:
@@ -170,6 +206,7 @@ def test_cached_hub_model_is_checked_from_its_cached_config(monkeypatch, tmp_pat
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
     (snapshot / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"],
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "hidden_size": 128, "vocab_size": 1000, "max_position_embeddings": 64}))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))

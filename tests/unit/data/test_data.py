@@ -13,7 +13,7 @@ from megatron_intuitor.data.datasets import (DataError, DatasetSpec, humaneval_p
                                              load_records, read_records)
 from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import DEFAULT_SYSTEM_PROMPT, build_prompts, chat_messages
-from megatron_intuitor.data.synthetic import arithmetic_records
+from megatron_intuitor.data.synthetic import arithmetic_records, arithmetic_space
 from repo_paths import SHARED_DATA
 
 
@@ -155,6 +155,20 @@ def test_parquet_missing_column_row_number(tmp_path):
         load_records(DatasetSpec(str(path), format="prompt", prompt_key="text", answer_key="gt"))
     with pytest.raises(DataError, match=r"missing field 'prompt'"):
         load_records(DatasetSpec(str(path), format="prompt"))
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    """A .parquet name on CSV text, or a parquet file cut short: a DataError naming the file,
+    not pyarrow's ArrowInvalid."""
+    text = tmp_path / "rows.parquet"
+    text.write_text("question,answer\nq,#### 1\n")
+    with pytest.raises(DataError, match=rf"{re.escape(str(text))} is not a readable parquet file"):
+        load_records(DatasetSpec(str(text), format="gsm8k"))
+    cut = tmp_path / "cut.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "#### 1"}] * 100), cut)
+    cut.write_bytes(cut.read_bytes()[:-20])
+    with pytest.raises(DataError, match=rf"{re.escape(str(cut))} is not a readable parquet file"):
+        load_records(DatasetSpec(str(cut), format="gsm8k"))
 
 
 def test_format_errors(tmp_path):
@@ -314,3 +328,16 @@ def test_training_prompts_that_are_validation_prompts_are_dropped(tokenizer, tin
     assert [p.record.messages[0]["content"] for p in train.prompts] == \
         [text for text in every_train if text not in validation]
     assert 0 < len(train.prompts) < 64  # 16 distinct prompts: some were validation prompts
+
+
+def test_arithmetic_space_holds_every_drawable_prompt_once():
+    space = arithmetic_space(3, "+-")
+    questions = [r.messages[0]["content"] for r in space]
+    assert len(questions) == len(set(questions)) == 4 * 4 * 2
+    assert questions[:2] == ["What is 0 + 0?", "What is 0 + 1?"]
+    assert {(q, r.ground_truth) for q, r in zip(questions, space)} >= {
+        ("What is 3 - 2?", "1"), ("What is 1 - 3?", "-2"), ("What is 2 + 3?", "5")}
+    drawn = {r.messages[0]["content"] for r in arithmetic_records(300, 1, 3, "+-")}
+    assert drawn <= set(questions)
+    with pytest.raises(ValueError, match="operators '/'"):
+        arithmetic_space(3, "/")

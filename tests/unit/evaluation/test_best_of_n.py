@@ -91,15 +91,62 @@ def test_best_of_n_metrics_checks_counts():
 
 
 @pytest.mark.slow
-def test_tool_runs_on_a_tiny_model(tiny_qwen2):
+def test_tool_runs_on_a_tiny_model(tiny_qwen2, tmp_path):
+    """The whole synthetic space of operands 0..2 but one excluded prompt, in chunks, with the
+    per-response dump: one greedy and N sampled rows per prompt, consistent with the metrics;
+    --report-from on the dump prints the same report."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    (tmp_path / "exclude.txt").write_text("What is 0 + 1?\n")
+    dump = tmp_path / "dump.jsonl"
     run = subprocess.run([sys.executable, str(REPO / "tools" / "best_of_n.py"), str(tiny_qwen2),
-                          "--synthetic", "4", "-n", "3", "--max-response-length", "16"],
+                          "--synthetic-space", "+-", "2", "--exclude",
+                          str(tmp_path / "exclude.txt"), "-n", "3", "--chunk-prompts", "8",
+                          "--max-response-length", "16", "--dump", str(dump)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["prompts"] == 4 and result["n"] == 3
+    assert result["prompts"] == 17 and result["n"] == 3  # 3 x 3 x 2 - 1
     names = bon.metric_names("synthetic_arithmetic", 3)
     best, majority, passed = (result[names[k]] for k in ("best", "majority", "pass"))
     assert 0.0 <= best <= passed <= 1.0 and majority <= passed
-    assert "val/synthetic_arithmetic/acc" in result
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(rows) == 17 * 4 and "What is 0 + 1?" not in {r["question"] for r in rows}
+    greedy = [r["correct"] for r in rows if r["sample"] == "greedy"]
+    assert result["val/synthetic_arithmetic/acc"] == pytest.approx(sum(greedy) / 17, abs=1e-4)
+    assert result["report"]["prompts"] == 17
+    again = subprocess.run([sys.executable, str(REPO / "tools" / "best_of_n.py"),
+                            "--report-from", str(dump), "-n", "3"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["report"] == result["report"]
+
+
+def test_answer_token_mask_marks_the_tokens_over_the_answer():
+    record = _math("12")
+    # tokens "The sum", " is \boxed{", "1", "2}", "." -> character ends
+    text = r"The sum is \boxed{12}."
+    ends = [7, 18, 19, 21, 22]
+    assert bon.answer_token_mask(record, text, ends) == [False, False, True, True, False]
+    # no box: the last number ("3" of "so 3 left"), which token 1 covers
+    assert bon.answer_token_mask(record, "it is 1, so 3 left", [8, 13, 18]) == [False, True,
+                                                                                 False]
+    assert bon.answer_token_mask(record, "no idea", [2, 7]) is None
+    code = PromptRecord(messages=[], ground_truth=None, data_source="c", task="code",
+                        location="t")
+    assert bon.answer_token_mask(code, "x = 1", [5]) is None
+
+
+def test_tool_refuses_a_model_dir_without_weights(tiny_qwen2, tmp_path):
+    """config.json and tokenizer but no *.safetensors: a usage error naming the directory,
+    before vLLM starts (no traceback)."""
+    import shutil
+
+    model = tmp_path / "no_weights"
+    shutil.copytree(tiny_qwen2, model, ignore=shutil.ignore_patterns("*.safetensors*"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "best_of_n.py"), str(model),
+                          "--synthetic", "4"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"error: model_dir={model} has no *.safetensors weights" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -253,3 +253,14 @@ def test_validation_metrics_on_records_from_the_data_module():
     assert set(metrics) == {"val/gsm8k/acc", "val/math500/acc", "val/arc_challenge/acc",
                             "val/humaneval/acc", "val/synthetic_arithmetic/acc"}
     assert grade_record(records[-1], f"It is {records[-1].ground_truth}.")
+
+
+def test_answer_spans_point_at_what_last_boxed_and_last_number_read():
+    from megatron_intuitor.evaluation.math import last_boxed_span, last_number_span
+
+    text = r"first \boxed{1} then \boxed{ \frac{1}{2} } end 3,500"
+    start, end = last_boxed_span(text)
+    assert text[start:end] == r"\frac{1}{2}" == last_boxed(text)
+    start, end = last_number_span(text)
+    assert text[start:end] == "3,500" and last_number(text) == "3500"
+    assert last_boxed_span("no box") is None and last_number_span("none") is None

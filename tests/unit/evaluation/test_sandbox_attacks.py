@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -125,8 +126,11 @@ import json, os
 report = {{}}
 for path in {paths!r}:
     try:
-        open(path, "r+b").close() if os.path.isfile(path) else os.listdir(path)
-        report[path] = "opened"
+        if os.path.isfile(path):
+            open(path, "r+b").close()
+            report[path] = "opened"
+        else:
+            report[path] = sorted(os.listdir(path))
     except OSError as e:
         report[path] = e.errno
 report["/"] = os.listdir("/")
@@ -138,11 +142,15 @@ print(json.dumps(report))
                                           "shm", "stderr", "stdin", "stdout", "tty", "urandom",
                                           "zero"]
     # Only the system libraries and the interpreter's prefixes (and the dirs above them).
+    prefixes = [Path(p) for q in (sys.prefix, sys.base_prefix,
+                                  os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
+                for p in {os.path.abspath(q), os.path.realpath(q)}]
     allowed = {"sandbox", "dev", "proc"} | {Path(p).parts[1] for p in (
-        "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", sys.prefix,
-        sys.base_prefix, os.path.realpath(sys.executable))}
+        "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", *prefixes)}
     assert set(report.pop("/")) <= allowed
-    assert report == dict.fromkeys(paths, errno.ENOENT)
+    # A directory above a bound prefix (/tmp for a venv in /tmp/venv) exists inside, holding
+    # only the way down to that prefix; every other path is absent.
+    assert report == {path: _ways_down(Path(path), prefixes) or errno.ENOENT for path in paths}
 
 
 def test_files_are_written_only_in_the_size_limited_work_dir(attack, tmp_path):
@@ -465,8 +473,7 @@ def test_canonical_humaneval_solutions_pass_from_a_venv_under_tmp():
     venv = Path(tempfile.mkdtemp(prefix="sandbox_venv_", dir="/tmp"))
     venv.chmod(0o755)  # as `python -m venv /tmp/x` makes it
     try:
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                        str(venv)], check=True, timeout=120)
+        _venv_seeing_this_environment(venv)
         grader = """
 import json, sys
 from megatron_intuitor.evaluation.code import humaneval_problems
@@ -489,6 +496,28 @@ print(json.dumps(dict(
         assert report == dict(prefix=str(venv), tasks=164, accuracy=1.0)
     finally:
         shutil.rmtree(venv)
+
+
+def _ways_down(directory: Path, prefixes: list[Path]) -> list[str]:
+    """The names in `directory` on the way to the prefixes below it (empty if none is)."""
+    return sorted({p.relative_to(directory).parts[0] for p in prefixes
+                   if directory in p.parents})
+
+
+def _venv_seeing_this_environment(venv: Path) -> None:
+    """A venv at `venv` that imports what this interpreter imports. `-m venv` run from a venv
+    builds on the base interpreter (`sys._base_executable`), so `--system-site-packages` alone
+    sees the base's packages, not this venv's: a .pth file adds this environment's site dirs
+    (with their own .pth files, e.g. editable installs)."""
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c",
+                              "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    site_dirs = site.getsitepackages() + (
+        [site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    (Path(purelib) / "outer_environment.pth").write_text(
+        f"import site; list(map(site.addsitedir, {site_dirs!r}))\n")
 
 
 def _assert_gone(marker: str, within_seconds: float = 5) -> None:

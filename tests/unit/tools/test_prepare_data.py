@@ -116,6 +116,15 @@ def test_missing_input_named(tmp_path, capsys):
     assert "no gsm8k/<split>" in capsys.readouterr().err
 
 
+def test_input_that_is_not_parquet_is_named(tmp_path, capsys):
+    source = tmp_path / "test.parquet"
+    source.write_text('{"question": "q", "answer": "#### 1"}\n')
+    assert prepare_data.main(["gsm8k", "--input", str(source), "--output-dir",
+                              str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {source} is not a readable parquet file" in err and "Traceback" not in err
+
+
 def test_hub_needs_datasets_package(tmp_path):
     if importlib.util.find_spec("datasets") is not None:
         pytest.skip("`datasets` is installed: the hub path would need the network")
