@@ -277,12 +277,14 @@ def _naive_load(chunks, model_dir: Path, hf_config) -> None:
         state.update(_read_whole_file(file))
     checkpoint = _InMemoryCheckpoint(state)
     dims = bridge._Dims.of(hf_config)
-    tp_rank, tp = bridge._tp_rank_world()
     mappings = bridge.weight_mappings(hf_config)
     for chunk in chunks:
-        for mapping, layer, param in bridge._mapped_parameters(bridge._unwrap(chunk), mappings):
-            shard = torch.empty(param.shape, dtype=state[mapping.hf_names(layer)[0]].dtype)
-            bridge._read_shard(checkpoint, mapping, layer, dims, tp_rank, tp, shard)
+        for mapping, layer, expert, param in bridge._mapped_parameters(bridge._unwrap(chunk),
+                                                                       mappings):
+            tp_rank, tp = bridge._tp_rank_world(mapping)
+            shard = torch.empty(param.shape,
+                                dtype=state[mapping.hf_names(layer, expert)[0]].dtype)
+            bridge._read_shard(checkpoint, mapping, layer, expert, dims, tp_rank, tp, shard)
             with torch.no_grad():
                 param.copy_(shard)
 

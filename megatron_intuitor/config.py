@@ -217,11 +217,16 @@ class RankLayout:
     virtual_pipeline_parallel: Optional[int]
     data_parallel: int
     optimizer_steps_per_step: int  # mini-batches per step x PPO epochs
+    expert_parallel: int = 1  # mixture-of-experts models: experts split over these ranks
+    expert_tensor_parallel: Optional[int] = None  # each expert split over these (null: TP)
 
     RULES: ClassVar[tuple[Rule, ...]] = (
         ("actor.tensor_model_parallel_size", positive_int, "a positive integer"),
         ("actor.pipeline_model_parallel_size", positive_int, "a positive integer"),
         ("actor.virtual_pipeline_model_parallel_size", lambda v: v is None or positive_int(v),
+         "null or a positive integer"),
+        ("actor.expert_model_parallel_size", positive_int, "a positive integer"),
+        ("actor.expert_tensor_parallel_size", lambda v: v is None or positive_int(v),
          "null or a positive integer"),
         ("trainer.nnodes", positive_int, "a positive integer"),
         ("trainer.n_gpus_per_node", positive_int, "a positive integer"),
@@ -250,6 +255,13 @@ class RankLayout:
                 f"by actor.tensor_model_parallel_size x actor.pipeline_model_parallel_size = "
                 f"{actor.tensor_model_parallel_size} x {actor.pipeline_model_parallel_size}"])
         dp = world_size // model_parallel
+        ep = actor.expert_model_parallel_size
+        etp = actor.expert_tensor_parallel_size or actor.tensor_model_parallel_size
+        stage_ranks = world_size // actor.pipeline_model_parallel_size
+        if stage_ranks % (ep * etp):
+            problems.append(f"actor.expert_model_parallel_size x expert_tensor_parallel_size = "
+                            f"{ep} x {etp} does not divide the {stage_ranks} ranks of a pipeline "
+                            f"stage (experts are split over data- and tensor-parallel ranks)")
         prompts, n = cfg.data.prompts_per_step, cfg.rollout.n
         responses = prompts * n
         mini = actor.ppo_mini_batch_size
@@ -279,13 +291,15 @@ class RankLayout:
             tensor_parallel=actor.tensor_model_parallel_size,
             pipeline_parallel=actor.pipeline_model_parallel_size,
             virtual_pipeline_parallel=actor.virtual_pipeline_model_parallel_size,
-            data_parallel=dp, optimizer_steps_per_step=prompts // mini * actor.ppo_epochs)
+            data_parallel=dp, optimizer_steps_per_step=prompts // mini * actor.ppo_epochs,
+            expert_parallel=ep, expert_tensor_parallel=actor.expert_tensor_parallel_size)
 
     def parallel_sizes(self) -> ParallelSizes:
         from megatron_intuitor.parallel import ParallelSizes
 
         return ParallelSizes(self.tensor_parallel, self.pipeline_parallel,
-                             self.virtual_pipeline_parallel)
+                             self.virtual_pipeline_parallel, self.expert_parallel,
+                             self.expert_tensor_parallel)
 
 
 def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
@@ -633,7 +647,7 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
         return {"source": "model.tiny", "num_hidden_layers": tiny.num_layers,
                 "num_attention_heads": tiny.num_heads, "num_key_value_heads": tiny.num_kv_heads,
                 "hidden_size": tiny.hidden_size, "intermediate_size": tiny.intermediate_size,
-                "max_position_embeddings": _tiny_max_positions()}, []
+                "max_position_embeddings": _tiny_max_positions(), "num_experts": None}, []
     local = Path(cfg.model.path)
     if local.is_dir():
         config_file: Optional[Path] = local / "config.json"
@@ -648,7 +662,9 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
         return None, problems
     return {"source": str(config_file), **{key: hf.get(key) for key in (
         "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
-        "intermediate_size", "head_dim", "max_position_embeddings")}}, problems
+        "intermediate_size", "head_dim", "max_position_embeddings")},
+        # Qwen3-MoE checkpoints say num_experts; transformers 5 writes num_local_experts.
+        "num_experts": hf.get("num_experts") or hf.get("num_local_experts")}, problems
 
 
 def _tiny_max_positions() -> int:
@@ -685,6 +701,13 @@ def _check_model(cfg: DictConfig) -> list[str]:
     if heads % tp or kv_heads % tp:
         problems.append(f"actor.tensor_model_parallel_size={tp} does not divide the {heads} "
                         f"attention heads / {kv_heads} key-value heads of {source}")
+    ep, experts = actor.expert_model_parallel_size, shape["num_experts"]
+    if ep > 1 and not experts:
+        problems.append(f"actor.expert_model_parallel_size={ep} needs a mixture-of-experts "
+                        f"model; {source} has no experts")
+    elif experts and experts % ep:
+        problems.append(f"actor.expert_model_parallel_size={ep} does not divide the {experts} "
+                        f"experts of {source}")
     longest = cfg.data.max_prompt_length + cfg.data.max_response_length
     if shape["max_position_embeddings"] and longest > shape["max_position_embeddings"]:
         problems.append(f"data.max_prompt_length + data.max_response_length = {longest} exceeds "

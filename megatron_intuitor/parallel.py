@@ -17,9 +17,19 @@ from megatron_intuitor.platform import device, ensure_platform, on_gpu
 
 @dataclass(frozen=True)
 class ParallelSizes:
+    """Megatron's parallel sizes. Experts (mixture-of-experts models) are split over `expert`
+    ranks (EP) and each expert over `expert_tensor` ranks (ETP, default: `tensor`); Megatron
+    folds EP x ETP into the data-parallel x tensor-parallel ranks of each pipeline stage."""
+
     tensor: int = 1
     pipeline: int = 1
     virtual_pipeline: Optional[int] = None
+    expert: int = 1
+    expert_tensor: Optional[int] = None
+
+    @property
+    def expert_tensor_size(self) -> int:
+        return self.tensor if self.expert_tensor is None else self.expert_tensor
 
     def data(self, world_size: int) -> int:
         model_parallel = self.tensor * self.pipeline
@@ -28,6 +38,12 @@ class ParallelSizes:
                 f"world size {world_size} is not divisible by tensor_model_parallel_size "
                 f"({self.tensor}) x pipeline_model_parallel_size ({self.pipeline})"
             )
+        expert_ranks = self.expert * self.expert_tensor_size
+        if (world_size // self.pipeline) % expert_ranks:
+            raise ValueError(
+                f"the {world_size // self.pipeline} ranks of a pipeline stage are not divisible "
+                f"by expert_model_parallel_size ({self.expert}) x "
+                f"expert_tensor_parallel_size ({self.expert_tensor_size})")
         return world_size // model_parallel
 
 
@@ -61,6 +77,8 @@ def init_model_parallel(sizes: ParallelSizes, seed: int = 1234) -> None:
             tensor_model_parallel_size=sizes.tensor,
             pipeline_model_parallel_size=sizes.pipeline,
             virtual_pipeline_model_parallel_size=sizes.virtual_pipeline,
+            expert_model_parallel_size=sizes.expert,
+            expert_tensor_parallel_size=sizes.expert_tensor_size,
         )
     set_seed(seed)
 
@@ -76,7 +94,9 @@ def warm_up_groups() -> None:
               parallel_state.get_pipeline_model_parallel_group(),
               parallel_state.get_data_parallel_group(with_context_parallel=True),
               parallel_state.get_model_parallel_group(),
-              parallel_state.get_amax_reduction_group(with_context_parallel=True)]
+              parallel_state.get_amax_reduction_group(with_context_parallel=True),
+              parallel_state.get_expert_model_parallel_group(),
+              parallel_state.get_expert_tensor_parallel_group()]
     if parallel_state.is_rank_in_embedding_group():
         groups.append(parallel_state.get_embedding_group())
     probe = torch.zeros(1, device=device())

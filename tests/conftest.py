@@ -39,6 +39,12 @@ def tiny_qwen3(tmp_path_factory):
     return _tiny(tmp_path_factory, "qwen3", arch="qwen3", vocab_size=1003)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory):
+    """Qwen3-MoE, 4 layers of 8 experts (top-2, norm_topk_prob), tied."""
+    return _tiny(tmp_path_factory, "qwen3_moe", arch="qwen3_moe", vocab_size=1003, num_layers=4)
+
+
 @pytest.fixture
 def preflight():
     """`megatron_intuitor.preflight`, the launch scripts' checks."""

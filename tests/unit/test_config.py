@@ -175,6 +175,11 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["actor.pipeline_model_parallel_size=2", "actor.tensor_model_parallel_size=1",
       "actor.virtual_pipeline_model_parallel_size=2"],
      "virtual_pipeline_model_parallel_size = 4 does not divide the 2 layers of model.tiny"),
+    (["actor.expert_model_parallel_size=2"],
+     "actor.expert_model_parallel_size=2 needs a mixture-of-experts model; model.tiny has no"),
+    (["actor.expert_model_parallel_size=3"],
+     "actor.expert_model_parallel_size x expert_tensor_parallel_size = 3 x 2 does not divide "
+     "the 2 ranks of a pipeline stage"),
     (["actor.virtual_pipeline_model_parallel_size=2"],
      "actor.virtual_pipeline_model_parallel_size > 1 needs actor.pipeline_model_parallel_size > 1"),
     (["actor.use_dynamic_bsz=true", "actor.max_tokens_per_gpu=50"],

@@ -1,5 +1,7 @@
 """The HF <-> Megatron bridge is exact: Megatron logits equal transformers' logits (fp32) at every
-parallel layout, and HF -> Megatron -> HF gives back every tensor bit for bit.
+parallel layout, and HF -> Megatron -> HF gives back every tensor bit for bit. For the
+mixture-of-experts model (Qwen3-MoE) also at expert parallelism, with its gradients at EP=2 equal
+to those of ranks that hold every expert.
 
 All layouts run in one 4-rank spawn that re-initialises Megatron's parallel groups per layout and
 loads several tiny models in each; the transformers reference runs in the test process."""
@@ -30,6 +32,9 @@ def _pipeline_logits(chunks, ids):
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
     microbatches = [ids[i:i + 1] for i in range(ids.shape[0])]
 
+    for chunk in chunks:  # Megatron's MoE layer refuses to train at TP > 1 without sequence parallelism
+        chunk.eval()
+
     def forward_step(data_iterator, chunk):
         logits = chunk(next(data_iterator), positions, None)
         return logits, lambda out: (out.sum() * 0.0, {"logits": out.detach().clone()})
@@ -45,19 +50,42 @@ def _pipeline_logits(chunks, ids):
     return torch.cat([item["logits"] for item in store])
 
 
-# name -> (tensor, pipeline, virtual pipeline) sizes and the models checked at that layout
+# name -> (tensor, pipeline, virtual pipeline[, expert, expert tensor]) sizes and the models
+# checked at that layout
 LAYOUTS = {
-    "tp1": ((1, 1, None), ("qwen2", "qwen2_untied", "llama", "qwen3", "qwen2_bf16")),
-    "tp2": ((2, 1, None), ("qwen2", "llama", "qwen3")),
+    "tp1": ((1, 1, None), ("qwen2", "qwen2_untied", "llama", "qwen3", "qwen3_moe", "qwen2_bf16")),
+    "tp2": ((2, 1, None), ("qwen2", "llama", "qwen3", "qwen3_moe")),
+    "ep2": ((1, 1, None, 2), ("qwen3_moe",)),
+    "tp2_ep2": ((2, 1, None, 2), ("qwen3_moe",)),
+    "tp2_ep2_etp1": ((2, 1, None, 2, 1), ("qwen3_moe",)),
+    "pp2_ep2": ((1, 2, None, 2), ("qwen3_moe",)),
     # tied embeddings at PP=2: the last stage holds a copy of the embedding as output layer
     "pp2": ((1, 2, None), ("qwen2", "qwen2_untied", "llama")),
     "tp2_pp2": ((2, 2, None), ("qwen2", "llama", "qwen3")),
     "pp2_vpp2": ((1, 2, 2), ("qwen2_4layers",)),
 }
 WORLD_SIZE = 4  # every layout runs on the same 4 ranks, the rest being data parallel
+# Layouts whose gradients of the MoE model are taken (one batch per rank, PP=1, TP=1: Megatron's
+# MoE layer trains at TP > 1 only with sequence parallelism, which the CPU norms lack).
+GRADIENT_LAYOUTS = ("tp1", "ep2")
 
 
-def _every_layout(rank, world_size, model_dirs, bad_dirs):
+def _hf_named_gradients(chunks, hf_config, ids) -> dict[str, torch.Tensor]:
+    """The gradients of sum(logits x fixed weights) + the router's auxiliary loss, per HF tensor
+    name: each parameter's data is swapped for its gradient and exported through the bridge."""
+    from megatron_intuitor.models.bridge import export_hf_weights
+
+    (chunk,) = chunks
+    chunk.train()
+    logits = chunk(ids, torch.arange(ids.shape[1]).unsqueeze(0), None)
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    (logits * weights).sum().backward()
+    for param in chunk.parameters():  # an expert no token reached has no gradient
+        param.data = param.grad if param.grad is not None else torch.zeros_like(param)
+    return {name: tensor.clone() for name, tensor in export_hf_weights(chunks, hf_config)}
+
+
+def _every_layout(rank, world_size, model_dirs, bad_dirs):  # noqa: C901 (one spawn, many checks)
     """Per layout and model: this rank's logits shard and a bit-exact comparison of its export
     with the checkpoint; per bad checkpoint: the error. One spawn for all layouts: starting
     ranks costs far more than the tiny models."""
@@ -90,6 +118,10 @@ def _every_layout(rank, world_size, model_dirs, bad_dirs):
                 "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                 "dp_rank": parallel_state.get_data_parallel_rank(),
                 "logits": logits, "export": export, "checkpoint": sorted(checkpoint)}
+            if name == "qwen3_moe" and layout in GRADIENT_LAYOUTS:
+                ids = torch.randint(0, hf_config.vocab_size, (1, SEQ),
+                                    generator=torch.Generator().manual_seed(10 + rank))
+                results[layout][name]["gradients"] = _hf_named_gradients(chunks, hf_config, ids)
         if layout == "tp1":
             for bad, bad_dir in bad_dirs.items():
                 try:
@@ -130,7 +162,8 @@ def _corrupt_copies(model_dir, root):
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tiny_qwen2, tiny_qwen2_untied, tiny_llama, tiny_qwen3, tmp_path_factory):
+def model_dirs(tiny_qwen2, tiny_qwen2_untied, tiny_llama, tiny_qwen3, tiny_qwen3_moe,
+               tmp_path_factory):
     root = tmp_path_factory.mktemp("bridge_models")
     return {
         "qwen2": tiny_qwen2, "qwen2_untied": tiny_qwen2_untied, "llama": tiny_llama,
@@ -139,6 +172,7 @@ def model_dirs(tiny_qwen2, tiny_qwen2_untied, tiny_llama, tiny_qwen3, tmp_path_f
                                       dtype=torch.bfloat16),
         "qwen2_4layers": make_tiny_model(root / "qwen2_4layers", arch="qwen2", vocab_size=1003,
                                          num_layers=4),
+        "qwen3_moe": tiny_qwen3_moe,
     }
 
 
@@ -172,7 +206,7 @@ def test_export_round_trip_is_bit_identical(every_layout, layout):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_logits_equal_transformers(every_layout, model_dirs, layout):
-    (tp, pp, vpp), models = LAYOUTS[layout]
+    (tp, pp, *_), models = LAYOUTS[layout]
     for name in models:
         if name == "qwen2_bf16":
             continue
@@ -190,6 +224,30 @@ def test_logits_equal_transformers(every_layout, model_dirs, layout):
             assert torch.all(megatron[..., reference.shape[-1]:] == 0)  # padded vocab
             diff = (megatron[..., : reference.shape[-1]] - reference).abs().max().item()
             assert diff <= ATOL, f"{name} at {layout}: max |logit diff| {diff}"
+
+
+@pytest.mark.slow
+def test_moe_gradients_at_expert_parallel_2_equal_every_expert_on_each_rank(every_layout):
+    """At EP=2 (ranks {0, 1} and {2, 3} each split the experts) every rank's attention, norm and
+    router gradients equal those of the same rank holding all experts (EP=1) on the same batch,
+    and an expert's gradient is the sum over its EP group's batches: tokens travel to the
+    expert's rank and their gradients back."""
+    reference = [result["tp1"]["qwen3_moe"]["gradients"] for result in every_layout]
+    for rank, result in enumerate(every_layout):
+        gradients = result["ep2"]["qwen3_moe"]["gradients"]
+        assert sorted(gradients) == sorted(reference[rank])
+        group = (rank // 2 * 2, rank // 2 * 2 + 1)
+        reached = 0
+        for name, gradient in gradients.items():
+            if ".mlp.experts." in name:
+                expected = reference[group[0]][name] + reference[group[1]][name]
+            else:
+                expected = reference[rank][name]
+            reached += bool(expected.abs().max() > 0)
+            # An expert no token of the group chose has a zero gradient, and must here too.
+            diff = (gradient - expected).abs().max().item()
+            assert diff <= 1e-5 * expected.abs().max().item(), f"rank {rank}, {name}: {diff}"
+        assert reached >= 0.9 * len(gradients), f"rank {rank}: {reached} of {len(gradients)}"
 
 
 @pytest.mark.slow
@@ -260,3 +318,51 @@ def test_padded_vocab_size(vocab, tp, padded):
     from megatron_intuitor.models.config import padded_vocab_size
 
     assert padded_vocab_size(vocab, tp) == padded
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ((1, 1, None, 3), "expert_model_parallel_size 3 does not divide num_experts=8"),
+    ((1, 1, None, 2, 3), "expert_tensor_parallel_size 3 does not divide moe_intermediate_size=64"),
+])
+def test_bad_expert_parallel_sizes_are_refused(tiny_qwen3_moe, sizes, message):
+    from megatron_intuitor.models.config import load_hf_config, transformer_config_from_hf
+    from megatron_intuitor.parallel import ParallelSizes
+
+    with pytest.raises(ValueError, match=message):
+        transformer_config_from_hf(load_hf_config(tiny_qwen3_moe), ParallelSizes(*sizes))
+
+
+def test_expert_parallelism_needs_a_mixture_of_experts(tiny_qwen2):
+    from megatron_intuitor.models.config import load_hf_config, transformer_config_from_hf
+    from megatron_intuitor.parallel import ParallelSizes
+
+    with pytest.raises(ValueError, match="expert_model_parallel_size=2 .* need a mixture-of-experts"):
+        transformer_config_from_hf(load_hf_config(tiny_qwen2), ParallelSizes(expert=2))
+
+
+def test_moe_with_dense_layers_is_refused(tiny_qwen3_moe, tmp_path):
+    from megatron_intuitor.models.config import load_hf_config
+
+    shutil.copytree(tiny_qwen3_moe, tmp_path / "moe")
+    config_file = tmp_path / "moe" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["mlp_only_layers"] = [0]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="mlp_only_layers=\\[0\\].*every layer is a mixture"):
+        load_hf_config(tmp_path / "moe")
+
+
+def test_moe_router_matches_hf_routing(tiny_qwen3_moe):
+    """Megatron's router options reproduce HF's: softmax -> top-k -> renormalise
+    (norm_topk_prob) is a softmax over the top-k logits, so pre-softmax is off; the auxiliary
+    loss coefficient is HF's router_aux_loss_coef; no z-loss."""
+    from megatron_intuitor.models.config import load_hf_config, transformer_config_from_hf
+    from megatron_intuitor.parallel import ParallelSizes
+
+    hf_config = load_hf_config(tiny_qwen3_moe)
+    config = transformer_config_from_hf(hf_config, ParallelSizes(expert=2))
+    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (8, 2, 64)
+    assert config.moe_router_score_function == "softmax" and not config.moe_router_pre_softmax
+    assert config.moe_aux_loss_coeff == hf_config.router_aux_loss_coef == 0.001
+    assert config.moe_z_loss_coeff is None
+    assert config.expert_model_parallel_size == 2 and config.moe_token_dispatcher_type == "alltoall"
