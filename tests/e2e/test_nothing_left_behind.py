@@ -2,7 +2,7 @@
 shared-memory broadcaster) and a checkpoint per step; when its second save starts, the driver
 and both ranks get SIGKILL at once. Within 20 s no process of the run may remain (Megatron's
 forked checkpoint writers and the resource tracker included) and no /dev/shm file that the
-run's processes had mapped may still exist."""
+run's processes had mapped may still exist; the killed save is never taken as a checkpoint."""
 import os
 import signal
 import subprocess
@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from megatron_intuitor.checkpoint import latest_checkpoint
 from repo_paths import REPO
 
 SETTLE_SECONDS = 20
@@ -77,3 +79,8 @@ def test_sigkill_mid_save_with_rollout_tp2_leaves_no_process_and_no_shm(tmp_path
         time.sleep(0.5)
     assert _processes_with(marker) == {}
     assert sorted(name for name in mapped if (Path("/dev/shm") / name).exists()) == []
+    # the save killed midway was never published (a step_2 exists only if its save had been
+    # published whole before the kill): a resume takes the last whole checkpoint
+    checkpoints = run_dir / "checkpoints"
+    published = "step_2" if (checkpoints / "step_2").exists() else "step_1"
+    assert latest_checkpoint(checkpoints) == checkpoints / published
