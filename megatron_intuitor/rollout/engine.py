@@ -366,11 +366,15 @@ class RolloutEngine:
     def checkpoint_shapes(self) -> dict[str, torch.Size]:
         """HF checkpoint names and shapes the engine takes: those of the checkpoint files (the
         bridge's table), which for a mixture of experts are one tensor per expert where
-        transformers' model holds them fused."""
+        transformers' model holds them fused. With tied embeddings `lm_head.weight` is taken
+        too (transformers' state_dict holds it; vLLM skips it)."""
         from megatron_intuitor.models.bridge import expected_hf_tensors
 
-        return {name: torch.Size(shape)
-                for name, shape in expected_hf_tensors(self.hf_config).items()}
+        shapes = {name: torch.Size(shape)
+                  for name, shape in expected_hf_tensors(self.hf_config).items()}
+        if getattr(self.hf_config, "tie_word_embeddings", False):
+            shapes.setdefault("lm_head.weight", shapes["model.embed_tokens.weight"])
+        return shapes
 
     @cached_property
     def tied_checkpoint_names(self) -> frozenset[str]:

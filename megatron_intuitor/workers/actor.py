@@ -485,7 +485,7 @@ class ActorGroup:
         the first weights (version 0) to the rollout ranks."""
         host, port = self.group.execute_rank0("open_weights_store")
         world = 1 + self.rollout_group.world_size
-        joins = [actor.connect_rollout.remote(world) for actor in self.group.actors]
+        joins = self.group.submit_per_rank("connect_rollout", [(world,)] * self.group.world_size)
         receivers = self.rollout_group.submit_per_rank(
             "connect_trainer", [(host, port, 1 + rank, world)
                                 for rank in range(self.rollout_group.world_size)])
@@ -598,11 +598,13 @@ class ActorGroup:
     def sync_weights(self) -> None:
         """The policy into every engine; separate: the training ranks' broadcast and the
         rollout ranks' reception run at once."""
-        sends = [actor.sync_weights.remote() for actor in self.group.actors]
-        if self.rollout_group is not None:
-            received = self.rollout_group.submit_per_rank(
-                "receive_weights", [()] * self.rollout_group.world_size)
-            self.engine_version = self.rollout_group.gather(received, "receive_weights")[0]
+        if self.rollout_group is None:
+            self.group.execute_all("sync_weights")
+            return
+        sends = self.group.submit_per_rank("sync_weights", [()] * self.group.world_size)
+        received = self.rollout_group.submit_per_rank(
+            "receive_weights", [()] * self.rollout_group.world_size)
+        self.engine_version = self.rollout_group.gather(received, "receive_weights")[0]
         self.group.gather(sends, "sync_weights")
 
     def weight_sync_path(self) -> str:
