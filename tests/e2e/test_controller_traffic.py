@@ -28,5 +28,8 @@ def test_no_per_token_tensor_reaches_the_controller(bench):
     assert short["per_token_tensors_to_controller"] == 0
     assert before_short["per_token_tensors_to_controller"] > 0
     for key in ("bytes_to_controller", "bytes_from_controller"):
-        assert short[key] == long[key]  # independent of the response length
+        # independent of the response length: 1,536 more tokens a row would add >= 98 kB (64
+        # rows); what may differ is a few bytes of pickle memo (an object shared or not,
+        # depending on what ran earlier in the process: seen 2-4 bytes in the suite)
+        assert abs(long[key] - short[key]) <= 16, (key, short[key], long[key])
         assert before_long[key] > before_short[key] > short[key]
