@@ -30,7 +30,8 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ FORMAT_VERSION = 1
 # `fully_sharded_model_space` and `fully_reshardable` failed to load here.
 OPTIMIZER_SHARDING_TYPE = "dp_reshardable"
 
+_NONE: Mapping = MappingProxyType({})  # no companion models
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp_"
 _OLD_PREFIX = ".old_"
@@ -61,14 +63,16 @@ _WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn.Module],
                     optimizer: Any = None, extra: Optional[dict] = None, *,
                     keep_last: Optional[int] = None, keep_steps: Sequence[int] = (),
-                    hf_assets_dir: Optional[str | Path] = None) -> Path:
+                    hf_assets_dir: Optional[str | Path] = None,
+                    companions: Mapping[str, Sequence[torch.nn.Module]] = _NONE) -> Path:
     """Write `<root>/step_<step>` atomically on every rank (collective); return its path.
 
     `extra` (same on every rank, JSON-serialisable: data position, scheduler state, ...) comes
     back from `load_checkpoint` together with `step`. `keep_last` keeps that many newest
     checkpoints, and those of `keep_steps` besides (the best one). `hf_assets_dir` (an HF model
     directory) has its config and tokenizer copied into the checkpoint so it can later be
-    exported to HF without the original directory.
+    exported to HF without the original directory. `companions`: other models sharded like
+    the policy (name -> chunks: the EMA scorer), saved under their name's prefix.
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
@@ -77,9 +81,10 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: Sequence[torch.nn
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"checkpoint root {root} exists and is not a directory")
-    state = _trainer_state(step, model_chunks, optimizer, extra)
+    state = {**_trainer_state(step, model_chunks, optimizer, extra),
+             "companions": sorted(companions)}
     final = root / f"step_{step}"
-    _save_atomically(final, model_chunks, optimizer, state, hf_assets_dir)
+    _save_atomically(final, model_chunks, optimizer, state, hf_assets_dir, companions)
     if keep_last is not None and _rank() == 0:
         _prune(root, keep_last, keep_steps)
     _barrier()
@@ -131,10 +136,11 @@ def read_trainer_state(path: str | Path) -> dict:
 
 
 def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
-                    optimizer: Any = None, *, load_rng: bool = True) -> dict:
+                    optimizer: Any = None, *, load_rng: bool = True,
+                    companions: Mapping[str, Sequence[torch.nn.Module]] = _NONE) -> dict:
     """Load checkpoint `path` into this rank's model chunks (any TP/PP/VPP) and, if given, the
-    optimizer (same TP/PP as saved; DP may differ). Collective. Returns the saved `extra` with
-    `step` added.
+    optimizer (same TP/PP as saved; DP may differ), and the `companions` saved with it (name ->
+    chunks, as `save_checkpoint`'s). Collective. Returns the saved `extra` with `step` added.
 
     RNG states are restored only when the parallel layout equals the saved one (then every rank
     continues its own streams exactly); otherwise they are left alone with a warning."""
@@ -144,6 +150,10 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
 
     path = Path(path)
     state = read_trainer_state(path)
+    missing = sorted(set(companions) - set(state.get("companions", ())))
+    if missing:
+        raise ValueError(f"checkpoint {path} holds no weights of {', '.join(missing)} (it was "
+                         f"saved without them: see algorithm.scorer)")
     layout = _layout(len(model_chunks))
     saved = state["layout"]
     same_model_parallel = (saved["tensor"], saved["pipeline"]) == (layout["tensor"],
@@ -161,13 +171,18 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
 
     if optimizer is not None:
         _init_empty_adam_states(optimizer)
-    sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
+    sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=True,
+                                  companions=companions)
     # Optimizer state loading must not be recorded by autograd (FACTS: dp_reshardable needs it).
     with torch.no_grad():
         loaded = dist_checkpointing.load(sharded, str(path),
                                          strict=StrictHandling.RAISE_UNEXPECTED)
         for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
             unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
+        for name, chunks in companions.items():
+            for key, chunk in zip(_model_keys(len(chunks), name), chunks):
+                unwrap_model(chunk).load_state_dict(
+                    {k[len(name) + 1:]: v for k, v in loaded[key].items()}, strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
 
@@ -372,7 +387,8 @@ def hf_assets_of(checkpoint: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 def _save_atomically(final: Path, model_chunks: Sequence[torch.nn.Module], optimizer: Any,
-                     state: dict, hf_assets_dir: Optional[str | Path]) -> None:
+                     state: dict, hf_assets_dir: Optional[str | Path],
+                     companions: Mapping[str, Sequence[torch.nn.Module]] = _NONE) -> None:
     """Write into `.tmp_<name>` next to `final`, then rename it to `final` (replacing it)."""
     from megatron.core import dist_checkpointing
 
@@ -386,7 +402,8 @@ def _save_atomically(final: Path, model_chunks: Sequence[torch.nn.Module], optim
         tmp.mkdir(parents=True)  # dist_checkpointing.save needs it to exist (and be empty)
     _barrier()
 
-    sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
+    sharded = _sharded_state_dict(model_chunks, optimizer, is_loading=False,
+                                  companions=companions)
     _in_process_write_results()
     dist_checkpointing.save(sharded, str(tmp),
                             content_metadata={"distrib_optim_sharding_type":
@@ -468,14 +485,15 @@ def _step_dirs(root: Path) -> Iterator[tuple[int, Path]]:
 # State dicts
 # --------------------------------------------------------------------------------------------
 
-def _model_keys(num_chunks: int) -> list[str]:
+def _model_keys(num_chunks: int, name: str = "model") -> list[str]:
     # Megatron's convention; the ShardedTensor keys inside are global, so a checkpoint saved
     # with one chunk loads into several (VPP) and back.
-    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+    return [name] if num_chunks == 1 else [f"{name}{i}" for i in range(num_chunks)]
 
 
 def _sharded_state_dict(model_chunks: Sequence[torch.nn.Module], optimizer: Any,
-                        is_loading: bool) -> dict:
+                        is_loading: bool,
+                        companions: Mapping[str, Sequence[torch.nn.Module]] = _NONE) -> dict:
     # DDP / Float16Module wrappers would prefix every key with "module."; unwrapped keys are the
     # same for the trainer's wrapped chunks and the converter's bare ones.
     from megatron.core.utils import unwrap_model
@@ -491,6 +509,9 @@ def _sharded_state_dict(model_chunks: Sequence[torch.nn.Module], optimizer: Any,
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sharded, is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING_TYPE})
+    for name, chunks in companions.items():  # global keys "<name>.decoder...": no clash
+        sharded.update({key: unwrap_model(chunk).sharded_state_dict(prefix=f"{name}.")
+                        for key, chunk in zip(_model_keys(len(chunks), name), chunks)})
     return sharded
 
 

@@ -23,6 +23,7 @@ from megatron_intuitor.batch import MicroBatching
 from megatron_intuitor.collapse import CollapseConfig, CollapseConfigError
 from megatron_intuitor.data.records import FORMATS as DATA_FORMATS
 from megatron_intuitor.ppo import PPOSettings
+from megatron_intuitor.scorer import ScorerSettings
 from megatron_intuitor.value_rules import (Rule, check_rules, choice, is_bool, is_int, is_number,
                                            one_of, positive_int)
 from megatron_intuitor.workers import PLACEMENT_STRATEGIES
@@ -496,7 +497,7 @@ class RolloutSettings:
 
 # The classes whose rules and consistency checks `validate` runs, in this order.
 SETTINGS = (RankLayout, ModelSettings, OptimizerSettings, BatchSettings, PPOSettings,
-            RolloutSettings)
+            RolloutSettings, ScorerSettings)
 
 
 @dataclass(frozen=True)
@@ -513,6 +514,7 @@ class ActorSettings:
     batches: BatchSettings
     loss: PPOSettings
     rollout: RolloutSettings
+    scorer: ScorerSettings = ScorerSettings()  # algorithm.scorer: whose self-certainty rewards
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, schedule: Schedule, pad_token_id: int) -> ActorSettings:
@@ -520,7 +522,8 @@ class ActorSettings:
         return cls(layout=RankLayout.from_cfg(cfg), schedule=schedule, seed=cfg.trainer.seed,
                    pad_token_id=pad_token_id, model=ModelSettings.from_cfg(cfg),
                    optimizer=OptimizerSettings.from_cfg(cfg), batches=BatchSettings.from_cfg(cfg),
-                   loss=PPOSettings.from_cfg(cfg), rollout=RolloutSettings.from_cfg(cfg))
+                   loss=PPOSettings.from_cfg(cfg), rollout=RolloutSettings.from_cfg(cfg),
+                   scorer=ScorerSettings.from_cfg(cfg))
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ SKIPPED_STEPS = "actor/skipped_steps"  # optimizer steps skipped for a non-finit
 RESPONSE_LENGTH_MEAN = "response_length/mean"
 # prompts whose advantages algorithm.entropy_band zeroed this step (answer entropy outside it)
 FILTERED_PROMPTS = "intuitor/filtered_prompts"
+# the model whose self-certainty was the step's reward: scorer.SCORER_IDS (0 online, 1 ema,
+# 2 frozen), and with the EMA scorer the policy's weight in the update that followed the step
+REWARD_SCORER = "reward/scorer"
+SCORER_EMA_POLICY_WEIGHT = "reward/scorer_ema_policy_weight"
 ROLLOUT_LOGPROB_DIFF = "rollout/logprob_diff"  # |rollout engine - Megatron| log-prob, token mean
 # the off-policy correction (algorithm.behaviour_correction), token means over the update
 BEHAVIOUR_KL = "off_policy/behaviour_kl"  # k3 KL(behaviour (engine) || proximal (training))

@@ -150,8 +150,8 @@ class Trainer:
         # GPU: the engines' memory to training
         with self._timed(timings, "release_rollout_memory"):
             self.actor.release_rollout_memory()
-        # the rollout-time policy: never a frozen scorer (rollout.score_at_sampling: the
-        # engine's figures, taken while sampling; no forward)
+        # the rollout-time policy (rollout.score_at_sampling: the engine's figures, taken
+        # while sampling; no forward); the reward's self-certainty: algorithm.scorer's model
         with self._timed(timings, "old_log_prob"):
             scores = self.actor.score()
         if cfg.algorithm.kl_coef > 0:

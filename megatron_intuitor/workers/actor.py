@@ -16,19 +16,21 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from megatron_intuitor import metrics
+from megatron_intuitor import algorithm, metrics
 from megatron_intuitor.batch import (RolloutBatch, batch_from_rollouts, data_parallel_shard,
                                      group_mini_batches)
 from megatron_intuitor.config import ActorSettings, OptimizerSettings, Schedule
 from megatron_intuitor.platform import on_gpu
 from megatron_intuitor.rollout.engine import RolloutSample, SamplingConfig
 from megatron_intuitor.rollout.transport import make_transport
+from megatron_intuitor.scorer import SCORER_IDS, ema_update_
 from megatron_intuitor.workers.group import Worker, WorkerGroup
 from megatron_intuitor.workers.reports import (RolloutReport, ScoreReport, rollout_report,
                                                sampling_score_report, score_report)
@@ -150,13 +152,11 @@ class ActorWorker(Worker):
         self.lr_scheduler = _lr_scheduler(self.optimizer, settings.optimizer, settings.schedule)
         self.reference = None
         if model.keep_reference:
-            _, self.reference = load_policy(model_dir, sizes, **precision)
-            for chunk in self.reference:
-                chunk.requires_grad_(False)
-                chunk.eval()
+            self.reference = _frozen(load_policy(model_dir, sizes, **precision)[1])
         self.ref_offload = model.ref_offload and on_gpu()
         if self.ref_offload:
             self._move_reference("cpu")
+        self.scorer_model = self._build_scorer(model_dir, sizes, precision)
         parallel.warm_up_groups()  # NCCL communicators take their memory before vLLM sizes
         self.weights_version = 0  # the policy's: the training step whose update made it
         self.engine_asleep = False
@@ -170,6 +170,22 @@ class ActorWorker(Worker):
         self.rollouts: Optional[RolloutBatch] = None
         self.old_log_probs: Optional[torch.Tensor] = None
         self.ref_log_probs: Optional[torch.Tensor] = None
+
+    def _build_scorer(self, model_dir: str, sizes, precision: dict) -> Optional[list]:
+        """`algorithm.scorer`'s model chunks: None (online: the policy scores), the start
+        weights (frozen: the reference model when the KL term keeps one, else a copy) or the
+        EMA copy, in fp32 whatever the policy's precision: its updates move it by ~1e-5 of the
+        difference, which bf16 (8 bits of mantissa) would round away."""
+        from megatron_intuitor.models.policy import load_policy
+
+        scorer = self.settings.scorer.scorer
+        if scorer == "online":
+            return None
+        if scorer == "frozen":
+            return (self.reference if self.reference is not None
+                    else _frozen(load_policy(model_dir, sizes, **precision)[1]))
+        return _frozen(load_policy(model_dir, sizes, params_dtype=torch.float32,
+                                   recompute=precision["recompute"])[1])
 
     # ------------------------------------------------------------------------------- rollout
 
@@ -282,6 +298,19 @@ class ActorWorker(Worker):
         for chunk in self.reference:
             chunk.to(device)
 
+    @contextmanager
+    def _on_compute_device(self, model_chunks):
+        """With `actor.ref_offload` on GPU the reference's weights live in host memory except
+        during its forwards (as the reference, or as the frozen scorer)."""
+        offloaded = self.ref_offload and model_chunks is self.reference
+        if offloaded:
+            self._move_reference("cuda")
+        try:
+            yield
+        finally:
+            if offloaded:
+                self._move_reference("cpu")
+
     # ------------------------------------------------------------------------------- scoring
 
     @torch.no_grad()
@@ -325,10 +354,21 @@ class ActorWorker(Worker):
         update takes the old log-probs from its own forward (on-policy)."""
         if self.settings.rollout.score_at_sampling:
             shard = data_parallel_shard(self.rollouts, self.dp_rank, self.dp_size).trimmed()
-            return sampling_score_report(shard) if self.reports_for_dp_group else None
-        shard, scores = self._score_shard(self.policy)
-        self.old_log_probs = self._gather_data_parallel(scores["log_probs"])
-        return score_report(scores, shard) if self.reports_for_dp_group else None
+            report = sampling_score_report(shard) if self.reports_for_dp_group else None
+        else:
+            shard, scores = self._score_shard(self.policy)
+            self.old_log_probs = self._gather_data_parallel(scores["log_probs"])
+            report = score_report(scores, shard) if self.reports_for_dp_group else None
+        if self.scorer_model is None:
+            return report
+        # `algorithm.scorer`: the reward's self-certainty from the EMA copy or the start weights
+        # (the same vocab-parallel forward); entropy and log-probs stay the policy's
+        with self._on_compute_device(self.scorer_model):
+            shard, scores = self._score_shard(self.scorer_model)
+        if report is None:
+            return None
+        return replace(report, self_certainty=algorithm.sequence_rewards_from_self_certainty(
+            scores["self_certainty"], shard.response_mask))
 
     def score_samples(self, samples: list[RolloutSample]) -> Optional[ScoreReport]:
         """The current policy's figures of given responses (validation), padded with repeated
@@ -341,13 +381,8 @@ class ActorWorker(Worker):
     def score_reference(self) -> None:
         """The reference model's log-probs of the whole batch, kept on every rank; with
         `actor.ref_offload` on GPU its weights live in host memory except during this forward."""
-        if self.ref_offload:
-            self._move_reference("cuda")
-        try:
+        with self._on_compute_device(self.reference):
             _, scores = self._score_shard(self.reference)
-        finally:
-            if self.ref_offload:
-                self._move_reference("cpu")
         self.ref_log_probs = self._gather_data_parallel(scores["log_probs"])
 
     # -------------------------------------------------------------------------------- update
@@ -383,8 +418,21 @@ class ActorWorker(Worker):
         result = {name: sum(m[name] for m in per_step) / len(per_step) for name in per_step[0]}
         result[metrics.SKIPPED_STEPS] = sum(m[metrics.SKIPPED_STEPS] for m in per_step)
         result[metrics.LR] = per_step[-1][metrics.LR]  # the step's (one per training step)
+        result.update(self._update_scorer(step))
         self.weights_version = step
         return result if self.rank == 0 else None
+
+    def _update_scorer(self, step: int) -> dict[str, float]:
+        """The EMA scorer's move towards the updated policy, once per training step as the
+        paper (whether or not an optimizer step was skipped: the schedule is the run's clock);
+        the step's scorer metrics."""
+        scorer = self.settings.scorer
+        figures = {metrics.REWARD_SCORER: SCORER_IDS[scorer.scorer]}
+        if scorer.scorer == "ema":
+            weight = scorer.policy_weight(step, self.settings.schedule.training_steps)
+            ema_update_(self.scorer_model, self.policy, weight)
+            figures[metrics.SCORER_EMA_POLICY_WEIGHT] = weight
+        return figures
 
     # --------------------------------------------------------------------------- checkpoints
 
@@ -395,12 +443,19 @@ class ActorWorker(Worker):
         extra = {**extra, "lr_scheduler": self.lr_scheduler.state_dict()}
         return str(save_checkpoint(root, step, self.policy, self.optimizer, extra=extra,
                                    keep_last=keep_last, keep_steps=keep_steps,
-                                   hf_assets_dir=self.model_dir))
+                                   hf_assets_dir=self.model_dir,
+                                   companions=self._checkpointed_companions()))
+
+    def _checkpointed_companions(self) -> dict[str, list]:
+        """The models a checkpoint holds besides the policy: the EMA scorer's weights (the
+        frozen ones are the start weights, rebuilt from the model directory)."""
+        return {"ema_scorer": self.scorer_model} if self.settings.scorer.scorer == "ema" else {}
 
     def load_checkpoint(self, path: str) -> dict:
         from megatron_intuitor.checkpoint import load_checkpoint
 
-        extra = load_checkpoint(path, self.policy, self.optimizer)
+        extra = load_checkpoint(path, self.policy, self.optimizer,
+                                companions=self._checkpointed_companions())
         self.lr_scheduler.load_state_dict(extra["lr_scheduler"])
         self.weights_version = int(extra["step"])
         if self.engine is not None:  # separate: the controller syncs both sides at once
@@ -418,6 +473,14 @@ class ActorWorker(Worker):
     def data_parallel_coordinates(self) -> tuple[int, bool]:
         """(DP rank, whether this rank reports for its DP group)."""
         return self.dp_rank, self.reports_for_dp_group
+
+
+def _frozen(model_chunks: list) -> list:
+    """`model_chunks` for forwards only (a reference or scorer model): no gradients, eval."""
+    for chunk in model_chunks:
+        chunk.requires_grad_(False)
+        chunk.eval()
+    return model_chunks
 
 
 @dataclass
