@@ -3,13 +3,11 @@ metrics and a checkpoint, prints only its start, step and end lines and raises n
 a run started by `run_intuitor.sh default` as a user would and interrupted after step 2 resumes
 to the same step-3 metrics as the uninterrupted run; bad input fails before any work.
 
-The uninterrupted run is shared by several checks (each tiny run costs ~30 s of the suite)."""
-import json
+The uninterrupted run (conftest.py) is shared by several checks."""
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +16,8 @@ import torch
 
 from megatron_intuitor import collapse, metrics
 from megatron_intuitor.config import ConfigError, load
-from repo_paths import REPO
-from test_collapse_run import GUARDS, alerts
+from test_collapse_run import alerts
+from tiny_runs import UNINTERRUPTED_EXTRA, finish, launch, overrides, metric_rows
 
 REQUIRED_METRICS = [
     metrics.SELF_CERTAINTY_MEAN, metrics.SELF_CERTAINTY_STD, metrics.ENTROPY,
@@ -35,53 +33,10 @@ DETERMINISTIC = [
 ]
 
 
-def _overrides(run_dir: Path, steps: int) -> list[str]:
-    return [f"trainer.output_dir={run_dir}", f"trainer.total_steps={steps}",
-            "trainer.save_every=1", "trainer.val_every=0", "logger.backends=[jsonl]",
-            f"logger.log_dir={run_dir / 'logs'}", "data.prompts_per_step=4",
-            "data.max_response_length=16", "actor.ppo_micro_batch_size_per_gpu=4",
-            "actor.log_prob_micro_batch_size_per_gpu=8", "actor.ppo_mini_batch_size=2",
-            "actor.lr=1e-3", "trainer.keep_last=3"]
-
-
-
-
-def _main(overrides: list[str], script: bool = False) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NO_COLOR": "1",
-           "PYTHON": sys.executable, "WANDB_MODE": "offline"}
-    command = ([str(REPO / "run_intuitor.sh"), "default"] if script
-               else [sys.executable, "-m", "megatron_intuitor.main"])
-    return subprocess.Popen([*command, *overrides], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    output, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, output[-4000:]
-    return output
-
-
-def _rows(run_dir: Path) -> dict[int, dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {row["step"]: row for row in map(json.loads, lines)}
-
-
-# the uninterrupted run also logs to the console and W&B (offline), and watches for collapse
-UNINTERRUPTED_EXTRA = ["logger.backends=[console,jsonl,wandb]", *GUARDS]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[Path, str]:
-    """The run's directory and its console output."""
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    output = _finish(_main(_overrides(run_dir, 3) + UNINTERRUPTED_EXTRA))
-    return run_dir, output
-
-
 @pytest.mark.slow
 def test_run_writes_every_metric_a_checkpoint_and_the_hf_export(uninterrupted):
     uninterrupted, _ = uninterrupted
-    rows = _rows(uninterrupted)
+    rows = metric_rows(uninterrupted)
     assert sorted(rows) == [1, 2, 3]
     for step, row in rows.items():
         missing = [name for name in REQUIRED_METRICS if name not in row]
@@ -109,7 +64,7 @@ def test_the_policy_moves(uninterrupted):
     initial_weights = initial.state_dict()
     moved = max(float((initial_weights[name] - weight).abs().max())
                 for name, weight in trained.state_dict().items())
-    assert moved > 1e-4  # lr 1e-3, 6 Adam steps
+    assert moved > 1e-4  # lr 1e-3, 3 Adam steps
     ids = torch.arange(1, 33)[None]
     with torch.no_grad():
         assert (initial(ids).logits - trained(ids).logits).abs().max() > 1e-4
@@ -122,7 +77,7 @@ def test_interrupted_run_says_where_and_resumes_to_the_same_step_3(uninterrupted
     130, no traceback; the rerun continues to the uninterrupted run's step-3 metrics."""
     uninterrupted, _ = uninterrupted
     run_dir = tmp_path / "killed"
-    proc = _main(_overrides(run_dir, 3), script=True)
+    proc = launch(overrides(run_dir, 3), script=True)
     step_2 = run_dir / "checkpoints" / "step_2"
     deadline = time.monotonic() + 600
     while not (step_2 / "trainer_state.json").exists():
@@ -141,8 +96,8 @@ def test_interrupted_run_says_where_and_resumes_to_the_same_step_3(uninterrupted
     step_3 = run_dir / "checkpoints" / "step_3"
     if step_3.exists():  # the kill came after step 3 was saved: take it back
         subprocess.run(["rm", "-rf", str(step_3)], check=True)
-    _finish(_main(_overrides(run_dir, 3)))  # trainer.resume=auto
-    resumed, reference = _rows(run_dir)[3], _rows(uninterrupted)[3]
+    finish(launch(overrides(run_dir, 3)))  # trainer.resume=auto
+    resumed, reference = metric_rows(run_dir)[3], metric_rows(uninterrupted)[3]
     for name in DETERMINISTIC:
         assert resumed[name] == pytest.approx(reference[name], rel=1e-4, abs=1e-6), name
 
@@ -165,8 +120,8 @@ def test_grpo_without_kl_has_no_signal_on_the_random_model(tmp_path):
     """The tiny random model answers no synthetic sum right: grpo (run without the KL term, which
     also takes the path without a reference model) has no learning signal at all: every
     advantage, the policy loss and the gradient are 0."""
-    _finish(_main(_overrides(tmp_path, 1) + ["algorithm=grpo", "algorithm.kl_coef=0"]))
-    row = _rows(tmp_path)[1]
+    finish(launch(overrides(tmp_path, 1) + ["algorithm=grpo", "algorithm.kl_coef=0"]))
+    row = metric_rows(tmp_path)[1]
     assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.KL_LOSS],
             row[metrics.GRAD_NORM]) == (0.0, 0.0, 0.0, 0.0)
 
@@ -178,10 +133,10 @@ def test_label_free_vote_and_entropy_band_run_a_step(tmp_path):
     prompt's answer entropy is above 0 and all 4 are filtered out: no advantage, no loss, no
     gradient (no KL term either; the plain PPO loss, since KL-Cov's |log r| term has a gradient
     of +-1 even at r = 1)."""
-    _finish(_main(_overrides(tmp_path, 1) + ["algorithm=intuitor_vote", "algorithm.kl_coef=0",
+    finish(launch(overrides(tmp_path, 1) + ["algorithm=intuitor_vote", "algorithm.kl_coef=0",
                                              "algorithm.policy_loss=ppo",
                                              "algorithm.entropy_band=[0,0]"]))
-    row = _rows(tmp_path)[1]
+    row = metric_rows(tmp_path)[1]
     assert row[metrics.FILTERED_PROMPTS] == 4
     assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.GRAD_NORM]) == (
         0.0, 0.0, 0.0)
@@ -195,12 +150,12 @@ def test_hybrid_on_an_engine_sharded_like_the_actor(tmp_path):
     step 2 the engine samples from the step-1 update (its log-probs equal Megatron's). vLLM's
     tensor-parallel shared memory is gone afterwards (the ranks are killed at the end)."""
     shared_memory = set(Path("/dev/shm").iterdir())
-    _finish(_main(_overrides(tmp_path, 2) + ["rollout.tensor_parallel_size=2",
+    finish(launch(overrides(tmp_path, 2) + ["rollout.tensor_parallel_size=2",
                                              "algorithm=hybrid"]))
     [log_file] = (tmp_path / "logs").glob("tiny_*.log")  # the trainer's INFO lines go there
     assert "weight sync: shard to shard" in log_file.read_text()
     assert set(Path("/dev/shm").iterdir()) <= shared_memory
-    rows = _rows(tmp_path)
+    rows = metric_rows(tmp_path)
     assert rows[2][metrics.ROLLOUT_LOGPROB_DIFF] < 1e-4
     assert rows[1][metrics.GRAD_NORM] > 0.1 and rows[1][metrics.PG_LOSS] != 0.0
 
@@ -224,10 +179,10 @@ def test_console_is_start_steps_end_and_no_collapse_alarm(uninterrupted, tmp_pat
     logged = log_file.read_text()
     assert "Initializing a V1 LLM engine" in logged  # vLLM's INFO went to the log file
     assert "step 3 intuitor/self_certainty/mean=" in logged  # every metric, once, in the file
-    assert collapse.signal_name("entropy_drop") in _rows(run_dir)[3]
+    assert collapse.signal_name("entropy_drop") in metric_rows(run_dir)[3]
     assert alerts(run_dir) == []
 
-    again = _finish(_main(_overrides(run_dir, 3) + UNINTERRUPTED_EXTRA)).splitlines()
+    again = finish(launch(overrides(run_dir, 3) + UNINTERRUPTED_EXTRA)).splitlines()
     assert again[1] == (f"resumed from {run_dir / 'checkpoints' / 'step_3'} at step 3 of 3: the "
                         f"run is complete, nothing left to do (trainer.resume=disable starts "
                         f"over, the old run kept; trainer.total_steps=N runs on)"), again
