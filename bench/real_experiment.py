@@ -44,6 +44,10 @@ draws selection accuracy against the KL from the start policy (`actor/kl_loss`, 
 each step on that step's rollouts, i.e. the policy of the previous step), so that arms compare at
 equal movement.
 
+Every finished part (the start policy's test results, then each run) is appended to
+`<output-dir>/results.jsonl`; `--report-from <output-dir>/results.jsonl --steps N [--plot PNG]`
+reports on the runs finished so far (a cut-short experiment).
+
 Last line: one JSON object (every run's figures and each arm's summary).
 """
 from __future__ import annotations
@@ -185,12 +189,12 @@ def paired_interval(a: list[float], b: list[float]) -> dict:
     return {"mean": float(difference.mean()), "low": low, "high": high}
 
 
-def test_comparison(runs: dict[str, list[dict]], base_correct: list[bool]) -> dict:
+def test_comparison(runs: dict[str, list[dict]], start_correct: list[bool]) -> dict:
     """Test accuracy per arm (seeds averaged per prompt), its change from the start policy and
     each pair of arms' difference, with intervals."""
     per_prompt = {arm: [sum(run["test_correct"][i] for run in arm_runs) / len(arm_runs)
-                        for i in range(len(base_correct))] for arm, arm_runs in runs.items()}
-    base = [float(c) for c in base_correct]
+                        for i in range(len(start_correct))] for arm, arm_runs in runs.items()}
+    base = [float(c) for c in start_correct]
     result = {"test_prompts": len(base), "start_acc": sum(base) / len(base)}
     for arm, accuracy in per_prompt.items():
         result[f"{arm}_acc"] = sum(accuracy) / len(accuracy)
@@ -334,8 +338,14 @@ def main() -> None:
                         help=f"test split size (>= {MIN_TEST_PROMPTS})")
     parser.add_argument("--val-every", type=int, default=0,
                         help="validate (and save) every that many steps (needed by --test-split)")
+    parser.add_argument("--report-from", type=Path, default=None, metavar="RESULTS_JSONL",
+                        help="report on the finished runs of an --output-dir's results.jsonl "
+                             "(with the same --steps) and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every run")
     options = parser.parse_args()
+    if options.report_from:
+        report(options.report_from, options.steps, options.overrides, options.plot)
+        return
     if options.plot_only:
         if options.plot is None:
             parser.error("--plot-only needs --plot PNG")
@@ -359,32 +369,55 @@ def main() -> None:
         load(base + ARMS[arm])
     scratch = tempfile.TemporaryDirectory(prefix="real_experiment_")
     root = (options.output_dir or Path(scratch.name)).resolve()
-    test_records, base_correct, test = None, None, {}
+    root.mkdir(parents=True, exist_ok=True)
+    record = root / "results.jsonl"  # one line per finished part: a cut-short run can report
+    record.write_text("")
+    test_records = None
     if options.test_split:  # the start policy on the test split, before any run
         test_records = test_questions(model_dir, options.steps, base + ARMS["intuitor"],
                                       options.test_prompts)
-        base_correct = greedy_correct(model_dir, test_records, base)
+        start = {"start_correct": greedy_correct(model_dir, test_records, base)}
+        append_line(record, start)
         print(json.dumps({"test_prompts": len(test_records),
-                          "start_acc": sum(base_correct) / len(base_correct)}), flush=True)
-    runs: dict[str, list[dict]] = {arm: [] for arm in options.arms}
+                          "start_acc": sum(start["start_correct"]) / len(test_records)}),
+              flush=True)
     for seed in options.seeds:  # seed-major: a cut-short experiment still has every arm
         for arm in options.arms:
             run_dir = root / f"{arm}_seed{seed}"
             overrides = base + ARMS[arm] + [f"trainer.seed={seed}"]
-            run = {"seed": seed, **run_figures(run_dir, options.steps, overrides)}
+            run = {"arm": arm, "seed": seed, **run_figures(run_dir, options.steps, overrides)}
             if test_records:
                 run.update(score_on_test_split(run_dir, run, model_dir, test_records, base))
-            runs[arm].append(run)
-            print(json.dumps({"arm": arm, **run}), flush=True)
-    summaries = {arm: summary(arm_runs) for arm, arm_runs in runs.items()}
-    print(table(summaries, options.seeds))
-    if test_records:
-        test = test_comparison(runs, base_correct)
-        print(json.dumps({"test": test}), flush=True)
-    if options.plot:
-        plot(runs, options.steps, options.plot)
+            append_line(record, run)
+            print(json.dumps(run), flush=True)
+    report(record, options.steps, base, options.plot)
     scratch.cleanup()
-    print(json.dumps({"steps": options.steps, "seeds": options.seeds, "overrides": base,
+
+
+def append_line(path: Path, row: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def report(record: Path, steps: int, overrides: list[str], png_path: Optional[Path]) -> None:
+    """The table, the test comparison (if the runs were scored on a test split), the plot and
+    the last JSON line, from the results file of finished runs (`--report-from`)."""
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    start_correct = next((row["start_correct"] for row in rows if "start_correct" in row), None)
+    runs: dict[str, list[dict]] = {}
+    for row in rows:
+        if "arm" in row:
+            runs.setdefault(row["arm"], []).append({k: v for k, v in row.items() if k != "arm"})
+    seeds = sorted({run["seed"] for arm_runs in runs.values() for run in arm_runs})
+    summaries = {arm: summary(arm_runs) for arm, arm_runs in runs.items()}
+    print(table(summaries, seeds))
+    test = {}
+    if start_correct is not None:
+        test = test_comparison(runs, start_correct)
+        print(json.dumps({"test": test}), flush=True)
+    if png_path:
+        plot(runs, steps, png_path)
+    print(json.dumps({"steps": steps, "seeds": seeds, "overrides": overrides,
                       "load_avg_1m": os.getloadavg()[0], "summary": summaries, "test": test,
                       "runs": runs}))
 
