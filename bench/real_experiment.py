@@ -20,7 +20,8 @@ cut).
     PYTHONPATH=. python bench/real_experiment.py [--steps 10] [--seeds 1 2] \
         [--arms intuitor grpo control] [--output-dir DIR] [override ...]
     PYTHONPATH=. python bench/real_experiment.py --test-split --val-every 5 --steps 10 \
-        --arms intuitor random vote --seeds 1 2 rollout.n=8 --plot docs/experiment_test.png
+        --arms intuitor random vote --seeds 1 2 rollout.n=8 data.prompts_per_step=4 \
+        --plot docs/experiment_test.png
     PYTHONPATH=. python bench/real_experiment.py --list-trained-prompts [--steps 10]
     PYTHONPATH=. python bench/real_experiment.py --plot-only docs/experiment_runs.json \
         --plot docs/experiment.png
