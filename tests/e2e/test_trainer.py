@@ -4,6 +4,7 @@ a run started by `run_intuitor.sh default` as a user would and interrupted after
 to the same step-3 metrics as the uninterrupted run; bad input fails before any work.
 
 The uninterrupted run (conftest.py) is shared by several checks."""
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import torch
 
 from megatron_intuitor import collapse, metrics
 from megatron_intuitor.config import ConfigError, load
+from megatron_intuitor.scorer import SCORER_IDS, ScorerSettings
 from test_collapse_run import alerts
 from tiny_runs import UNINTERRUPTED_EXTRA, finish, launch, overrides, metric_rows
 
@@ -127,19 +129,26 @@ def test_grpo_without_kl_has_no_signal_on_the_random_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_label_free_vote_and_entropy_band_run_a_step(tmp_path):
+def test_label_free_vote_entropy_band_and_ema_scorer_run_a_step(tmp_path):
     """algorithm=intuitor_vote with algorithm.entropy_band=[0, 0]: the ranks read every
     response's answer; the tiny random model's 8 answers to a prompt never all agree, so every
     prompt's answer entropy is above 0 and all 4 are filtered out: no advantage, no loss, no
     gradient (no KL term either; the plain PPO loss, since KL-Cov's |log r| term has a gradient
-    of +-1 even at r = 1)."""
+    of +-1 even at r = 1). The reward comes from the EMA scorer (algorithm.scorer=ema): the step
+    says so, with the schedule's policy weight, and the step-1 checkpoint holds the EMA."""
     finish(launch(overrides(tmp_path, 1) + ["algorithm=intuitor_vote", "algorithm.kl_coef=0",
                                              "algorithm.policy_loss=ppo",
-                                             "algorithm.entropy_band=[0,0]"]))
+                                             "algorithm.entropy_band=[0,0]",
+                                             "algorithm.scorer=ema"]))
     row = metric_rows(tmp_path)[1]
     assert row[metrics.FILTERED_PROMPTS] == 4
     assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.GRAD_NORM]) == (
         0.0, 0.0, 0.0)
+    assert row[metrics.REWARD_SCORER] == SCORER_IDS["ema"]
+    assert row[metrics.SCORER_EMA_POLICY_WEIGHT] == pytest.approx(
+        ScorerSettings(scorer="ema").policy_weight(1, 1))
+    state = json.loads((tmp_path / "checkpoints" / "step_1" / "trainer_state.json").read_text())
+    assert state["companions"] == ["ema_scorer"]
 
 
 @pytest.mark.slow
