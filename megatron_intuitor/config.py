@@ -644,10 +644,13 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
     config.json and weights."""
     if not cfg.model.path:
         tiny = cfg.model.tiny
+        experts = (tiny.get("num_experts") or _tiny_default("num_experts")
+                   if tiny.arch == "qwen3_moe" else None)
         return {"source": "model.tiny", "num_hidden_layers": tiny.num_layers,
                 "num_attention_heads": tiny.num_heads, "num_key_value_heads": tiny.num_kv_heads,
                 "hidden_size": tiny.hidden_size, "intermediate_size": tiny.intermediate_size,
-                "max_position_embeddings": _tiny_max_positions(), "num_experts": None}, []
+                "max_position_embeddings": _tiny_default("max_position_embeddings"),
+                "num_experts": experts}, []
     local = Path(cfg.model.path)
     if local.is_dir():
         config_file: Optional[Path] = local / "config.json"
@@ -667,13 +670,14 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
         "num_experts": hf.get("num_experts") or hf.get("num_local_experts")}, problems
 
 
-def _tiny_max_positions() -> int:
-    """The tiny model's position limit: make_tiny_model's default (model.tiny does not set it)."""
+def _tiny_default(argument: str) -> int:
+    """make_tiny_model's default for an argument model.tiny does not set (the position limit,
+    the expert count of a tiny Qwen3-MoE)."""
     import inspect
 
     from megatron_intuitor.models.tiny import make_tiny_model
 
-    return inspect.signature(make_tiny_model).parameters["max_position_embeddings"].default
+    return inspect.signature(make_tiny_model).parameters[argument].default
 
 
 def _check_model(cfg: DictConfig) -> list[str]:
