@@ -52,12 +52,33 @@ def _lr_scheduler(optimizer, settings: OptimizerSettings, schedule: Schedule):
         wd_incr_style="constant")
 
 
+def clip_grad_norm(optimizer, grad_clip: float) -> float:
+    """Clip every gradient by the norm over all of them; returns that norm. A mixture of experts
+    has two optimizers in Megatron's `ChainedOptimizer` (dense and expert parameters reduce over
+    different data-parallel groups), whose `clip_grad_norm` only works for one: the total norm
+    comes from the chain (over both groups), then each part is clipped by it, as
+    `ChainedOptimizer.step` does."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(parts) == 1:
+        return parts[0].clip_grad_norm(grad_clip)
+    grad_norm = optimizer.get_grad_norm()
+    for part in parts:
+        params = part.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(
+                params, grad_clip, grad_norm,
+                part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return grad_norm
+
+
 def guarded_optimizer_step(optimizer, grad_clip: float) -> tuple[bool, float]:
     """Step unless the gradient norm is not finite; then the step is skipped and the weights
     stay untouched. The norm is computed once (one all-reduce): clipping computes it, so it is
     not asked for separately. Returns (stepped, grad_norm before clipping)."""
     found_inf = optimizer.prepare_grads()
-    grad_norm = float(optimizer.clip_grad_norm(grad_clip) if grad_clip > 0
+    grad_norm = float(clip_grad_norm(optimizer, grad_clip) if grad_clip > 0
                       else optimizer.get_grad_norm())
     if found_inf or not math.isfinite(grad_norm):
         optimizer.zero_grad()  # clipping by a non-finite norm touched only these gradients
