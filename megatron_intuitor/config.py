@@ -650,7 +650,10 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
                 "num_attention_heads": tiny.num_heads, "num_key_value_heads": tiny.num_kv_heads,
                 "hidden_size": tiny.hidden_size, "intermediate_size": tiny.intermediate_size,
                 "max_position_embeddings": _tiny_default("max_position_embeddings"),
-                "num_experts": experts}, []
+                "num_experts": experts,
+                "moe_intermediate_size": (tiny.get("moe_intermediate_size")
+                                          or _tiny_default("moe_intermediate_size")
+                                          if experts else None)}, []
     local = Path(cfg.model.path)
     if local.is_dir():
         config_file: Optional[Path] = local / "config.json"
@@ -665,7 +668,7 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
         return None, problems
     return {"source": str(config_file), **{key: hf.get(key) for key in (
         "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
-        "intermediate_size", "head_dim", "max_position_embeddings")},
+        "intermediate_size", "head_dim", "max_position_embeddings", "moe_intermediate_size")},
         # Qwen3-MoE checkpoints say num_experts; transformers 5 writes num_local_experts.
         "num_experts": hf.get("num_experts") or hf.get("num_local_experts")}, problems
 
