@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -169,6 +170,13 @@ class ActorWorker(Worker):
             self.policy, settings.optimizer.lr, weight_decay=settings.optimizer.weight_decay,
             clip_grad=settings.optimizer.grad_clip)
         self.lr_scheduler = _lr_scheduler(self.optimizer, settings.optimizer, settings.schedule)
+        self.expert_load = None  # mixture of experts: the update pass's expert load
+        experts = getattr(self.hf_config, "num_experts", None)
+        if experts:
+            from megatron_intuitor.models.moe_stats import ExpertLoadMeter
+
+            self.expert_load = ExpertLoadMeter(self.policy, self.hf_config.num_hidden_layers,
+                                               experts)
         self.reference = None
         if model.keep_reference:
             _, self.reference = load_policy(model_dir, sizes, **precision)
@@ -377,13 +385,29 @@ class ActorWorker(Worker):
         """PPO epochs over mini-batches of whole prompt groups, one optimizer step each, on the
         step's rollouts with `advantages` [responses]; rank 0 returns the metrics (identical on
         every rank), the others None."""
-        from megatron_intuitor.ppo import ppo_forward_backward
-
         settings, batches = self.settings, self.settings.batches
         batch = self.rollouts.for_update(advantages, self.old_log_probs, self.ref_log_probs)
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step) \
             if batches.shuffle_mini_batches else None
         per_step: list[dict[str, float]] = []
+        with self.expert_load.measuring() if self.expert_load else nullcontext():
+            self._ppo_epochs(batch, generator, per_step)
+        end_of_training_step(self.lr_scheduler,
+                             [not m[metrics.SKIPPED_STEPS] for m in per_step])
+        result = {name: sum(m[name] for m in per_step) / len(per_step) for name in per_step[0]}
+        result[metrics.SKIPPED_STEPS] = sum(m[metrics.SKIPPED_STEPS] for m in per_step)
+        result[metrics.LR] = per_step[-1][metrics.LR]  # the step's (one per training step)
+        if self.expert_load:
+            result.update(self.expert_load.metrics())  # collective
+        self.weights_version = step
+        return result if self.rank == 0 else None
+
+    def _ppo_epochs(self, batch, generator: Optional[torch.Generator],
+                    per_step: list[dict[str, float]]) -> None:
+        """The update's optimizer steps; each appends its metrics to `per_step`."""
+        from megatron_intuitor.ppo import ppo_forward_backward
+
+        settings, batches = self.settings, self.settings.batches
         for _ in range(batches.ppo_epochs):
             for rows in group_mini_batches(batch, batches.ppo_mini_batch_prompts, generator):
                 shard = data_parallel_shard(batch.select(rows), self.dp_rank,
@@ -399,13 +423,6 @@ class ActorWorker(Worker):
                     finite_loss=all(math.isfinite(v) for v in losses.values()))
                 per_step.append({**losses, metrics.GRAD_NORM: grad_norm, metrics.LR: lr,
                                  metrics.SKIPPED_STEPS: float(not stepped)})
-        end_of_training_step(self.lr_scheduler,
-                             [not m[metrics.SKIPPED_STEPS] for m in per_step])
-        result = {name: sum(m[name] for m in per_step) / len(per_step) for name in per_step[0]}
-        result[metrics.SKIPPED_STEPS] = sum(m[metrics.SKIPPED_STEPS] for m in per_step)
-        result[metrics.LR] = per_step[-1][metrics.LR]  # the step's (one per training step)
-        self.weights_version = step
-        return result if self.rank == 0 else None
 
     # --------------------------------------------------------------------------- checkpoints
 
