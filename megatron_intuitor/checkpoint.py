@@ -207,7 +207,9 @@ def model_size_mismatch(path: str | Path, hf: dict, what: str) -> Optional[str]:
     saved, wanted = {}, {}
     for key, tensor, axis in _CHECKPOINT_DIMS:
         if tensor in tensors:
-            saved[key], wanted[key] = tensors[tensor].size[axis], hf.get(key)
+            # transformers 5 writes a Qwen3-MoE's expert count as num_local_experts
+            value = hf.get(key) or (hf.get("num_local_experts") if key == "num_experts" else None)
+            saved[key], wanted[key] = tensors[tensor].size[axis], value
     if _QKV in tensors:
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
