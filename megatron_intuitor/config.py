@@ -37,6 +37,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ALGORITHMS = tuple(ADVANTAGE_ESTIMATORS)  # algorithm.name: the registered advantage estimators
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
+# Megatron's token dispatchers this project runs for a mixture of experts: all-to-all (gloo on
+# torch 2.13 and NCCL have it) and all-gather.
+MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
 FP8_RECIPES = (None, "hybrid", "e4m3")
 # Megatron-Core 0.16.1 `TransformerConfig.fp8_recipe` (transformer_config.py:436) less "custom"
 FP8_SCALING_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
@@ -317,7 +320,8 @@ def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """How the policy (and its frozen reference) is built: precision, FP8, recompute."""
+    """How the policy (and its frozen reference) is built: precision, FP8, recompute, the
+    token dispatcher of a mixture of experts."""
 
     precision: str  # PRECISIONS
     fp8: Optional[str]
@@ -326,6 +330,7 @@ class ModelSettings:
     recompute: bool
     keep_reference: bool  # a frozen reference model for the KL term (algorithm.kl_coef > 0)
     ref_offload: bool
+    moe_token_dispatcher: str = "alltoall"  # MOE_TOKEN_DISPATCHERS
 
     RULES: ClassVar[tuple[Rule, ...]] = (
         choice("actor.precision", PRECISIONS),
@@ -334,6 +339,7 @@ class ModelSettings:
         choice("actor.fp8_amax_reduction", FP8_AMAX_REDUCTIONS),
         ("actor.recompute", is_bool, "true or false"),
         ("actor.ref_offload", is_bool, "true or false"),
+        choice("actor.moe_token_dispatcher", MOE_TOKEN_DISPATCHERS),
     )
 
     @classmethod
@@ -341,7 +347,8 @@ class ModelSettings:
         actor = cfg.actor
         return cls(precision=actor.precision, fp8=actor.fp8, fp8_recipe=actor.fp8_recipe,
                    fp8_amax_reduction=actor.fp8_amax_reduction, recompute=actor.recompute,
-                   keep_reference=cfg.algorithm.kl_coef > 0, ref_offload=actor.ref_offload)
+                   keep_reference=cfg.algorithm.kl_coef > 0, ref_offload=actor.ref_offload,
+                   moe_token_dispatcher=actor.moe_token_dispatcher)
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,8 @@ class ActorWorker(Worker):
         model = settings.model
         precision = dict(params_dtype=_DTYPES[model.precision], fp8=model.fp8,
                          recompute=model.recompute, fp8_recipe=model.fp8_recipe,
-                         fp8_amax_reduction=model.fp8_amax_reduction)
+                         fp8_amax_reduction=model.fp8_amax_reduction,
+                         moe_token_dispatcher=model.moe_token_dispatcher)
         self.hf_config, self.policy = load_policy(model_dir, sizes, **precision)
         self.policy, self.optimizer = build_optimizer(
             self.policy, settings.optimizer.lr, weight_decay=settings.optimizer.weight_decay,
