@@ -32,16 +32,21 @@ def at_step(step: Callable[[], int]) -> Iterator[None]:
 
 
 def message(error: BaseException, output_dir: str | Path) -> str:
-    """Where the run stopped, its last complete checkpoint under `output_dir`, and how to go on
-    from it (the same command: `trainer.resume=auto` is the default)."""
-    from megatron_intuitor.checkpoint import latest_checkpoint
-
+    """Where the run stopped, and `resume_hint`."""
     step = error.step if isinstance(error, RunInterrupted) else None
     where = (f"interrupted at step {step}" if step else "interrupted before the first training "
              "step" if step == 0 else "interrupted outside the training steps (start-up or the "
              "final export)")
+    return f"{where}; {resume_hint(output_dir)}"
+
+
+def resume_hint(output_dir: str | Path) -> str:
+    """The last complete checkpoint under `output_dir` and how to go on from it (the same
+    command: `trainer.resume=auto` is the default)."""
+    from megatron_intuitor.checkpoint import latest_checkpoint
+
     last: Optional[Path] = latest_checkpoint(Path(output_dir) / "checkpoints")
     if last is None:
-        return f"{where}; no checkpoint yet in {output_dir}: a rerun starts from the beginning"
-    return (f"{where}; last checkpoint {last.name} ({last}); rerun the same command (with "
+        return f"no checkpoint yet in {output_dir}: a rerun starts from the beginning"
+    return (f"last checkpoint {last.name} ({last}); rerun the same command (with "
             f"trainer.resume=auto, the default) to continue from it")

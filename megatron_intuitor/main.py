@@ -53,8 +53,10 @@ def main(cfg: DictConfig) -> None:
     except trainer.TrainingStopped as error:
         print(f"megatron-intuitor: training stopped: {error}", file=sys.stderr)
         sys.exit(1)
-    except WorkerDiedError as error:  # names the rank, its node and what ended it
-        print(f"megatron-intuitor: the run stopped:\n{error}", file=sys.stderr)
+    except WorkerDiedError as error:  # names the rank, its role and node, what ended it
+        where = "" if error.step is None else f" at step {error.step}"
+        print(f"megatron-intuitor: the run stopped{where}:\n{error}\n"
+              f"{interrupt.resume_hint(cfg.trainer.output_dir)}", file=sys.stderr)
         sys.exit(1)
     except (KeyboardInterrupt, interrupt.RunInterrupted) as error:  # Ctrl-C
         print(f"megatron-intuitor: {interrupt.message(error, cfg.trainer.output_dir)}",

@@ -424,13 +424,25 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("weight sync: %s", actor.weight_sync_path())
         trainer = Trainer(cfg, job.schedule, actor, job.loader, job.val_sets, logger,
                           job.tokenizer)
-        with interrupt.at_step(lambda: trainer.last_step):
+        with interrupt.at_step(lambda: trainer.last_step), _failures_at_step(trainer):
             final = trainer.fit()
         finish(cfg, job, actor, logger, trainer.last_step, started)
     finally:
         actor.shutdown()
         logger.close()
     return final
+
+
+@contextmanager
+def _failures_at_step(trainer: Trainer) -> Iterator[None]:
+    """A rank's failure inside the training loop carries the step then in progress."""
+    from megatron_intuitor.workers.group import WorkerDiedError
+
+    try:
+        yield
+    except WorkerDiedError as error:
+        error.step = trainer.last_step
+        raise
 
 
 def free_killed_runs_memory() -> None:

@@ -50,6 +50,10 @@ def main() -> None:
     parser.add_argument("--chunk-prompts", type=int, default=None,
                         help="generate this many prompts at a time, the dump written after "
                              "each (sampling seed: --seed + the chunk's number)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --dump and --chunk-prompts: keep the dump's complete chunks "
+                             "and sample only the rest (chunk k keeps its seed, so the result "
+                             "equals one uninterrupted run)")
     parser.add_argument("--report-from", metavar="DUMP",
                         help="only print the selection report of an existing dump (complete "
                              "prompts only: a cut-short run's too)")
@@ -72,6 +76,8 @@ def main() -> None:
         print(json.dumps({"dump": args.report_from, "n": args.n, "seed": args.seed,
                           **selection_summary(args.report_from, args.n, args.seed)}))
         return
+    if args.resume and not (args.dump and args.chunk_prompts):
+        parser.error("--resume needs --dump and --chunk-prompts")
     if args.n < 2:
         parser.error(f"-n must be >= 2, got {args.n}")
     if args.model_dir is None:
@@ -136,10 +142,13 @@ def main() -> None:
                            seed=args.seed, engine_kwargs={"load_format": "auto"},
                            score_at_sampling=bool(args.dump))
     stop_ids = tuple(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}))
-    greedy, groups = [], []
-    dump = open(args.dump, "w") if args.dump else None
     chunk_size = args.chunk_prompts or len(prompts)
+    done_chunks = kept_chunks(args.dump, args.n, chunk_size) if args.resume else 0
+    greedy, groups = [], []
+    dump = open(args.dump, "a" if args.resume else "w") if args.dump else None
     for chunk, first in enumerate(range(0, len(prompts), chunk_size)):
+        if chunk < done_chunks:
+            continue
         prompt_ids = [p.token_ids for p in prompts[first:first + chunk_size]]
         chunk_greedy = engine.generate(prompt_ids, SamplingConfig(
             n=1, temperature=0.0, max_tokens=args.max_response_length, stop_token_ids=stop_ids))
@@ -158,6 +167,13 @@ def main() -> None:
               f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     engine.shutdown()
     generate_s = time.perf_counter() - start
+    if done_chunks:  # the figures below need every prompt's responses: report from the dump
+        dump.close()
+        print(json.dumps({"dump": args.dump, "n": args.n, "seed": args.seed,
+                          "resumed_after_prompts": done_chunks * chunk_size,
+                          "generate_s": round(generate_s, 2),
+                          **selection_summary(args.dump, args.n, args.seed)}))
+        return
 
     start = time.perf_counter()
     if args.dump:  # scored by the engine while it sampled
@@ -185,6 +201,26 @@ def main() -> None:
                       "max_response_length": args.max_response_length, "seed": args.seed,
                       "generate_s": round(generate_s, 2), "score_s": round(score_s, 2),
                       "load_avg_1m": os.getloadavg()[0], **summary}))
+
+
+def kept_chunks(dump_path: str, n: int, chunk_size: int) -> int:
+    """How many whole chunks the dump holds (a greedy row and `n` samples for each of their
+    prompts); rows of a cut-off chunk after them are dropped from the file."""
+    if not os.path.isfile(dump_path):
+        return 0
+    with open(dump_path) as handle:
+        rows = [json.loads(line) for line in handle if line.endswith("\n")]
+    per_prompt: dict[int, int] = {}
+    for row in rows:
+        per_prompt[row["prompt"]] = per_prompt.get(row["prompt"], 0) + 1
+    complete = 0
+    while per_prompt.get(complete) == n + 1:
+        complete += 1
+    chunks = complete // chunk_size
+    with open(dump_path, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows
+                          if row["prompt"] < chunks * chunk_size)
+    return chunks
 
 
 def mean(values: list[float]) -> float:

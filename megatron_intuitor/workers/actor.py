@@ -502,7 +502,7 @@ class ActorGroup:
         group = WorkerGroup(
             ActorWorker, layout.world_size, placement=placement,
             num_cpus_per_worker=cpus_per_worker, num_gpus_per_worker=gpus, env=env,
-            args=(settings, str(model_dir)), name="actor")
+            args=(settings, str(model_dir)), name="actor", role="training")
         rollout_group = None
         try:
             if settings.rollout.placement == "separate":  # a placement group of their own
@@ -511,7 +511,7 @@ class ActorGroup:
                 rollout_group = WorkerGroup(
                     RolloutWorker, settings.rollout.num_ranks, placement=placement,
                     num_cpus_per_worker=cpus_per_worker, num_gpus_per_worker=gpus, env=env,
-                    args=(settings, str(model_dir)), name="rollout")
+                    args=(settings, str(model_dir)), name="rollout", role="rollout")
             return cls(settings, group, rollout_group)
         except BaseException:
             group.shutdown()

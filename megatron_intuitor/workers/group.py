@@ -51,7 +51,9 @@ def _redirect_output(log_path: str) -> None:
 
 
 class WorkerDiedError(RuntimeError):
-    """A rank's process died, or its method raised; the message names the rank."""
+    """A rank's process died, or its method raised; the message names the rank and its role."""
+
+    step: Optional[int] = None  # the training step in progress, where the trainer knows it
 
 
 class Worker:
@@ -120,7 +122,9 @@ class WorkerGroup:
 
     env: extra environment of every worker process (e.g. VLLM_ENABLE_V1_MULTIPROCESSING=0);
     OMP_NUM_THREADS defaults to 1. args/kwargs go to every rank's constructor. name appears in
-    actor names and messages; ready_timeout_s bounds the wait for the placement group.
+    actor names and messages; role is what its ranks do ("training", "rollout"), the word a
+    failure names them by ("rollout rank 0 died ..."); ready_timeout_s bounds the wait for the
+    placement group.
     """
 
     _rank_nodes: Sequence[str] = ()  # the node id of each rank, once placed
@@ -129,7 +133,7 @@ class WorkerGroup:
                  num_cpus_per_worker: float = 1.0, num_gpus_per_worker: int = 0,
                  env: Optional[dict[str, str]] = None, args: Sequence[Any] = (),
                  kwargs: Optional[dict[str, Any]] = None, name: str = "worker",
-                 ready_timeout_s: float = 300.0) -> None:
+                 role: str = "worker", ready_timeout_s: float = 300.0) -> None:
         if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
             raise TypeError(f"worker_cls {worker_cls!r} must be a subclass of "
                             f"megatron_intuitor.workers.Worker")
@@ -140,7 +144,7 @@ class WorkerGroup:
             raise ValueError(f"num_gpus_per_worker={num_gpus_per_worker}: a rank drives 0 or 1 GPU")
         if not ray.is_initialized():
             raise RuntimeError("WorkerGroup needs Ray: call ray.init() first")
-        self.name = name
+        self.name, self.role = name, role
         self.world_size = world_size
         self.placement = placement
         bundle = {"CPU": num_cpus_per_worker}
@@ -268,9 +272,9 @@ class WorkerGroup:
         died = sorted(rank for rank, error in failures.items()
                       if not isinstance(error, RayTaskError))
         raised = sorted(rank for rank in failures if rank not in died)
-        lines = [f"worker rank {rank} {_how_it_died(failures[rank])}: "
-                 f"{_first_lines(failures[rank])}" for rank in died]
-        lines += [f"worker rank {rank} raised in {self.name}.{method}: "
+        lines = [f"{self.role} rank {rank} {_how_it_died(failures[rank])} (in "
+                 f"{self.name}.{method}): {_first_lines(failures[rank])}" for rank in died]
+        lines += [f"{self.role} rank {rank} raised in {self.name}.{method}: "
                   f"{_first_lines(failures[rank])}" for rank in raised]
         if died and self._rank_nodes:  # a multi-node run names the machines of the dead ranks
             nodes = _node_states()
@@ -281,7 +285,7 @@ class WorkerGroup:
         node_id = self._rank_nodes[rank]
         node = nodes.get(node_id, {})
         state = "alive" if node.get("Alive") else "lost: Ray marked the node dead"
-        return (f"worker rank {rank} was on node {node_id} "
+        return (f"{self.role} rank {rank} was on node {node_id} "
                 f"({node.get('NodeManagerAddress', '?')}, {state})")
 
     def shutdown(self, close_timeout_s: float = 10.0) -> None:

