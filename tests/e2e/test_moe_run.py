@@ -5,7 +5,6 @@ reproduces the uninterrupted run's step-3 metrics exactly; the HF export is the 
 checkpoint (the converter writes it again bit-identically, and its --verify finds the Megatron
 model's logits equal to transformers' on it within fp32 rounding); a dense model is refused the
 MoE checkpoint before anything starts."""
-import json
 import os
 import subprocess
 import sys
@@ -18,33 +17,12 @@ from safetensors.torch import load_file
 from megatron_intuitor import metrics
 from megatron_intuitor.config import ConfigError, load
 from repo_paths import REPO
+from test_trainer import DETERMINISTIC
+from tiny_runs import finish, launch, metric_rows, overrides
 
-# Metrics that depend only on the data, the weights and the seeds (not on timing).
-DETERMINISTIC = [
-    metrics.SELF_CERTAINTY_MEAN, metrics.SELF_CERTAINTY_STD, metrics.ENTROPY, metrics.PG_LOSS,
-    metrics.KL_LOSS, metrics.GRAD_NORM, metrics.LR, metrics.RESPONSE_LENGTH_MEAN,
-]
 LOGIT_TOLERANCE = 1e-4  # fp32 both sides; the converter test measures ~5e-7
-
-
-def _moe_run(run_dir: Path, extra: list[str] = ()) -> None:
-    overrides = [
-        f"trainer.output_dir={run_dir}", "trainer.total_steps=3", "trainer.save_every=1",
-        "trainer.keep_last=3", "trainer.val_every=0", "logger.backends=[jsonl]",
-        f"logger.log_dir={run_dir / 'logs'}", "data.prompts_per_step=4",
-        "data.max_response_length=16", "actor.ppo_micro_batch_size_per_gpu=4",
-        "actor.log_prob_micro_batch_size_per_gpu=8", "actor.ppo_mini_batch_size=2",
-        "actor.lr=1e-3", "model.tiny.arch=qwen3_moe", "actor.tensor_model_parallel_size=1",
-        "actor.expert_model_parallel_size=2", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
-    result = subprocess.run([sys.executable, "-m", "megatron_intuitor.main", *overrides],
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-
-
-def _rows(run_dir: Path) -> dict[int, dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {row["step"]: row for row in map(json.loads, lines)}
+MOE = ["model.tiny.arch=qwen3_moe", "actor.tensor_model_parallel_size=1",
+       "actor.expert_model_parallel_size=2"]
 
 
 def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -55,8 +33,8 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_moe_run_at_ep2_resumes_exactly_and_exports_what_transformers_loads(tmp_path):
     run_dir, resumed_dir = tmp_path / "run", tmp_path / "resumed"
-    _moe_run(run_dir)
-    rows = _rows(run_dir)
+    finish(launch(overrides(run_dir, 3) + MOE))
+    rows = metric_rows(run_dir)
     assert sorted(rows) == [1, 2, 3]
     assert all(row[metrics.SKIPPED_STEPS] == 0 and row[metrics.GRAD_NORM] > 0
                for row in rows.values())
@@ -64,11 +42,14 @@ def test_moe_run_at_ep2_resumes_exactly_and_exports_what_transformers_loads(tmp_
     assert max(row[metrics.ROLLOUT_LOGPROB_DIFF] for row in rows.values()) < 1e-4
 
     step_2 = run_dir / "checkpoints" / "step_2"
-    _moe_run(resumed_dir, [f"trainer.resume={step_2}"])
-    resumed = _rows(resumed_dir)
+    finish(launch(overrides(resumed_dir, 3) + MOE + [f"trainer.resume={step_2}"]))
+    resumed = metric_rows(resumed_dir)
     assert sorted(resumed) == [3]
-    assert {name: resumed[3][name] for name in DETERMINISTIC} == {
-        name: rows[3][name] for name in DETERMINISTIC}
+    # the expert load and the aux loss too: the routing replays exactly
+    compared = DETERMINISTIC + [metrics.MOE_AUX_LOSS] + [
+        metrics.moe_tokens_per_expert_max(layer) for layer in (1, 2)]
+    assert {name: resumed[3][name] for name in compared} == {
+        name: rows[3][name] for name in compared}
 
     # the export is the step-3 checkpoint, which the Megatron model and transformers agree on
     exported = tmp_path / "exported"
