@@ -1,6 +1,13 @@
-"""Benchmark: HF safetensors -> Megatron TP=2 shards for a Qwen2.5-7B-shaped checkpoint.
+"""Benchmark: HF safetensors -> Megatron TP=2 shards for a Qwen2.5-7B-shaped checkpoint, or
+with --moe a Qwen3-30B-A3B-shaped mixture of experts at TP=2 x EP=2 (ETP=1).
 
-    python bench/convert.py [--workdir /tmp/bench_convert] [--layers 2] [--keep]
+    python bench/convert.py [--workdir /tmp/bench_convert] [--layers 2] [--keep] [--moe]
+
+--moe: hidden 2048, 32 heads / 4 kv heads of 128, vocab 151936 untied, 128 experts of
+moe_intermediate 768 (top-8), every layer sparse, bf16; one file per layer (its 384 expert
+tensors, 1.2 GB). Each of the 2 ranks holds half the vocabulary rows and 64 whole experts a
+layer. The default there is 1 layer: at 2 layers a rank's own shard (1.87 GB) plus the process
+(~0.6 GB) would already exceed the RSS target below, whatever the loader does.
 
 Writes a 7B-shaped Qwen2 checkpoint (hidden 3584, ffn 18944, vocab 152064, 28 heads / 4 kv
 heads, untied, bf16, but only --layers layers) tensor by tensor with safetensors (no transformers
@@ -57,7 +64,10 @@ from megatron_intuitor.local_ranks import run_distributed
 GiB = 2**30
 SETTLE_S = 10.0  # freed memory goes back to the host over ~10 s here (see above)
 SHAPE = dict(hidden=3584, ffn=18944, vocab=152064, heads=28, kv_heads=4)
+MOE_SHAPE = dict(hidden=2048, vocab=151936, heads=32, kv_heads=4, head_dim=128, experts=128,
+                 moe_ffn=768, top_k=8)
 TP = 2
+MOE_EP = 2  # with TP=2 on 2 ranks: experts split over both ranks, each expert whole (ETP=1)
 
 
 # --- the checkpoint ---------------------------------------------------------------------------
@@ -73,9 +83,49 @@ def _hf_config(layers: int):
                        architectures=["Qwen2ForCausalLM"])
 
 
-def _file_groups(layers: int) -> list[dict[str, tuple[int, ...]]]:
+def _moe_hf_config(layers: int):
+    from transformers import Qwen3MoeConfig
+
+    m = MOE_SHAPE
+    return Qwen3MoeConfig(vocab_size=m["vocab"], hidden_size=m["hidden"], intermediate_size=6144,
+                          num_hidden_layers=layers, num_attention_heads=m["heads"],
+                          num_key_value_heads=m["kv_heads"], head_dim=m["head_dim"],
+                          num_experts=m["experts"], num_experts_per_tok=m["top_k"],
+                          moe_intermediate_size=m["moe_ffn"], norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[],
+                          max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6,
+                          tie_word_embeddings=False, dtype="bfloat16",
+                          architectures=["Qwen3MoeForCausalLM"])
+
+
+def _moe_file_groups(layers: int) -> list[dict[str, tuple[int, ...]]]:
+    """As `_file_groups`, for the Qwen3-MoE shape: per-expert tensors as `save_pretrained`
+    writes them."""
+    m = MOE_SHAPE
+    h, v, d, f = m["hidden"], m["vocab"], m["head_dim"], m["moe_ffn"]
+    q, kv = m["heads"] * d, m["kv_heads"] * d
+    groups = [{"model.embed_tokens.weight": (v, h)}]
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        group = {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                 p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                 p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
+                 p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                 p + "mlp.gate.weight": (m["experts"], h)}
+        for expert in range(m["experts"]):
+            e = f"{p}mlp.experts.{expert}."
+            group.update({e + "gate_proj.weight": (f, h), e + "up_proj.weight": (f, h),
+                          e + "down_proj.weight": (h, f)})
+        groups.append(group)
+    groups.append({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
+    return groups
+
+
+def _file_groups(layers: int, moe: bool = False) -> list[dict[str, tuple[int, ...]]]:
     """HF tensor names and shapes grouped into files as HF shards them (embeddings, one file per
     layer, final norm + lm_head)."""
+    if moe:
+        return _moe_file_groups(layers)
     h, f, v = SHAPE["hidden"], SHAPE["ffn"], SHAPE["vocab"]
     kv = SHAPE["kv_heads"] * h // SHAPE["heads"]
     groups = [{"model.embed_tokens.weight": (v, h)}]
@@ -106,14 +156,14 @@ def _random_bf16(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-def make_checkpoint(out: Path, layers: int) -> list[Path]:
+def make_checkpoint(out: Path, layers: int, moe: bool = False) -> list[Path]:
     """Write config + safetensors shards + index; at most one file's tensors in memory."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    _hf_config(layers).save_pretrained(out)
+    (_moe_hf_config if moe else _hf_config)(layers).save_pretrained(out)
     gen = torch.Generator().manual_seed(0)
-    groups = _file_groups(layers)
+    groups = _file_groups(layers, moe)
     files, weight_map = [], {}
     for index, group in enumerate(groups, start=1):
         name = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
@@ -218,12 +268,12 @@ class _RssSampler:
         return self.peak
 
 
-def _build(model_dir: str):
+def _build(model_dir: str, moe: bool):
     from megatron_intuitor.models.config import (build_model, load_hf_config,
                                                  transformer_config_from_hf)
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
 
-    sizes = ParallelSizes(TP, 1)
+    sizes = ParallelSizes(TP, 1, expert=MOE_EP, expert_tensor=1) if moe else ParallelSizes(TP, 1)
     init_model_parallel(sizes, seed=0)
     hf_config = load_hf_config(model_dir)
     config = transformer_config_from_hf(hf_config, sizes, params_dtype=torch.bfloat16)
@@ -302,12 +352,12 @@ def _checksum(chunks) -> int:
     return total
 
 
-def _load_rank(rank: int, world: int, model_dir: str, method: str, save_dir: str):
+def _load_rank(rank: int, world: int, model_dir: str, method: str, save_dir: str, moe: bool):
     """Load this rank's shards with `method`. The naive ranks take turns (each from a cold
     cache): two whole copies of the model at once could exhaust this shared 24 GiB machine."""
     from megatron_intuitor.models.bridge import load_hf_weights
 
-    hf_config, chunks = _build(model_dir)
+    hf_config, chunks = _build(model_dir, moe)
     shard_bytes = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     rss_before = _status_gb("VmRSS")
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -349,18 +399,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/bench_convert")
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers (default 2; 1 with --moe)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--moe", action="store_true",
+                        help="a Qwen3-30B-A3B-shaped mixture of experts at TP=2 x EP=2")
     args = parser.parse_args()
+    layers = args.layers or (1 if args.moe else 2)
     work = Path(args.workdir)
     if work.exists():
         shutil.rmtree(work)
     model_dir, save_dir = work / "hf", work / "megatron"
 
     start = time.perf_counter()
-    files = make_checkpoint(model_dir, args.layers)
+    files = make_checkpoint(model_dir, layers, args.moe)
     total_bytes = sum(f.stat().st_size for f in files)
-    largest = max(n * 2 for g in _file_groups(args.layers) for s in g.values()
+    largest = max(n * 2 for g in _file_groups(layers, args.moe) for s in g.values()
                   for n in [int(torch.tensor(s).prod())])
     print(f"wrote {total_bytes / 1e9:.2f} GB in {len(files)} files "
           f"({time.perf_counter() - start:.1f} s); largest tensor {largest / 1e9:.2f} GB",
@@ -378,7 +432,7 @@ def main() -> None:
     figures = {}
     for method in ("sliced", "naive"):  # (their ranks start from a cold_start of their own)
         ranks = run_distributed(_load_rank, TP, str(model_dir), method,
-                                str(save_dir) if method == "sliced" else "")
+                                str(save_dir) if method == "sliced" else "", args.moe)
         load_s = max(r["load_s"] for r in ranks)
         figures[method] = {
             "peak_rss_gb": round(max(r["peak_rss_gb"] for r in ranks), 3),
@@ -430,7 +484,9 @@ def main() -> None:
         "sliced": ours,
         "naive": figures["naive"],
         "shards_identical": same,
-        "timed": "HF safetensors -> Megatron TP=2 shards (load); save_s = dist-checkpoint write",
+        "model": (f"Qwen3-MoE at 30B-A3B widths, {layers} layer(s), TP=2 x EP=2" if args.moe
+                  else f"Qwen2.5-7B widths, {layers} layer(s), TP=2"),
+        "timed": "HF safetensors -> Megatron shards (load); save_s = dist-checkpoint write",
     }))
 
 

@@ -200,16 +200,21 @@ def load_checkpoint(path: str | Path, model_chunks: Sequence[torch.nn.Module],
 
 
 # Model dimensions a checkpoint's tensor metadata holds: (config.json key, tensor, axis of the
-# tensor's global shape; the layers are stacked on axis 0).
+# tensor's global shape; the layers are stacked on axis 0, then a mixture of experts' experts).
+_ROUTER = "decoder.layers.mlp.router.weight"
 _CHECKPOINT_DIMS = (("num_hidden_layers", "decoder.layers.mlp.linear_fc1.weight", 0),
+                    ("num_hidden_layers", _ROUTER, 0),
                     ("hidden_size", "embedding.word_embeddings.weight", 1),
-                    ("intermediate_size", "decoder.layers.mlp.linear_fc2.weight", 2))
+                    ("intermediate_size", "decoder.layers.mlp.linear_fc2.weight", 2),
+                    ("num_experts", _ROUTER, 1),
+                    ("moe_intermediate_size",
+                     "decoder.layers.mlp.experts.experts.linear_fc2.weight", 3))
 _QKV = "decoder.layers.self_attention.linear_qkv.weight"
 
 
 def model_size_mismatch(path: str | Path, hf: dict, what: str) -> Optional[str]:
     """When checkpoint `path` holds a model of other dimensions (layers, hidden size, MLP size,
-    attention width) than the config.json dict `hf` (named `what`): both sizes in one sentence;
+    attention width; experts and their MLP size) than the config.json dict `hf` (named `what`): both sizes in one sentence;
     None when they agree. Reads `.metadata` only."""
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -217,7 +222,9 @@ def model_size_mismatch(path: str | Path, hf: dict, what: str) -> Optional[str]:
     saved, wanted = {}, {}
     for key, tensor, axis in _CHECKPOINT_DIMS:
         if tensor in tensors:
-            saved[key], wanted[key] = tensors[tensor].size[axis], hf.get(key)
+            # transformers 5 writes a Qwen3-MoE's expert count as num_local_experts
+            value = hf.get(key) or (hf.get("num_local_experts") if key == "num_experts" else None)
+            saved[key], wanted[key] = tensors[tensor].size[axis], value
     if _QKV in tensors:
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads

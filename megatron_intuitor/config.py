@@ -38,6 +38,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ALGORITHMS = tuple(ADVANTAGE_ESTIMATORS)  # algorithm.name: the registered advantage estimators
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16")
+# Megatron's token dispatchers this project runs for a mixture of experts: all-to-all (gloo on
+# torch 2.13 and NCCL have it) and all-gather.
+MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
 FP8_RECIPES = (None, "hybrid", "e4m3")
 # Megatron-Core 0.16.1 `TransformerConfig.fp8_recipe` (transformer_config.py:436) less "custom"
 FP8_SCALING_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
@@ -318,7 +321,8 @@ def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """How the policy (and its frozen reference) is built: precision, FP8, recompute."""
+    """How the policy (and its frozen reference) is built: precision, FP8, recompute, the
+    token dispatcher of a mixture of experts."""
 
     precision: str  # PRECISIONS
     fp8: Optional[str]
@@ -327,6 +331,7 @@ class ModelSettings:
     recompute: bool
     keep_reference: bool  # a frozen reference model for the KL term (algorithm.kl_coef > 0)
     ref_offload: bool
+    moe_token_dispatcher: str = "alltoall"  # MOE_TOKEN_DISPATCHERS
 
     RULES: ClassVar[tuple[Rule, ...]] = (
         choice("actor.precision", PRECISIONS),
@@ -335,6 +340,7 @@ class ModelSettings:
         choice("actor.fp8_amax_reduction", FP8_AMAX_REDUCTIONS),
         ("actor.recompute", is_bool, "true or false"),
         ("actor.ref_offload", is_bool, "true or false"),
+        choice("actor.moe_token_dispatcher", MOE_TOKEN_DISPATCHERS),
     )
 
     @classmethod
@@ -342,7 +348,8 @@ class ModelSettings:
         actor = cfg.actor
         return cls(precision=actor.precision, fp8=actor.fp8, fp8_recipe=actor.fp8_recipe,
                    fp8_amax_reduction=actor.fp8_amax_reduction, recompute=actor.recompute,
-                   keep_reference=cfg.algorithm.kl_coef > 0, ref_offload=actor.ref_offload)
+                   keep_reference=cfg.algorithm.kl_coef > 0, ref_offload=actor.ref_offload,
+                   moe_token_dispatcher=actor.moe_token_dispatcher)
 
 
 @dataclass(frozen=True)
@@ -647,10 +654,16 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
     config.json and weights."""
     if not cfg.model.path:
         tiny = cfg.model.tiny
+        experts = (tiny.get("num_experts") or _tiny_default("num_experts")
+                   if tiny.arch == "qwen3_moe" else None)
         return {"source": "model.tiny", "num_hidden_layers": tiny.num_layers,
                 "num_attention_heads": tiny.num_heads, "num_key_value_heads": tiny.num_kv_heads,
                 "hidden_size": tiny.hidden_size, "intermediate_size": tiny.intermediate_size,
-                "max_position_embeddings": _tiny_max_positions(), "num_experts": None}, []
+                "max_position_embeddings": _tiny_default("max_position_embeddings"),
+                "num_experts": experts,
+                "moe_intermediate_size": (tiny.get("moe_intermediate_size")
+                                          or _tiny_default("moe_intermediate_size")
+                                          if experts else None)}, []
     local = Path(cfg.model.path)
     if local.is_dir():
         config_file: Optional[Path] = local / "config.json"
@@ -665,18 +678,19 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
         return None, problems
     return {"source": str(config_file), **{key: hf.get(key) for key in (
         "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
-        "intermediate_size", "head_dim", "max_position_embeddings")},
+        "intermediate_size", "head_dim", "max_position_embeddings", "moe_intermediate_size")},
         # Qwen3-MoE checkpoints say num_experts; transformers 5 writes num_local_experts.
         "num_experts": hf.get("num_experts") or hf.get("num_local_experts")}, problems
 
 
-def _tiny_max_positions() -> int:
-    """The tiny model's position limit: make_tiny_model's default (model.tiny does not set it)."""
+def _tiny_default(argument: str) -> int:
+    """make_tiny_model's default for an argument model.tiny does not set (the position limit,
+    the expert count of a tiny Qwen3-MoE)."""
     import inspect
 
     from megatron_intuitor.models.tiny import make_tiny_model
 
-    return inspect.signature(make_tiny_model).parameters["max_position_embeddings"].default
+    return inspect.signature(make_tiny_model).parameters[argument].default
 
 
 def _check_model(cfg: DictConfig) -> list[str]:

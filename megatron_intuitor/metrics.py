@@ -61,6 +61,20 @@ def val_accuracy(dataset: str) -> str:
     return f"val/{dataset}/acc"
 
 
+# mixture-of-experts models, over the update pass (models/moe_stats.py)
+MOE_AUX_LOSS = "moe/load_balancing_loss"  # Megatron's aux loss / its coefficient, layer mean
+
+
+def moe_tokens_per_expert_max(layer: int) -> str:
+    """Tokens routed to the busiest expert of `layer` (1-based) in the update pass."""
+    return f"moe/tokens_per_expert_max/layer_{layer}"
+
+
+def moe_tokens_per_expert_mean(layer: int) -> str:
+    """Tokens per expert of `layer` (1-based) in the update pass, mean over its experts."""
+    return f"moe/tokens_per_expert_mean/layer_{layer}"
+
+
 MAIN_CURVES = (SELF_CERTAINTY_MEAN, ENTROPY, RESPONSE_LENGTH_MEAN, PG_LOSS, KL_LOSS, GRAD_NORM,
                PG_CLIPFRAC, THROUGHPUT)
 # Console columns: (metric, short label); every metric goes to the JSONL, log file and W&B.

@@ -20,15 +20,13 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from megatron_intuitor.config import MOE_TOKEN_DISPATCHERS
 from megatron_intuitor.parallel import ParallelSizes
 from megatron_intuitor.platform import on_gpu
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM",
                            "Qwen3MoeForCausalLM")
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
-# Megatron's token dispatchers this project runs: all-to-all (gloo on torch 2.13 and NCCL have
-# it) and all-gather.
-MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
 # Rope types whose inverse frequencies are static (no attention scaling, no sequence-length
 # dependence), so they are exactly a different `inv_freq` in Megatron's rotary embedding.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

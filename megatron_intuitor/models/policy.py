@@ -14,7 +14,7 @@ from megatron_intuitor.parallel import ParallelSizes
 def load_policy(model_dir: str | Path, sizes: ParallelSizes, *,
                 params_dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
                 recompute: bool = False, fp8_recipe: str = "tensorwise",
-                fp8_amax_reduction: str = "tp",
+                fp8_amax_reduction: str = "tp", moe_token_dispatcher: str = "alltoall",
                 local_layers: bool = False) -> tuple[transformers.PretrainedConfig, list]:
     """This rank's Megatron chunks of the HF checkpoint `model_dir`, configured for the PPO
     update: `calculate_per_token_loss`, so the loss head's sums become an exact token mean.
@@ -26,7 +26,8 @@ def load_policy(model_dir: str | Path, sizes: ParallelSizes, *,
     hf_config = load_hf_config(model_dir)
     config = transformer_config_from_hf(hf_config, sizes, params_dtype=params_dtype, fp8=fp8,
                                         recompute=recompute, fp8_recipe=fp8_recipe,
-                                        fp8_amax_reduction=fp8_amax_reduction)
+                                        fp8_amax_reduction=fp8_amax_reduction,
+                                        moe_token_dispatcher=moe_token_dispatcher)
     config.calculate_per_token_loss = True
     chunks = build_model(hf_config, config, local_layers=local_layers)
     load_hf_weights(chunks, model_dir, hf_config)

@@ -520,6 +520,7 @@ def _reload_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> Non
         raise
     finally:
         _restore_vocab_gemms(model)
+    _repack_cpu_experts(model)
 
 
 def _restore_incomplete_layers(model: torch.nn.Module, model_config) -> None:
@@ -534,6 +535,26 @@ def _restore_incomplete_layers(model: torch.nn.Module, model_config) -> None:
             info.loaded_weights.clear()
             info.load_numel = 0
     finalize_layerwise_reload(model, model_config)  # restores layers that loaded nothing
+
+
+def _repack_cpu_experts(model: torch.nn.Module) -> None:
+    """After a complete reload, prepack every fused-MoE layer's new weights for vLLM-CPU's
+    grouped GEMM again. vLLM 0.32 prepacks them (`CPUUnquantizedExperts.
+    process_weights_after_loading`, `layers/fused_moe/experts/cpu_moe.py`) only when the MoE
+    kernel is first built (`UnquantizedFusedMoEMethod._setup_kernel`); a reload copies the new
+    weights, unpacked, into the packed tensors' storage, and the kernel then multiplies by a
+    scrambled layout (wrong tokens from the second sync on). Prepacking keeps the shape, so
+    the reload's copy fits; only layers the reload completed reach here (an interrupted one
+    raised above and keeps its old, packed weights)."""
+    if on_gpu():
+        return
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    for layer in model.modules():
+        kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(layer)
 
 
 def _vocab_gemm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

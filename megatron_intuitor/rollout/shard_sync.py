@@ -102,6 +102,10 @@ class ShardSync:
         tp_ranks = dist.get_process_group_ranks(tp_group)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             raise ShardSyncUnavailable("the actor is pipelined: a rank holds only some layers")
+        if getattr(hf_config, "num_experts", None):
+            # vLLM fuses the experts into one [E, 2I, H] tensor per layer (and prepacks it on
+            # CPU): the per-expert slots this plan maps are not built for it
+            raise ShardSyncUnavailable("the model is a mixture of experts")
         engine_ranks = engine.tensor_parallel_ranks
         if engine_ranks != tp_ranks:
             raise ShardSyncUnavailable(f"rollout TP ranks {engine_ranks} differ from the actor's "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -54,12 +54,33 @@ def _lr_scheduler(optimizer, settings: OptimizerSettings, schedule: Schedule):
         wd_incr_style="constant")
 
 
+def clip_grad_norm(optimizer, grad_clip: float) -> float:
+    """Clip every gradient by the norm over all of them; returns that norm. A mixture of experts
+    has two optimizers in Megatron's `ChainedOptimizer` (dense and expert parameters reduce over
+    different data-parallel groups), whose `clip_grad_norm` only works for one: the total norm
+    comes from the chain (over both groups), then each part is clipped by it, as
+    `ChainedOptimizer.step` does."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(parts) == 1:
+        return parts[0].clip_grad_norm(grad_clip)
+    grad_norm = optimizer.get_grad_norm()
+    for part in parts:
+        params = part.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(
+                params, grad_clip, grad_norm,
+                part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return grad_norm
+
+
 def guarded_optimizer_step(optimizer, grad_clip: float) -> tuple[bool, float]:
     """Step unless the gradient norm is not finite; then the step is skipped and the weights
     stay untouched. The norm is computed once (one all-reduce): clipping computes it, so it is
     not asked for separately. Returns (stepped, grad_norm before clipping)."""
     found_inf = optimizer.prepare_grads()
-    grad_norm = float(optimizer.clip_grad_norm(grad_clip) if grad_clip > 0
+    grad_norm = float(clip_grad_norm(optimizer, grad_clip) if grad_clip > 0
                       else optimizer.get_grad_norm())
     if found_inf or not math.isfinite(grad_norm):
         optimizer.zero_grad()  # clipping by a non-finite norm touched only these gradients
@@ -144,12 +165,20 @@ class ActorWorker(Worker):
         model = settings.model
         precision = dict(params_dtype=_DTYPES[model.precision], fp8=model.fp8,
                          recompute=model.recompute, fp8_recipe=model.fp8_recipe,
-                         fp8_amax_reduction=model.fp8_amax_reduction)
+                         fp8_amax_reduction=model.fp8_amax_reduction,
+                         moe_token_dispatcher=model.moe_token_dispatcher)
         self.hf_config, self.policy = load_policy(model_dir, sizes, **precision)
         self.policy, self.optimizer = build_optimizer(
             self.policy, settings.optimizer.lr, weight_decay=settings.optimizer.weight_decay,
             clip_grad=settings.optimizer.grad_clip)
         self.lr_scheduler = _lr_scheduler(self.optimizer, settings.optimizer, settings.schedule)
+        self.expert_load = None  # mixture of experts: the update pass's expert load
+        experts = getattr(self.hf_config, "num_experts", None)
+        if experts:
+            from megatron_intuitor.models.moe_stats import ExpertLoadMeter
+
+            self.expert_load = ExpertLoadMeter(self.policy, self.hf_config.num_hidden_layers,
+                                               experts)
         self.reference = None
         if model.keep_reference:
             self.reference = _frozen(load_policy(model_dir, sizes, **precision)[1])
@@ -391,13 +420,30 @@ class ActorWorker(Worker):
         """PPO epochs over mini-batches of whole prompt groups, one optimizer step each, on the
         step's rollouts with `advantages` [responses]; rank 0 returns the metrics (identical on
         every rank), the others None."""
-        from megatron_intuitor.ppo import ppo_forward_backward
-
         settings, batches = self.settings, self.settings.batches
         batch = self.rollouts.for_update(advantages, self.old_log_probs, self.ref_log_probs)
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step) \
             if batches.shuffle_mini_batches else None
         per_step: list[dict[str, float]] = []
+        with self.expert_load.measuring() if self.expert_load else nullcontext():
+            self._ppo_epochs(batch, generator, per_step)
+        end_of_training_step(self.lr_scheduler,
+                             [not m[metrics.SKIPPED_STEPS] for m in per_step])
+        result = {name: sum(m[name] for m in per_step) / len(per_step) for name in per_step[0]}
+        result[metrics.SKIPPED_STEPS] = sum(m[metrics.SKIPPED_STEPS] for m in per_step)
+        result[metrics.LR] = per_step[-1][metrics.LR]  # the step's (one per training step)
+        if self.expert_load:
+            result.update(self.expert_load.metrics())  # collective
+        result.update(self._update_scorer(step))
+        self.weights_version = step
+        return result if self.rank == 0 else None
+
+    def _ppo_epochs(self, batch, generator: Optional[torch.Generator],
+                    per_step: list[dict[str, float]]) -> None:
+        """The update's optimizer steps; each appends its metrics to `per_step`."""
+        from megatron_intuitor.ppo import ppo_forward_backward
+
+        settings, batches = self.settings, self.settings.batches
         for _ in range(batches.ppo_epochs):
             for rows in group_mini_batches(batch, batches.ppo_mini_batch_prompts, generator):
                 shard = data_parallel_shard(batch.select(rows), self.dp_rank,
@@ -413,14 +459,6 @@ class ActorWorker(Worker):
                     finite_loss=all(math.isfinite(v) for v in losses.values()))
                 per_step.append({**losses, metrics.GRAD_NORM: grad_norm, metrics.LR: lr,
                                  metrics.SKIPPED_STEPS: float(not stepped)})
-        end_of_training_step(self.lr_scheduler,
-                             [not m[metrics.SKIPPED_STEPS] for m in per_step])
-        result = {name: sum(m[name] for m in per_step) / len(per_step) for name in per_step[0]}
-        result[metrics.SKIPPED_STEPS] = sum(m[metrics.SKIPPED_STEPS] for m in per_step)
-        result[metrics.LR] = per_step[-1][metrics.LR]  # the step's (one per training step)
-        result.update(self._update_scorer(step))
-        self.weights_version = step
-        return result if self.rank == 0 else None
 
     def _update_scorer(self, step: int) -> dict[str, float]:
         """The EMA scorer's move towards the updated policy, once per training step as the

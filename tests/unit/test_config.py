@@ -158,6 +158,7 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["actor.precision=bf16"], "actor.precision=bf16 needs CUDA"),
     (["actor.fp8=hybrid"], "actor.fp8=hybrid needs CUDA and Transformer Engine"),
     (["actor.fp8=e5m2"], "actor.fp8='e5m2': expected null, hybrid or e4m3"),
+    (["actor.moe_token_dispatcher=flex"], "actor.moe_token_dispatcher='flex'"),
     (["trainer.device=cuda"], "trainer.device=cuda but no CUDA device is visible"),
     (["algorithm.name=ppo"], "algorithm.name='ppo': expected one of intuitor, grpo, hybrid"),
     (["algorithm.kl_type=full"], "algorithm.kl_type='full'"),
