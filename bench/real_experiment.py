@@ -47,7 +47,8 @@ equal movement.
 
 Every finished part (the start policy's test results, then each run) is appended to
 `<output-dir>/results.jsonl`; `--report-from <output-dir>/results.jsonl --steps N [--plot PNG]`
-reports on the runs finished so far (a cut-short experiment).
+reports on the runs finished so far (a cut-short experiment); the same command with `--continue`
+keeps them and resumes a run that was cut short from its last checkpoint.
 
 Last line: one JSON object (every run's figures and each arm's summary).
 """
@@ -342,6 +343,9 @@ def main() -> None:
     parser.add_argument("--report-from", type=Path, default=None, metavar="RESULTS_JSONL",
                         help="report on the finished runs of an --output-dir's results.jsonl "
                              "(with the same --steps) and exit")
+    parser.add_argument("--continue", dest="continue_", action="store_true",
+                        help="keep the finished parts of --output-dir's results.jsonl and resume "
+                             "a run that was cut short from its last checkpoint")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value for every run")
     options = parser.parse_args()
     if options.report_from:
@@ -372,20 +376,29 @@ def main() -> None:
     root = (options.output_dir or Path(scratch.name)).resolve()
     root.mkdir(parents=True, exist_ok=True)
     record = root / "results.jsonl"  # one line per finished part: a cut-short run can report
-    record.write_text("")
+    kept = ([json.loads(line) for line in record.read_text().splitlines()]
+            if options.continue_ and record.is_file() else [])
+    record.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    finished = {(row["arm"], row["seed"]) for row in kept if "arm" in row}
     test_records = None
     if options.test_split:  # the start policy on the test split, before any run
         test_records = test_questions(model_dir, options.steps, base + ARMS["intuitor"],
                                       options.test_prompts)
-        start = {"start_correct": greedy_correct(model_dir, test_records, base)}
-        append_line(record, start)
+        start = next((row for row in kept if "start_correct" in row), None)
+        if start is None:
+            start = {"start_correct": greedy_correct(model_dir, test_records, base)}
+            append_line(record, start)
         print(json.dumps({"test_prompts": len(test_records),
                           "start_acc": sum(start["start_correct"]) / len(test_records)}),
               flush=True)
     for seed in options.seeds:  # seed-major: a cut-short experiment still has every arm
         for arm in options.arms:
+            if (arm, seed) in finished:
+                continue
             run_dir = root / f"{arm}_seed{seed}"
             overrides = base + ARMS[arm] + [f"trainer.seed={seed}"]
+            if options.continue_:
+                overrides += resume_where_it_stopped(run_dir)
             run = {"arm": arm, "seed": seed, **run_figures(run_dir, options.steps, overrides)}
             if test_records:
                 run.update(score_on_test_split(run_dir, run, model_dir, test_records, base))
@@ -393,6 +406,21 @@ def main() -> None:
             print(json.dumps(run), flush=True)
     report(record, options.steps, base, options.plot)
     scratch.cleanup()
+
+
+def resume_where_it_stopped(run_dir: Path) -> list[str]:
+    """For a run cut short (its last checkpoint before the end): the override that resumes it
+    there, its metric rows after that checkpoint's step dropped (the resumed run logs them
+    again); nothing for a run that never saved."""
+    saved = sorted(int(path.name.split("_")[1])
+                   for path in (run_dir / "checkpoints").glob("step_*")) \
+        if (run_dir / "checkpoints").is_dir() else []
+    if not saved:
+        return []
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("".join(
+        row + "\n" for row in rows if json.loads(row)["step"] <= saved[-1]))
+    return ["trainer.resume=auto"]  # after run_ours' trainer.resume=disable: the last one wins
 
 
 def append_line(path: Path, row: dict) -> None:
