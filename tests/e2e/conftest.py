@@ -1,5 +1,5 @@
 """The uninterrupted 3-step tiny run, made once per session: several checks read it
-(test_trainer.py, test_score_at_sampling.py), since each tiny run costs ~30 s of the suite."""
+(test_trainer.py), since each tiny run costs ~30 s of the suite."""
 from pathlib import Path
 
 import pytest

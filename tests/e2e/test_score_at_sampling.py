@@ -1,9 +1,6 @@
 """`rollout.score_at_sampling` end to end on the tiny job: the rewards the engine takes while
 sampling and the update from the forward's own old log-probs give the step that the separate
 scoring forward gives; the option is refused where it would not be exact (off-policy)."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,6 @@ from safetensors.torch import load_file
 from megatron_intuitor import metrics
 from megatron_intuitor.config import ConfigError, load
 
-from repo_paths import REPO
 from tiny_runs import finish, launch, metric_rows, overrides
 
 
@@ -21,29 +17,25 @@ def _weights(model_dir: Path) -> dict:
             for name, tensor in load_file(path).items()}
 
 
-def _step_1_export(run_dir: Path, out: Path) -> Path:
-    """The run's step-1 checkpoint as an HF directory (tools/convert_ckpt.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, str(REPO / "tools" / "convert_ckpt.py"), "megatron-to-hf",
-                    str(run_dir / "checkpoints" / "step_1"), str(out), "--tp", "2"], env=env,
-                   check=True, capture_output=True, timeout=600)
-    return out
+def _one_step(run_dir: Path, score_at_sampling: bool) -> tuple[dict, dict]:
+    """One step of the tiny run with the step's prompts as the mini-batch (as
+    `rollout.score_at_sampling` needs): its metrics and exported weights."""
+    finish(launch(overrides(run_dir, 1) + [
+        "actor.ppo_mini_batch_size=4",
+        f"rollout.score_at_sampling={str(score_at_sampling).lower()}"]))
+    return metric_rows(run_dir)[1], _weights(run_dir / "hf_final")
 
 
 @pytest.mark.slow
-def test_scores_at_sampling_give_the_step_of_the_scoring_forward(uninterrupted, tmp_path):
-    """Same seeds, step 1 (TP=2, on-policy) of the uninterrupted tiny run (scored by the separate
-    forward) and of a run scored at sampling: self-certainty and entropy of the engine equal
+def test_scores_at_sampling_give_the_step_of_the_scoring_forward(tmp_path):
+    """Same seeds, one step (TP=2, on-policy), scored by the separate forward and at sampling:
+    self-certainty and entropy of the engine equal
     the scoring forward's within 1e-4 (fp32 vLLM vs Megatron), the PPO loss, gradient norm and
     updated weights agree (ratio exactly 1 vs recomputed 1 +- rounding; the loss and weights to
     the advantages' fp32 resolution), and the update's forward reports the engine/Megatron log-prob
     difference."""
-    run_dir, _ = uninterrupted
-    separate = metric_rows(run_dir)[1]
-    separate_weights = _weights(_step_1_export(run_dir, tmp_path / "separate_step_1"))
-    finish(launch(overrides(tmp_path / "sampled", 1) + ["rollout.score_at_sampling=true"]))
-    sampled = metric_rows(tmp_path / "sampled")[1]
-    sampled_weights = _weights(tmp_path / "sampled" / "hf_final")
+    separate, separate_weights = _one_step(tmp_path / "separate", False)
+    sampled, sampled_weights = _one_step(tmp_path / "sampled", True)
     assert sampled[metrics.RESPONSE_LENGTH_MEAN] == separate[metrics.RESPONSE_LENGTH_MEAN]
     for name in (metrics.SELF_CERTAINTY_MEAN, metrics.SELF_CERTAINTY_STD, metrics.ENTROPY):
         assert sampled[name] == pytest.approx(separate[name], abs=1e-4), name
@@ -55,7 +47,7 @@ def test_scores_at_sampling_give_the_step_of_the_scoring_forward(uninterrupted, 
     assert 0 < sampled[metrics.ROLLOUT_LOGPROB_DIFF] < 1e-4
     assert sampled[metrics.ROLLOUT_LOGPROB_DIFF] == pytest.approx(
         separate[metrics.ROLLOUT_LOGPROB_DIFF], abs=1e-5)
-    base = _weights(run_dir / "tiny_model")
+    base = _weights(tmp_path / "separate" / "tiny_model")
 
     def norm(weights: dict, minus: dict) -> float:
         return sum(float((weights[k] - minus[k]).double().pow(2).sum()) for k in weights) ** 0.5

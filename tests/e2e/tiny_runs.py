@@ -15,13 +15,13 @@ UNINTERRUPTED_EXTRA = ["logger.backends=[console,jsonl,wandb]", *GUARDS]
 
 
 def overrides(run_dir: Path, steps: int) -> list[str]:
-    """4 prompts x 4 responses x 16 tokens, one optimizer step per step (the mini-batch is the
-    step's prompts, as `rollout.score_at_sampling` needs), a checkpoint every step."""
+    """4 prompts x 4 responses x 16 tokens, two optimizer steps per step, a checkpoint every
+    step."""
     return [f"trainer.output_dir={run_dir}", f"trainer.total_steps={steps}",
             "trainer.save_every=1", "trainer.val_every=0", "logger.backends=[jsonl]",
             f"logger.log_dir={run_dir / 'logs'}", "data.prompts_per_step=4",
             "data.max_response_length=16", "actor.ppo_micro_batch_size_per_gpu=4",
-            "actor.log_prob_micro_batch_size_per_gpu=8", "actor.ppo_mini_batch_size=4",
+            "actor.log_prob_micro_batch_size_per_gpu=8", "actor.ppo_mini_batch_size=2",
             "actor.lr=1e-3", "trainer.keep_last=3"]
 
 
