@@ -412,14 +412,15 @@ def resume_where_it_stopped(run_dir: Path) -> list[str]:
     """For a run cut short (its last checkpoint before the end): the override that resumes it
     there, its metric rows after that checkpoint's step dropped (the resumed run logs them
     again); nothing for a run that never saved."""
-    saved = sorted(int(path.name.split("_")[1])
-                   for path in (run_dir / "checkpoints").glob("step_*")) \
-        if (run_dir / "checkpoints").is_dir() else []
-    if not saved:
+    from megatron_intuitor.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
+
+    last = latest_checkpoint(run_dir / "checkpoints")  # the trainer's own choice on resume=auto
+    if last is None:
         return []
+    step = json.loads((last / TRAINER_STATE_FILE).read_text())["step"]
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     (run_dir / "metrics.jsonl").write_text("".join(
-        row + "\n" for row in rows if json.loads(row)["step"] <= saved[-1]))
+        row + "\n" for row in rows if json.loads(row)["step"] <= step))
     return ["trainer.resume=auto"]  # after run_ours' trainer.resume=disable: the last one wins
 
 
