@@ -41,6 +41,7 @@ then run the same number of micro-batches, the ones with fewer adding empty ones
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
@@ -57,6 +58,9 @@ from megatron_intuitor.scoring import TokenScores, vocab_parallel_token_scores
 LogitsHead = Callable[[torch.Tensor, "ModelInput"], tuple]
 
 SCORE_NAMES = TokenScores._fields  # ("log_probs", "entropy", "self_certainty")
+# A micro-batch column of each token's experts [.., layers, top_k] (global ids): the policy's
+# routers replay them (`models/routing_replay.py`, actor.moe_routing_replay)
+ROUTED_EXPERTS = "routed_experts"
 
 
 def _tp_group():
@@ -136,7 +140,7 @@ def _padded_to(model_input: ModelInput, rows: int, width: int) -> ModelInput:
         return model_input
 
     def grow(value: torch.Tensor) -> torch.Tensor:
-        grown = value.new_zeros(rows, width)
+        grown = value.new_zeros(rows, width, *value.shape[2:])
         grown[:current_rows, :current] = value
         return grown
 
@@ -172,7 +176,8 @@ def _empty_like(model_input: ModelInput, multiple: int) -> ModelInput:
     holds no response token, so every head's loss and token count on it are 0."""
     compute = model_input.lengths.device
     lengths = torch.tensor([multiple], device=compute)
-    tokens = {name: value.new_zeros(1, multiple) for name, value in model_input.tokens.items()}
+    tokens = {name: value.new_zeros(1, multiple, *value.shape[2:])
+              for name, value in model_input.tokens.items()}
     packed = (None if model_input.packed_seq_params is None
               else _packed_seq_params([multiple], compute))
     return ModelInput(tokens, torch.arange(multiple, device=compute)[None], lengths, packed)
@@ -214,9 +219,9 @@ def _check_micro_batches(micro_batches: Sequence[dict[str, torch.Tensor]]) -> No
                              f"{sorted(micro_batch)}")
         shape, lengths = micro_batch["input_ids"].shape, micro_batch["lengths"]
         for name, value in micro_batch.items():
-            if name != "lengths" and value.shape != shape:
-                raise ValueError(f"micro-batch {index}: {name} shape {tuple(value.shape)} != "
-                                 f"input_ids shape {tuple(shape)}")
+            if name != "lengths" and value.shape[:2] != shape:
+                raise ValueError(f"micro-batch {index}: {name} shape {tuple(value.shape)} does "
+                                 f"not start with input_ids shape {tuple(shape)}")
         if lengths.shape != shape[:1] or lengths.min() < 1 or lengths.max() > shape[1]:
             raise ValueError(f"micro-batch {index}: lengths {lengths.tolist()} must be one per "
                              f"row, each in [1, {shape[1]}]")
@@ -239,8 +244,9 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
                  head: LogitsHead, *, forward_only: bool, packed: bool,
                  logits_at: Optional[str] = None) -> list:
     """Run `micro_batches` through the pipeline schedule. Each is a dict with `lengths` [b]
-    (real tokens per row) and right-padded per-token tensors [b, s], `input_ids` among them;
-    sizes may differ between micro-batches. `head` turns the last stage's logits shard of each
+    (real tokens per row) and right-padded per-token tensors [b, s, ...], `input_ids` among
+    them; sizes may differ between micro-batches. A `ROUTED_EXPERTS` column makes the routers
+    replay those experts (`models/routing_replay.py`). `head` turns the last stage's logits shard of each
     into Megatron's loss tuple; with `logits_at` (the name of a bool per-token column) only the
     logits predicting the marked tokens are computed (see the module docstring). Returns the
     heads' stats, one entry per micro-batch in order, on the last pipeline stage ([] on the
@@ -287,18 +293,25 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
             current["positions"] = _predicting_positions(micro_batch.scored_tokens)
         # attention_mask None: causal attention is exact for right-padded rows, and packed
         # sequences are delimited by packed_seq_params.
+        if replay:
+            set_micro_batch_routing(chunk, micro_batch[ROUTED_EXPERTS], micro_batch.lengths,
+                                    micro_batch.packed_seq_params is not None)
         logits_shard = chunk(micro_batch["input_ids"], micro_batch.position_ids, None,
                              packed_seq_params=micro_batch.packed_seq_params)
         return logits_shard, lambda logits: head(logits, micro_batch)
 
     # Every chunk (virtual stage) consumes the same micro-batches through its own iterator.
     iterators = [iter(inputs) for _ in model_chunks]
+    replay = ROUTED_EXPERTS in inputs[0].tokens
+    if replay:
+        from megatron_intuitor.models.routing_replay import replaying, set_micro_batch_routing
     try:
-        stats = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-            model=model_chunks, num_microbatches=len(inputs), seq_length=width,
-            micro_batch_size=rows, forward_only=forward_only)
+        with replaying(model_chunks) if replay else nullcontext():
+            stats = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+                model=model_chunks, num_microbatches=len(inputs), seq_length=width,
+                micro_batch_size=rows, forward_only=forward_only)
     finally:
         for hook in hooks:
             hook.remove()
@@ -383,13 +396,16 @@ def check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def score_batch(model_chunks: list, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_mask: torch.Tensor, *, temperature: float, vocab_size: int,
-                batching: MicroBatching) -> dict[str, torch.Tensor]:
+                batching: MicroBatching,
+                routed_experts: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Per-token log_probs, entropy and self_certainty [b, s] (fp32, no gradient) of a
     right-padded prompt+response batch, on every rank, in the batch's row order: entry t scores
     token t, and entries outside `response_mask` are 0. `batching` says how the rows are cut and
     laid out. The last pipeline stage computes them, then broadcasts over the pipeline group.
     Sentence-level self-certainty is
-    `scoring.masked_mean_per_sequence(scores["self_certainty"], response_mask)`."""
+    `scoring.masked_mean_per_sequence(scores["self_certainty"], response_mask)`.
+    `routed_experts` [b, s, layers, top_k]: the experts the routers replay (routing replay)
+    instead of their own top-k."""
     from megatron.core import parallel_state
 
     check_batch(input_ids, attention_mask, response_mask)
@@ -403,11 +419,12 @@ def score_batch(model_chunks: list, input_ids: torch.Tensor, attention_mask: tor
                               torch.stack(scores, dim=-1), 0.0)
         return stacked.new_zeros(()), {"scores": micro_batch.to_rows(stacked)}
 
+    columns = {"input_ids": input_ids, "response_mask": response_mask.bool()}
+    if routed_experts is not None:
+        columns[ROUTED_EXPERTS] = routed_experts
     with torch.no_grad():
         stats = run_pipeline(
-            model_chunks,
-            micro_batches({"input_ids": input_ids, "response_mask": response_mask.bool()},
-                          lengths, partition),
+            model_chunks, micro_batches(columns, lengths, partition),
             scores_head, forward_only=True, packed=batching.packed, logits_at="response_mask")
     stacked = torch.zeros(*input_ids.shape, len(SCORE_NAMES), dtype=torch.float32,
                           device=device())
