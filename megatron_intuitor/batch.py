@@ -13,6 +13,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+# RolloutBatch.routed_experts of a token the engine routed to no expert: the router's own top-k
+NO_ROUTING = -1
+
 
 @dataclass(frozen=True)
 class RolloutBatch:
@@ -101,11 +104,11 @@ def batch_from_rollouts(samples: Sequence, pad_token_id: int) -> RolloutBatch:
 def _routed_experts(samples: Sequence, width: int) -> Optional[torch.Tensor]:
     """[B, width, layers, top_k] of the samples' `routed_experts` (each [tokens - 1, layers,
     top_k]: the engine routes every token it feeds to the model, all but the last sampled one),
-    -1 elsewhere; None unless every sample has them."""
+    NO_ROUTING elsewhere; None unless every sample has them."""
     if not samples or any(s.routed_experts is None for s in samples):
         return None
     per_token = samples[0].routed_experts.shape[1:]
-    routed = torch.full((len(samples), width, *per_token), -1, dtype=torch.int16)
+    routed = torch.full((len(samples), width, *per_token), NO_ROUTING, dtype=torch.int16)
     for row, sample in enumerate(samples):
         experts = torch.from_numpy(sample.routed_experts.astype("int16"))
         tokens = len(sample.prompt_token_ids) + len(sample.response_token_ids)

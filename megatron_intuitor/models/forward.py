@@ -48,7 +48,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_intuitor.batch import MicroBatching
+from megatron_intuitor.batch import NO_ROUTING, MicroBatching
 from megatron_intuitor.platform import device
 from megatron_intuitor.scoring import TokenScores, vocab_parallel_token_scores
 
@@ -173,10 +173,12 @@ def _aligned(model_input: ModelInput, multiple: int) -> ModelInput:
 
 def _empty_like(model_input: ModelInput, multiple: int) -> ModelInput:
     """A micro-batch of one padding row of `multiple` tokens, in `model_input`'s layout: it
-    holds no response token, so every head's loss and token count on it are 0."""
+    holds no response token, so every head's loss and token count on it are 0 (and no replayed
+    experts: its routers route by their own top-k)."""
     compute = model_input.lengths.device
     lengths = torch.tensor([multiple], device=compute)
-    tokens = {name: value.new_zeros(1, multiple, *value.shape[2:])
+    tokens = {name: value.new_full((1, multiple, *value.shape[2:]),
+                                   NO_ROUTING if name == ROUTED_EXPERTS else 0)
               for name, value in model_input.tokens.items()}
     packed = (None if model_input.packed_seq_params is None
               else _packed_seq_params([multiple], compute))

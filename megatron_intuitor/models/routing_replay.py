@@ -32,7 +32,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-NO_ROUTING = -1  # a token without engine routing: the router's own top-k
+from megatron_intuitor.batch import NO_ROUTING
 
 
 def _router_replay_module():

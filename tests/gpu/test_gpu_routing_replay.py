@@ -23,11 +23,11 @@ def test_engine_routing_is_transformers_top_k_and_megatron_replays_it(routed_eng
     from megatron.core.transformer.moe.router import TopKRouter
     from transformers import AutoModelForCausalLM
 
-    from megatron_intuitor.batch import MicroBatching, batch_from_rollouts
+    from megatron_intuitor.batch import NO_ROUTING, MicroBatching, batch_from_rollouts
     from megatron_intuitor.models.bridge import export_hf_weights
     from megatron_intuitor.models.forward import score_batch
     from megatron_intuitor.models.policy import load_policy
-    from megatron_intuitor.models.routing_replay import NO_ROUTING, install_routing_replay
+    from megatron_intuitor.models.routing_replay import install_routing_replay
     from megatron_intuitor.rollout.engine import SamplingConfig
     from megatron_intuitor.rollout.weight_sync import sync_weights
 

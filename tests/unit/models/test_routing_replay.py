@@ -3,8 +3,9 @@ the given experts, its log-probs equal transformers' model whose routers are for
 experts, and the routers route by their own top-k again after the pass."""
 import torch
 
+from megatron_intuitor.batch import NO_ROUTING
 from megatron_intuitor.local_ranks import run_distributed
-from megatron_intuitor.models.routing_replay import NO_ROUTING, router_token_layout
+from megatron_intuitor.models.routing_replay import router_token_layout
 
 # three right-padded prompt+response rows: prompt PROMPT tokens, then the response
 LENGTHS = torch.tensor([14, 9, 12])
