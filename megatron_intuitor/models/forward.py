@@ -246,15 +246,15 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
                  head: LogitsHead, *, forward_only: bool, packed: bool,
                  logits_at: Optional[str] = None) -> list:
     """Run `micro_batches` through the pipeline schedule. Each is a dict with `lengths` [b]
-    (real tokens per row) and right-padded per-token tensors [b, s, ...], `input_ids` among
-    them; sizes may differ between micro-batches. A `ROUTED_EXPERTS` column makes the routers
-    replay those experts (`models/routing_replay.py`). `head` turns the last stage's logits shard of each
+    (real tokens per row) and right-padded per-token tensors [b, s], `input_ids` among them;
+    sizes may differ between micro-batches. `head` turns the last stage's logits shard of each
     into Megatron's loss tuple; with `logits_at` (the name of a bool per-token column) only the
     logits predicting the marked tokens are computed (see the module docstring). Returns the
     heads' stats, one entry per micro-batch in order, on the last pipeline stage ([] on the
     others). With forward_only=False the losses are back-propagated into the chunks'
     gradients. With FP8 the micro-batches are padded and their number equalised over data
-    parallelism (module docstring)."""
+    parallelism (module docstring). A `ROUTED_EXPERTS` column (per-token tensors may have
+    trailing dims) makes the routers replay those experts (`models/routing_replay.py`)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
