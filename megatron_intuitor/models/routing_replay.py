@@ -31,36 +31,31 @@ from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
 import torch
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
 from megatron_intuitor.batch import NO_ROUTING
 
 
-def _router_replay_module():
-    from megatron.core.transformer.moe import router_replay
-
-    return router_replay
-
-
-class ForcedRouting(_router_replay_module().RouterReplay):
+class ForcedRouting(RouterReplay):
     """One router's replay: Megatron's `RouterReplay` (targets, backward queue, actions) with
     rows marked `NO_ROUTING` routed naturally, and without joining Megatron's process-wide list
     of instances (which would mix the policy's routers with other models')."""
 
-    def __init__(self) -> None:  # noqa: D401 - deliberately not registering globally
+    def __init__(self) -> None:  # RouterReplay.__init__ would register the instance globally
         self.target_topk_idx: Optional[torch.Tensor] = None
-        self.recorded_topk_idx: Optional[torch.Tensor] = None
+        self.recorded_topk_idx: Optional[torch.Tensor] = None  # RouterReplay's; unused here
         self.router_replay_action = None
         self.replay_backward_list: list[torch.Tensor] = []
 
     def get_replay_topk(self, scores: torch.Tensor, topk: int, num_groups=None, group_topk=None,
                         default_compute_topk=None) -> tuple[torch.Tensor, torch.Tensor]:
-        action = _router_replay_module().RouterReplayAction
         if self.router_replay_action is None:
             return default_compute_topk(scores, topk, num_groups, group_topk)
-        # inside autograd's backward: the recomputed forward of an earlier micro-batch
+        # inside autograd's backward (a graph task runs): the recomputed forward of an earlier
+        # micro-batch; torch.utils.checkpoint tells its recomputation apart the same way
         recomputing = torch._C._current_graph_task_id() != -1
-        self.router_replay_action = (action.REPLAY_BACKWARD if recomputing
-                                     else action.REPLAY_FORWARD)
+        self.router_replay_action = (RouterReplayAction.REPLAY_BACKWARD if recomputing
+                                     else RouterReplayAction.REPLAY_FORWARD)
         if recomputing:
             if not self.replay_backward_list:
                 raise RuntimeError("routing replay: a recomputed router call has no experts "
@@ -75,7 +70,6 @@ class ForcedRouting(_router_replay_module().RouterReplay):
         _, natural = default_compute_topk(scores, topk, num_groups, group_topk)
         forced = forced.to(scores.device, torch.long)
         indices = torch.where(forced == NO_ROUTING, natural, forced)
-        self.record_indices(indices)
         return scores.gather(1, indices), indices
 
 
@@ -109,10 +103,9 @@ def replaying(model_chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Replay the experts set per micro-batch inside; afterwards every router routes by its own
     top-k again and holds no experts (nothing reaches a later pass)."""
     replays = _replays(model_chunks)
-    action = _router_replay_module().RouterReplayAction
     for replay in replays:
         replay.clear_indices()
-        replay.set_router_replay_action(action.REPLAY_FORWARD)
+        replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
     try:
         yield
     finally:
