@@ -34,6 +34,7 @@ def _megatron_log_probs(chunk, samples, vocab_size):
     from megatron_intuitor.scoring import vocab_parallel_token_scores
 
     result = []
+    chunk.eval()  # Megatron's MoE layer refuses to train at TP > 1 without sequence parallelism
     with torch.no_grad():
         for sample in samples:
             ids = torch.tensor([sample.prompt_token_ids + sample.response_token_ids])
@@ -49,14 +50,14 @@ def _megatron_log_probs(chunk, samples, vocab_size):
 
 def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts, ep=1):
     """Sync, generate, update, sync, generate; the engine is sharded like the actor when
-    `rollout_tp == tp` and PP is 1 and there is no expert parallelism (shard to shard), else it
-    streams full tensors."""
+    `rollout_tp == tp` and PP is 1 and there is no expert parallelism (shard to shard, each
+    expert split over the TP ranks at MoE), else it streams full tensors."""
     from megatron_intuitor.models.bridge import export_hf_weights, load_hf_weights
     from megatron_intuitor.models.config import (
         build_model, load_hf_config, transformer_config_from_hf)
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
     from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
-    from megatron_intuitor.rollout.shard_sync import ShardSync
+    from megatron_intuitor.rollout.shard_sync import ShardSync, ShardSyncUnavailable
     from megatron_intuitor.rollout.weight_sync import sync_weights
 
     sizes = ParallelSizes(tp, pp, expert=ep)
@@ -72,13 +73,16 @@ def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts,
     def tokens():
         return [s.response_token_ids for s in engine.generate(prompts, greedy)]
 
-    if rollout_tp == tp and pp == 1 and ep == 1:  # sharded alike: each rank copies its shards
+    result = {}
+    try:  # sharded alike: each rank copies its shards; else (the plan says why) stream
         sync = ShardSync.plan(engine, chunks, hf_config)
-    else:
+    except ShardSyncUnavailable as why:
+        result["refused"] = str(why)
+
         def sync():
             return sync_weights(engine, export_hf_weights(chunks, hf_config))
     sync()
-    result = {"before": tokens()}
+    result["before"] = tokens()
     with torch.no_grad():
         for chunk in chunks:
             for param in chunk.parameters():
@@ -86,6 +90,14 @@ def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts,
     report = sync()
     result["after"] = tokens()
     result["bytes"], result["path"] = report.bytes, report.path
+    if report.path == "shards" and getattr(hf_config, "num_experts", 0):
+        # the same weights streamed: the engine's tensors (fused experts prepacked on CPU, norms)
+        # must come out bit for bit as the direct writes left them
+        shards = _engine_tensors(engine)
+        sync_weights(engine, export_hf_weights(chunks, hf_config))
+        streamed = _engine_tensors(engine)
+        result["stream_equal"] = streamed.keys() == shards.keys() and all(
+            torch.equal(tensor, shards[name]) for name, tensor in streamed.items())
     if pp == 1:
         samples = engine.generate(prompts, SamplingConfig(
             n=2, temperature=TEMPERATURE, max_tokens=NEW_TOKENS, ignore_eos=True, seed=5))
@@ -94,6 +106,13 @@ def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts,
             float((torch.tensor(s.log_probs) - m).abs().max()) for s, m in zip(samples, megatron))
     engine.shutdown()
     return result
+
+
+def _engine_tensors(engine) -> dict[str, torch.Tensor]:
+    """Copies of the engine's parameters that hold their values (vLLM-CPU moves its linear
+    layers' weights into private packs and leaves them empty)."""
+    return {name: param.detach().clone() for name, param in engine.local_model.named_parameters()
+            if param.numel()}
 
 
 def _hf_greedy(model_dir, prompts, update: bool, tmp_path):
@@ -129,14 +148,16 @@ def tiny_qwen2_vocab1100(tmp_path_factory):
     (2, 2, 1, 1, "tiny_qwen2", 1), (2, 1, 2, 1, "tiny_qwen2", 1),
     (2, 2, 1, 2, "tiny_qwen2_vocab1100", 1), (4, 2, 1, 2, "tiny_qwen2_vocab1100", 1),
     (2, 2, 1, 2, "tiny_qwen3", 1), (2, 2, 1, 2, "tiny_llama", 1),
-    (2, 1, 1, 1, "tiny_qwen3_moe", 2)],
+    (2, 1, 1, 1, "tiny_qwen3_moe", 2), (2, 2, 1, 2, "tiny_qwen3_moe", 1)],
     ids=["tp2-stream", "pp2-stream", "tp2-shards", "tp2dp2-shards", "tp2-shards-qwen3",
-         "tp2-shards-llama", "ep2-stream-qwen3-moe"])
+         "tp2-shards-llama", "ep2-stream-qwen3-moe", "tp2-shards-qwen3-moe"])
 def test_sync_from_megatron_matches_transformers(request, tmp_path, world, tp, pp, rollout_tp,
                                                  model, ep):
     """tp2dp2: two engines of TP 2 in a world of 4 (vLLM's TP groups [0, 1], [2, 3] must be
     Megatron's). ep2: Qwen3-MoE with its experts split over the 2 ranks, streamed into vLLM's
-    fused expert weights (vLLM takes the per-expert HF names)."""
+    fused expert weights (vLLM takes the per-expert HF names). tp2-shards-qwen3-moe: every
+    expert split over the 2 TP ranks (ETP=2) copied into vLLM's fused experts split alike, then
+    bit-identical to a streamed sync of the same weights."""
     model_dir = request.getfixturevalue(model)
     prompts = _prompts()
     results = run_distributed(_sync_and_generate, world, tp, pp, rollout_tp, model_dir, prompts,
@@ -157,3 +178,7 @@ def test_sync_from_megatron_matches_transformers(request, tmp_path, world, tp, p
             assert result["bytes"] == weight_bytes
         if pp == 1:
             assert result["logprob_diff"] <= LOGPROB_ATOL
+        if result["path"] == "shards" and "moe" in model:
+            assert result["stream_equal"]
+        if ep > 1:  # vLLM's engine at TP=1 holds every expert; the actor splits them
+            assert "the actor over EP=2 with ETP=1 (needs EP=1, ETP=1)" in result["refused"]
