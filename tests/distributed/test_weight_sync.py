@@ -143,21 +143,31 @@ def tiny_qwen2_vocab1100(tmp_path_factory):
                            tie_word_embeddings=False)
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2_moe(tmp_path_factory):
+    """Qwen2-MoE: 8 experts (top-2, norm_topk_prob off) and a gated shared expert, tied."""
+    from megatron_intuitor.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("qwen2_moe"), arch="qwen2_moe",
+                           vocab_size=1003)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world, tp, pp, rollout_tp, model, ep", [
     (2, 2, 1, 1, "tiny_qwen2", 1), (2, 1, 2, 1, "tiny_qwen2", 1),
     (2, 2, 1, 2, "tiny_qwen2_vocab1100", 1), (4, 2, 1, 2, "tiny_qwen2_vocab1100", 1),
     (2, 2, 1, 2, "tiny_qwen3", 1), (2, 2, 1, 2, "tiny_llama", 1),
-    (2, 1, 1, 1, "tiny_qwen3_moe", 2), (2, 2, 1, 2, "tiny_qwen3_moe", 1)],
+    (2, 1, 1, 1, "tiny_qwen3_moe", 2), (2, 2, 1, 2, "tiny_qwen2_moe", 1)],
     ids=["tp2-stream", "pp2-stream", "tp2-shards", "tp2dp2-shards", "tp2-shards-qwen3",
-         "tp2-shards-llama", "ep2-stream-qwen3-moe", "tp2-shards-qwen3-moe"])
+         "tp2-shards-llama", "ep2-stream-qwen3-moe", "tp2-shards-qwen2-moe"])
 def test_sync_from_megatron_matches_transformers(request, tmp_path, world, tp, pp, rollout_tp,
                                                  model, ep):
     """tp2dp2: two engines of TP 2 in a world of 4 (vLLM's TP groups [0, 1], [2, 3] must be
     Megatron's). ep2: Qwen3-MoE with its experts split over the 2 ranks, streamed into vLLM's
-    fused expert weights (vLLM takes the per-expert HF names). tp2-shards-qwen3-moe: every
-    expert split over the 2 TP ranks (ETP=2) copied into vLLM's fused experts split alike, then
-    bit-identical to a streamed sync of the same weights."""
+    fused expert weights (vLLM takes the per-expert HF names). tp2-shards-qwen2-moe: every
+    expert split over the 2 TP ranks (ETP=2) copied into vLLM's fused experts split alike (and
+    the shared expert, its gate, the q/k/v biases into their layers), then bit-identical to a
+    streamed sync of the same weights."""
     model_dir = request.getfixturevalue(model)
     prompts = _prompts()
     results = run_distributed(_sync_and_generate, world, tp, pp, rollout_tp, model_dir, prompts,
