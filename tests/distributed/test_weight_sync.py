@@ -31,24 +31,27 @@ def _megatron_log_probs(chunk, samples, vocab_size):
     """Megatron's log-probs of each sample's response tokens (TP-sharded logits, PP=1)."""
     from megatron.core import parallel_state
 
+    from megatron_intuitor.platform import device
     from megatron_intuitor.scoring import vocab_parallel_token_scores
 
     result = []
     chunk.eval()  # Megatron's MoE layer refuses to train at TP > 1 without sequence parallelism
     with torch.no_grad():
         for sample in samples:
-            ids = torch.tensor([sample.prompt_token_ids + sample.response_token_ids])
-            logits = chunk(ids, torch.arange(ids.shape[1]).unsqueeze(0), None)
+            ids = torch.tensor([sample.prompt_token_ids + sample.response_token_ids],
+                               device=device())
+            logits = chunk(ids, torch.arange(ids.shape[1], device=device()).unsqueeze(0), None)
             start = len(sample.prompt_token_ids) - 1
             scores = vocab_parallel_token_scores(
-                logits[:, start:-1], torch.tensor([sample.response_token_ids]),
+                logits[:, start:-1], ids[:, start + 1:],
                 temperature=TEMPERATURE, vocab_size=vocab_size,
                 tp_group=parallel_state.get_tensor_model_parallel_group())
-            result.append(scores.log_probs[0])
+            result.append(scores.log_probs[0].cpu())
     return result
 
 
-def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts, ep=1):
+def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts, ep=1, etp=None,
+                       engine_kwargs=None):
     """Sync, generate, update, sync, generate; the engine is sharded like the actor when
     `rollout_tp == tp` and PP is 1 and there is no expert parallelism (shard to shard, each
     expert split over the TP ranks at MoE), else it streams full tensors."""
@@ -60,14 +63,14 @@ def _sync_and_generate(rank, world_size, tp, pp, rollout_tp, model_dir, prompts,
     from megatron_intuitor.rollout.shard_sync import ShardSync, ShardSyncUnavailable
     from megatron_intuitor.rollout.weight_sync import sync_weights
 
-    sizes = ParallelSizes(tp, pp, expert=ep)
+    sizes = ParallelSizes(tp, pp, expert=ep, expert_tensor=etp)
     init_model_parallel(sizes, seed=1)
     hf_config = load_hf_config(model_dir)
     chunks = build_model(hf_config, transformer_config_from_hf(hf_config, sizes))
     load_hf_weights(chunks, model_dir, hf_config)
     # after torch.distributed, on every rank: vLLM builds its groups on the training world
     engine = RolloutEngine(model_dir, dtype=torch.float32, max_model_len=256, seed=0,
-                           tensor_parallel_size=rollout_tp)
+                           tensor_parallel_size=rollout_tp, engine_kwargs=engine_kwargs)
     greedy = SamplingConfig(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
     def tokens():
@@ -168,10 +171,22 @@ def test_sync_from_megatron_matches_transformers(request, tmp_path, world, tp, p
     expert split over the 2 TP ranks (ETP=2) copied into vLLM's fused experts split alike (and
     the shared expert, its gate, the q/k/v biases into their layers), then bit-identical to a
     streamed sync of the same weights."""
-    model_dir = request.getfixturevalue(model)
+    results = check_sync(request.getfixturevalue(model), tmp_path, world, tp, pp, rollout_tp,
+                         shards=rollout_tp == tp and pp == 1 and ep == 1, ep=ep)
+    if ep > 1:  # vLLM's engine at TP=1 holds every expert; the actor splits them
+        for result in results:
+            assert "the actor over EP=2 with ETP=1 (needs EP=1, ETP=1)" in result["refused"]
+
+
+def check_sync(model_dir, tmp_path, world, tp, pp, rollout_tp, *, shards: bool, ep=1, etp=None,
+               engine_kwargs=None) -> list[dict]:
+    """Sync and generate on `world` ranks (tests/gpu/test_gpu_moe_sync.py on GPUs too): greedy
+    tokens before and after an update equal transformers', the path taken is `shards` or the
+    stream, an MoE's shard-to-shard sync leaves the engine's tensors bit for bit as a streamed
+    sync of the same weights; the ranks' results."""
     prompts = _prompts()
     results = run_distributed(_sync_and_generate, world, tp, pp, rollout_tp, model_dir, prompts,
-                              ep)
+                              ep, etp, engine_kwargs)
     before = _hf_greedy(model_dir, prompts, False, tmp_path)
     after = _hf_greedy(model_dir, prompts, True, tmp_path)
     assert before != after
@@ -180,15 +195,13 @@ def test_sync_from_megatron_matches_transformers(request, tmp_path, world, tp, p
     for result in results:
         assert result["before"] == before
         assert result["after"] == after
-        assert result["path"] == ("shards" if rollout_tp == tp and pp == 1 and ep == 1
-                                  else "stream")
-        if result["path"] == "shards":  # each rank's engine shard: half the matrices, vocab padded to 1152
-            assert 0.4 * weight_bytes < result["bytes"] < 0.7 * weight_bytes
+        assert result["path"] == ("shards" if shards else "stream"), result.get("refused")
+        if shards:  # each rank's engine shard: 1 / TP of the matrices, vocab padded by vLLM
+            assert 0.8 / rollout_tp * weight_bytes < result["bytes"] < 1.4 / rollout_tp * weight_bytes
+            if any(".experts." in name for name in weights):
+                assert result["stream_equal"]
         else:
             assert result["bytes"] == weight_bytes
         if pp == 1:
             assert result["logprob_diff"] <= LOGPROB_ATOL
-        if result["path"] == "shards" and "moe" in model:
-            assert result["stream_equal"]
-        if ep > 1:  # vLLM's engine at TP=1 holds every expert; the actor splits them
-            assert "the actor over EP=2 with ETP=1 (needs EP=1, ETP=1)" in result["refused"]
+    return results
