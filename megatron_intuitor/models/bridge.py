@@ -145,13 +145,13 @@ def weight_mappings(hf_config: transformers.PretrainedConfig) -> list[TensorMapp
             per_layer([_LOCAL_EXPERT + "linear_fc2.weight"], [expert + "down_proj.weight"],
                       [(d.hidden, d.ffn)], Layout.ROW, per_expert=True)]
         if d.shared_ffn:
+            shared = "mlp.shared_expert."
             rows += [
                 per_layer(["mlp.shared_experts.linear_fc1.weight"],
-                          ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"],
+                          [shared + "gate_proj.weight", shared + "up_proj.weight"],
                           [(d.shared_ffn, d.hidden), (d.shared_ffn, d.hidden)], Layout.GATE_UP),
-                per_layer(["mlp.shared_experts.linear_fc2.weight"],
-                          ["mlp.shared_expert.down_proj.weight"], [(d.hidden, d.shared_ffn)],
-                          Layout.ROW),
+                per_layer(["mlp.shared_experts.linear_fc2.weight"], [shared + "down_proj.weight"],
+                          [(d.hidden, d.shared_ffn)], Layout.ROW),
                 per_layer(["mlp.shared_experts.gate_weight"], ["mlp.shared_expert_gate.weight"],
                           [(1, d.hidden)], Layout.REPLICATED)]
     rows += [
