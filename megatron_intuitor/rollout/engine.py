@@ -61,6 +61,11 @@ class SamplingConfig:
             raise ValueError(f"sampling max_tokens must be >= 1, got {self.max_tokens}")
 
 
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The tokens that end a response: the tokenizer's end-of-sequence and padding tokens."""
+    return tuple(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}))
+
+
 @dataclass(frozen=True)
 class RolloutSample:
     """One response: `log_probs[i]` is the sampled `response_token_ids[i]`'s log-probability."""
