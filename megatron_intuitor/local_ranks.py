@@ -13,12 +13,12 @@ import torch.multiprocessing as mp
 from megatron_intuitor.platform import on_gpu
 
 # Ranks fork from multiprocessing's forkserver, one process per session that imported these
-# once: a spawned rank spent ~5 CPU-s importing torch, Megatron-Core and our model code (and ~3
-# more on Megatron's MoE utilities when the CPU adaptation patches them) before its first line.
-# Only on the CPU face: on CUDA an import may touch the device, and a forked child cannot use a
-# device its parent initialised.
+# once: a spawned rank spent ~5 CPU-s importing torch, Megatron-Core and our model code, ~3 more
+# on Megatron's MoE utilities (the CPU adaptation patches them) and ~4 on vLLM's engine before
+# its first line. Only on the CPU face: on CUDA an import may touch the device, and a forked
+# child cannot use a device its parent initialised.
 CPU_PRELOAD = ["megatron_intuitor.workers.actor", "megatron_intuitor.rollout.engine",
-               "megatron.core.transformer.moe.moe_utils", "transformers"]
+               "megatron.core.transformer.moe.moe_utils", "transformers", "vllm.entrypoints.llm"]
 
 
 def free_port() -> int:
