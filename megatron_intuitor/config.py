@@ -322,7 +322,7 @@ def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
 @dataclass(frozen=True)
 class ModelSettings:
     """How the policy (and its frozen reference) is built: precision, FP8, recompute, the
-    token dispatcher of a mixture of experts."""
+    token dispatcher of a mixture of experts, sequence parallelism."""
 
     precision: str  # PRECISIONS
     fp8: Optional[str]
@@ -332,6 +332,8 @@ class ModelSettings:
     keep_reference: bool  # a frozen reference model for the KL term (algorithm.kl_coef > 0)
     ref_offload: bool
     moe_token_dispatcher: str = "alltoall"  # MOE_TOKEN_DISPATCHERS
+    # where TP > 1; None: on exactly for a mixture of experts (models.config.uses_sequence_parallel)
+    sequence_parallel: Optional[bool] = None
 
     RULES: ClassVar[tuple[Rule, ...]] = (
         choice("actor.precision", PRECISIONS),
@@ -341,6 +343,7 @@ class ModelSettings:
         ("actor.recompute", is_bool, "true or false"),
         ("actor.ref_offload", is_bool, "true or false"),
         choice("actor.moe_token_dispatcher", MOE_TOKEN_DISPATCHERS),
+        ("actor.sequence_parallel", lambda v: v is None or is_bool(v), "null, true or false"),
     )
 
     @classmethod
@@ -349,7 +352,8 @@ class ModelSettings:
         return cls(precision=actor.precision, fp8=actor.fp8, fp8_recipe=actor.fp8_recipe,
                    fp8_amax_reduction=actor.fp8_amax_reduction, recompute=actor.recompute,
                    keep_reference=cfg.algorithm.kl_coef > 0, ref_offload=actor.ref_offload,
-                   moe_token_dispatcher=actor.moe_token_dispatcher)
+                   moe_token_dispatcher=actor.moe_token_dispatcher,
+                   sequence_parallel=actor.sequence_parallel)
 
 
 @dataclass(frozen=True)
@@ -725,6 +729,10 @@ def _check_model(cfg: DictConfig) -> list[str]:
     elif experts and experts % ep:
         problems.append(f"actor.expert_model_parallel_size={ep} does not divide the {experts} "
                         f"experts of {source}")
+    if experts and tp > 1 and actor.sequence_parallel is False:
+        problems.append(f"actor.sequence_parallel=false: Megatron-Core trains the mixture of "
+                        f"experts of {source} at actor.tensor_model_parallel_size={tp} only "
+                        f"sequence parallel (null or true)")
     longest = cfg.data.max_prompt_length + cfg.data.max_response_length
     if shape["max_position_embeddings"] and longest > shape["max_position_embeddings"]:
         problems.append(f"data.max_prompt_length + data.max_response_length = {longest} exceeds "
