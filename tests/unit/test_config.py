@@ -159,6 +159,10 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["actor.fp8=hybrid"], "actor.fp8=hybrid needs CUDA and Transformer Engine"),
     (["actor.fp8=e5m2"], "actor.fp8='e5m2': expected null, hybrid or e4m3"),
     (["actor.moe_token_dispatcher=flex"], "actor.moe_token_dispatcher='flex'"),
+    (["actor.sequence_parallel=maybe"], "actor.sequence_parallel='maybe': expected null, true"),
+    (["model.tiny.arch=qwen3_moe", "actor.sequence_parallel=false"],
+     "actor.sequence_parallel=false: Megatron-Core trains the mixture of experts of model.tiny at "
+     "actor.tensor_model_parallel_size=2 only sequence parallel"),
     (["trainer.device=cuda"], "trainer.device=cuda but no CUDA device is visible"),
     (["algorithm.name=ppo"], "algorithm.name='ppo': expected one of intuitor, grpo, hybrid"),
     (["algorithm.kl_type=full"], "algorithm.kl_type='full'"),

@@ -401,3 +401,15 @@ def test_moe_router_matches_hf_routing(tiny_qwen3_moe):
     assert config.moe_aux_loss_coeff == hf_config.router_aux_loss_coef == 0.001
     assert config.moe_z_loss_coeff is None
     assert config.expert_model_parallel_size == 2 and config.moe_token_dispatcher_type == "alltoall"
+
+
+@pytest.mark.parametrize("tp, setting, dense, moe", [
+    (1, None, False, False), (1, True, False, False),  # nothing to split at TP=1
+    (2, None, False, True),  # the default: exactly the mixture of experts
+    (2, True, True, True), (2, False, False, False)])
+def test_sequence_parallel_follows_the_setting_and_the_model(tiny_qwen2, tiny_qwen3_moe, tp,
+                                                             setting, dense, moe):
+    from megatron_intuitor.models.config import load_hf_config, uses_sequence_parallel
+
+    assert uses_sequence_parallel(load_hf_config(tiny_qwen2), tp, setting) == dense
+    assert uses_sequence_parallel(load_hf_config(tiny_qwen3_moe), tp, setting) == moe
