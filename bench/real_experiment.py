@@ -147,7 +147,7 @@ def greedy_correct(model_dir: Path, records: list, overrides: list[str]) -> list
     from megatron_intuitor.config import load
     from megatron_intuitor.data.prompts import build_prompts
     from megatron_intuitor.evaluation.registry import grade_record
-    from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
+    from megatron_intuitor.evaluation.responses import EvalResponses
 
     data = load(overrides).data
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -156,12 +156,10 @@ def greedy_correct(model_dir: Path, records: list, overrides: list[str]) -> list
     if len(prompts) != len(records):
         raise SystemExit(f"test split: {len(records) - len(prompts)} prompts longer than "
                          f"data.max_prompt_length={data.max_prompt_length}")
-    engine = RolloutEngine(str(model_dir), dtype=torch.float32,
-                           max_model_len=data.max_prompt_length + data.max_response_length,
-                           seed=0, engine_kwargs={"load_format": "auto"})
-    stop_ids = tuple(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}))
-    responses = engine.generate([p.token_ids for p in prompts], SamplingConfig(
-        n=1, temperature=0.0, max_tokens=data.max_response_length, stop_token_ids=stop_ids))
+    engine = EvalResponses(model_dir, tokenizer, dtype=torch.float32,
+                           max_prompt_length=data.max_prompt_length,
+                           max_response_length=data.max_response_length, seed=0)
+    responses = engine.greedy([p.token_ids for p in prompts])
     engine.shutdown()
     return [grade_record(p.record, r.text) for p, r in zip(prompts, responses)]
 

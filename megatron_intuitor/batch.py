@@ -13,6 +13,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+# RolloutBatch.routed_experts of a token the engine routed to no expert: the router's own top-k
+NO_ROUTING = -1
+
 
 @dataclass(frozen=True)
 class RolloutBatch:
@@ -26,6 +29,9 @@ class RolloutBatch:
     # [B, L] float, from the engine's logits at sampling time (rollout.score_at_sampling)
     sampling_self_certainty: Optional[torch.Tensor] = None
     sampling_entropy: Optional[torch.Tensor] = None
+    # [B, L, layers, top_k] int16: the engine's experts for token t (global ids; -1 where the
+    # engine routed none: a sequence's last token, padding), for routing replay
+    routed_experts: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -64,11 +70,12 @@ class TrainingBatch(RolloutBatch):
 
 
 _TOKEN_FIELDS = {"input_ids", "response_mask", "rollout_log_probs", "sampling_self_certainty",
-                 "sampling_entropy", "old_log_probs", "ref_log_probs"}
+                 "sampling_entropy", "old_log_probs", "ref_log_probs", "routed_experts"}
 
 
 def batch_from_rollouts(samples: Sequence, pad_token_id: int) -> RolloutBatch:
-    """Pack `RolloutSample`s (prompt/response ids, per-token log-probs) into a RolloutBatch."""
+    """Pack `RolloutSample`s (prompt/response ids, per-token log-probs and, when every sample
+    has them, the engine's routed experts) into a RolloutBatch."""
     if not samples:
         raise ValueError("no rollouts to train on")
     lengths = [len(s.prompt_token_ids) + len(s.response_token_ids) for s in samples]
@@ -90,7 +97,27 @@ def batch_from_rollouts(samples: Sequence, pad_token_id: int) -> RolloutBatch:
                         group_index=torch.tensor([s.prompt_index for s in samples]),
                         rollout_log_probs=per_token["log_probs"],
                         sampling_self_certainty=per_token.get("self_certainty"),
-                        sampling_entropy=per_token.get("entropy"))
+                        sampling_entropy=per_token.get("entropy"),
+                        routed_experts=_routed_experts(samples, width))
+
+
+def _routed_experts(samples: Sequence, width: int) -> Optional[torch.Tensor]:
+    """[B, width, layers, top_k] of the samples' `routed_experts` (each [tokens - 1, layers,
+    top_k]: the engine routes every token it feeds to the model, all but the last sampled one),
+    NO_ROUTING elsewhere; None unless every sample has them."""
+    if not samples or any(s.routed_experts is None for s in samples):
+        return None
+    per_token = samples[0].routed_experts.shape[1:]
+    routed = torch.full((len(samples), width, *per_token), NO_ROUTING, dtype=torch.int16)
+    for row, sample in enumerate(samples):
+        experts = torch.from_numpy(sample.routed_experts.astype("int16"))
+        tokens = len(sample.prompt_token_ids) + len(sample.response_token_ids)
+        if experts.shape[1:] != per_token or len(experts) > tokens:
+            raise ValueError(f"rollout sample {row}: routed experts of shape "
+                             f"{tuple(experts.shape)} for {tokens} tokens (expected at most "
+                             f"{tokens} x {tuple(per_token)})")
+        routed[row, :len(experts)] = experts
+    return routed
 
 
 def data_parallel_shard(batch: RolloutBatch, dp_rank: int, dp_size: int) -> RolloutBatch:

@@ -41,6 +41,9 @@ PRECISIONS = ("fp32", "bf16")
 # Megatron's token dispatchers this project runs for a mixture of experts: all-to-all (gloo on
 # torch 2.13 and NCCL have it) and all-gather.
 MOE_TOKEN_DISPATCHERS = ("alltoall", "allgather")
+# actor.moe_routing_replay: disabled, or rollout (the engine's experts replayed in the old-log-prob
+# and update passes; verl's R3, models/routing_replay.py)
+MOE_ROUTING_REPLAY = ("disabled", "rollout")
 FP8_RECIPES = (None, "hybrid", "e4m3")
 # Megatron-Core 0.16.1 `TransformerConfig.fp8_recipe` (transformer_config.py:436) less "custom"
 FP8_SCALING_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
@@ -332,6 +335,7 @@ class ModelSettings:
     keep_reference: bool  # a frozen reference model for the KL term (algorithm.kl_coef > 0)
     ref_offload: bool
     moe_token_dispatcher: str = "alltoall"  # MOE_TOKEN_DISPATCHERS
+    moe_routing_replay: str = "disabled"  # MOE_ROUTING_REPLAY
     # where TP > 1; None: on exactly for a mixture of experts (models.config.uses_sequence_parallel)
     sequence_parallel: Optional[bool] = None
 
@@ -343,8 +347,21 @@ class ModelSettings:
         ("actor.recompute", is_bool, "true or false"),
         ("actor.ref_offload", is_bool, "true or false"),
         choice("actor.moe_token_dispatcher", MOE_TOKEN_DISPATCHERS),
+        choice("actor.moe_routing_replay", MOE_ROUTING_REPLAY),
         ("actor.sequence_parallel", lambda v: v is None or is_bool(v), "null, true or false"),
     )
+
+    @property
+    def replays_rollout_routing(self) -> bool:
+        return self.moe_routing_replay == "rollout"
+
+    @classmethod
+    def consistency_problems(cls, cfg: DictConfig) -> list[str]:
+        if cfg.actor.moe_routing_replay == "rollout" and cfg.rollout.score_at_sampling:
+            return ["actor.moe_routing_replay=rollout needs rollout.score_at_sampling=false: "
+                    "vLLM returns routed experts only from its Model Runner V2, which rejects "
+                    "the sampling-scores logits processor"]
+        return []
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> ModelSettings:
@@ -353,6 +370,7 @@ class ModelSettings:
                    fp8_amax_reduction=actor.fp8_amax_reduction, recompute=actor.recompute,
                    keep_reference=cfg.algorithm.kl_coef > 0, ref_offload=actor.ref_offload,
                    moe_token_dispatcher=actor.moe_token_dispatcher,
+                   moe_routing_replay=actor.moe_routing_replay,
                    sequence_parallel=actor.sequence_parallel)
 
 
@@ -633,6 +651,11 @@ def _check_device(cfg: DictConfig) -> list[str]:
         if actor.fp8 is not None:
             problems.append(f"actor.fp8={actor.fp8} needs CUDA and Transformer Engine; this run "
                             f"is on CPU: use actor.fp8=null")
+        if actor.moe_routing_replay == "rollout":
+            problems.append("actor.moe_routing_replay=rollout needs the engine's routed experts, "
+                            "which vLLM 0.32 returns only from its Model Runner V2, which needs "
+                            "Triton with a GPU backend: vLLM-CPU cannot report them; this run is "
+                            "on CPU: use actor.moe_routing_replay=disabled")
     elif trainer.device == "cuda":
         problems += _check_transformer_engine(trainer.device)
         if actor.fp8 is not None and actor.precision != "bf16":
@@ -729,6 +752,9 @@ def _check_model(cfg: DictConfig) -> list[str]:
     elif experts and experts % ep:
         problems.append(f"actor.expert_model_parallel_size={ep} does not divide the {experts} "
                         f"experts of {source}")
+    if actor.moe_routing_replay != "disabled" and not experts:
+        problems.append(f"actor.moe_routing_replay={actor.moe_routing_replay} needs a "
+                        f"mixture-of-experts model; {source} has no experts")
     if experts and tp > 1 and actor.sequence_parallel is False:
         problems.append(f"actor.sequence_parallel=false: Megatron-Core trains the mixture of "
                         f"experts of {source} at actor.tensor_model_parallel_size={tp} only "

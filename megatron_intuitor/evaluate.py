@@ -163,7 +163,7 @@ def evaluate(model_dir: Path, datasets: list[dict], settings: EvalSettings, n: i
     from megatron_intuitor.evaluation.best_of_n import (best_of_n_metrics,
                                                         hf_sequence_self_certainty)
     from megatron_intuitor.evaluation.registry import validation_metrics
-    from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
+    from megatron_intuitor.evaluation.responses import EvalResponses
 
     torch.manual_seed(seed)
     dtype = getattr(torch, settings.dtype)
@@ -179,39 +179,33 @@ def evaluate(model_dir: Path, datasets: list[dict], settings: EvalSettings, n: i
                                 name=entry.get("path") or "synthetic").prompts
         prompt_sets.append(prompts[:max_prompts] if max_prompts else prompts)
 
-    engine = RolloutEngine(str(model_dir), dtype=dtype,
-                           max_model_len=settings.max_prompt_length + settings.max_response_length,
-                           seed=seed, engine_kwargs={"load_format": "auto"})
-    stop_ids = tuple(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}))
+    responses = EvalResponses(model_dir, tokenizer, dtype=dtype,
+                              max_prompt_length=settings.max_prompt_length,
+                              max_response_length=settings.max_response_length, seed=seed)
     result: dict[str, float] = {}
     sampled = []
     start = time.perf_counter()
     for prompts in prompt_sets:
         prompt_ids = [p.token_ids for p in prompts]
-        greedy = engine.generate(prompt_ids, SamplingConfig(
-            n=1, temperature=0.0, max_tokens=settings.max_response_length,
-            stop_token_ids=stop_ids))
+        greedy = responses.greedy(prompt_ids)
         result.update(validation_metrics([p.record for p in prompts], [s.text for s in greedy]))
         if n >= 2:
-            sampled.append(engine.generate(prompt_ids, SamplingConfig(
-                n=n, temperature=settings.temperature, top_p=settings.top_p,
-                max_tokens=settings.max_response_length, stop_token_ids=stop_ids, seed=seed)))
-    engine.shutdown()
+            sampled.append(responses.sampled_groups(prompt_ids, n, settings.temperature,
+                                                    settings.top_p, seed))
+    responses.shutdown()
     result["timing/generate_s"] = time.perf_counter() - start
     if n < 2:
         return result
 
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    for prompts, samples in zip(prompt_sets, sampled):
-        texts, certainty = [], []
-        for index, prompt in enumerate(prompts):
-            group = samples[index * n:(index + 1) * n]
-            texts.append([s.text for s in group])
-            certainty.append(hf_sequence_self_certainty(
-                model, prompt.token_ids, [s.response_token_ids for s in group],
-                settings.temperature, model.config.vocab_size))
-        result.update(best_of_n_metrics([p.record for p in prompts], texts, certainty))
+    for prompts, groups in zip(prompt_sets, sampled):
+        certainty = [hf_sequence_self_certainty(model, prompt.token_ids,
+                                                [s.response_token_ids for s in group],
+                                                settings.temperature, model.config.vocab_size)
+                     for prompt, group in zip(prompts, groups)]
+        result.update(best_of_n_metrics([p.record for p in prompts],
+                                        [[s.text for s in group] for group in groups], certainty))
     result["timing/score_s"] = time.perf_counter() - start
     return result
 

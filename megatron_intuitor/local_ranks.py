@@ -6,9 +6,19 @@ import os
 import socket
 import time
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch.multiprocessing as mp
+
+from megatron_intuitor.platform import on_gpu
+
+# Ranks fork from multiprocessing's forkserver, one process per session that imported these
+# once: a spawned rank spent ~5 CPU-s importing torch, Megatron-Core and our model code (and ~3
+# more on Megatron's MoE utilities when the CPU adaptation patches them) before its first line.
+# Only on the CPU face: on CUDA an import may touch the device, and a forked child cannot use a
+# device its parent initialised.
+CPU_PRELOAD = ["megatron_intuitor.workers.actor", "megatron_intuitor.rollout.engine",
+               "megatron.core.transformer.moe.moe_utils", "transformers"]
 
 
 def free_port() -> int:
@@ -18,14 +28,14 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
-            results: Any, env: dict) -> None:
-    os.environ.update(env)
+            results: Any) -> None:
+    # One thread per rank: on a 2-core machine more threads per rank only oversubscribe.
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_RANK": str(rank)})
+                       "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"})
     import torch
 
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(1)
     from megatron_intuitor import parallel
 
     try:
@@ -54,20 +64,16 @@ def _join_or_abort(procs: list, results: Any, grace_s: float = 10.0) -> None:
                     proc.kill()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any,
-                    env: Optional[dict] = None) -> list:
-    """Call `fn(rank, world_size, *args)` on `world_size` spawned ranks; return their results.
-
-    `fn` must be importable (module level). Each rank runs with OMP_NUM_THREADS=1 unless `env`
-    says otherwise: on a 2-core machine more threads per rank only oversubscribe.
-    """
-    rank_env = {"OMP_NUM_THREADS": "1", **(env or {})}
-    ctx = mp.get_context("spawn")
+def run_distributed(fn: Callable, world_size: int, *args: Any) -> list:
+    """Call `fn(rank, world_size, *args)` on `world_size` new ranks of one thread each; return
+    their results. `fn` must be importable (module level)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([] if on_gpu() else CPU_PRELOAD)
     with ctx.Manager() as manager:
         results = manager.dict()
         port = free_port()
         procs = [ctx.Process(target=_worker,
-                             args=(r, world_size, port, fn, args, results, rank_env))
+                             args=(r, world_size, port, fn, args, results))
                  for r in range(world_size)]
         for proc in procs:
             proc.start()

@@ -30,7 +30,8 @@ from omegaconf import DictConfig
 
 from megatron_intuitor import algorithm, metrics
 from megatron_intuitor.batch import MicroBatching, TrainingBatch
-from megatron_intuitor.models.forward import micro_batches, run_pipeline, token_scores
+from megatron_intuitor.models.forward import (ROUTED_EXPERTS, micro_batches, run_pipeline,
+                                             token_scores)
 from megatron_intuitor.platform import device
 from megatron_intuitor.value_rules import Rule, choice, is_number
 
@@ -226,7 +227,7 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
                          settings: PPOSettings, vocab_size: int) -> dict[str, float]:
     """Accumulate this DP rank's gradients for one mini-batch (its share `shard`, cut and laid
     out by `batching`); returns the mini-batch's token-mean loss statistics, identical on every
-    rank."""
+    rank. With `shard.routed_experts` the routers replay them (routing replay)."""
     from megatron.core import parallel_state
 
     # Every column per token, so that packing lays them out like the logits.
@@ -237,6 +238,8 @@ def ppo_forward_backward(model_chunks: list, shard: TrainingBatch, batching: Mic
         columns["old_log_probs"] = shard.old_log_probs
     if settings.kl_coef > 0:
         columns["ref_log_probs"] = shard.ref_log_probs
+    if shard.routed_experts is not None:  # routing replay: the routers take the engine's experts
+        columns[ROUTED_EXPERTS] = shard.routed_experts
     stats = run_pipeline(model_chunks,
                          micro_batches(columns, shard.lengths, batching.partition(shard.lengths)),
                          _ppo_head(settings, vocab_size), forward_only=False,

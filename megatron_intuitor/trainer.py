@@ -38,7 +38,7 @@ from megatron_intuitor.data.loader import PromptLoader
 from megatron_intuitor.data.prompts import Prompt, PromptSet, build_prompts
 from megatron_intuitor.evaluation.best_of_n import best_of_n_metrics
 from megatron_intuitor.evaluation.registry import validation_metrics
-from megatron_intuitor.rollout.engine import SamplingConfig
+from megatron_intuitor.rollout.engine import SamplingConfig, stop_token_ids
 from megatron_intuitor.rollout.pipeline import RolloutPipeline
 from megatron_intuitor.workers.reports import RolloutReport
 
@@ -111,7 +111,7 @@ class Trainer:
         self.actor, self.loader, self.val_sets = actor, loader, val_sets
         self.logger, self.tokenizer = logger, tokenizer
         self.checkpoint_root = Path(cfg.trainer.output_dir) / "checkpoints"
-        stop_ids = tuple(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}))
+        stop_ids = stop_token_ids(tokenizer)
         self.sampling = SamplingConfig(
             n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             top_k=max(cfg.rollout.top_k, 0), max_tokens=cfg.data.max_response_length,

@@ -66,6 +66,8 @@ def _core(part: str) -> tuple[str, ...]:
 SMOKE_PARTS = (
     Part("suite", 300, _pytest("tests/gpu/test_gpu_suite.py")),
     Part("scores_at_sampling", 180, _pytest("tests/gpu/test_gpu_scores_at_sampling.py")),
+    # an engine returning routed experts (vLLM's V2 runner) and Megatron replaying them
+    Part("routing_replay", 180, _pytest("tests/gpu/test_gpu_routing_replay.py")),
     Part("cli", 300, _pytest("tests/gpu/test_cli.py")),
     # two GPUs (skipped, saying so, on one): the cross-rank weight broadcast over NCCL
     Part("cross_rank_nccl", 180, _pytest("tests/gpu/test_cross_rank_nccl.py")),

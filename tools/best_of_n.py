@@ -111,7 +111,7 @@ def main() -> None:
     from megatron_intuitor.evaluation.best_of_n import best_of_n_metrics, \
         hf_sequence_self_certainty
     from megatron_intuitor.evaluation.registry import validation_metrics
-    from megatron_intuitor.rollout.engine import RolloutEngine, SamplingConfig
+    from megatron_intuitor.evaluation.responses import EvalResponses
 
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
@@ -137,11 +137,10 @@ def main() -> None:
     records = [p.record for p in prompts]
 
     start = time.perf_counter()
-    engine = RolloutEngine(args.model_dir, dtype=dtype,
-                           max_model_len=args.max_prompt_length + args.max_response_length,
-                           seed=args.seed, engine_kwargs={"load_format": "auto"},
-                           score_at_sampling=bool(args.dump))
-    stop_ids = tuple(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}))
+    responses = EvalResponses(args.model_dir, tokenizer, dtype=dtype,
+                              max_prompt_length=args.max_prompt_length,
+                              max_response_length=args.max_response_length, seed=args.seed,
+                              score_at_sampling=bool(args.dump))
     chunk_size = args.chunk_prompts or len(prompts)
     done_chunks = kept_chunks(args.dump, args.n, chunk_size) if args.resume else 0
     greedy, groups = [], []
@@ -150,13 +149,9 @@ def main() -> None:
         if chunk < done_chunks:
             continue
         prompt_ids = [p.token_ids for p in prompts[first:first + chunk_size]]
-        chunk_greedy = engine.generate(prompt_ids, SamplingConfig(
-            n=1, temperature=0.0, max_tokens=args.max_response_length, stop_token_ids=stop_ids))
-        samples = engine.generate(prompt_ids, SamplingConfig(
-            n=args.n, temperature=args.temperature, top_p=args.top_p,
-            max_tokens=args.max_response_length, stop_token_ids=stop_ids,
-            seed=args.seed + chunk))
-        chunk_groups = [samples[i * args.n:(i + 1) * args.n] for i in range(len(prompt_ids))]
+        chunk_greedy = responses.greedy(prompt_ids)
+        chunk_groups = responses.sampled_groups(prompt_ids, args.n, args.temperature, args.top_p,
+                                                seed=args.seed + chunk)
         greedy += chunk_greedy
         groups += chunk_groups
         if dump:
@@ -165,7 +160,7 @@ def main() -> None:
             dump.flush()
         print(f"prompts {first + len(prompt_ids)}/{len(prompts)} after "
               f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    engine.shutdown()
+    responses.shutdown()
     generate_s = time.perf_counter() - start
     if done_chunks:  # the figures below need every prompt's responses: report from the dump
         dump.close()

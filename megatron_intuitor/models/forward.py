@@ -48,13 +48,14 @@ then run the same number of micro-batches, the ones with fewer adding empty ones
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from megatron_intuitor.batch import MicroBatching
+from megatron_intuitor.batch import NO_ROUTING, MicroBatching
 from megatron_intuitor.platform import device
 from megatron_intuitor.scoring import TokenScores, vocab_parallel_token_scores
 
@@ -64,6 +65,9 @@ from megatron_intuitor.scoring import TokenScores, vocab_parallel_token_scores
 LogitsHead = Callable[[torch.Tensor, "ModelInput"], tuple]
 
 SCORE_NAMES = TokenScores._fields  # ("log_probs", "entropy", "self_certainty")
+# A micro-batch column of each token's experts [.., layers, top_k] (global ids): the policy's
+# routers replay them (`models/routing_replay.py`, actor.moe_routing_replay)
+ROUTED_EXPERTS = "routed_experts"
 
 
 def _tp_group():
@@ -152,7 +156,7 @@ def _padded_to(model_input: ModelInput, rows: int, width: int) -> ModelInput:
         return model_input
 
     def grow(value: torch.Tensor) -> torch.Tensor:
-        grown = value.new_zeros(rows, width)
+        grown = value.new_zeros(rows, width, *value.shape[2:])
         grown[:current_rows, :current] = value
         return grown
 
@@ -185,10 +189,13 @@ def _aligned(model_input: ModelInput, multiple: int) -> ModelInput:
 
 def _empty_like(model_input: ModelInput, multiple: int) -> ModelInput:
     """A micro-batch of one padding row of `multiple` tokens, in `model_input`'s layout: it
-    holds no response token, so every head's loss and token count on it are 0."""
+    holds no response token, so every head's loss and token count on it are 0 (and no replayed
+    experts: its routers route by their own top-k)."""
     compute = model_input.lengths.device
     lengths = torch.tensor([multiple], device=compute)
-    tokens = {name: value.new_zeros(1, multiple) for name, value in model_input.tokens.items()}
+    tokens = {name: value.new_full((1, multiple, *value.shape[2:]),
+                                   NO_ROUTING if name == ROUTED_EXPERTS else 0)
+              for name, value in model_input.tokens.items()}
     packed = (None if model_input.packed_seq_params is None
               else _packed_seq_params([multiple], compute))
     return ModelInput(tokens, torch.arange(multiple, device=compute)[None], lengths, packed)
@@ -230,9 +237,9 @@ def _check_micro_batches(micro_batches: Sequence[dict[str, torch.Tensor]]) -> No
                              f"{sorted(micro_batch)}")
         shape, lengths = micro_batch["input_ids"].shape, micro_batch["lengths"]
         for name, value in micro_batch.items():
-            if name != "lengths" and value.shape != shape:
-                raise ValueError(f"micro-batch {index}: {name} shape {tuple(value.shape)} != "
-                                 f"input_ids shape {tuple(shape)}")
+            if name != "lengths" and value.shape[:2] != shape:
+                raise ValueError(f"micro-batch {index}: {name} shape {tuple(value.shape)} does "
+                                 f"not start with input_ids shape {tuple(shape)}")
         if lengths.shape != shape[:1] or lengths.min() < 1 or lengths.max() > shape[1]:
             raise ValueError(f"micro-batch {index}: lengths {lengths.tolist()} must be one per "
                              f"row, each in [1, {shape[1]}]")
@@ -278,7 +285,8 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
     heads' stats, one entry per micro-batch in order, on the last pipeline stage ([] on the
     others). With forward_only=False the losses are back-propagated into the chunks'
     gradients. With FP8 the micro-batches are padded and their number equalised over data
-    parallelism (module docstring)."""
+    parallelism (module docstring). A `ROUTED_EXPERTS` column (per-token tensors may have
+    trailing dims) makes the routers replay those experts (`models/routing_replay.py`)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
@@ -319,6 +327,9 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
             current["positions"] = _predicting_positions(micro_batch.scored_tokens)
         # attention_mask None: causal attention is exact for right-padded rows, and packed
         # sequences are delimited by packed_seq_params.
+        if replay:
+            set_micro_batch_routing(chunk, micro_batch[ROUTED_EXPERTS], micro_batch.lengths,
+                                    micro_batch.packed_seq_params is not None)
         routing = ({"padding_mask": _router_padding(chunk, micro_batch)}
                    if config.num_moe_experts else {})
         logits_shard = chunk(micro_batch["input_ids"], micro_batch.position_ids, None,
@@ -327,12 +338,16 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
 
     # Every chunk (virtual stage) consumes the same micro-batches through its own iterator.
     iterators = [iter(inputs) for _ in model_chunks]
+    replay = ROUTED_EXPERTS in inputs[0].tokens
+    if replay:
+        from megatron_intuitor.models.routing_replay import replaying, set_micro_batch_routing
     try:
-        stats = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
-            model=model_chunks, num_microbatches=len(inputs), seq_length=width,
-            micro_batch_size=rows, forward_only=forward_only)
+        with replaying(model_chunks) if replay else nullcontext():
+            stats = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+                model=model_chunks, num_microbatches=len(inputs), seq_length=width,
+                micro_batch_size=rows, forward_only=forward_only)
     finally:
         for hook in hooks:
             hook.remove()
@@ -417,13 +432,16 @@ def check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def score_batch(model_chunks: list, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_mask: torch.Tensor, *, temperature: float, vocab_size: int,
-                batching: MicroBatching) -> dict[str, torch.Tensor]:
+                batching: MicroBatching,
+                routed_experts: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Per-token log_probs, entropy and self_certainty [b, s] (fp32, no gradient) of a
     right-padded prompt+response batch, on every rank, in the batch's row order: entry t scores
     token t, and entries outside `response_mask` are 0. `batching` says how the rows are cut and
     laid out. The last pipeline stage computes them, then broadcasts over the pipeline group.
     Sentence-level self-certainty is
-    `scoring.masked_mean_per_sequence(scores["self_certainty"], response_mask)`."""
+    `scoring.masked_mean_per_sequence(scores["self_certainty"], response_mask)`.
+    `routed_experts` [b, s, layers, top_k]: the experts the routers replay (routing replay)
+    instead of their own top-k."""
     from megatron.core import parallel_state
 
     check_batch(input_ids, attention_mask, response_mask)
@@ -437,11 +455,12 @@ def score_batch(model_chunks: list, input_ids: torch.Tensor, attention_mask: tor
                               torch.stack(scores, dim=-1), 0.0)
         return stacked.new_zeros(()), {"scores": micro_batch.to_rows(stacked)}
 
+    columns = {"input_ids": input_ids, "response_mask": response_mask.bool()}
+    if routed_experts is not None:
+        columns[ROUTED_EXPERTS] = routed_experts
     with torch.no_grad():
         stats = run_pipeline(
-            model_chunks,
-            micro_batches({"input_ids": input_ids, "response_mask": response_mask.bool()},
-                          lengths, partition),
+            model_chunks, micro_batches(columns, lengths, partition),
             scores_head, forward_only=True, packed=batching.packed, logits_at="response_mask")
     stacked = torch.zeros(*input_ids.shape, len(SCORE_NAMES), dtype=torch.float32,
                           device=device())

@@ -61,6 +61,11 @@ class SamplingConfig:
             raise ValueError(f"sampling max_tokens must be >= 1, got {self.max_tokens}")
 
 
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The tokens that end a response: the tokenizer's end-of-sequence and padding tokens."""
+    return tuple(sorted({tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}))
+
+
 @dataclass(frozen=True)
 class RolloutSample:
     """One response: `log_probs[i]` is the sampled `response_token_ids[i]`'s log-probability."""
@@ -74,6 +79,10 @@ class RolloutSample:
     # per response token, from the engine's logits (an engine built with score_at_sampling)
     self_certainty: Optional[list[float]] = None
     entropy: Optional[list[float]] = None
+    # [prompt + response tokens - 1, layers, top_k]: the experts the engine routed each token it
+    # fed to the model to (all but the last sampled token), from an engine built with
+    # return_routed_experts
+    routed_experts: Optional[np.ndarray] = None
 
 
 def fit_prompts(prompts: Sequence[Sequence[int]], max_model_len: int, max_tokens: int,
@@ -132,10 +141,14 @@ def engine_options(*, gpu: bool, dtype: torch.dtype, max_model_len: int,
                    tensor_parallel_size: int, gpu_memory_utilization: float, seed: int,
                    cpu_kv_cache_gib: float, enforce_eager: Optional[bool],
                    engine_kwargs: Optional[dict[str, Any]],
-                   score_at_sampling: bool = False) -> dict[str, Any]:
+                   score_at_sampling: bool = False,
+                   return_routed_experts: bool = False) -> dict[str, Any]:
     """The keyword arguments of `vllm.LLM` for an in-process engine on this rank; with
     `score_at_sampling` the sampling-scores logits processor (`rollout.sampling_scores`) and the
-    synchronous scheduler it needs."""
+    synchronous scheduler it needs; with `return_routed_experts` each response's routed experts
+    (routing replay; vLLM 0.32 gives them only from its Model Runner V2, which needs Triton with
+    a GPU backend, and with prefix caching on: `vllm/config/vllm.py`
+    `_verify_aux_output_compatibility`, `_validate_v2_model_runner`)."""
     options: dict[str, Any] = dict(
         load_format="dummy",
         dtype=dtype,
@@ -160,6 +173,8 @@ def engine_options(*, gpu: bool, dtype: torch.dtype, max_model_len: int,
     if score_at_sampling:
         options["logits_processors"] = [sampling_scores.processor_class()]
         options["async_scheduling"] = False
+    if return_routed_experts:
+        options["enable_return_routed_experts"] = True
     options.update(engine_kwargs or {})
     return options
 
@@ -195,6 +210,21 @@ def _request_seeds(seed: Optional[int], count: int) -> list[Optional[int]]:
     if seed is None:
         return [None] * count
     return [int(s) for s in np.random.SeedSequence(seed).generate_state(count) >> 1]
+
+
+def routed_experts_of(completion, prompt_tokens: int, what: str) -> np.ndarray:
+    """A vLLM completion's routed experts [prompt + response tokens - 1, layers, top_k]: with
+    `routed_experts_prompt_start` 0 (the default) vLLM reports every token it fed to the model,
+    from the first prompt token to the response's second-to-last (`vllm/distributed/
+    aux_output_connector/connector.py`, rows up to `num_tokens - 1`)."""
+    routed = completion.routed_experts
+    expected = prompt_tokens + len(completion.token_ids) - 1
+    if routed is None or routed.ndim != 3 or len(routed) != expected:
+        raise RuntimeError(
+            f"rollout engine: {what} came back with routed experts "
+            f"{None if routed is None else routed.shape}, expected {expected} tokens x layers "
+            f"x top_k (an engine built with return_routed_experts)")
+    return np.asarray(routed)
 
 
 def _import_vllm():
@@ -249,6 +279,7 @@ class RolloutEngine:
         enforce_eager: Optional[bool] = None,
         engine_kwargs: Optional[dict[str, Any]] = None,
         score_at_sampling: bool = False,
+        return_routed_experts: bool = False,
     ) -> None:
         """`model_dir` holds the HF config and tokenizer (weights there are not read).
 
@@ -260,7 +291,8 @@ class RolloutEngine:
         self-certainty and entropy from the engine's logits (`rollout.sampling_scores`); on GPU
         the engine then runs vLLM's V1 model runner, whose logits-processor interface that uses,
         and is refused in a process where an earlier engine fixed the runner
-        (`select_v1_model_runner`).
+        (`select_v1_model_runner`). With `return_routed_experts` (a mixture of experts, routing
+        replay) every sample comes with the experts the engine routed its tokens to.
         """
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
@@ -281,12 +313,14 @@ class RolloutEngine:
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed,
             cpu_kv_cache_gib=cpu_kv_cache_gib, enforce_eager=enforce_eager,
-            engine_kwargs=engine_kwargs, score_at_sampling=score_at_sampling)
+            engine_kwargs=engine_kwargs, score_at_sampling=score_at_sampling,
+            return_routed_experts=return_routed_experts)
         if score_at_sampling and gpu:
             from vllm import envs as vllm_envs
 
             select_v1_model_runner(vllm_envs)
         self.score_at_sampling = score_at_sampling
+        self.return_routed_experts = return_routed_experts
         self._vllm = vllm
         try:
             self._llm = vllm.LLM(str(model_dir), **options)
@@ -355,9 +389,12 @@ class RolloutEngine:
                     certainty, entropy = sampling_scores.per_token(
                         table.get((index, seeds[index] + completion.index), {}), len(tokens),
                         f"prompt {index} response {completion.index}")
+                routed = (routed_experts_of(completion, len(ids), f"prompt {index} response "
+                                            f"{completion.index}")
+                          if self.return_routed_experts else None)
                 samples.append(RolloutSample(index, ids, tokens, completion.text,
                                              completion.finish_reason, log_probs, certainty,
-                                             entropy))
+                                             entropy, routed))
         return samples
 
     # ----------------------------------------------------------------------- weights in place

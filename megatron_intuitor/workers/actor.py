@@ -173,6 +173,10 @@ class ActorWorker(Worker):
             self.policy, settings.optimizer.lr, weight_decay=settings.optimizer.weight_decay,
             clip_grad=settings.optimizer.grad_clip)
         self.lr_scheduler = _lr_scheduler(self.optimizer, settings.optimizer, settings.schedule)
+        if model.replays_rollout_routing:  # the policy only: reference and scorer route freely
+            from megatron_intuitor.models.routing_replay import install_routing_replay
+
+            install_routing_replay(self.policy)
         self.expert_load = None  # mixture of experts: the update pass's expert load
         experts = getattr(self.hf_config, "num_experts", None)
         if experts:
@@ -229,7 +233,8 @@ class ActorWorker(Worker):
                              tensor_parallel_size=rollout.tensor_parallel,
                              gpu_memory_utilization=rollout.gpu_memory_utilization,
                              reserved_gpu_bytes=training_reserve_bytes(self.optimizer),
-                             seed=self.settings.seed, score_at_sampling=rollout.score_at_sampling)
+                             seed=self.settings.seed, score_at_sampling=rollout.score_at_sampling,
+                             return_routed_experts=self.settings.model.replays_rollout_routing)
 
     def close(self) -> None:
         """vLLM frees its shared-memory message queues only in its own teardown."""
@@ -344,10 +349,11 @@ class ActorWorker(Worker):
     # ------------------------------------------------------------------------------- scoring
 
     @torch.no_grad()
-    def _score_shard(self, model_chunks, batch: Optional[RolloutBatch] = None
+    def _score_shard(self, model_chunks, batch: Optional[RolloutBatch] = None,
+                     replay_routing: bool = False
                      ) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
         """This data-parallel rank's share of `batch` (default: the step's rollouts) and its
-        per-token scores."""
+        per-token scores; `replay_routing`: the routers replay the engine's experts."""
         from megatron_intuitor.models.forward import score_batch
 
         batch = self.rollouts if batch is None else batch
@@ -357,7 +363,8 @@ class ActorWorker(Worker):
             model_chunks, shard.input_ids, attention_mask, shard.response_mask,
             temperature=self.settings.loss.temperature, vocab_size=self.hf_config.vocab_size,
             batching=self.settings.batches.micro_batching(
-                self.settings.batches.log_prob_micro_batch_size))
+                self.settings.batches.log_prob_micro_batch_size),
+            routed_experts=shard.routed_experts if replay_routing else None)
 
     def _gather_data_parallel(self, shard_values: torch.Tensor) -> torch.Tensor:
         """[shard rows, width] per data-parallel rank -> [all rows, the batch's width] on
@@ -386,7 +393,8 @@ class ActorWorker(Worker):
             shard = data_parallel_shard(self.rollouts, self.dp_rank, self.dp_size).trimmed()
             report = sampling_score_report(shard) if self.reports_for_dp_group else None
         else:
-            shard, scores = self._score_shard(self.policy)
+            shard, scores = self._score_shard(
+                self.policy, replay_routing=self.settings.model.replays_rollout_routing)
             self.old_log_probs = self._gather_data_parallel(scores["log_probs"])
             report = score_report(scores, shard) if self.reports_for_dp_group else None
         if self.scorer_model is None:

@@ -28,7 +28,8 @@ class RolloutWorker(Worker):
         self.engine = RolloutEngine(model_dir, dtype=_DTYPES[settings.rollout.dtype],
                                     max_model_len=settings.rollout.max_model_len,
                                     gpu_memory_utilization=settings.rollout.gpu_memory_utilization,
-                                    seed=settings.seed)
+                                    seed=settings.seed, return_routed_experts=(
+                                        settings.model.replays_rollout_routing))
         self.version: Optional[int] = None  # None: the engine's dummy start weights
         self.group = None
 

@@ -81,3 +81,27 @@ def scored_engine(policy, model_dir):
                             score_at_sampling=True, enforce_eager=True, **ENGINE_SETTINGS)
     yield rollout
     rollout.shutdown()
+
+
+@pytest.fixture(scope="session")
+def moe_model_dir(tmp_path_factory):
+    """The tiny Qwen3-MoE of the CPU tests (4 layers, 8 experts, top-2), fp32."""
+    from megatron_intuitor.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("qwen3_moe"), arch="qwen3_moe",
+                           vocab_size=1003, num_layers=4)
+
+
+@pytest.fixture(scope="session")
+def routed_engine(world, moe_model_dir):
+    """An fp32 engine of the tiny Qwen3-MoE that returns each token's routed experts
+    (`actor.moe_routing_replay=rollout`): vLLM's Model Runner V2, eager."""
+    from megatron_intuitor import parallel
+    from megatron_intuitor.rollout.engine import RolloutEngine
+
+    parallel.warm_up_groups()
+    rollout = RolloutEngine(moe_model_dir, dtype=torch.float32, gpu_memory_utilization=0.3,
+                            seed=0, return_routed_experts=True, enforce_eager=True,
+                            **ENGINE_SETTINGS)
+    yield rollout
+    rollout.shutdown()

@@ -1,6 +1,7 @@
 """Rollouts -> padded training tensors, DP shards and micro-batch partitions."""
-from dataclasses import FrozenInstanceError
+from dataclasses import FrozenInstanceError, replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,24 @@ def test_select_and_trim_carry_the_update_columns():
     assert second.ref_log_probs is None
     with pytest.raises(FrozenInstanceError):
         batch.advantages = torch.zeros(2)
+
+
+def test_routed_experts_lie_on_token_positions_with_unrouted_tokens_marked():
+    """The engine reports experts for every token but the last sampled one ([tokens - 1, layers,
+    top_k]); the batch puts them on the token positions and -1 on the last token and padding,
+    and shards them with the rows."""
+    def routed(sample, first):  # 2 layers, top-2: token t of layer l holds (first + t, l)
+        tokens = len(sample.prompt_token_ids) + len(sample.response_token_ids) - 1
+        experts = np.zeros((tokens, 2, 2), dtype=np.uint8)
+        experts[..., 0] = first + np.arange(tokens)[:, None]
+        experts[..., 1] = np.arange(2)[None]
+        return replace(sample, routed_experts=experts)
+
+    samples = [routed(_sample(0, [5, 6], [7, 8]), 10), routed(_sample(1, [5], [4]), 20)]
+    batch = batch_from_rollouts(samples, pad_token_id=0)
+    assert batch.routed_experts.shape == (2, 4, 2, 2)
+    assert batch.routed_experts[0, :, 0, 0].tolist() == [10, 11, 12, -1]
+    assert batch.routed_experts[1, :, 1, :].tolist() == [[20, 1], [-1, -1], [-1, -1], [-1, -1]]
+    shard = data_parallel_shard(batch, 1, 2).trimmed()
+    assert shard.routed_experts.tolist() == batch.routed_experts[1:, :2].tolist()
+    assert batch_from_rollouts([samples[0], _sample(1, [5], [4])], 0).routed_experts is None

@@ -159,6 +159,16 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["actor.fp8=hybrid"], "actor.fp8=hybrid needs CUDA and Transformer Engine"),
     (["actor.fp8=e5m2"], "actor.fp8='e5m2': expected null, hybrid or e4m3"),
     (["actor.moe_token_dispatcher=flex"], "actor.moe_token_dispatcher='flex'"),
+    (["actor.moe_routing_replay=on"],
+     "actor.moe_routing_replay='on': expected one of disabled, rollout"),
+    (["actor.moe_routing_replay=rollout"],
+     "actor.moe_routing_replay=rollout needs a mixture-of-experts model; model.tiny has no"),
+    (["actor.moe_routing_replay=rollout", "model.tiny.arch=qwen3_moe"],
+     "actor.moe_routing_replay=rollout needs the engine's routed experts, which vLLM 0.32 "
+     "returns only from its Model Runner V2, which needs Triton with a GPU backend"),
+    (["actor.moe_routing_replay=rollout", "model.tiny.arch=qwen3_moe",
+      "rollout.score_at_sampling=true"],
+     "actor.moe_routing_replay=rollout needs rollout.score_at_sampling=false"),
     (["actor.sequence_parallel=maybe"], "actor.sequence_parallel='maybe': expected null, true"),
     (["model.tiny.arch=qwen3_moe", "actor.sequence_parallel=false"],
      "actor.sequence_parallel=false: Megatron-Core trains the mixture of experts of model.tiny at "

@@ -547,7 +547,7 @@ def test_gpu_suite_gives_each_engine_a_process_and_shuts_it_down_last():
     fixtures = _functions(conftest)
     engines = {name for name, node in fixtures.items()
                if "RolloutEngine(" in ast.get_source_segment(conftest, node)}
-    assert engines == {"engine", "scored_engine"}
+    assert engines == {"engine", "scored_engine", "routed_engine"}
     assert not [name for name, node in fixtures.items() if _shuts_down_before_teardown(node)]
     for path in files:
         source = (REPO / path).read_text()

