@@ -680,9 +680,11 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
     (a local checkpoint, a hub id already cached, the tiny model), or the problems of its
     config.json and weights."""
     if not cfg.model.path:
+        from megatron_intuitor.models.tiny import MOE_ARCHES
+
         tiny = cfg.model.tiny
         experts = (tiny.get("num_experts") or _tiny_default("num_experts")
-                   if tiny.arch == "qwen3_moe" else None)
+                   if tiny.arch in MOE_ARCHES else None)
         return {"source": "model.tiny", "num_hidden_layers": tiny.num_layers,
                 "num_attention_heads": tiny.num_heads, "num_key_value_heads": tiny.num_kv_heads,
                 "hidden_size": tiny.hidden_size, "intermediate_size": tiny.intermediate_size,
@@ -712,7 +714,7 @@ def _model_shape(cfg: DictConfig) -> tuple[Optional[dict], list[str]]:
 
 def _tiny_default(argument: str) -> int:
     """make_tiny_model's default for an argument model.tiny does not set (the position limit,
-    the expert count of a tiny Qwen3-MoE)."""
+    the expert count of a tiny mixture of experts)."""
     import inspect
 
     from megatron_intuitor.models.tiny import make_tiny_model

@@ -3,7 +3,7 @@
     python tools/convert_ckpt.py hf-to-megatron HF_DIR OUT --tp 2 --pp 1 [--verify]
     python tools/convert_ckpt.py megatron-to-hf CKPT OUT [--tp 1 --pp 1] [--verify]
 
-Mixture-of-experts models (Qwen3-MoE) also take --ep (expert-parallel size) and --etp
+Mixture-of-experts models (Qwen3-MoE, Qwen2-MoE) also take --ep (expert-parallel size) and --etp
 (expert-tensor-parallel size, default --tp); the ranks are then pp x lcm(tp, ep x etp).
 
 hf-to-megatron: starts tp*pp local ranks; each reads only its slices of the safetensors files

@@ -15,10 +15,13 @@ Layouts (TP rank r of T):
 - GATE_UP: `linear_fc1` on rank r is `cat(gate_shard_r, up_shard_r)` (not a chunk of
   `cat(gate, up)`).
 
-Mixture-of-experts layers (Qwen3-MoE): the router is REPLICATED; expert e's `linear_fc1` /
-`linear_fc2` (GATE_UP / ROW over the expert-tensor-parallel ranks) live on expert-parallel rank
-e // (experts / EP) as its local expert e % (experts / EP). HF checkpoints store each expert as
-`mlp.experts.{e}.{gate,up,down}_proj.weight` (transformers fuses them in memory only).
+Mixture-of-experts layers (Qwen3-MoE, Qwen2-MoE): the router is REPLICATED; expert e's
+`linear_fc1` / `linear_fc2` (GATE_UP / ROW over the expert-tensor-parallel ranks) live on
+expert-parallel rank e // (experts / EP) as its local expert e % (experts / EP). HF checkpoints
+store each expert as `mlp.experts.{e}.{gate,up,down}_proj.weight` (transformers fuses them in
+memory only). Qwen2-MoE's shared expert is a dense MLP over the tensor-parallel ranks
+(`mlp.shared_experts.linear_fc1` / `linear_fc2`) and its sigmoid gate [1, hidden] is
+REPLICATED (`mlp.shared_experts.gate_weight` <-> `mlp.shared_expert_gate.weight`).
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ class TensorMapping:
 class _Dims:
     hidden: int
     ffn: int
+    shared_ffn: int  # a shared expert's (0: none)
     heads: int
     groups: int
     head_dim: int
@@ -86,6 +90,7 @@ class _Dims:
         moe = features.moe
         return cls(hidden=hf_config.hidden_size,
                    ffn=moe.ffn_hidden_size if moe else hf_config.intermediate_size,
+                   shared_ffn=moe.shared_expert_ffn_hidden_size if moe else 0,
                    heads=hf_config.num_attention_heads, groups=hf_config.num_key_value_heads,
                    head_dim=features.head_dim, vocab=hf_config.vocab_size,
                    layers=hf_config.num_hidden_layers, experts=moe.num_experts if moe else 0)
@@ -139,6 +144,16 @@ def weight_mappings(hf_config: transformers.PretrainedConfig) -> list[TensorMapp
                       [(d.ffn, d.hidden), (d.ffn, d.hidden)], Layout.GATE_UP, per_expert=True),
             per_layer([_LOCAL_EXPERT + "linear_fc2.weight"], [expert + "down_proj.weight"],
                       [(d.hidden, d.ffn)], Layout.ROW, per_expert=True)]
+        if d.shared_ffn:
+            shared = "mlp.shared_expert."
+            rows += [
+                per_layer(["mlp.shared_experts.linear_fc1.weight"],
+                          [shared + "gate_proj.weight", shared + "up_proj.weight"],
+                          [(d.shared_ffn, d.hidden), (d.shared_ffn, d.hidden)], Layout.GATE_UP),
+                per_layer(["mlp.shared_experts.linear_fc2.weight"], [shared + "down_proj.weight"],
+                          [(d.hidden, d.shared_ffn)], Layout.ROW),
+                per_layer(["mlp.shared_experts.gate_weight"], ["mlp.shared_expert_gate.weight"],
+                          [(1, d.hidden)], Layout.REPLICATED)]
     rows += [
         per_layer(["input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"],
                   ["input_layernorm.weight"], [(d.hidden,)], Layout.REPLICATED),

@@ -2,7 +2,9 @@
 
 Supported: Qwen2 / Qwen2.5 (GQA, qkv bias, tied or untied embeddings), Llama 3 (rope scaling
 "llama3"), Qwen3 (qk-norm, explicit head_dim), Qwen3-MoE (Qwen3 attention, every layer a
-mixture of experts without a shared expert: Megatron's MoE layer with SequentialMLP experts).
+mixture of experts without a shared expert: Megatron's MoE layer with SequentialMLP experts),
+Qwen2-MoE (Qwen2 attention, every layer a mixture of experts plus a shared expert behind a
+sigmoid gate: Megatron's gated `SharedExpertMLP`).
 Everything the bridge and the model builder need to know about an architecture is in
 `ArchitectureFeatures`; anything outside what is listed here is refused with a ValueError before a model is built.
 
@@ -25,8 +27,8 @@ from megatron_intuitor.parallel import ParallelSizes
 from megatron_intuitor.platform import on_gpu
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM",
-                           "Qwen3MoeForCausalLM")
-MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+                           "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
 # Rope types whose inverse frequencies are static (no attention scaling, no sequence-length
 # dependence), so they are exactly a different `inv_freq` in Megatron's rotary embedding.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -49,16 +51,20 @@ class ArchitectureFeatures:
 
 @dataclass(frozen=True)
 class MoeFeatures:
-    """A mixture-of-experts MLP in every layer (no shared expert). The router takes the top
-    `top_k` of softmax(router logits); with `norm_topk_prob` the chosen probabilities are
-    renormalised to sum to 1, which is exactly a softmax over the top-k logits (Megatron's
-    `moe_router_pre_softmax=False`); without it they are the full softmax's (pre-softmax)."""
+    """A mixture-of-experts MLP in every layer. The router takes the top `top_k` of
+    softmax(router logits); with `norm_topk_prob` the chosen probabilities are renormalised to
+    sum to 1, which is exactly a softmax over the top-k logits (Megatron's
+    `moe_router_pre_softmax=False`); without it they are the full softmax's (pre-softmax).
+    Qwen2-MoE adds a shared expert of `shared_expert_ffn_hidden_size` (0: none) whose output
+    every token gets, scaled by sigmoid(shared_expert_gate(x)): Megatron's `SharedExpertMLP`
+    with `moe_shared_expert_gate` computes exactly that."""
 
     num_experts: int
     top_k: int
     ffn_hidden_size: int
     norm_topk_prob: bool
     aux_loss_coeff: float
+    shared_expert_ffn_hidden_size: int = 0
 
 
 def architecture_features(hf_config: transformers.PretrainedConfig) -> ArchitectureFeatures:
@@ -71,14 +77,18 @@ def architecture_features(hf_config: transformers.PretrainedConfig) -> Architect
                           top_k=hf_config.num_experts_per_tok,
                           ffn_hidden_size=hf_config.moe_intermediate_size,
                           norm_topk_prob=bool(hf_config.norm_topk_prob),
-                          aux_loss_coeff=float(hf_config.router_aux_loss_coef))
+                          aux_loss_coeff=float(hf_config.router_aux_loss_coef),
+                          shared_expert_ffn_hidden_size=int(getattr(
+                              hf_config, "shared_expert_intermediate_size", 0) or 0))
     return ArchitectureFeatures(
         architecture=architecture,
         head_dim=head_dim,
-        # Qwen2 always has q/k/v biases (and never an o_proj bias); the others follow
-        # `attention_bias`, which for them would also add an o_proj bias (refused below).
-        qkv_bias=architecture == "Qwen2ForCausalLM" or bool(getattr(hf_config, "attention_bias",
-                                                                    False)),
+        # Qwen2 always has q/k/v biases (and never an o_proj bias), Qwen2-MoE per `qkv_bias`;
+        # the others follow `attention_bias`, which for them would also add an o_proj bias
+        # (refused below).
+        qkv_bias=architecture == "Qwen2ForCausalLM" or bool(
+            getattr(hf_config, "qkv_bias" if architecture == "Qwen2MoeForCausalLM"
+                    else "attention_bias", False)),
         qk_norm=architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
         tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         moe=moe,
@@ -108,6 +118,13 @@ def _check_supported(hf_config: transformers.PretrainedConfig, where: str) -> No
         problems.append(f"hidden_act={hf_config.hidden_act!r} (only 'silu' / SwiGLU)")
     if getattr(hf_config, "mlp_bias", False):
         problems.append("mlp_bias=True (MLP biases are not supported)")
+    if features.architecture == "Qwen2MoeForCausalLM":
+        if not features.qkv_bias:
+            problems.append("qkv_bias=False (vLLM's Qwen2-MoE always has q/k/v biases)")
+        if features.moe.shared_expert_ffn_hidden_size <= 0:
+            problems.append(f"shared_expert_intermediate_size="
+                            f"{features.moe.shared_expert_ffn_hidden_size} (a shared expert is "
+                            f"required: transformers' Qwen2-MoE always builds one)")
     if features.architecture != "Qwen2ForCausalLM" and getattr(hf_config, "attention_bias", False):
         problems.append("attention_bias=True (adds an o_proj bias, not supported)")
     if getattr(hf_config, "use_sliding_window", False):
@@ -173,6 +190,8 @@ def _check_parallel_sizes(hf_config: transformers.PretrainedConfig, sizes: Paral
     }
     if moe is None:
         divisible["intermediate_size"] = hf_config.intermediate_size
+    elif moe.shared_expert_ffn_hidden_size:
+        divisible["shared_expert_intermediate_size"] = moe.shared_expert_ffn_hidden_size
     for key, value in divisible.items():
         if value % tp:
             raise ValueError(f"tensor parallel size {tp} does not divide {key}={value}")
@@ -258,6 +277,10 @@ def transformer_config_from_hf(
             expert_model_parallel_size=sizes.expert,
             expert_tensor_parallel_size=sizes.expert_tensor_size,
         )
+        if features.moe.shared_expert_ffn_hidden_size:
+            moe_options.update(
+                moe_shared_expert_intermediate_size=features.moe.shared_expert_ffn_hidden_size,
+                moe_shared_expert_gate=True)
     recompute_options = (dict(recompute_granularity="full", recompute_method="uniform",
                               recompute_num_layers=1) if recompute else {})
     return TransformerConfig(

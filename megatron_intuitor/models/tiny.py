@@ -1,6 +1,6 @@
 """Tiny Hugging Face checkpoints made locally (no model can be downloaded here): a byte-level BPE
 tokenizer trained on the synthetic arithmetic corpus, with a Qwen-style chat template, and a
-randomly initialised Qwen2 / Llama / Qwen3 / Qwen3-MoE model saved as safetensors.
+randomly initialised Qwen2 / Llama / Qwen3 / Qwen3-MoE / Qwen2-MoE model saved as safetensors.
 
 Used by the tests, the benchmarks and the embedded `tiny` default."""
 from __future__ import annotations
@@ -32,7 +32,9 @@ ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
 }
+MOE_ARCHES = ("qwen3_moe", "qwen2_moe")
 
 
 def _tokenizer_corpus(seed: int = 0, lines: int = 4000) -> list[str]:
@@ -85,13 +87,16 @@ def make_tiny_model(
     num_experts: int = 8,
     num_experts_per_tok: int = 2,
     moe_intermediate_size: int = 64,
+    shared_expert_intermediate_size: int = 96,
 ) -> Path:
     """Write a randomly initialised HF checkpoint (config, safetensors, tokenizer) to `out_dir`.
 
     `vocab_size` (the lm_head width) defaults to the tokenizer's size and may exceed it, as in
     Qwen2.5 (151936 columns for 151665 tokens). head_dim = hidden/heads must be >= 32 for vLLM's
     CPU attention kernels. `num_experts`, `num_experts_per_tok` and `moe_intermediate_size`
-    apply to `qwen3_moe` only (every layer sparse, `norm_topk_prob` on, as in Qwen3-30B-A3B).
+    apply to the mixtures of experts (every layer sparse): `qwen3_moe` with `norm_topk_prob` on,
+    as in Qwen3-30B-A3B; `qwen2_moe` with it off and a gated shared expert of
+    `shared_expert_intermediate_size`, as in Qwen1.5-MoE-A2.7B.
     """
     import transformers
 
@@ -112,9 +117,12 @@ def make_tiny_model(
         extra["rope_theta"] = 500000.0
     if arch in ("qwen3", "qwen3_moe"):
         extra["head_dim"] = hidden_size // num_heads
-    if arch == "qwen3_moe":
+    if arch in MOE_ARCHES:
         extra.update(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
-                     moe_intermediate_size=moe_intermediate_size, norm_topk_prob=True)
+                     moe_intermediate_size=moe_intermediate_size,
+                     norm_topk_prob=arch == "qwen3_moe")
+    if arch == "qwen2_moe":
+        extra["shared_expert_intermediate_size"] = shared_expert_intermediate_size
     config = config_cls(
         vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -133,6 +141,8 @@ def make_tiny_model(
                 # A decisive router: with near-ties in the top-k, fp32 rounding differences
                 # between implementations could flip an expert choice.
                 param.normal_(0.0, 0.5)
+            elif name.endswith("mlp.shared_expert_gate.weight"):
+                param.normal_(0.0, 0.1)  # sigmoid gates spread over (0, 1), not all ~0.5
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

@@ -557,7 +557,7 @@ def _reload_in_place(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> Non
         raise
     finally:
         _restore_vocab_gemms(model)
-    _repack_cpu_experts(model)
+    repack_cpu_experts(model)
 
 
 def _restore_incomplete_layers(model: torch.nn.Module, model_config) -> None:
@@ -574,7 +574,7 @@ def _restore_incomplete_layers(model: torch.nn.Module, model_config) -> None:
     finalize_layerwise_reload(model, model_config)  # restores layers that loaded nothing
 
 
-def _repack_cpu_experts(model: torch.nn.Module) -> None:
+def repack_cpu_experts(model: torch.nn.Module) -> None:
     """After a complete reload, prepack every fused-MoE layer's new weights for vLLM-CPU's
     grouped GEMM again. vLLM 0.32 prepacks them (`CPUUnquantizedExperts.
     process_weights_after_loading`, `layers/fused_moe/experts/cpu_moe.py`) only when the MoE

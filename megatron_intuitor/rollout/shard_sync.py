@@ -9,6 +9,19 @@ engine: vLLM fuses q/k/v and gate/up into one parameter, in the order its model'
 vocabulary to a multiple of 128 * TP, vLLM to 64, so the rank boundaries differ by a few rows,
 sent point to point.
 
+Mixture-of-experts layers: vLLM fuses a layer's experts into `w13_weight` [local experts,
+2 I', H] (each expert's gate rows, then its up rows) and `w2_weight` [local experts, H, I'].
+Megatron's expert pieces land in them directly where both split the experts the same way:
+- engine without expert parallelism (its FusedMoE splits each expert's intermediate dimension
+  over the engine's TP ranks, I' = I / TP) and actor EP = 1 with ETP = the engine's TP over the
+  same ranks: every rank writes its ETP shard of every expert;
+- engine with `enable_expert_parallel` (each engine rank holds E / TP whole experts, I' = I, in
+  vLLM's linear placement) and actor EP = the engine's TP over the same ranks with ETP = 1:
+  every rank writes its own experts, whole.
+Any other pairing is refused (and streams). After the writes each fused layer goes through
+vLLM's own `process_weights_after_loading` (a GPU backend's kernel format) and, on vLLM-CPU,
+its grouped-GEMM prepack (`engine.repack_cpu_experts`), as after a streamed reload.
+
 The plan (which piece goes where) is built and checked once: every engine parameter must be
 covered exactly, every shape must fit. `ShardSync.plan` raises `ShardSyncUnavailable` (saying
 why) when the layouts differ, and the caller streams full tensors instead
@@ -23,6 +36,7 @@ memory bounded by the largest layer).
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -32,8 +46,11 @@ import torch.distributed as dist
 import transformers
 
 from megatron_intuitor.models.bridge import LocalPiece, local_hf_pieces
-from megatron_intuitor.rollout.engine import RolloutEngine
+from megatron_intuitor.rollout.engine import RolloutEngine, repack_cpu_experts
 from megatron_intuitor.rollout.weight_sync import SyncReport
+
+# An expert's piece: `<layer>.mlp.experts.<global expert>.<projection>.weight`.
+_EXPERT_PIECE = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)")
 
 
 class ShardSyncUnavailable(Exception):
@@ -48,6 +65,7 @@ class _VocabExchange:
     sends: list[tuple[int, slice]] = field(default_factory=list)
     receives: list[tuple[int, slice]] = field(default_factory=list)
     local: Optional[tuple[slice, slice]] = None  # (rows of my piece, rows of my engine shard)
+    real_rows: int = 0  # of my engine shard; the rows after them pad vLLM's vocabulary, zeroed
 
 
 @dataclass
@@ -56,7 +74,9 @@ class _Target:
 
     module: torch.nn.Module
     param_name: str
-    shape: tuple[int, ...]  # of the plain weight (vLLM-CPU may have dropped it for its pack)
+    # of the plain weight (vLLM-CPU may have dropped it for its pack); a fused-experts weight
+    # [experts, rows, columns] is seen as [experts x rows, columns]
+    shape: tuple[int, ...]
     parts: list[tuple[str, int]] = field(default_factory=list)  # (hf_name, first row)
     vocab: Optional[_VocabExchange] = None
     sharers: list[torch.nn.Module] = field(default_factory=list)  # modules sharing the pack
@@ -68,8 +88,8 @@ class _Target:
 
     def destination(self) -> torch.Tensor:
         param = getattr(self.module, self.param_name)
-        if tuple(param.shape) == self.shape:
-            return param.data
+        if param.numel() == math.prod(self.shape):
+            return param.data.view(self.shape)
         return torch.empty(self.shape, dtype=param.dtype, device=param.device)
 
     def finish(self, written: torch.Tensor) -> None:
@@ -90,6 +110,9 @@ class ShardSync:
         self._chunks = model_chunks
         self._hf_config = hf_config
         self._targets = targets
+        # vLLM's fused-experts layers, processed once both of their weights are written
+        self._fused_experts = list({id(t.module): t.module for t in targets
+                                    if _is_fused_experts(t.module)}.values())
 
     @classmethod
     def plan(cls, engine: RolloutEngine, model_chunks: Sequence[torch.nn.Module],
@@ -102,10 +125,6 @@ class ShardSync:
         tp_ranks = dist.get_process_group_ranks(tp_group)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             raise ShardSyncUnavailable("the actor is pipelined: a rank holds only some layers")
-        if getattr(hf_config, "num_experts", None):
-            # vLLM fuses the experts into one [E, 2I, H] tensor per layer (and prepacks it on
-            # CPU): the per-expert slots this plan maps are not built for it
-            raise ShardSyncUnavailable("the model is a mixture of experts")
         engine_ranks = engine.tensor_parallel_ranks
         if engine_ranks != tp_ranks:
             raise ShardSyncUnavailable(f"rollout TP ranks {engine_ranks} differ from the actor's "
@@ -113,6 +132,9 @@ class ShardSync:
         model = engine.local_model
         if engine.quantization is not None:
             raise ShardSyncUnavailable(f"the engine is quantized ({engine.quantization})")
+        fused = next((m for m in model.modules() if _is_fused_experts(m)), None)
+        if fused is not None:
+            _check_expert_layout(fused, engine_ranks)
         pieces = local_hf_pieces(model_chunks, hf_config)
         packed = getattr(model, "packed_modules_mapping", {})
         by_param: dict[int, _Target] = {}
@@ -151,6 +173,12 @@ class ShardSync:
                 repack_start = time.perf_counter()
                 target.finish(written)
                 repack_seconds += time.perf_counter() - repack_start
+            repack_start = time.perf_counter()
+            for experts in self._fused_experts:  # the kernel's format, as a reload leaves it
+                experts.quant_method.process_weights_after_loading(experts)
+            if self._fused_experts:
+                repack_cpu_experts(self._engine.local_model)
+            repack_seconds += time.perf_counter() - repack_start
         return SyncReport(tensors=len(pieces), bytes=copied, buckets=0, largest_bucket_bytes=0,
                           seconds=time.perf_counter() - start, path="shards",
                           repack_seconds=repack_seconds)
@@ -160,6 +188,9 @@ def _slot(model: torch.nn.Module, packed: dict[str, list[str]], piece: LocalPiec
           by_param: dict[int, _Target]) -> tuple[_Target, int]:
     """The engine parameter that takes `piece` and the row its part starts at."""
     module_path, _, param_name = piece.hf_name.rpartition(".")
+    expert = _EXPERT_PIECE.fullmatch(module_path)
+    if expert is not None:
+        return _expert_slot(model, piece, by_param, expert[1], int(expert[2]), expert[3])
     parent, _, leaf = module_path.rpartition(".")
     fused = next((name for name, parts in packed.items() if leaf in parts), None)
     try:
@@ -180,9 +211,81 @@ def _slot(model: torch.nn.Module, packed: dict[str, list[str]], piece: LocalPiec
     return target, 0
 
 
+def _is_fused_experts(module: torch.nn.Module) -> bool:
+    """vLLM's fused-experts layer (`RoutedExperts`: `w13_weight`, `w2_weight`)."""
+    return hasattr(module, "w13_weight") and hasattr(module, "expert_map_manager")
+
+
+def _check_expert_layout(experts: torch.nn.Module, engine_ranks: list[int]) -> None:
+    """The actor's expert pieces map onto the engine's fused experts only if both split the
+    experts alike over the same ranks (module docstring); checked on one layer, all alike."""
+    from megatron.core import parallel_state
+
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod)
+
+    if not isinstance(experts.quant_method, UnquantizedFusedMoEMethod):
+        raise ShardSyncUnavailable(f"the engine's experts use "
+                                   f"{type(experts.quant_method).__name__}, not unquantized")
+    backend = experts.quant_method.unquantized_backend.name
+    if backend in ("XPU", "MOONEP", "TPU", "OOT"):  # other weight shapes, or no in-place reload
+        raise ShardSyncUnavailable(f"the engine's MoE backend {backend} keeps its own layout")
+    engine = experts.moe_config.moe_parallel_config
+    ep, etp = (parallel_state.get_expert_model_parallel_world_size(),
+               parallel_state.get_expert_tensor_parallel_world_size())
+    if engine.use_ep:
+        if etp != 1 or ep != engine.ep_size:
+            raise ShardSyncUnavailable(
+                f"the engine splits the experts over {engine.ep_size} ranks, whole "
+                f"(enable_expert_parallel); the actor over EP={ep} with ETP={etp} "
+                f"(needs EP={engine.ep_size}, ETP=1)")
+        actor_group = parallel_state.get_expert_model_parallel_group()
+    else:
+        if ep != 1 or etp != engine.tp_size:
+            raise ShardSyncUnavailable(
+                f"the engine holds every expert, split over its {engine.tp_size} TP rank(s); the "
+                f"actor over EP={ep} with ETP={etp} (needs EP=1, ETP={engine.tp_size})")
+        actor_group = parallel_state.get_expert_tensor_parallel_group()
+    actor_ranks = dist.get_process_group_ranks(actor_group)
+    if actor_ranks != engine_ranks:
+        raise ShardSyncUnavailable(f"the actor's expert ranks {actor_ranks} differ from the "
+                                   f"engine's {engine_ranks}")
+    plain_w13 = (experts.local_num_experts, 2 * experts.intermediate_size_per_partition,
+                 experts.hidden_size)
+    if tuple(experts.w13_weight.shape) != plain_w13 or not experts.w13_weight.is_contiguous():
+        raise ShardSyncUnavailable(f"the engine's fused experts {list(experts.w13_weight.shape)}"
+                                   f" are not laid out as [experts, 2 x {plain_w13[1] // 2}, "
+                                   f"{plain_w13[2]}]")
+
+
+def _expert_slot(model: torch.nn.Module, piece: LocalPiece, by_param: dict[int, _Target],
+                 experts_path: str, expert: int, projection: str) -> tuple[_Target, int]:
+    """The fused-experts weight that takes an expert's `projection` and its first row there:
+    expert e's rows in `w13_weight` are [gate; up], in `w2_weight` its [H, I'] block."""
+    try:
+        experts = next(m for m in model.get_submodule(experts_path).modules()
+                       if _is_fused_experts(m))
+    except (AttributeError, StopIteration) as err:
+        raise ShardSyncUnavailable(f"the engine has no fused experts for "
+                                   f"{piece.hf_name!r}") from err
+    local = experts.expert_map_manager.map_global_to_local(expert)
+    if local < 0:
+        raise ShardSyncUnavailable(f"expert {expert} of {experts_path} is held by this actor "
+                                   f"rank, not by its engine shard")
+    param_name = "w2_weight" if projection == "down_proj" else "w13_weight"
+    param = getattr(experts, param_name)
+    experts_count, rows, columns = param.shape
+    target = by_param.get(id(param))
+    if target is None:
+        target = by_param[id(param)] = _Target(experts, param_name, (experts_count * rows, columns))
+    return target, local * rows + (rows // 2 if projection == "up_proj" else 0)
+
+
 def _plain_shape(module: torch.nn.Module, param: torch.nn.Parameter) -> tuple[int, ...]:
     """The parameter's shape as loaded; a vLLM-CPU linear layer dropped its weight for a pack."""
     if param.numel() == 0 and hasattr(module, "cpu_linear"):
+        if not hasattr(module, "output_size_per_partition"):  # replicated (MoE router, gates)
+            return (module.output_size, module.input_size)
         return (module.output_size_per_partition, module.input_size_per_partition)
     return tuple(param.shape)
 
@@ -223,7 +326,7 @@ def _vocab_exchange(piece: LocalPiece, target: _Target, group, ranks: list[int]
     everyone: list = [None] * len(ranks)
     dist.all_gather_object(everyone, mine, group=group)
     (held_start, held_stop), (want_start, want_stop) = mine
-    exchange = _VocabExchange()
+    exchange = _VocabExchange(real_rows=want_stop - want_start)
     for peer, ((peer_held_start, peer_held_stop), (peer_want_start, peer_want_stop)) in zip(
             ranks, everyone):
         if peer == dist.get_rank():
@@ -246,6 +349,7 @@ def _exchange_vocab(piece: torch.Tensor, written: torch.Tensor, exchange: _Vocab
     if exchange.local is not None:
         source, destination = exchange.local
         written[destination].copy_(piece[source])
+    written[exchange.real_rows:].zero_()  # as vLLM's loader leaves them
     received = [(rows, torch.empty_like(piece[:rows.stop - rows.start]))
                 for _, rows in exchange.receives]
     operations = [dist.P2POp(dist.isend, piece[rows].contiguous(), peer)

@@ -2,8 +2,9 @@
 reference, lr 5e-2: entropy falls from 6.2 to ~4.4 nats in 4 steps) raises the entropy-drop
 alarm by step 4 (the guard's baseline is the mean of steps 1-2, threshold 0.2); `stop` ends the
 run there cleanly; `rollback` restores the best checkpoint by trainer.best_metric (kept although
-keep_last=1), whose logits the exported policy then has. (That the same guards raise no alarm on healthy
-settings is checked on test_trainer.py's uninterrupted run.)"""
+keep_last=1), whose logits the exported policy then has. Each run on one rank (TP 1). (That the
+same guards raise no alarm on healthy settings is checked on test_trainer.py's uninterrupted
+run.)"""
 import json
 import os
 import subprocess
@@ -15,10 +16,9 @@ import torch
 
 from megatron_intuitor import collapse, metrics
 from repo_paths import REPO
+from tiny_runs import GUARDS, ONE_RANK
 
 ALARM_BY_STEP = 4
-GUARDS = ["trainer.guard.entropy_baseline_steps=2", "trainer.guard.max_entropy_drop=0.2",
-          "trainer.guard.max_repetitive_share=0.5", "trainer.guard.max_short_share=0.5"]
 COLLAPSING = ["actor.lr=5e-2", "algorithm.kl_coef=0"]
 
 
@@ -29,7 +29,7 @@ def _run(run_dir: Path, steps: int, extra: list[str]) -> str:
                  "data.max_response_length=16", "data.synthetic.val_size=4",
                  "actor.ppo_micro_batch_size_per_gpu=4",
                  "actor.log_prob_micro_batch_size_per_gpu=8", "actor.ppo_mini_batch_size=2",
-                 *GUARDS, *extra]
+                 *GUARDS, *ONE_RANK, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "megatron_intuitor.main", *overrides], env=env,
                          capture_output=True, text=True, timeout=900)

@@ -19,7 +19,7 @@ from megatron_intuitor import collapse, metrics
 from megatron_intuitor.config import ConfigError, load
 from megatron_intuitor.scorer import SCORER_IDS, ScorerSettings
 from test_collapse_run import alerts
-from tiny_runs import UNINTERRUPTED_EXTRA, finish, launch, overrides, metric_rows
+from tiny_runs import ONE_RANK, UNINTERRUPTED_EXTRA, finish, launch, metric_rows, overrides
 
 REQUIRED_METRICS = [
     metrics.SELF_CERTAINTY_MEAN, metrics.SELF_CERTAINTY_STD, metrics.ENTROPY,
@@ -121,8 +121,8 @@ def test_bad_config_is_refused_naming_the_key(override, key):
 def test_grpo_without_kl_has_no_signal_on_the_random_model(tmp_path):
     """The tiny random model answers no synthetic sum right: grpo (run without the KL term, which
     also takes the path without a reference model) has no learning signal at all: every
-    advantage, the policy loss and the gradient are 0."""
-    finish(launch(overrides(tmp_path, 1) + ["algorithm=grpo", "algorithm.kl_coef=0"]))
+    advantage, the policy loss and the gradient are 0. One rank."""
+    finish(launch(overrides(tmp_path, 1) + ONE_RANK + ["algorithm=grpo", "algorithm.kl_coef=0"]))
     row = metric_rows(tmp_path)[1]
     assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.KL_LOSS],
             row[metrics.GRAD_NORM]) == (0.0, 0.0, 0.0, 0.0)
@@ -135,11 +135,11 @@ def test_label_free_vote_entropy_band_and_ema_scorer_run_a_step(tmp_path):
     prompt's answer entropy is above 0 and all 4 are filtered out: no advantage, no loss, no
     gradient (no KL term either; the plain PPO loss, since KL-Cov's |log r| term has a gradient
     of +-1 even at r = 1). The reward comes from the EMA scorer (algorithm.scorer=ema): the step
-    says so, with the schedule's policy weight, and the step-1 checkpoint holds the EMA."""
-    finish(launch(overrides(tmp_path, 1) + ["algorithm=intuitor_vote", "algorithm.kl_coef=0",
-                                             "algorithm.policy_loss=ppo",
-                                             "algorithm.entropy_band=[0,0]",
-                                             "algorithm.scorer=ema"]))
+    says so, with the schedule's policy weight, and the step-1 checkpoint holds the EMA. One
+    rank."""
+    finish(launch(overrides(tmp_path, 1) + ONE_RANK + [
+        "algorithm=intuitor_vote", "algorithm.kl_coef=0", "algorithm.policy_loss=ppo",
+        "algorithm.entropy_band=[0,0]", "algorithm.scorer=ema"]))
     row = metric_rows(tmp_path)[1]
     assert row[metrics.FILTERED_PROMPTS] == 4
     assert (row[metrics.ADVANTAGES_MEAN], row[metrics.PG_LOSS], row[metrics.GRAD_NORM]) == (

@@ -7,8 +7,13 @@ import sys
 from pathlib import Path
 
 from repo_paths import REPO
-from test_collapse_run import GUARDS
 
+# The collapse guards at thresholds a collapsing tiny run crosses within 4 steps.
+GUARDS = ["trainer.guard.entropy_baseline_steps=2", "trainer.guard.max_entropy_drop=0.2",
+          "trainer.guard.max_repetitive_share=0.5", "trainer.guard.max_short_share=0.5"]
+# One rank instead of the tiny job's two (TP 2): for runs whose checks do not need tensor
+# parallelism; a tiny run then costs ~35 CPU-s instead of ~55.
+ONE_RANK = ["actor.tensor_model_parallel_size=1", "trainer.n_gpus_per_node=1"]
 # The uninterrupted run (tests/e2e/conftest.py) also logs to the console and W&B (offline), and
 # watches for collapse; none of that changes a metric.
 UNINTERRUPTED_EXTRA = ["logger.backends=[console,jsonl,wandb]", *GUARDS]

@@ -331,12 +331,21 @@ def test_end_to_end_tensor_2_pipeline_2(tiny_qwen2):
     _check_end_to_end(tiny_qwen2, tp=2, pp=2)
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2_moe(tmp_path_factory):
+    from megatron_intuitor.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("qwen2_moe"), arch="qwen2_moe",
+                           vocab_size=1003)
+
+
 @pytest.mark.slow
-def test_end_to_end_moe_tensor_2_expert_2_sequence_parallel_packed(tiny_qwen3_moe):
-    """Qwen3-MoE at TP=2 x EP=2 (4 ranks), sequence parallel, the rows packed (each pack padded
-    to an even length): the vocab-parallel scores and the final norm's gradient (summed over
-    TP) equal transformers'."""
-    _check_end_to_end(tiny_qwen3_moe, tp=2, pp=1, ep=2, packed=True)
+def test_end_to_end_moe_tensor_2_expert_2_sequence_parallel_packed(tiny_qwen2_moe):
+    """Qwen2-MoE (gated shared expert, full-softmax top-k probabilities) at TP=2 x EP=2 (4
+    ranks), sequence parallel, the rows packed (each pack padded to an even length): the
+    vocab-parallel scores and the final norm's gradient (summed over TP) equal transformers'.
+    Qwen3-MoE's logits and gradients at TP=2 x EP=2: tests/unit/models/test_bridge.py."""
+    _check_end_to_end(tiny_qwen2_moe, tp=2, pp=1, ep=2, packed=True)
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """The HF <-> Megatron bridge is exact: Megatron logits equal transformers' logits (fp32) at every
 parallel layout, and HF -> Megatron -> HF gives back every tensor bit for bit. For the
-mixture-of-experts model (Qwen3-MoE) also at expert parallelism, and sequence parallel at TP > 1
-(as it trains there), with its gradients at EP=2, TP=2 and TP=2 x EP=2 equal to those of single
-ranks that hold the whole model.
+mixtures of experts (Qwen3-MoE; Qwen2-MoE with its gated shared expert and the full softmax's
+top-k probabilities, norm_topk_prob=False) also at expert parallelism, and sequence parallel at
+TP > 1 (as they train there), with Qwen3-MoE's gradients at EP=2, TP=2 and TP=2 x EP=2 equal to
+those of single ranks that hold the whole model.
 
 All layouts run in one 4-rank spawn that re-initialises Megatron's parallel groups per layout and
 loads several tiny models in each; the transformers reference runs in the test process."""
@@ -54,10 +55,11 @@ def _pipeline_logits(chunks, ids):
 # name -> (tensor, pipeline, virtual pipeline[, expert, expert tensor]) sizes and the models
 # checked at that layout
 LAYOUTS = {
-    "tp1": ((1, 1, None), ("qwen2", "qwen2_untied", "llama", "qwen3", "qwen3_moe", "qwen2_bf16")),
-    "tp2": ((2, 1, None), ("qwen2", "llama", "qwen3", "qwen3_moe")),
-    "ep2": ((1, 1, None, 2), ("qwen3_moe",)),
-    "tp2_ep2": ((2, 1, None, 2), ("qwen3_moe",)),
+    "tp1": ((1, 1, None), ("qwen2", "qwen2_untied", "llama", "qwen3", "qwen3_moe", "qwen2_moe",
+                           "qwen2_bf16")),
+    "tp2": ((2, 1, None), ("qwen2", "llama", "qwen3", "qwen3_moe", "qwen2_moe")),
+    "ep2": ((1, 1, None, 2), ("qwen3_moe", "qwen2_moe")),
+    "tp2_ep2": ((2, 1, None, 2), ("qwen3_moe", "qwen2_moe")),
     "tp2_ep2_etp1": ((2, 1, None, 2, 1), ("qwen3_moe",)),
     "pp2_ep2": ((1, 2, None, 2), ("qwen3_moe",)),
     # tied embeddings at PP=2: the last stage holds a copy of the embedding as output layer
@@ -194,6 +196,7 @@ def model_dirs(tiny_qwen2, tiny_qwen2_untied, tiny_llama, tiny_qwen3, tiny_qwen3
         "qwen2_4layers": make_tiny_model(root / "qwen2_4layers", arch="qwen2", vocab_size=1003,
                                          num_layers=4),
         "qwen3_moe": tiny_qwen3_moe,
+        "qwen2_moe": make_tiny_model(root / "qwen2_moe", arch="qwen2_moe", vocab_size=1003),
     }
 
 
@@ -413,3 +416,49 @@ def test_sequence_parallel_follows_the_setting_and_the_model(tiny_qwen2, tiny_qw
 
     assert uses_sequence_parallel(load_hf_config(tiny_qwen2), tp, setting) == dense
     assert uses_sequence_parallel(load_hf_config(tiny_qwen3_moe), tp, setting) == moe
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_moe(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("qwen2_moe"), arch="qwen2_moe", vocab_size=1003)
+
+
+def test_qwen2_moe_maps_its_shared_expert_and_router(tiny_qwen2_moe):
+    """Qwen2-MoE (as Qwen1.5-MoE): probabilities of the full softmax (norm_topk_prob=False:
+    pre-softmax), a shared expert of shared_expert_intermediate_size behind a sigmoid gate,
+    q/k/v biases."""
+    from megatron_intuitor.models.config import load_hf_config, transformer_config_from_hf
+    from megatron_intuitor.parallel import ParallelSizes
+
+    hf_config = load_hf_config(tiny_qwen2_moe)
+    assert not hf_config.norm_topk_prob
+    config = transformer_config_from_hf(hf_config, ParallelSizes(expert=2))
+    assert config.moe_router_score_function == "softmax" and config.moe_router_pre_softmax
+    assert config.moe_shared_expert_intermediate_size == 96 and config.moe_shared_expert_gate
+    assert config.add_qkv_bias and not config.qk_layernorm
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ({"mlp_only_layers": [1]}, "mlp_only_layers=\\[1\\]"),
+    ({"qkv_bias": False}, "qkv_bias=False"),
+    ({"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size=0"),
+    ({"shared_expert_intermediate_size": 97}, None),
+])
+def test_unsupported_qwen2_moe_configs_are_refused(tiny_qwen2_moe, tmp_path, change, message):
+    """Dense layers between the sparse ones (decoder_sparse_step, mlp_only_layers) and configs
+    without biases or shared expert are refused naming the HF key; a shared expert that TP=2
+    cannot split is refused at that layout."""
+    from megatron_intuitor.models.config import load_hf_config, transformer_config_from_hf
+    from megatron_intuitor.parallel import ParallelSizes
+
+    shutil.copytree(tiny_qwen2_moe, tmp_path / "moe")
+    config_file = tmp_path / "moe" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    if message is not None:
+        with pytest.raises(ValueError, match=message):
+            load_hf_config(tmp_path / "moe")
+        return
+    with pytest.raises(ValueError, match="tensor parallel size 2 does not divide "
+                                         "shared_expert_intermediate_size=97"):
+        transformer_config_from_hf(load_hf_config(tmp_path / "moe"), ParallelSizes(2))
