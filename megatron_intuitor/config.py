@@ -325,7 +325,7 @@ def training_schedule(cfg: DictConfig, num_train_prompts: int) -> Schedule:
 @dataclass(frozen=True)
 class ModelSettings:
     """How the policy (and its frozen reference) is built: precision, FP8, recompute, the
-    token dispatcher of a mixture of experts."""
+    token dispatcher of a mixture of experts, sequence parallelism."""
 
     precision: str  # PRECISIONS
     fp8: Optional[str]
@@ -336,6 +336,8 @@ class ModelSettings:
     ref_offload: bool
     moe_token_dispatcher: str = "alltoall"  # MOE_TOKEN_DISPATCHERS
     moe_routing_replay: str = "disabled"  # MOE_ROUTING_REPLAY
+    # where TP > 1; None: on exactly for a mixture of experts (models.config.uses_sequence_parallel)
+    sequence_parallel: Optional[bool] = None
 
     RULES: ClassVar[tuple[Rule, ...]] = (
         choice("actor.precision", PRECISIONS),
@@ -346,6 +348,7 @@ class ModelSettings:
         ("actor.ref_offload", is_bool, "true or false"),
         choice("actor.moe_token_dispatcher", MOE_TOKEN_DISPATCHERS),
         choice("actor.moe_routing_replay", MOE_ROUTING_REPLAY),
+        ("actor.sequence_parallel", lambda v: v is None or is_bool(v), "null, true or false"),
     )
 
     @property
@@ -367,7 +370,8 @@ class ModelSettings:
                    fp8_amax_reduction=actor.fp8_amax_reduction, recompute=actor.recompute,
                    keep_reference=cfg.algorithm.kl_coef > 0, ref_offload=actor.ref_offload,
                    moe_token_dispatcher=actor.moe_token_dispatcher,
-                   moe_routing_replay=actor.moe_routing_replay)
+                   moe_routing_replay=actor.moe_routing_replay,
+                   sequence_parallel=actor.sequence_parallel)
 
 
 @dataclass(frozen=True)
@@ -753,6 +757,10 @@ def _check_model(cfg: DictConfig) -> list[str]:
     if actor.moe_routing_replay != "disabled" and not experts:
         problems.append(f"actor.moe_routing_replay={actor.moe_routing_replay} needs a "
                         f"mixture-of-experts model; {source} has no experts")
+    if experts and tp > 1 and actor.sequence_parallel is False:
+        problems.append(f"actor.sequence_parallel=false: Megatron-Core trains the mixture of "
+                        f"experts of {source} at actor.tensor_model_parallel_size={tp} only "
+                        f"sequence parallel (null or true)")
     longest = cfg.data.max_prompt_length + cfg.data.max_response_length
     if shape["max_position_embeddings"] and longest > shape["max_position_embeddings"]:
         problems.append(f"data.max_prompt_length + data.max_response_length = {longest} exceeds "

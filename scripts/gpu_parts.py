@@ -73,6 +73,8 @@ SMOKE_PARTS = (
     Part("cross_rank_nccl", 180, _pytest("tests/gpu/test_cross_rank_nccl.py")),
     # mixture-of-experts shard-to-shard sync (the expert-parallel engine case needs 2 GPUs)
     Part("moe_sync", 300, _pytest("tests/gpu/test_gpu_moe_sync.py")),
+    # two GPUs (skipped, saying so, on one): MoE training, TP=2 x EP=2, sequence parallel
+    Part("moe", 240, _pytest("tests/gpu/test_gpu_moe.py")),
 )
 # Together under 8 minutes on one H100 even if every part runs to its limit.
 CORE_PARTS = (

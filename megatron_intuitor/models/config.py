@@ -164,6 +164,16 @@ def load_hf_config(model_dir: str | Path) -> transformers.PretrainedConfig:
     return hf_config
 
 
+def uses_sequence_parallel(hf_config: transformers.PretrainedConfig, tp: int,
+                           setting: Optional[bool] = None) -> bool:
+    """Whether the model runs sequence parallel: `setting` (`actor.sequence_parallel`) where TP
+    > 1, and when it is None exactly for a mixture of experts at TP > 1 (Megatron-Core trains an
+    MoE layer at TP > 1 only sequence parallel; dense models keep Megatron's default, off)."""
+    if tp == 1:
+        return False
+    return architecture_features(hf_config).moe is not None if setting is None else setting
+
+
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """Megatron's embedding/output width: `vocab_size` rounded up to a multiple of 128 * tp."""
     multiple = 128 * tp
@@ -214,6 +224,7 @@ def transformer_config_from_hf(
     fp8_recipe: str = "tensorwise",
     fp8_amax_reduction: str = "tp",
     moe_token_dispatcher: str = "alltoall",
+    sequence_parallel: bool = False,
 ):
     """The Megatron `TransformerConfig` of an HF model at the given parallel sizes.
 
@@ -222,7 +233,9 @@ def transformer_config_from_hf(
     with an amax history of 1, quantises the scoring and the update passes of the same weights
     differently) and amaxes reduced over `fp8_amax_reduction` ("tp" or "tp_dp");
     `recompute` recomputes every layer's activations in the backward pass;
-    `moe_token_dispatcher` ("alltoall" or "allgather") moves tokens to their experts' ranks.
+    `moe_token_dispatcher` ("alltoall" or "allgather") moves tokens to their experts' ranks;
+    `sequence_parallel` splits the activations outside attention and the MLP over the sequence
+    on the tensor-parallel ranks (needs TP > 1; `uses_sequence_parallel` says when).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -292,9 +305,8 @@ def transformer_config_from_hf(
         tensor_model_parallel_size=sizes.tensor,
         pipeline_model_parallel_size=sizes.pipeline,
         virtual_pipeline_model_parallel_size=sizes.virtual_pipeline,
-        # Sequence parallelism needs TE/apex norms (CPU: never) and sequence lengths divisible
-        # by TP, which the callers do not guarantee yet.
-        sequence_parallel=False,
+        # forward.run_pipeline pads sequences to a multiple of TP for it
+        sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -367,7 +379,8 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config, *,
     num_experts = features.moe.num_experts if features.moe is not None else None
     if local_layers and transformer_config.fp8:
         raise ValueError("FP8 needs Transformer Engine's layer spec, not the local one")
-    if on_gpu() and not local_layers:
+    local_spec = not on_gpu() or local_layers
+    if not local_spec:
         from megatron.core.models.gpt import gpt_layer_specs
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -383,9 +396,11 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config, *,
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+        from megatron_intuitor.models.local_norm import local_block_spec
         from megatron_intuitor.models.packed_attention import with_packed_core_attention
 
         # The local core attention refuses packed (THD) sequences; ours takes both layouts.
+        # The local norms refuse sequence parallelism; `local_block_spec`'s run it.
         layer_spec = with_packed_core_attention(get_gpt_layer_local_spec(
             num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=features.qk_norm,
             normalization="RMSNorm"))
@@ -400,7 +415,8 @@ def build_model(hf_config: transformers.PretrainedConfig, transformer_config, *,
     for stage in (range(vpp) if vpp else [None]):
         model = GPTModel(
             config=transformer_config,
-            transformer_layer_spec=layer_spec,
+            transformer_layer_spec=(local_block_spec(layer_spec, transformer_config, stage)
+                                    if local_spec else layer_spec),
             vocab_size=padded_vocab_size(hf_config.vocab_size,
                                          transformer_config.tensor_model_parallel_size),
             max_sequence_length=hf_config.max_position_embeddings,

@@ -30,6 +30,13 @@ of the call (padding rows and columns; packed, one padding sequence at the end o
 of which causal attention never looks), unless the model config sets `variable_seq_lengths`, in
 which case the stages exchange each tensor's shape first and nothing is padded.
 
+Sequence parallelism (`config.sequence_parallel`) splits each micro-batch's sequence over the
+tensor-parallel ranks: its length is padded to a multiple of the TP size, the same way as for
+FP8 below (padded rows to such a width, a pack with one padding sequence at its end); the output
+layer gathers the sequence again, so heads see the logits of every position as without it. For
+a mixture of experts the model gets the padding as `padding_mask`, which Megatron's routers
+leave out of the load-balancing loss (the padding of right-padded rows too).
+
 FP8 (Transformer Engine): its GEMMs need the product of an input's leading dimensions (the token
 count) divisible by 8 and the last by 16 (`transformer_engine/pytorch/utils.py:704-714` in TE
 2.20.2; Megatron aligns to 16, 32 for MXFP8: `megatron/core/fp8_utils.py:168-173`). With
@@ -90,6 +97,15 @@ class ModelInput:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tokens[name]
+
+    def padding(self) -> torch.Tensor:
+        """bool, laid out like `self["input_ids"]`: True at the tokens of no row (padding)."""
+        rows, width = self["input_ids"].shape
+        if self.packed_seq_params is not None:
+            return (torch.arange(width, device=self.lengths.device) >= self.lengths.sum())[None]
+        padding = torch.ones(rows, width, dtype=torch.bool, device=self.lengths.device)
+        padding[:len(self.lengths)] = ~_real_tokens(self.lengths, width)
+        return padding
 
     def to_rows(self, values: torch.Tensor) -> torch.Tensor:
         """`values` laid out like `self["input_ids"]` (plus trailing dims) -> right-padded rows
@@ -156,12 +172,12 @@ def _padded_to(model_input: ModelInput, rows: int, width: int) -> ModelInput:
                        model_input.lengths.tolist() + [width - current], compute))
 
 
-def fp8_token_multiple(config) -> int:
-    """The multiple of tokens a micro-batch must have for this model config's FP8 GEMMs
-    (1 without FP8)."""
-    if not config.fp8:
-        return 1
-    return 32 if config.fp8_recipe == "mxfp8" else 16
+def token_multiple(config) -> int:
+    """The multiple of tokens a micro-batch's sequence length must be for this model config:
+    that of its FP8 GEMMs (1 without FP8), times the TP size under sequence parallelism (each
+    tensor-parallel rank holds an equal part of the sequence, whose tokens its GEMMs take)."""
+    fp8 = (32 if config.fp8_recipe == "mxfp8" else 16) if config.fp8 else 1
+    return fp8 * (config.tensor_model_parallel_size if config.sequence_parallel else 1)
 
 
 def _aligned(model_input: ModelInput, multiple: int) -> ModelInput:
@@ -236,6 +252,22 @@ def _output_layers(model_chunks: list) -> list:
             if (layer := getattr(unwrap_model(chunk), "output_layer", None)) is not None]
 
 
+def _router_padding(chunk, micro_batch: ModelInput) -> torch.Tensor:
+    """The padding of `micro_batch` as Megatron's MoE routers take it (`padding_mask`: left out
+    of the load-balancing loss): [b, s], or this tensor-parallel rank's part of the sequence on
+    a sequence-parallel stage without the embedding (megatron-core 0.16.1 splits the mask only
+    where it embeds the tokens)."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import unwrap_model
+
+    padding = micro_batch.padding()
+    model = unwrap_model(chunk)
+    if model.config.sequence_parallel and not model.pre_process:
+        padding = padding.chunk(parallel_state.get_tensor_model_parallel_world_size(), dim=1)[
+            parallel_state.get_tensor_model_parallel_rank()]
+    return padding
+
+
 def _predicting_positions(scored_tokens: torch.Tensor) -> torch.Tensor:
     """Positions whose logits predict the marked tokens: each mark moved one to the left (a
     marked token is never the first of its row or, packed, of its sequence)."""
@@ -261,7 +293,7 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
 
     _check_micro_batches(micro_batches)
     config = get_model_config(model_chunks[0])
-    multiple = fp8_token_multiple(config)
+    multiple = token_multiple(config)
     inputs = [_aligned(_model_input(micro_batch, packed), multiple)
               for micro_batch in micro_batches]
     real_count = len(inputs)
@@ -298,8 +330,10 @@ def run_pipeline(model_chunks: list, micro_batches: Sequence[dict[str, torch.Ten
         if replay:
             set_micro_batch_routing(chunk, micro_batch[ROUTED_EXPERTS], micro_batch.lengths,
                                     micro_batch.packed_seq_params is not None)
+        routing = ({"padding_mask": _router_padding(chunk, micro_batch)}
+                   if config.num_moe_experts else {})
         logits_shard = chunk(micro_batch["input_ids"], micro_batch.position_ids, None,
-                             packed_seq_params=micro_batch.packed_seq_params)
+                             packed_seq_params=micro_batch.packed_seq_params, **routing)
         return logits_shard, lambda logits: head(logits, micro_batch)
 
     # Every chunk (virtual stage) consumes the same micro-batches through its own iterator.

@@ -1,12 +1,15 @@
 """Expert load and load-balancing loss of a mixture of experts, measured in the update pass.
 
 A forward hook on every Megatron-Core router counts the tokens routed to each expert (its
-top-k routing map, padding tokens included: the router sees them too); the load-balancing loss
-comes from Megatron's own per-layer tracker (`moe_utils.save_to_aux_losses_tracker`, the loss
-divided by its coefficient, one value per router call). `metrics()` reduces both over every rank
+top-k routing map, less the padding tokens the router is told of: `forward.run_pipeline` passes
+them, and the router leaves them out of its loss too); the load-balancing loss comes from
+Megatron's own per-layer tracker (`moe_utils.save_to_aux_losses_tracker`, the loss divided by
+its coefficient, one value per router call). `metrics()` reduces both over every rank
 (collective): tokens summed over the data-parallel ranks, the loss averaged over all router
 calls. Without sequence parallelism the tensor-parallel ranks of a router see the same tokens,
-so only tensor-parallel rank 0 counts.
+so only tensor-parallel rank 0 counts; with it each holds a part of the sequence, and its token
+counts and its term of the loss (Megatron's loss is a sum of one term per tensor-parallel rank)
+add up over the tensor-parallel group, whose router calls count once.
 
 Known limit: with activation recompute (`actor.recompute=true`) the recomputed forward calls
 the router again and its tokens are counted again (the max / mean ratio is unchanged).
@@ -35,8 +38,9 @@ class ExpertLoadMeter:
         routers = [m for chunk in model_chunks for m in chunk.modules()
                    if isinstance(m, TopKRouter)]
         config = routers[0].config if routers else None
-        self._counts_here = bool(routers) and (
-            config.sequence_parallel or parallel_state.get_tensor_model_parallel_rank() == 0)
+        first_tp_rank = parallel_state.get_tensor_model_parallel_rank() == 0
+        self._counts_here = bool(routers) and (config.sequence_parallel or first_tp_rank)
+        self._counts_calls_here = bool(routers) and first_tp_rank
         self.tokens = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.calls = torch.zeros(num_layers, dtype=torch.float64)
         self._device = next(model_chunks[0].parameters()).device
@@ -46,10 +50,13 @@ class ExpertLoadMeter:
 
     def _count(self, router: torch.nn.Module, inputs, output) -> None:
         if self._active and self._counts_here:
-            _, routing_map = output
+            _, routing_map = output  # [tokens, experts]
+            padding = inputs[1] if len(inputs) > 1 else None  # [s, b] like the tokens, or None
+            if padding is not None:
+                routing_map = routing_map & ~padding.reshape(-1, 1)
             layer = router.layer_number - 1
             self.tokens[layer] += routing_map.sum(dim=0).to("cpu", torch.float64)
-            self.calls[layer] += 1
+            self.calls[layer] += self._counts_calls_here
 
     @contextmanager
     def measuring(self) -> Iterator[None]:

@@ -12,8 +12,9 @@ Rather than patching each call site, this module:
    `megatron.core.tensor_parallel.random` then forks the CPU generator, so tensor-parallel
    dropout streams stay distinct per TP rank exactly as on GPU;
 3. gives `torch.cuda.Stream` / `current_stream` / `stream` no-op stand-ins (the MoE token
-   dispatcher's side stream) and defines the `te_general_gemm = None` the MoE router tests
-   for (megatron-core 0.16.1 leaves it undefined without Transformer Engine);
+   dispatcher's side stream), defines the `te_general_gemm = None` the MoE router tests
+   for (megatron-core 0.16.1 leaves it undefined without Transformer Engine) and gathers the
+   dispatcher's parts of different lengths, which gloo's `all_gather` refuses;
 4. makes the optimizer's `param.type() == "torch.cuda.FloatTensor"` checks accept CPU tensors.
 
 The GPU path never imports anything from here.
@@ -66,9 +67,29 @@ class CudaToCpuMode(TorchFunctionMode):
             for key in ("output_split_sizes", "input_split_sizes"):
                 if isinstance(kwargs.get(key), torch.Tensor):
                     kwargs[key] = kwargs[key].tolist()
+        if func is torch.distributed.all_gather and _uneven_parts(*args, **kwargs):
+            return _all_gather_uneven(*args, **kwargs)
         if func is torch.Tensor.to and len(args) > 1:
             args = (args[0], _to_cpu_device(args[1]), *args[2:])
         return func(*args, **kwargs)
+
+
+def _uneven_parts(tensor_list, tensor, group=None, async_op=False) -> bool:
+    return not async_op and len({part.shape for part in tensor_list}) > 1
+
+
+def _all_gather_uneven(tensor_list, tensor, group=None, async_op=False) -> None:
+    """`all_gather` into parts of different lengths (dim 0), which NCCL takes and gloo refuses
+    ("invalid tensor size"): Megatron's all-to-all token dispatcher gathers each rank's routed
+    tokens over the expert-tensor-parallel group so. Gathers the parts zero-padded to the
+    longest, then keeps each part's own rows."""
+    longest = max(part.shape[0] for part in tensor_list)
+    padded = tensor.new_zeros(longest, *tensor.shape[1:])
+    padded[:tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in tensor_list]
+    torch.distributed.all_gather(gathered, padded, group=group)
+    for part, received in zip(tensor_list, gathered):
+        part.copy_(received[:part.shape[0]])
 
 
 # Type strings Megatron compares `param.type()` against; on CPU the tensors report torch.*Tensor.

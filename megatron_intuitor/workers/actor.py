@@ -166,7 +166,8 @@ class ActorWorker(Worker):
         precision = dict(params_dtype=_DTYPES[model.precision], fp8=model.fp8,
                          recompute=model.recompute, fp8_recipe=model.fp8_recipe,
                          fp8_amax_reduction=model.fp8_amax_reduction,
-                         moe_token_dispatcher=model.moe_token_dispatcher)
+                         moe_token_dispatcher=model.moe_token_dispatcher,
+                         sequence_parallel=model.sequence_parallel)
         self.hf_config, self.policy = load_policy(model_dir, sizes, **precision)
         self.policy, self.optimizer = build_optimizer(
             self.policy, settings.optimizer.lr, weight_decay=settings.optimizer.weight_decay,

@@ -3,9 +3,9 @@ two rows (the routers see [s, b] sequence-major). TP1 x DP2: in the scoring pass
 forward-backward pass with activation recompute (the recomputed router calls replay from the
 backward queue) every router takes exactly the given experts, and the gradients under replay
 with recompute equal those without recompute (a recompute that routed by its own top-k would
-make them differ) and differ from the unreplayed model's. TP2 x EP2 (ETP1): each tensor-parallel
-rank's routers take the given experts in the scoring pass (Megatron trains MoE at TP > 1 only
-with sequence parallelism, which the CPU face lacks)."""
+make them differ) and differ from the unreplayed model's. TP2 x EP2 (ETP1), sequence parallel (as
+`load_policy` builds MoE at TP > 1): each tensor-parallel rank's routers take the given experts
+of its part of the sequence in the scoring pass."""
 import pytest
 import torch
 
@@ -27,6 +27,7 @@ def _forced_experts() -> torch.Tensor:
 
 
 def _replay_on_rank(rank, world_size, model_dir, forced, tensor, train):
+    from megatron.core import parallel_state
     from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.utils import get_model_config
 
@@ -66,6 +67,9 @@ def _replay_on_rank(rank, world_size, model_dir, forced, tensor, train):
                 return False
             for got, want in zip(layer_calls, wanted):
                 given = want[:, layer].long()
+                if config.sequence_parallel:  # each TP rank routes its part of the sequence
+                    given = given.chunk(parallel_state.get_tensor_model_parallel_world_size())[
+                        parallel_state.get_tensor_model_parallel_rank()]
                 keep = given[:, 0] >= 0
                 if not torch.equal(got[keep], given[keep].sort(dim=-1).values):
                     return False

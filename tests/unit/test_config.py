@@ -169,6 +169,10 @@ def test_resolve_makes_paths_absolute_and_normalises_datasets(tmp_path, monkeypa
     (["actor.moe_routing_replay=rollout", "model.tiny.arch=qwen3_moe",
       "rollout.score_at_sampling=true"],
      "actor.moe_routing_replay=rollout needs rollout.score_at_sampling=false"),
+    (["actor.sequence_parallel=maybe"], "actor.sequence_parallel='maybe': expected null, true"),
+    (["model.tiny.arch=qwen3_moe", "actor.sequence_parallel=false"],
+     "actor.sequence_parallel=false: Megatron-Core trains the mixture of experts of model.tiny at "
+     "actor.tensor_model_parallel_size=2 only sequence parallel"),
     (["trainer.device=cuda"], "trainer.device=cuda but no CUDA device is visible"),
     (["algorithm.name=ppo"], "algorithm.name='ppo': expected one of intuitor, grpo, hybrid"),
     (["algorithm.kl_type=full"], "algorithm.kl_type='full'"),

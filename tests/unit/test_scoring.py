@@ -233,16 +233,18 @@ def _e2e_batch(vocab_size: int) -> dict:
     return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
 
 
-def _score_and_grad_on_rank(rank, world_size, tp, pp, model_dir, batch, ep=1):
-    """score_batch on every rank, then (unless it is a mixture of experts at TP > 1, which
-    Megatron trains only with sequence parallelism) one forward+backward of a log-prob/entropy
-    loss through run_pipeline: the final norm's gradient on the last stage."""
+def _score_and_grad_on_rank(rank, world_size, tp, pp, model_dir, batch, ep=1, packed=False):
+    """score_batch on every rank, then one forward+backward of a log-prob/entropy loss through
+    run_pipeline: the final norm's gradient on the last stage, summed over the tensor-parallel
+    ranks as Megatron does under sequence parallelism (on for a mixture of experts at TP > 1)."""
     from megatron.core import parallel_state
+    from tensor_parallel_grads import reduce_over_tensor_parallel
 
     from megatron_intuitor.batch import MicroBatching
     from megatron_intuitor.models.bridge import load_hf_weights
     from megatron_intuitor.models.config import (build_model, load_hf_config,
-                                                 transformer_config_from_hf)
+                                                 transformer_config_from_hf,
+                                                 uses_sequence_parallel)
     from megatron_intuitor.models.forward import (micro_batches, run_pipeline, score_batch,
                                                   shifted_token_scores)
     from megatron_intuitor.parallel import ParallelSizes, init_model_parallel
@@ -250,17 +252,12 @@ def _score_and_grad_on_rank(rank, world_size, tp, pp, model_dir, batch, ep=1):
     sizes = ParallelSizes(tp, pp, expert=ep)
     init_model_parallel(sizes, seed=1)
     hf_config = load_hf_config(model_dir)
-    chunks = build_model(hf_config, transformer_config_from_hf(hf_config, sizes))
+    chunks = build_model(hf_config, transformer_config_from_hf(
+        hf_config, sizes, sequence_parallel=uses_sequence_parallel(hf_config, tp)))
     load_hf_weights(chunks, model_dir, hf_config)
-    batching = MicroBatching(micro_batch_size=E2E_MICRO_BATCH, packed=False)
-    moe_without_training = bool(getattr(hf_config, "num_experts", 0)) and tp > 1
-    if moe_without_training:  # Megatron's MoE layer refuses train mode at TP > 1 without SP
-        for chunk in chunks:
-            chunk.eval()
+    batching = MicroBatching(micro_batch_size=E2E_MICRO_BATCH, packed=packed)
     scores = score_batch(chunks, **batch, temperature=E2E_TEMPERATURE,
                          vocab_size=hf_config.vocab_size, batching=batching)
-    if moe_without_training:
-        return {"scores": scores, "norm_grad": None}
 
     def loss_head(logits_shard, micro_batch):
         token = shifted_token_scores(logits_shard, micro_batch["input_ids"],
@@ -272,10 +269,12 @@ def _score_and_grad_on_rank(rank, world_size, tp, pp, model_dir, batch, ep=1):
     lengths = batch["attention_mask"].sum(dim=1)
     tokens = {"input_ids": batch["input_ids"], "response_mask": batch["response_mask"]}
     run_pipeline(chunks, micro_batches(tokens, lengths, batching.partition(lengths)), loss_head,
-                 forward_only=False, packed=False)
+                 forward_only=False, packed=packed)
+    reduce_over_tensor_parallel(chunks)
     norm_grad = (chunks[-1].decoder.final_layernorm.weight.grad.clone()
                  if parallel_state.is_pipeline_last_stage() else None)
-    return {"scores": scores, "norm_grad": norm_grad}
+    return {"scores": scores, "norm_grad": norm_grad,
+            "sequence_parallel": chunks[0].config.sequence_parallel}
 
 
 def _hf_reference(model_dir, batch: dict) -> dict:
@@ -296,12 +295,15 @@ def _hf_reference(model_dir, batch: dict) -> dict:
             "norm_grad": model.model.norm.weight.grad}
 
 
-def _check_end_to_end(model_dir, tp, pp, ep=1, gradients=True):
-    from megatron_intuitor.models.config import load_hf_config
+def _check_end_to_end(model_dir, tp, pp, ep=1, packed=False):
+    from megatron_intuitor.models.config import load_hf_config, uses_sequence_parallel
 
-    batch = _e2e_batch(load_hf_config(model_dir).vocab_size)
+    hf_config = load_hf_config(model_dir)
+    batch = _e2e_batch(hf_config.vocab_size)
     world = pp * math.lcm(tp, ep * tp)  # expert-parallel ranks are data-parallel ranks
-    ranks = run_distributed(_score_and_grad_on_rank, world, tp, pp, str(model_dir), batch, ep)
+    ranks = run_distributed(_score_and_grad_on_rank, world, tp, pp, str(model_dir), batch, ep,
+                            packed)
+    assert all(r["sequence_parallel"] == uses_sequence_parallel(hf_config, tp) for r in ranks)
     reference = _hf_reference(model_dir, batch)
     response = batch["response_mask"]
     want_sentence = masked_mean_per_sequence(reference["scores"]["self_certainty"], response)
@@ -313,8 +315,6 @@ def _check_end_to_end(model_dir, tp, pp, ep=1, gradients=True):
         got_sentence = masked_mean_per_sequence(result["scores"]["self_certainty"], response)
         assert torch.isfinite(got_sentence).all()
         torch.testing.assert_close(got_sentence, want_sentence, rtol=1e-5, atol=2e-5)
-    if not gradients:
-        return
     norm_grads = [r["norm_grad"] for r in ranks if r["norm_grad"] is not None]
     assert len(norm_grads) == world // pp
     for grad in norm_grads:
@@ -340,12 +340,12 @@ def tiny_qwen2_moe(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_end_to_end_moe_tensor_2_expert_2_scores(tiny_qwen2_moe):
+def test_end_to_end_moe_tensor_2_expert_2_sequence_parallel_packed(tiny_qwen2_moe):
     """Qwen2-MoE (gated shared expert, full-softmax top-k probabilities) at TP=2 x EP=2 (4
-    ranks): the vocab-parallel scores equal transformers' (no gradient: Megatron trains an MoE
-    at TP > 1 only with sequence parallelism). Qwen3-MoE's logits at TP=2 x EP=2:
-    tests/unit/models/test_bridge.py."""
-    _check_end_to_end(tiny_qwen2_moe, tp=2, pp=1, ep=2, gradients=False)
+    ranks), sequence parallel, the rows packed (each pack padded to an even length): the
+    vocab-parallel scores and the final norm's gradient (summed over TP) equal transformers'.
+    Qwen3-MoE's logits and gradients at TP=2 x EP=2: tests/unit/models/test_bridge.py."""
+    _check_end_to_end(tiny_qwen2_moe, tp=2, pp=1, ep=2, packed=True)
 
 
 @pytest.mark.slow
