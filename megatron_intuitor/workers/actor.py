@@ -218,8 +218,9 @@ class ActorWorker(Worker):
         if scorer == "frozen":
             return (self.reference if self.reference is not None
                     else _frozen(load_policy(model_dir, sizes, **precision)[1]))
-        return _frozen(load_policy(model_dir, sizes, params_dtype=torch.float32,
-                                   recompute=precision["recompute"])[1])
+        # the policy's layout (dispatcher, sequence parallelism), in fp32 and without FP8
+        return _frozen(load_policy(model_dir, sizes, **{**precision, "params_dtype": torch.float32,
+                                                        "fp8": None})[1])
 
     # ------------------------------------------------------------------------------- rollout
 
