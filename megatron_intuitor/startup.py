@@ -35,6 +35,31 @@ def set_aside_previous_run(output_dir: Path, resume: str) -> Optional[Path]:
     return kept
 
 
+def resume_checkpoint(checkpoint_root: Path, resume: str) -> Optional[Path]:
+    """The checkpoint `trainer.resume` continues from (`auto`: the latest complete one under
+    `checkpoint_root`; a path: that one); None for `disable` or a first run."""
+    from megatron_intuitor.checkpoint import latest_checkpoint
+
+    if resume == "disable":
+        return None
+    return latest_checkpoint(checkpoint_root) if resume == "auto" else Path(resume)
+
+
+def finished_step(checkpoint: Optional[Path], final_policy: Path,
+                  total_steps: int) -> Optional[int]:
+    """The step of a run with nothing left to do: its checkpoint is at the last step or past it,
+    and its final policy was exported after that checkpoint was saved. None when it has training
+    or the export left."""
+    from megatron_intuitor.checkpoint import TRAINER_STATE_FILE, read_trainer_state
+
+    exported = final_policy / "model.safetensors.index.json"  # written last, then published
+    if checkpoint is None or not exported.is_file():
+        return None
+    step = int(read_trainer_state(checkpoint)["step"])
+    saved = (checkpoint / TRAINER_STATE_FILE).stat().st_mtime
+    return step if step >= total_steps and exported.stat().st_mtime >= saved else None
+
+
 def resume_message(checkpoint: Path, step: int, total_steps: int) -> str:
     """The console line of a resumed run, saying when nothing is left to do."""
     if step >= total_steps:

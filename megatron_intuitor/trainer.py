@@ -335,12 +335,7 @@ class Trainer:
 
     def resume(self) -> int:
         """The step to continue after (0 for a fresh run), per `trainer.resume`."""
-        from megatron_intuitor.checkpoint import latest_checkpoint
-
-        setting = self.cfg.trainer.resume
-        if setting == "disable":
-            return 0
-        path = latest_checkpoint(self.checkpoint_root) if setting == "auto" else Path(setting)
+        path = startup.resume_checkpoint(self.checkpoint_root, self.cfg.trainer.resume)
         if path is None:
             return 0
         extra = self.actor.load_checkpoint(str(path))
@@ -413,12 +408,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
         start     Ray and one actor per rank (Megatron-Core and vLLM)
         train     `Trainer.fit`, the step loop
         finish    the final policy exported, the curves plotted, the end line
+
+    A run found complete (its last step saved and exported: the same command again) says so
+    after `announce` and ends there.
     """
     free_killed_runs_memory()
     job = prepare_job(cfg)
     logger = open_logger(cfg, job.output_dir)
     started = time.monotonic()
     announce_start(cfg, job, logger)
+    checkpoint = startup.resume_checkpoint(job.output_dir / "checkpoints", cfg.trainer.resume)
+    done = startup.finished_step(checkpoint, job.output_dir / "hf_final",
+                                 job.schedule.training_steps)
+    if done is not None:  # the same command again after the end: no Ray, no ranks
+        logger.announce(startup.resume_message(checkpoint, done, job.schedule.training_steps))
+        announce_end(cfg, job, logger, done, started)
+        logger.close()
+        return {}
     actor = start_ranks(cfg, job, logger)
     try:
         log.info("weight sync: %s", actor.weight_sync_path())
@@ -541,7 +547,13 @@ def finish(cfg: DictConfig, job: Job, actor, logger: metrics.MetricsLogger, last
     logger.plot_curves(job.output_dir / "collapse.png",
                        keys=[collapse.signal_name(s) for s in collapse.SIGNALS]
                        + [metrics.SELF_CERTAINTY_MEAN, metrics.ENTROPY])
+    announce_end(cfg, job, logger, last_step, started)
+
+
+def announce_end(cfg: DictConfig, job: Job, logger: metrics.MetricsLogger, last_step: int,
+                 started: float) -> None:
+    """The console's end line."""
     took = metrics.format_duration(time.monotonic() - started)
     logger.announce(
         f"megatron-intuitor: {cfg.trainer.experiment_name} finished {last_step} steps in "
-        f"{took}; final policy {final_policy}; log {logger.log_path.absolute()}")
+        f"{took}; final policy {job.output_dir / 'hf_final'}; log {logger.log_path.absolute()}")

@@ -174,7 +174,8 @@ def test_console_is_start_steps_end_and_no_collapse_alarm(uninterrupted, tmp_pat
     """The console of the 3-step run: the start line, one line per step with its eta, the end line naming the log file, nothing else (vLLM, Megatron
     and Ray output goes to the log file). The collapse guards on these healthy settings (lr 1e-3,
     KL 0.005) log their signal and raise no alarm. The same command again says it resumed at the
-    end and that nothing is left to do (it once said only "finished 0 steps")."""
+    end and that nothing is left to do (it once said only "finished 0 steps"), and starts no
+    rank (its log has no vLLM engine) and rewrites no export."""
     run_dir, output = uninterrupted
     lines = output.splitlines()
     [log_file] = (run_dir / "logs").glob("tiny_*.log")
@@ -191,8 +192,12 @@ def test_console_is_start_steps_end_and_no_collapse_alarm(uninterrupted, tmp_pat
     assert collapse.signal_name("entropy_drop") in metric_rows(run_dir)[3]
     assert alerts(run_dir) == []
 
+    exported = (run_dir / "hf_final" / "model.safetensors.index.json").stat().st_mtime_ns
     again = finish(launch(overrides(run_dir, 3) + UNINTERRUPTED_EXTRA)).splitlines()
     assert again[1] == (f"resumed from {run_dir / 'checkpoints' / 'step_3'} at step 3 of 3: the "
                         f"run is complete, nothing left to do (trainer.resume=disable starts "
                         f"over, the old run kept; trainer.total_steps=N runs on)"), again
     assert again[-1].startswith("megatron-intuitor: tiny finished 3 steps in "), again
+    [second_log] = set((run_dir / "logs").glob("tiny_*.log")) - {log_file}
+    assert "Initializing a V1 LLM engine" not in second_log.read_text()
+    assert (run_dir / "hf_final" / "model.safetensors.index.json").stat().st_mtime_ns == exported

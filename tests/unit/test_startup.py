@@ -1,8 +1,13 @@
 """What a run decides at its start: a fresh start sets the previous run aside, a resumed run says
-where it is, RAY_ADDRESS is joined."""
+where it is, a finished run is found finished, RAY_ADDRESS is joined."""
+import json
+import os
+
 import pytest
 
-from megatron_intuitor.startup import (RUN_RECORD, ray_address_to_join, resume_message,
+from megatron_intuitor.checkpoint import FORMAT_VERSION, TRAINER_STATE_FILE
+from megatron_intuitor.startup import (RUN_RECORD, finished_step, ray_address_to_join,
+                                       resume_checkpoint, resume_message,
                                        set_aside_previous_run)
 
 
@@ -39,6 +44,38 @@ def test_resume_message_says_when_nothing_is_left(tmp_path):
     assert resume_message(tmp_path / "step_10", 10, 20) == \
         f"resumed from {tmp_path}/step_10 at step 10 of 20"
     assert "the run is complete, nothing left to do" in resume_message(tmp_path, 20, 20)
+
+
+def _saved(root, step: int, at: float):
+    path = root / "checkpoints" / f"step_{step}"
+    path.mkdir(parents=True)
+    (path / TRAINER_STATE_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                                       "step": step}))
+    os.utime(path / TRAINER_STATE_FILE, (at, at))
+    return path
+
+
+def _exported(root, at: float):
+    index = root / "hf_final" / "model.safetensors.index.json"
+    index.parent.mkdir(exist_ok=True)
+    index.write_text("{}")
+    os.utime(index, (at, at))
+    return root / "hf_final"
+
+
+def test_a_run_is_finished_when_its_last_step_was_saved_then_exported(tmp_path):
+    _saved(tmp_path, 2, at=1000)
+    last = _saved(tmp_path, 3, at=2000)
+    assert resume_checkpoint(tmp_path / "checkpoints", "auto") == last
+    assert resume_checkpoint(tmp_path / "checkpoints", "disable") is None
+    assert resume_checkpoint(tmp_path / "checkpoints", str(tmp_path / "x")) == tmp_path / "x"
+    assert finished_step(last, tmp_path / "hf_final", 3) is None  # not exported yet
+    final = _exported(tmp_path, at=1500)  # an export older than the last save: killed between
+    assert finished_step(last, final, 3) is None
+    _exported(tmp_path, at=2500)
+    assert finished_step(last, final, 3) == 3
+    assert finished_step(last, final, 4) is None  # trainer.total_steps=4 runs on
+    assert finished_step(None, final, 3) is None  # no checkpoint: a fresh start
 
 
 def test_ray_address_from_config_then_environment():
