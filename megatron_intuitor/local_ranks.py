@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -40,7 +41,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
 
     try:
         parallel.init_torch_distributed(rank, world_size, master_port=port)
-        results[rank] = ("ok", fn(rank, world_size, *args))
+        # pickled here, by value: the manager's pickler would share each tensor's storage
+        # through a file descriptor, and a result of many tensors exceeds a user's usual limit
+        # of 1024 open files
+        results[rank] = ("ok", pickle.dumps(fn(rank, world_size, *args)))
     except BaseException:  # report any failure to the parent with its traceback
         results[rank] = ("error", traceback.format_exc())
     finally:
@@ -84,4 +88,4 @@ def run_distributed(fn: Callable, world_size: int, *args: Any) -> list:
               if status != "ok"]
     if errors:
         raise RuntimeError("distributed run failed\n" + "\n".join(errors))
-    return [payload for _, payload in collected]
+    return [pickle.loads(payload) for _, payload in collected]

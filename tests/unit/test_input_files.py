@@ -71,7 +71,7 @@ def test_unsupported_architecture_is_refused_where_config_json_is_read(tiny_qwen
     config_file.write_text(json.dumps(config))
     message = (f"model.path: {config_file} has architectures ['GPT2LMHeadModel'], which the "
                f"bridge cannot map: supported are Qwen2ForCausalLM, LlamaForCausalLM, "
-               f"Qwen3ForCausalLM, Qwen3MoeForCausalLM")
+               f"Qwen3ForCausalLM, Qwen3MoeForCausalLM, Qwen2MoeForCausalLM")
     assert message in _problems(_model(model))
     report = preflight.Report()
     preflight.load_config(report, _model(model))
