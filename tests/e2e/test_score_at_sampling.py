@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from megatron_intuitor import metrics
 from megatron_intuitor.config import ConfigError, load
 
-from tiny_runs import finish, launch, metric_rows, overrides
+from tiny_runs import ONE_RANK, finish, launch, metric_rows, overrides
 
 
 def _weights(model_dir: Path) -> dict:
@@ -20,7 +20,7 @@ def _weights(model_dir: Path) -> dict:
 def _one_step(run_dir: Path, score_at_sampling: bool) -> tuple[dict, dict]:
     """One step of the tiny run with the step's prompts as the mini-batch (as
     `rollout.score_at_sampling` needs): its metrics and exported weights."""
-    finish(launch(overrides(run_dir, 1) + [
+    finish(launch(overrides(run_dir, 1) + ONE_RANK + [
         "actor.ppo_mini_batch_size=4",
         f"rollout.score_at_sampling={str(score_at_sampling).lower()}"]))
     return metric_rows(run_dir)[1], _weights(run_dir / "hf_final")
@@ -28,7 +28,7 @@ def _one_step(run_dir: Path, score_at_sampling: bool) -> tuple[dict, dict]:
 
 @pytest.mark.slow
 def test_scores_at_sampling_give_the_step_of_the_scoring_forward(tmp_path):
-    """Same seeds, one step (TP=2, on-policy), scored by the separate forward and at sampling:
+    """Same seeds, one step (one rank, on-policy), scored by the separate forward and at sampling:
     self-certainty and entropy of the engine equal
     the scoring forward's within 1e-4 (fp32 vLLM vs Megatron), the PPO loss, gradient norm and
     updated weights agree (ratio exactly 1 vs recomputed 1 +- rounding; the loss and weights to

@@ -173,8 +173,8 @@ def test_hybrid_on_an_engine_sharded_like_the_actor(tmp_path):
 
 @pytest.mark.slow
 def test_console_is_start_steps_end_and_no_collapse_alarm(uninterrupted, tmp_path):
-    """The console of the 3-step run: the start line, one line per step with its eta, the end line naming the log file, nothing else (vLLM, Megatron
-    and Ray output goes to the log file). The collapse guards on these healthy settings (lr 1e-3,
+    """The console of the 3-step run: the start line, one line per step with its eta, the end
+    line naming the log file, nothing else (vLLM, Megatron and Ray output goes to the log file). The collapse guards on these healthy settings (lr 1e-3,
     KL 0.005) log their signal and raise no alarm. The same command again says it resumed at the
     end and that nothing is left to do (it once said only "finished 0 steps"), and starts no
     rank (its log has no vLLM engine) and rewrites no export."""
