@@ -2,6 +2,7 @@
 `python -m megatron_intuitor.main` or `run_intuitor.sh`, and the metric rows a run wrote."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,15 @@ def launch(overrides: list[str], script: bool = False) -> subprocess.Popen:
     command = ([str(REPO / "run_intuitor.sh"), "default"] if script
                else [sys.executable, "-m", "megatron_intuitor.main"])
     return subprocess.Popen([*command, *overrides], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """Ctrl-C's SIGINT at its default action in the run, as a terminal starts a command: a test
+    process started in the background by a non-interactive shell has SIGINT ignored, and an
+    ignored signal stays ignored across exec (the run then never sees the test's Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
